@@ -1,0 +1,295 @@
+"""Quantize a whole model: the calibration runner driving a method, layer by layer.
+
+For each decoder layer (one on the accelerator at a time, see ``model/calibrate.py``):
+
+1. MoE layers get their fused experts unfused into per-expert linears (``model/moe.py``).
+2. Scale-migrating methods (AWQ, SmoothQuant) observe the original layer once, compute one scale
+   per (previous op → linears) pair of the architecture table and fold it in exactly.
+3. The quantization steps run in true-sequential order (``Architecture.sequential``): observe the
+   inputs of the step's linears *with earlier steps already quantized*, quantize each linear with
+   its method, replace it by a :class:`QuantLinear`.
+4. The quantized layer's outputs become the next layer's inputs.
+
+Methods are a registry keyed by config type (:data:`METHODS`): what statistics they need, whether
+they migrate scales, and the pure function that turns (W, statistics) into a quantized weight.
+
+MoE: every expert is calibrated on the tokens the router sends it, and the count is logged per
+expert. An expert that sees fewer than ``min_expert_tokens`` tokens is calibrated on the *pooled*
+statistics of all experts of its layer for that projection (token-weighted average Hessian, pooled
+samples) — a documented, counted fallback (``LayerReport.fallback_experts``), never silent RTN.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from qwenquant.methods.awq import AWQConfig, awq_quantize, awq_search_scale
+from qwenquant.methods.billm import BiLLMConfig, billm_quantize
+from qwenquant.methods.gptq import GPTQConfig, gptq_quantize
+from qwenquant.methods.rtn import RTNConfig, rtn_quantize
+from qwenquant.methods.smoothquant import SmoothQuantConfig, smooth_scale, smoothquant_quantize
+from qwenquant.model.arch import Architecture
+from qwenquant.model.calibrate import InputObserver, LayerInputs, first_layer_inputs, observing, peak_memory_bytes
+from qwenquant.model.moe import num_experts, unfuse_experts
+from qwenquant.model.scaling import can_fold, fold_scale
+from qwenquant.runtime.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    stats: str | None                  # "hessian" | "samples" | None: what each step observes
+    scales: str | None                 # "awq" | "smooth" | None: scale migration before quantizing
+    quantize: Callable                 # (W [out,in] f32, observer | None, cfg, linear name, arch) -> weight
+
+
+METHODS: dict[type, MethodSpec] = {
+    RTNConfig: MethodSpec("rtn", None, None, lambda W, obs, cfg, name, arch: rtn_quantize(W, cfg)),
+    GPTQConfig: MethodSpec("gptq", "hessian", None, lambda W, obs, cfg, name, arch: gptq_quantize(W, obs.hessian, cfg)),
+    AWQConfig: MethodSpec(
+        "awq",
+        "samples",
+        "awq",
+        lambda W, obs, cfg, name, arch: awq_quantize(W, None if name in arch.no_clip else obs.samples(), cfg),
+    ),
+    SmoothQuantConfig: MethodSpec("smoothquant", None, "smooth", lambda W, obs, cfg, name, arch: smoothquant_quantize(W, cfg)),
+    BiLLMConfig: MethodSpec("billm", "hessian", None, lambda W, obs, cfg, name, arch: billm_quantize(W, obs.hessian, cfg)),
+}
+METHOD_NAMES = {spec.name: cfg_type for cfg_type, spec in METHODS.items()}
+
+
+def method_spec(cfg) -> MethodSpec:
+    try:
+        return METHODS[type(cfg)]
+    except KeyError:
+        raise ValueError(f"no method registered for config {type(cfg).__name__}; known: {', '.join(METHOD_NAMES)}") from None
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """Everything that decides the quantized weights (and so the cache key of a checkpoint)."""
+
+    method: object                           # one of the config dataclasses in METHODS
+    act_bits: int | None = None              # dynamic per-token activation bits (W·A8, W·A4)
+    min_expert_tokens: int = 16              # MoE: below this, an expert uses pooled statistics
+
+    @property
+    def method_name(self) -> str:
+        return method_spec(self.method).name
+
+    def to_dict(self) -> dict:
+        return {"method": self.method_name, "config": asdict(self.method), "act_bits": self.act_bits,
+                "min_expert_tokens": self.min_expert_tokens}
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # projection -> tokens per expert
+    fallback_experts: list[str] = field(default_factory=list)
+    alphas: dict[str, float] = field(default_factory=dict)             # AWQ α per scale group
+    skipped_folds: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantizationReport:
+    recipe: dict
+    layers: list[LayerReport]
+    seconds: float
+    peak_memory_bytes: int
+    device: str
+    calib_shape: tuple[int, int]
+    avg_bits: float
+    quantized_params: int
+
+    @property
+    def fallback_count(self) -> int:
+        return sum(len(layer.fallback_experts) for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fallback_count"] = self.fallback_count
+        return d
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+
+def quantize_model(
+    model: nn.Module,
+    arch: Architecture,
+    recipe: QuantRecipe,
+    calib_ids: Tensor,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize every decoder-block linear of ``model`` in place; embeddings and lm_head stay as they are."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = method_spec(recipe.method)
+    if calib_ids.dim() != 2:
+        raise ValueError(f"calibration ids must be [n, seqlen], got shape {tuple(calib_ids.shape)}")
+    _check_finite(model)
+    dtype = next(model.parameters()).dtype
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    inputs = first_layer_inputs(model, calib_ids, device, batch_size, dtype)
+    layers = model.get_submodule(arch.layers)
+    reports = []
+    bar = tqdm(range(len(layers)), desc=f"{spec.name} layers", unit="layer", disable=not progress)
+    for i in bar:
+        t_layer = time.perf_counter()
+        layer = layers[i].to(device)
+        report = LayerReport(index=i, seconds=0.0)
+        quantize_layer(layer, arch, inputs, recipe, spec, report)
+        inputs.hidden = inputs.run(layer)
+        layers[i] = layer.to("cpu")
+        report.seconds = time.perf_counter() - t_layer
+        reports.append(report)
+        _log_layer(report, device)
+        bar.set_postfix(peak_mem=f"{peak_memory_bytes(device) / 2**30:.2f}GiB")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    qlinears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    n_params = sum(m.in_features * m.out_features for m in qlinears)
+    bits = sum(_weight_bits(m) for m in qlinears)
+    return QuantizationReport(
+        recipe=recipe.to_dict(),
+        layers=reports,
+        seconds=time.perf_counter() - t0,
+        peak_memory_bytes=peak_memory_bytes(device),
+        device=str(device),
+        calib_shape=tuple(calib_ids.shape),
+        avg_bits=bits / max(n_params, 1),
+        quantized_params=n_params,
+    )
+
+
+def _weight_bits(m: QuantLinear) -> float:
+    """Average bits per weight the method reports (BiLLM: the paper's count) times the weight count."""
+    return m.weight_object().avg_bits * m.in_features * m.out_features
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter {name} of shape {tuple(p.shape)} holds NaN/inf values; refusing to quantize")
+
+
+def _log_layer(report: LayerReport, device: torch.device) -> None:
+    log.info("layer %d quantized in %.1fs; peak %s memory %.2f GiB", report.index, report.seconds, device.type,
+             peak_memory_bytes(device) / 2**30)
+    for proj, counts in report.expert_tokens.items():
+        log.info("layer %d %s tokens per expert: %s", report.index, proj, counts)
+    if report.fallback_experts:
+        log.warning("layer %d: %d expert linears saw < min tokens and used pooled statistics: %s",
+                    report.index, len(report.fallback_experts), ", ".join(report.fallback_experts))
+    if report.skipped_folds:
+        log.info("layer %d: scale folds skipped (shape mismatch, e.g. GQA v->o): %s", report.index, report.skipped_folds)
+
+
+# --- one layer -----------------------------------------------------------------------------
+
+
+def quantize_layer(layer: nn.Module, arch: Architecture, inputs: LayerInputs, recipe: QuantRecipe,
+                   spec: MethodSpec, report: LayerReport) -> None:
+    n_exp = num_experts(layer, arch.moe) if arch.moe and unfuse_experts(layer, arch.moe) else 0
+    if spec.scales:
+        _migrate_scales(layer, arch, inputs, recipe, spec, n_exp, report)
+    for step in arch.sequential_steps(n_exp):
+        modules = {name: layer.get_submodule(name) for name in step}
+        observers = _observe_step(layer, modules, inputs, spec) if spec.stats else {}
+        if n_exp:
+            _record_expert_tokens(observers, report)
+        for name, linear in modules.items():
+            obs = _observer_for(name, observers, recipe, report) if spec.stats else None
+            W = linear.weight.detach().float()
+            qweight = spec.quantize(W, obs, recipe.method, name, arch)
+            _replace(layer, name, QuantLinear.from_weight(
+                qweight, bias=linear.bias, act_bits=recipe.act_bits, compute_dtype=linear.weight.dtype
+            ).to(linear.weight.device))
+
+
+def _site(name: str) -> str:
+    """Linears with the same parent module in one step read the same input (q/k/v; gate/up)."""
+    return name.rpartition(".")[0]
+
+
+def _observe_step(layer, modules: dict[str, nn.Module], inputs: LayerInputs, spec: MethodSpec) -> dict[str, InputObserver]:
+    sites = {}
+    for name, m in modules.items():
+        sites.setdefault(_site(name), m)  # hook one linear per shared input
+    make = lambda: InputObserver(want_hessian=spec.stats == "hessian", want_samples=spec.stats == "samples")
+    with observing(sites, make) as observers:
+        inputs.run(layer, keep_outputs=False)
+    return observers
+
+
+def _role(name: str) -> str:
+    """'mlp.experts.3.up_proj' -> 'mlp.experts.*.up_proj' (pooling key)."""
+    parts = name.split(".")
+    return ".".join("*" if p.isdigit() else p for p in parts)
+
+
+def _observer_for(name: str, observers: dict[str, InputObserver], recipe: QuantRecipe, report: LayerReport) -> InputObserver:
+    obs = observers[_site(name)]
+    is_expert = any(p.isdigit() for p in name.split("."))
+    if not is_expert or obs.tokens >= recipe.min_expert_tokens:
+        return obs
+    role = _role(_site(name))
+    report.fallback_experts.append(f"{name} ({obs.tokens} tokens)")
+    return InputObserver.pooled([o for site, o in observers.items() if _role(site) == role])
+
+
+def _record_expert_tokens(observers: dict[str, InputObserver], report: LayerReport) -> None:
+    by_role: dict[str, list[int]] = {}
+    for site, obs in observers.items():
+        if any(p.isdigit() for p in site.split(".")):
+            by_role.setdefault(_role(site), []).append(obs.tokens)
+    report.expert_tokens.update(by_role)
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, attr, module)
+
+
+def _migrate_scales(layer, arch: Architecture, inputs: LayerInputs, recipe: QuantRecipe, spec: MethodSpec,
+                    n_exp: int, report: LayerReport) -> None:
+    """Observe the original layer once, then fold one scale per (previous op -> linears) group."""
+    groups = arch.scale_groups(n_exp)
+    # The input of a group: its first follower, or the router when the group spans every expert
+    # (each expert only sees its routed tokens; the router sees them all).
+    sites = {prev: layer.get_submodule(extra[0] if extra else linears[0]) for prev, linears, extra in groups}
+    make = lambda: InputObserver(want_samples=spec.scales == "awq", max_samples=recipe.method.max_tokens
+                                 if spec.scales == "awq" else 0)
+    with observing(sites, make) as observers:
+        inputs.run(layer, keep_outputs=False)
+    for prev_name, linears, extra in groups:
+        prev = layer.get_submodule(prev_name)
+        followers = [layer.get_submodule(n) for n in linears]
+        if not can_fold(prev, followers):
+            report.skipped_folds.append(f"{prev_name}->{','.join(linears)}")
+            continue
+        obs = observers[prev_name]
+        if obs.tokens < recipe.min_expert_tokens:
+            report.fallback_experts.append(f"{prev_name} scale (s=1, {obs.tokens} tokens)")
+            continue
+        weights = [f.weight.detach().float() for f in followers]
+        if spec.scales == "awq":
+            s, alpha = awq_search_scale(obs.samples().to(weights[0].device), weights, recipe.method)
+            report.alphas[prev_name] = alpha
+        else:
+            s = smooth_scale(obs.absmax, weights, recipe.method.alpha)
+        fold_scale(prev, followers + [layer.get_submodule(n) for n in extra], s)

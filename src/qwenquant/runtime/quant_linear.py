@@ -1,0 +1,183 @@
+"""QuantLinear: a linear layer whose weight is stored quantized, run in a named execution mode.
+
+Storage is always the real packed format (``numerics.affine.affine_to_tensors`` for integer
+weights, ``BinarizedWeight.to_tensors`` for BiLLM): the module's buffers *are* the checkpoint
+tensors, so ``state_dict()`` is what is saved and the bytes in memory match the bit-width plus
+metadata. How a forward uses them is the execution mode, chosen by name:
+
+| mode      | what happens at each forward                                             | where    |
+|-----------|--------------------------------------------------------------------------|----------|
+| `fake`    | a float weight dequantized once and cached; F.linear (fake-quant eval)  | CPU, GPU |
+| `dequant` | storage only: unpack the whole weight to the compute dtype, then matmul  | CPU, GPU |
+| `fused`   | Triton kernels reading packed weights (runtime/fused.py)                 | GPU      |
+| `native`  | int8 / fp8 tensor-core GEMM on quantized weights and activations         | GPU      |
+| `auto`    | picks per shape from measured timings (runtime/auto.py)                  | GPU      |
+
+``act_bits`` (SmoothQuant W·A8 / W·A4) quantizes the input per token, dynamically, before the
+matmul in every mode; ``fake`` and ``dequant`` do it in float (quantize-dequantize), which is
+numerically what an integer kernel computes up to accumulation order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qwenquant.numerics.activation import check_act_bits, fake_quantize_per_token
+from qwenquant.numerics.affine import QuantizedWeight, QuantSpec, affine_from_tensors, affine_to_tensors
+
+# mode name -> "module:function"; a function takes (QuantLinear, x) and returns y. Imported lazily
+# so that CPU users never import Triton.
+EXECUTION_MODES: dict[str, str] = {
+    "fake": "qwenquant.runtime.quant_linear:forward_fake",
+    "dequant": "qwenquant.runtime.quant_linear:forward_dequant",
+    "fused": "qwenquant.runtime.fused:forward_fused",
+    "native": "qwenquant.runtime.native:forward_native",
+    "auto": "qwenquant.runtime.auto:forward_auto",
+}
+
+
+def _resolve_mode(mode: str) -> Callable[["QuantLinear", Tensor], Tensor]:
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; choose from {', '.join(EXECUTION_MODES)}")
+    module_name, fn_name = EXECUTION_MODES[mode].split(":")
+    try:
+        return getattr(importlib.import_module(module_name), fn_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"execution mode {mode!r} is not available here ({e}); CPU modes: fake, dequant") from e
+
+
+class QuantLinear(nn.Module):
+    """y = x Ŵᵀ + b with Ŵ held as packed codes (see module docstring).
+
+    fmt: "affine" (integer codes, QuantSpec) or "binary" (BiLLM planes).
+    meta: JSON-able description needed to rebuild the weight object from the buffers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str,
+        meta: dict,
+        tensors: dict[str, Tensor],
+        bias: Tensor | None = None,
+        act_bits: int | None = None,
+        mode: str = "fake",
+        compute_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(WEIGHT_FORMATS)}")
+        if act_bits is not None:
+            check_act_bits(act_bits)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fmt = fmt
+        self.meta = dict(meta)
+        self.act_bits = act_bits
+        self.compute_dtype = compute_dtype
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._cached_weight: Tensor | None = None
+        self._forward: Callable | None = None
+        self.mode = mode
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, weight, bias: Tensor | None = None, act_bits: int | None = None, **kw) -> "QuantLinear":
+        """From a QuantizedWeight or BinarizedWeight produced by a method."""
+        fmt, meta, tensors = weight_to_storage(weight)
+        out_f, in_f = weight.shape
+        return cls(in_f, out_f, fmt, meta, tensors, bias=bias, act_bits=act_bits, **kw)
+
+    # --- the weight ---------------------------------------------------------------------
+    def weight_object(self):
+        """Rebuild the method's weight object (QuantizedWeight / BinarizedWeight) from the buffers."""
+        tensors = {n: b for n, b in self.named_buffers(recurse=False) if n != "bias" and b is not None}
+        return WEIGHT_FORMATS[self.fmt][1](tensors, (self.out_features, self.in_features), self.meta)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """[out, in] in ``dtype`` (default: compute dtype), freshly unpacked."""
+        w = self.weight_object().dequantize(torch.float32)
+        return w.to(device=self._device(), dtype=dtype or self.compute_dtype)
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n != "bias" and b is not None)
+
+    # --- execution ----------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._forward = _resolve_mode(mode)
+        self._mode = mode
+        self._cached_weight = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_bits is not None:
+            x = fake_quantize_per_token(x, self.act_bits)
+        return self._forward(self, x)
+
+    def _device(self) -> torch.device:
+        return next(b for n, b in self.named_buffers(recurse=False) if n != "bias").device
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cached_weight = None  # .to()/.cuda() invalidate the cache
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, meta={self.meta}, act_bits={self.act_bits}, mode={self.mode}"
+
+
+def forward_fake(layer: QuantLinear, x: Tensor) -> Tensor:
+    if layer._cached_weight is None or layer._cached_weight.dtype != x.dtype:
+        layer._cached_weight = layer.dequantized_weight(x.dtype)
+    return F.linear(x, layer._cached_weight, None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+def forward_dequant(layer: QuantLinear, x: Tensor) -> Tensor:
+    w = layer.dequantized_weight(x.dtype)  # the whole weight, every call: storage-only
+    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
+
+
+# --- weight formats: fmt -> (to_storage, from_storage) --------------------------------------
+
+
+def _affine_to_storage(w: QuantizedWeight) -> tuple[dict, dict[str, Tensor]]:
+    s = w.spec
+    return {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric}, affine_to_tensors(w)
+
+
+def _affine_from_storage(tensors: dict[str, Tensor], shape, meta: dict) -> QuantizedWeight:
+    return affine_from_tensors(tensors, shape, QuantSpec(meta["bits"], meta["group_size"], meta["symmetric"]))
+
+
+def _binary_to_storage(w) -> tuple[dict, dict[str, Tensor]]:
+    return w.meta(), w.to_tensors()
+
+
+def _binary_from_storage(tensors: dict[str, Tensor], shape, meta: dict):
+    from qwenquant.methods.billm import BinarizedWeight
+
+    return BinarizedWeight.from_tensors(tensors, shape, meta)
+
+
+WEIGHT_FORMATS = {
+    "affine": (_affine_to_storage, _affine_from_storage),
+    "binary": (_binary_to_storage, _binary_from_storage),
+}
+
+
+def weight_to_storage(weight) -> tuple[str, dict, dict[str, Tensor]]:
+    fmt = "affine" if isinstance(weight, QuantizedWeight) else "binary"
+    meta, tensors = WEIGHT_FORMATS[fmt][0](weight)
+    return fmt, meta, tensors
