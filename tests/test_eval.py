@@ -30,7 +30,7 @@ def byte_tokenizer():
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="Ċ")  # EOS = the newline byte
 
 
 def tiny_model(seed: int = 0, vocab: int = 260, max_pos: int = 128):
@@ -215,6 +215,12 @@ def test_mc_scores_match_direct_logprobs(tmp_path, model, tok):
         acc_norm += max(range(4), key=lambda j: lls[j] / len(it.choices[j])) == it.gold
     m = mc.score_items(model, tok, items, batch_size=5, progress=False)
     assert m["acc"] == acc / 2 and m["acc_norm"] == acc_norm / 2
+
+    # the KV-cache path (each context once) gives the same numbers
+    shared = mc.score_requests(model, tok, [r for it in items for r in it.requests], shared_prefix=True)
+    assert [g for g, _ in shared] == pytest.approx(direct, abs=1e-4)
+    assert [g for _, g in shared] == [g for _, g in got]
+    assert mc.score_items(model, tok, items, shared_prefix=True, progress=False) == m
 
 
 def test_encode_pair_moves_trailing_space(tok):

@@ -59,7 +59,6 @@ def test_lm_eval_custom_task_matches_our_scoring(tmp_path, monkeypatch):
     (tasks / "toy_arc.yaml").write_text(TASK_YAML.format(data=data))
 
     model, tok = tiny_model(), byte_tokenizer()
-    tok.eos_token = "\n"
     lm = lm_eval_model(model, tok, batch_size=4)
     out = simple_evaluate(model=lm, tasks=["toy_arc"], task_manager=TaskManager(include_path=str(tasks)),
                           log_samples=False)
@@ -73,15 +72,17 @@ def test_lm_eval_custom_task_matches_our_scoring(tmp_path, monkeypatch):
     text = "Question: what is hot? Answer: the sun. " * 6  # 240 byte tokens > max_length 128
     req = type("Req", (), {"args": (text,)})()
     (rolling,) = lm.loglikelihood_rolling([req], disable_tqdm=True)
-    ids = [tok.eos_token_id] + tok.encode(text)
+    toks = tok.encode(text)
+    n = len(toks)
+    assert 128 < n <= 256
     with torch.no_grad():
-        first = torch.log_softmax(model(torch.tensor([ids[:128]])).logits[0].double(), -1)
-        total = sum(float(first[t, ids[t + 1]]) for t in range(127))
-        # second window: the last 128 tokens as context, scoring the tokens not yet scored
-        rest = ids[128:]
-        ctx_ids = ids[-129:-1]
-        second = torch.log_softmax(model(torch.tensor([ctx_ids])).logits[0].double(), -1)
-        total += sum(float(second[128 - len(rest) + j, rest[j]]) for j in range(len(rest)))
+        # window 1: EOS + toks[:127] predicts toks[0:128]
+        lp = torch.log_softmax(model(torch.tensor([[tok.eos_token_id] + toks[:127]])).logits[0].double(), -1)
+        total = sum(float(lp[p, toks[p]]) for p in range(128))
+        # window 2: the 128 tokens before the last predict the n - 128 tokens not yet scored
+        start = n - 129
+        lp = torch.log_softmax(model(torch.tensor([toks[start : n - 1]])).logits[0].double(), -1)
+        total += sum(float(lp[t - 1 - start, toks[t]]) for t in range(128, n))
     assert rolling == pytest.approx(total, abs=1e-3)
 
 
@@ -89,7 +90,6 @@ def test_adapter_generate_until():
     from qwenquant.eval.lm_eval_adapter import lm_eval_model
 
     model, tok = tiny_model(), byte_tokenizer()
-    tok.eos_token = "\n"
     lm = lm_eval_model(model, tok)
     req = type("Req", (), {"args": ("The capital of France is", {"until": ["\n\n"], "max_gen_toks": 5})})()
     (text,) = lm.generate_until([req])

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from qwenquant.io.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized as _save
 from qwenquant.model.arch import architecture_for
-from qwenquant.model.calibrate import calibration_windows
+from qwenquant.model.calibrate import text_calibration_windows
 from qwenquant.model.load import load_hf_model, resolve_model_dir
 from qwenquant.numerics.activation import check_act_bits
 from qwenquant.numerics.affine import QuantSpec
@@ -75,10 +75,10 @@ def calibration_ids(tokenizer, source: str, n: int = 128, seqlen: int = 2048, se
     from qwenquant.model.fixtures import resolve_text
 
     text = resolve_text(source, "calib")
-    if not text or not text.strip():
-        raise ValueError(f"calibration text {source!r} is empty")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    return calibration_windows(ids, n, seqlen, seed)
+    try:
+        return text_calibration_windows(text, tokenizer, n, seqlen, seed)
+    except ValueError as e:
+        raise ValueError(f"calibration source {source!r}: {e}") from None
 
 
 def quantize(model: nn.Module, tokenizer, recipe: QuantRecipe, calib_ids: Tensor, device=None,

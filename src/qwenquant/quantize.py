@@ -21,6 +21,7 @@ samples) — a documented, counted fallback (``LayerReport.fallback_experts``), 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -147,13 +148,14 @@ def quantize_model(
     inputs = first_layer_inputs(model, calib_ids, device, batch_size, dtype)
     layers = model.get_submodule(arch.layers)
     reports = []
-    bar = tqdm(range(len(layers)), desc=f"{spec.name} layers", unit="layer", disable=not progress)
+    bar = tqdm(range(len(layers)), desc=f"{spec.name} layers", unit="layer", disable=not progress, mininterval=2)
     for i in bar:
         t_layer = time.perf_counter()
         layer = layers[i].to(device)
         report = LayerReport(index=i, seconds=0.0)
         quantize_layer(layer, arch, inputs, recipe, spec, report)
-        inputs.hidden = inputs.run(layer)
+        with _counting_experts(layer, report):
+            inputs.hidden = inputs.run(layer)
         layers[i] = layer.to("cpu")
         report.seconds = time.perf_counter() - t_layer
         reports.append(report)
@@ -258,6 +260,18 @@ def _record_expert_tokens(observers: dict[str, InputObserver], report: LayerRepo
         if any(p.isdigit() for p in site.split(".")):
             by_role.setdefault(_role(site), []).append(obs.tokens)
     report.expert_tokens.update(by_role)
+
+
+@contextlib.contextmanager
+def _counting_experts(layer: nn.Module, report: LayerReport):
+    """Count tokens per expert during the layer's final pass when no step observed them (RTN, SmoothQuant)."""
+    experts = {} if report.expert_tokens else {
+        _site(name): m for name, m in layer.named_modules()
+        if isinstance(m, QuantLinear) and any(p.isdigit() for p in name.split(".")) and name.endswith("up_proj")
+    }
+    with observing(experts, InputObserver) as observers:
+        yield
+    _record_expert_tokens(observers, report)
 
 
 def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:

@@ -15,7 +15,9 @@ continuation, ``context + continuation`` is encoded once, and the continuation's
 ids after the context's own encoding — so a word boundary tokenizes as it would in running text.
 Requests are scored in batches sorted longest-first (little padding; right padding is harmless
 for a causal model, since no real position attends to a later pad), inputs longer than
-``max_length`` are cut from the left.
+``max_length`` are cut from the left. Alternatively (``shared_prefix=True``) each distinct context
+runs once and its continuations reuse its KV cache — the same numbers for less compute, the
+better choice on a CPU.
 
 Prompt formats are lm-eval's (v0.4 task YAMLs):
 
@@ -287,20 +289,83 @@ def score_token_pairs(
     return out
 
 
-def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], **kw) -> list[tuple[float, bool]]:
-    """lm-eval ``loglikelihood`` on strings: (sum log P(continuation | context), is_greedy)."""
-    return score_token_pairs(model, [encode_pair(tokenizer, c, x) for c, x in requests],
-                             pad_id=tokenizer.pad_token_id or 0, **kw)
+@torch.no_grad()
+def score_shared_prefix(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    max_length: int | None = None,
+    progress: bool = False,
+    pad_id: int = 0,
+) -> list[tuple[float, bool]]:
+    """Same numbers as :func:`score_token_pairs`, computing each distinct context once.
+
+    Requests are grouped by identical context ids; per group the context runs once (KV cache kept),
+    then all its continuations run as one right-padded batch on a copy of that cache. For
+    multiple choice this processes ctx + n*cont tokens per item instead of n*(ctx + cont): about
+    2-3x less work for ARC/HellaSwag on a compute-bound CPU. Groups whose request would exceed
+    ``max_length`` fall back to :func:`score_token_pairs` (left-cut inputs).
+    """
+    max_length = max_length or context_limit(model)
+    device = model_device(model)
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    too_long = []
+    for i, (ctx, cont) in enumerate(pairs):
+        if not ctx or not cont:
+            raise ValueError("empty context or continuation (give at least one token of each)")
+        if len(ctx) + len(cont) - 1 > max_length:
+            too_long.append(i)
+        else:
+            groups.setdefault(tuple(ctx), []).append(i)
+    for ctx, members in tqdm(groups.items(), desc="loglikelihood", disable=not progress, unit="context"):
+        first = model(torch.tensor([ctx], device=device), use_cache=True)
+        last = F.log_softmax(first.logits[0, -1].float(), dim=-1)              # [V]: predicts cont[0]
+        conts = [pairs[i][1] for i in members]
+        width = max(len(c) for c in conts) - 1                                 # tokens fed after the context
+        rest = None
+        if width > 0:
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(len(members))
+            ids = torch.full((len(members), width), pad_id, dtype=torch.long)  # [n, width] right-padded
+            for row, c in enumerate(conts):
+                ids[row, : len(c) - 1] = torch.tensor(c[:-1])
+            rest = model(ids.to(device), past_key_values=cache, use_cache=True).logits  # [n, width, V]
+        for row, (i, c) in enumerate(zip(members, conts)):
+            target = torch.tensor(c, device=device)
+            if len(c) > 1:
+                logp = torch.cat([last[None], F.log_softmax(rest[row, : len(c) - 1].float(), dim=-1)])  # [len(c), V]
+            else:
+                logp = last[None]
+            out[i] = (logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
+    if too_long:
+        for i, r in zip(too_long, score_token_pairs(model, [pairs[i] for i in too_long], batch_size=1,
+                                                    max_length=max_length, pad_id=pad_id)):
+            out[i] = r
+    return out
 
 
-def score_items(model, tokenizer, items: Sequence[MCItem], batch_size: int = 16,
+def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], shared_prefix: bool = False,
+                   batch_size: int = 16, progress: bool = False) -> list[tuple[float, bool]]:
+    """lm-eval ``loglikelihood`` on strings: (sum log P(continuation | context), is_greedy).
+
+    ``shared_prefix``: score per distinct context with a KV cache (:func:`score_shared_prefix`,
+    best on CPU) instead of batches of whole sequences sorted by length (best on a GPU).
+    """
+    pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
+    pad_id = tokenizer.pad_token_id or 0
+    if shared_prefix:
+        return score_shared_prefix(model, pairs, progress=progress, pad_id=pad_id)
+    return score_token_pairs(model, pairs, batch_size=batch_size, progress=progress, pad_id=pad_id)
+
+
+def score_items(model, tokenizer, items: Sequence[MCItem], batch_size: int = 16, shared_prefix: bool = False,
                 progress: bool = True) -> dict[str, float]:
-    """acc / acc_norm / acc_bytes over ``items`` (all their requests batched together)."""
-    flat = [(item_i, req) for item_i, item in enumerate(items) for req in item.requests]
+    """acc / acc_norm / acc_bytes over ``items`` (all their requests scored together)."""
     # identical (context, continuation) pairs across items are scored once
-    unique = list(dict.fromkeys(req for _, req in flat))
-    lls = dict(zip(unique, (ll for ll, _ in score_requests(model, tokenizer, unique, batch_size=batch_size,
-                                                              progress=progress))))
+    unique = list(dict.fromkeys(req for item in items for req in item.requests))
+    scores = score_requests(model, tokenizer, unique, shared_prefix=shared_prefix, batch_size=batch_size,
+                            progress=progress)
+    lls = dict(zip(unique, (ll for ll, _ in scores)))
     correct = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
     for item in items:
         scores = [lls[req] for req in item.requests]
@@ -324,13 +389,14 @@ def evaluate_task(
     data_dir: str | Path | None = None,
     source: str = "auto",
     batch_size: int = 16,
+    shared_prefix: bool = False,
     progress: bool = True,
 ) -> TaskResult:
     """Zero-shot accuracy of ``model`` on ``task`` (first ``limit`` items, or a seeded sample)."""
     items, origin = load_task_items(task, data_dir, source)
     items = select(items, limit, seed)
     t0 = time.perf_counter()
-    m = score_items(model, tokenizer, items, batch_size=batch_size, progress=progress)
+    m = score_items(model, tokenizer, items, batch_size=batch_size, shared_prefix=shared_prefix, progress=progress)
     n = len(items)
     stderr = math.sqrt(m["acc"] * (1 - m["acc"]) / (n - 1)) if n > 1 else float("nan")
     res = TaskResult(task, m["acc"], m["acc_norm"], m["acc_bytes"], stderr, n, origin, time.perf_counter() - t0)

@@ -95,7 +95,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig) -> QuantizedWeight:
         H = H[perm][:, perm]
     else:
         perm = torch.arange(in_f, device=W.device)
-    group_of = perm // width  # [in] group of the j-th processed column
+    group_of = (perm // width).tolist()  # group of the j-th processed column (a list: no device sync per column)
 
     U, lam = inverse_cholesky(H, cfg.damp)
     if lam != cfg.damp:
@@ -111,7 +111,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig) -> QuantizedWeight:
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            g = int(group_of[j])
+            g = group_of[j]
             if dynamic and j % width == 0:
                 # Parameters from the current (error-updated) weights of the group: the in-block
                 # part from W1, the part beyond the block from W minus this block's pending updates.

@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from qwenquant.methods.hessian import HessianAccumulator
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,40 @@ def calibration_windows(token_ids: Tensor, n: int, seqlen: int, seed: int) -> Te
     return torch.stack([token_ids[s : s + seqlen] for s in starts]).long()
 
 
+CHARS_PER_TOKEN_BOUND = 8  # a span of seqlen * 8 characters holds seqlen tokens of prose (~4 chars/token)
+
+
+def text_calibration_windows(text: str, tokenizer, n: int, seqlen: int, seed: int) -> Tensor:
+    """n windows of seqlen tokens from a long text: [n, seqlen] int64.
+
+    Like the study's C4 sampling (one random window per sample), without tokenizing the whole
+    corpus: each window starts at a random character offset (``random.Random(seed)``), a span of
+    ``seqlen * 8`` characters is tokenized, its first token (likely cut mid-word) dropped, and
+    the next seqlen tokens kept. Texts too short for that are tokenized whole and windowed by
+    :func:`calibration_windows`.
+    """
+    if not text or not text.strip():
+        raise ValueError("calibration text is empty")
+    span = seqlen * CHARS_PER_TOKEN_BOUND
+    if len(text) < 4 * span:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return calibration_windows(ids, n, seqlen, seed)
+    if n < 1 or seqlen < 1:
+        raise ValueError(f"calibration needs n >= 1 and seqlen >= 1, got n={n}, seqlen={seqlen}")
+    rng = random.Random(seed)
+    rows = []
+    for _attempt in range(20 * n):
+        if len(rows) == n:
+            break
+        start = rng.randrange(0, len(text) - span)
+        ids = tokenizer(text[start : start + span], add_special_tokens=False)["input_ids"][1 : seqlen + 1]
+        if len(ids) == seqlen:  # a span of unusually dense text: draw again
+            rows.append(torch.tensor(ids, dtype=torch.long))
+    if len(rows) < n:
+        raise ValueError(f"could not draw {n} windows of {seqlen} tokens from spans of {span} characters")
+    return torch.stack(rows)
+
+
 # --- observers -----------------------------------------------------------------------------
 
 
@@ -61,11 +97,12 @@ class InputObserver:
     max_samples: int = 16384
     seed: int = 0
     tokens: int = 0
-    hessian: Tensor | None = None
+    _hacc: HessianAccumulator | None = None
     absmax: Tensor | None = None
     abs_sum: Tensor | None = None
     _samples: list[Tensor] = field(default_factory=list)
     _kept: int = 0
+    _pooled_hessian: Tensor | None = None
 
     @torch.no_grad()
     def add(self, x: Tensor) -> None:
@@ -78,11 +115,9 @@ class InputObserver:
         asum = x.abs().sum(0)
         self.abs_sum = asum if self.abs_sum is None else self.abs_sum + asum
         if self.want_hessian:
-            xx = x.T @ x  # [in, in]
-            if self.hessian is None:
-                self.hessian = torch.zeros_like(xx)
-            # H_new = H * N/(N+t) + 2/(N+t) Σ x xᵀ, exactly the reference's running average
-            self.hessian.mul_(self.tokens / (self.tokens + t)).add_(xx, alpha=2.0 / (self.tokens + t))
+            if self._hacc is None:
+                self._hacc = HessianAccumulator(x.shape[1], device=x.device)
+            self._hacc.add(x)
         if self.want_samples:
             self._reservoir(x)
         self.tokens += t
@@ -105,6 +140,15 @@ class InputObserver:
             self._samples = [pool]
 
     @property
+    def hessian(self) -> Tensor:
+        """H = 2/N Σ x xᵀ [in, in] float32 (GPTQ's normalisation)."""
+        if self._pooled_hessian is not None:
+            return self._pooled_hessian
+        if self._hacc is None:
+            raise ValueError("no calibration tokens reached this linear: its Hessian is undefined")
+        return self._hacc.hessian()
+
+    @property
     def mean_abs(self) -> Tensor:
         return self.abs_sum / max(self.tokens, 1)
 
@@ -122,7 +166,7 @@ class InputObserver:
         p.absmax = torch.stack([o.absmax for o in live]).amax(0)
         p.abs_sum = torch.stack([o.abs_sum for o in live]).sum(0)
         if p.want_hessian:
-            p.hessian = sum(o.hessian * (o.tokens / p.tokens) for o in live)
+            p._pooled_hessian = sum(o.hessian * (o.tokens / p.tokens) for o in live)
         if p.want_samples:
             p._samples = [torch.cat([o.samples() for o in live])[: live[0].max_samples]]
             p._kept = p._samples[0].shape[0]

@@ -285,11 +285,13 @@ SMOLLM2_CHECK = ("The capital of France is", " Paris")
 
 
 def build_smollm2(out: Path) -> dict:
-    """SmolLM2-135M-Instruct as a plain fp32 Hugging Face directory (~540 MB).
+    """SmolLM2-135M-Instruct as a plain fp32 Hugging Face directory (538 MB; ~12 s on 2 cores).
 
     fp32 rather than bf16: the GGUF values ``d * q + m`` (fp16 scale and offset, 4-bit q) are
-    exact in fp32 but not in bf16's 8-bit mantissa, so bf16 storage would add a second rounding
-    under every quantization experiment.
+    exact in fp32 but not in bf16's 8-bit mantissa. Measured on the first 2,048 tokens of the
+    held-out Austen text: perplexity 17.487 in fp32, 17.477 with bf16-rounded weights, KL
+    5.6e-5 nats/token, top-1 agreement 99.5% -- small, but a second rounding under every
+    quantization experiment, to save 269 MB of disk.
     """
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -511,6 +513,8 @@ def book_text(lines) -> str:
 def build_austen(out: Path) -> dict:
     """``calib.txt`` and ``heldout.txt`` (books separated by a blank line) and ``MANIFEST.json``."""
     deb = obtain_deb(AUSTEN_DEB, cache_dir() / "downloads")
+    if shutil.which("dpkg-deb") is None:
+        raise FileNotFoundError(f"dpkg-deb is needed to unpack {deb} (Debian/Ubuntu: apt-get install dpkg)")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True, capture_output=True)
         rdbs = sorted(Path(tmp).glob("usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"))

@@ -6,6 +6,8 @@ evaluations; the grid is their product::
     name = "demo"
     models = ["smollm2"]
     seed = 0
+    dtype = "float32"                    # the original's float dtype (bfloat16 on a GPU)
+    device = "cpu"                       # where quantization and evaluation run (default: cuda if any)
     baseline = true                      # the unquantized original is a row (first)
 
     [calibration]                        # shared by every method, as in the study
@@ -17,7 +19,7 @@ evaluations; the grid is their product::
     methods = ["rtn", "gptq", "awq"]
     bits = [8, 4, 3]
     group_sizes = [64]                   # an int, or "channel" for one group per output row
-    # symmetric = false                  # default: the study's (smoothquant true, others false)
+    # symmetric = false                  # default false; SmoothQuant is always symmetric (the study's)
     # act_bits = [8]                     # dynamic per-token activation bits (SmoothQuant W·A·)
     # options = { damp = 0.01 }          # extra method settings, passed to api.method_config
 
@@ -57,9 +59,6 @@ GRID_SCHEMA = 1            # bump when the meaning of a canonical cell changes (
 BASELINE = "baseline"      # the method name of the unquantized original's row
 PER_CHANNEL = "channel"    # group_sizes entry meaning one group per output row (stored as None)
 
-# The study's weight symmetry per method (PAPER.md): SmoothQuant symmetric, the rest asymmetric.
-DEFAULT_SYMMETRIC: dict[str, bool] = {"smoothquant": True}
-
 
 # ------------------------------------------------------------------------------------- settings
 
@@ -70,7 +69,7 @@ class QuantSetting:
     method: str
     bits: int | None = None
     group_size: int | None = None                 # None: per-channel
-    symmetric: bool | None = None
+    symmetric: bool | None = None                 # None (with group None): the method has no integer grid
     act_bits: int | None = None                   # None: activations stay in float
     options: tuple[tuple[str, Any], ...] = ()     # extra method settings, sorted by name
 
@@ -88,6 +87,8 @@ class QuantSetting:
         if self.is_baseline:
             return BASELINE
         w = f"w{self.bits}" + (f"a{self.act_bits}" if self.act_bits is not None else "")
+        if self.group_size is None and self.symmetric is None:  # no integer grid (BiLLM, after validate)
+            return f"{self.method} {w}"
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
         return f"{self.method} {w} {g}"
 
@@ -114,11 +115,17 @@ class PerplexityEval:
     kind: str = field(default="perplexity", init=False)
 
     @property
+    def label(self) -> str:
+        """``wikitext2=/data/wiki.test.raw`` -> ``wikitext2``; a bare file path -> its file name."""
+        name, sep, _ = self.source.partition("=")
+        return name if sep else Path(self.source).name
+
+    @property
     def name(self) -> str:
-        return f"perplexity:{self.source}"
+        return f"perplexity:{self.label}"
 
     def metric_names(self) -> tuple[str, ...]:
-        s = self.source
+        s = self.label
         return (f"ppl:{s}", f"kl:{s}", f"top1:{s}") if self.kl else (f"ppl:{s}",)
 
     def canonical(self) -> dict[str, Any]:
@@ -178,9 +185,10 @@ class Cell:
     calibration: CalibrationSetting | None      # None for the baseline (nothing is calibrated)
     evaluation: EvalSetting
     seed: int = 0
+    dtype: str = "float32"                      # the float dtype the original is loaded in
 
     def quant_canonical(self) -> dict[str, Any]:
-        return {"schema": GRID_SCHEMA, "model": self.model, "quant": self.quant.canonical(),
+        return {"schema": GRID_SCHEMA, "model": self.model, "dtype": self.dtype, "quant": self.quant.canonical(),
                 "calibration": None if self.calibration is None else self.calibration.canonical(),
                 "seed": self.seed}
 
@@ -213,16 +221,17 @@ class SweepConfig:
     calibration: CalibrationSetting
     evaluations: tuple[EvalSetting, ...]
     seed: int = 0
+    dtype: str = "float32"                        # float dtype of the original model (float32 | bfloat16 | float16)
     store: str | None = None                      # results store path (CLI may override)
     cache_dir: str | None = None                  # quantized checkpoints; None: no cache
-    device: str | None = None                     # quantization device; None: cuda if available
+    device: str | None = None                     # where quantization and evaluation run; None: cuda if available
     source: str = ""                              # the file this came from, for messages
 
     def cells(self) -> list[Cell]:
         """Every cell, in run order: per model, the baseline first, then each quantization with all
         its evaluations together (so one quantized model serves them all)."""
         return [
-            Cell(model, q, None if q.is_baseline else self.calibration, ev, self.seed)
+            Cell(model, q, None if q.is_baseline else self.calibration, ev, self.seed, self.dtype)
             for model in self.models
             for q in self.quant
             for ev in self.evaluations
@@ -231,7 +240,8 @@ class SweepConfig:
 
 # -------------------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = {"name", "models", "seed", "baseline", "store", "cache_dir", "device", "calibration",
+DTYPES = ("float32", "bfloat16", "float16")
+_TOP_KEYS = {"name", "models", "seed", "dtype", "baseline", "store", "cache_dir", "device", "calibration",
              "quantize", "perplexity", "tasks", "mmlu"}
 _BLOCK_KEYS = {"methods", "bits", "group_sizes", "symmetric", "act_bits", "options"}
 
@@ -308,6 +318,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> SweepConfig:
         calibration=calibration,
         evaluations=tuple(evals),
         seed=_nonneg_int(raw.get("seed", 0), f"{where}: seed"),
+        dtype=_choice(raw.get("dtype", "float32"), DTYPES, f"{where}: dtype"),
         store=None if raw.get("store") is None else _str(raw["store"], f"{where}: store"),
         cache_dir=None if raw.get("cache_dir") is None else _str(raw["cache_dir"], f"{where}: cache_dir"),
         device=None if raw.get("device") is None else _str(raw["device"], f"{where}: device"),
@@ -330,8 +341,8 @@ def _parse_block(block: dict[str, Any], where: str) -> list[QuantSetting]:
     for method, b, g, a in product(methods, bits, groups, acts):
         if method == BASELINE:
             raise ValueError(f"{where}: {BASELINE!r} is not a quantization method; use `baseline = true` at the top")
-        sym = block.get("symmetric", DEFAULT_SYMMETRIC.get(method, False))
-        out.append(QuantSetting(method, b, g, _bool(sym, f"{where}.symmetric"), a, tuple(sorted(options.items()))))
+        sym = _bool(block.get("symmetric", False), f"{where}.symmetric")
+        out.append(QuantSetting(method, b, g, sym, a, tuple(sorted(options.items()))))
     return out
 
 
@@ -370,6 +381,12 @@ def _str(v: Any, where: str) -> str:
 
 def _str_list(v: Any, where: str) -> list[str]:
     return [_str(x, where) for x in _list(v, where)]
+
+
+def _choice(v: Any, choices: tuple[str, ...], where: str) -> str:
+    if v not in choices:
+        raise ValueError(f"{where}: expected one of {', '.join(choices)}, got {v!r}")
+    return v
 
 
 def _bool(v: Any, where: str) -> bool:

@@ -1,0 +1,244 @@
+"""Per-GEMM benchmark: Qwen3 linear shapes × rows M × execution modes, against bf16 in the same run.
+
+Every timing is the median of CUDA-graph replays (launch overhead out, as in a graph-captured
+decoder) over R copies of the weight, R chosen so the copies overflow L2 (a weight that stays in
+L2 would measure the cache, not HBM). Each result carries its floor, ``max(bytes / copy
+bandwidth, flops / matmul peak)``, with both ceilings measured in this run, and its ratio to bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qwenquant.numerics import QuantSpec, quantize_weight
+from qwenquant.runtime.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+# (out N, in K) per projection; "x2" projections occur twice per layer (k/v, gate/up)
+MODEL_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
+    "qwen3-0.6b": {"q": (2048, 1024), "k|v": (1024, 1024), "o": (1024, 2048), "gate|up": (3072, 1024), "down": (1024, 3072)},
+    "qwen3-8b": {"q": (4096, 4096), "k|v": (1024, 4096), "o": (4096, 4096), "gate|up": (12288, 4096), "down": (4096, 12288)},
+    "qwen3-32b": {"q": (8192, 5120), "k|v": (1024, 5120), "o": (5120, 8192), "gate|up": (25600, 5120), "down": (5120, 25600)},
+    "qwen3-30b-a3b": {"q": (4096, 2048), "k|v": (512, 2048), "o": (2048, 4096), "expert gate|up": (768, 2048), "expert down": (2048, 768)},
+}
+ROWS = [2**i for i in range(14)]  # 1 … 8192
+L2_OVERFLOW_BYTES = 200 * 2**20
+
+
+@dataclass
+class GemmResult:
+    model: str
+    proj: str
+    n: int
+    k: int
+    m: int
+    mode: str
+    ms: float
+    weight_bytes: int
+    floor_ms: float
+    frac_of_floor: float
+    speedup_vs_bf16: float | None
+    rel_err: float | None
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How to run one GEMM: the weight it needs (None = bf16) and the call."""
+
+    weight: QuantSpec | None
+    call: Callable  # (obj, x) -> y ; obj = bf16 tensor or QuantLinear or a prepared baseline
+    compute: str = "bf16"  # which peak bounds it: bf16 | int8 | fp8
+    prepare: Callable | None = None  # QuantLinear -> obj (baselines with their own layout)
+    rows: tuple[int, ...] | None = None  # restrict M (slow baselines)
+
+
+def _tinygemm_prepare(layer: QuantLinear):
+    """torch's int4 kernel (``_weight_int4pack_mm``, tinygemm): w = (q - 8)·s + zf, so zf = (8 - z)·s."""
+    qw = layer.weight_object()
+    codes = qw.codes  # [N, K] uint8
+    packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
+    wp = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    s = qw.scale  # [N, G] fp32
+    zf = (8 - qw.zero) * s
+    sz = torch.stack([s.T, zf.T], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+    return (wp, layer.in_features // s.shape[1], sz)
+
+
+def _tinygemm_call(obj, x):
+    wp, g, sz = obj
+    return torch.ops.aten._weight_int4pack_mm(x, wp, g, sz)
+
+
+def _dq_mm(x, words, s, z):
+    n, kw = words.shape
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
+    c = ((words.unsqueeze(-1) >> shifts) & 15).reshape(n, s.shape[1], -1).float()
+    w = ((c - z.float().unsqueeze(-1)) * s.float().unsqueeze(-1)).reshape(n, kw * 8).to(x.dtype)
+    return x @ w.T
+
+
+_compiled_dq_mm = None
+
+
+def _compiled_prepare(layer: QuantLinear):
+    return (layer.qweight.view(torch.int32), layer.scale, layer.zero)
+
+
+def _compiled_call(obj, x):
+    global _compiled_dq_mm
+    if _compiled_dq_mm is None:
+        _compiled_dq_mm = torch.compile(_dq_mm, dynamic=False)
+    return _compiled_dq_mm(x, *obj)
+
+
+def _auto_dequant_cublas(layer, x):
+    from qwenquant.runtime.auto import dequant_cublas
+
+    return dequant_cublas(layer, x)
+
+
+def _native_fp8(layer, x):
+    from qwenquant.runtime.native import forward_native_fp8
+
+    return forward_native_fp8(layer, x)
+
+
+def _set_mode(mode: str):
+    def prep(layer: QuantLinear):
+        layer.mode = mode
+        return layer
+    return prep
+
+
+W4 = QuantSpec(4, 128, False)
+W8 = QuantSpec(8, None, True)
+
+MODES: dict[str, Mode] = {
+    "bf16": Mode(None, lambda w, x: F.linear(x, w)),
+    "w4g128-dequant": Mode(W4, lambda l, x: l(x), prepare=_set_mode("dequant"), rows=(1, 16, 4096)),
+    "w4g128-dequant-cublas": Mode(W4, _auto_dequant_cublas, prepare=_set_mode("fake")),
+    "w4g128-fused": Mode(W4, lambda l, x: l(x), prepare=_set_mode("fused")),
+    "w4g128-auto": Mode(W4, lambda l, x: l(x), prepare=_set_mode("auto")),
+    "w4g128-tinygemm": Mode(W4, _tinygemm_call, prepare=_tinygemm_prepare),
+    "w4g128-compiled-dequant": Mode(W4, _compiled_call, prepare=_compiled_prepare, rows=(1, 16, 256, 4096)),
+    "w8-fused": Mode(W8, lambda l, x: l(x), prepare=_set_mode("fused")),
+    "w8a8-int8-native": Mode(W8, lambda l, x: l(x), compute="int8", prepare=_set_mode("native")),
+    "w8a8-fp8-native": Mode(W8, _native_fp8, compute="fp8", prepare=_set_mode("fake")),
+}
+
+
+def _bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, QuantLinear):
+        extra = obj._cached_weight
+        return obj.storage_bytes + (getattr(extra, "nbytes", 0) if extra is not None and not isinstance(extra, torch.Tensor) else 0)
+    return sum(_bytes(t) for t in obj if isinstance(t, torch.Tensor))
+
+
+def time_graph(fn: Callable[[], object], min_ms: float = 20.0, trials: int = 5) -> float:
+    """Median ms of one ``fn()`` replayed from a CUDA graph (fn must already be warm: tuned, compiled)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    n = max(1, int(min_ms / max(a.elapsed_time(b), 1e-3)))
+    times = []
+    for _ in range(trials):
+        a.record()
+        for _ in range(n):
+            g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / n)
+    times.sort()
+    del g
+    return times[len(times) // 2]
+
+
+def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mode], ceil: dict, seed: int = 0) -> list[GemmResult]:
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.float32) * 0.02
+    w_bf16 = w.to(torch.bfloat16)
+    layers: dict[QuantSpec, QuantLinear] = {}
+    for mode in modes.values():
+        if mode.weight is not None and mode.weight not in layers:
+            layers[mode.weight] = QuantLinear.from_weight(quantize_weight(w, mode.weight), compute_dtype=torch.bfloat16)
+    del w
+    results: list[GemmResult] = []
+    bf16_ms: dict[int, float] = {}
+    for name, mode in modes.items():
+        base = w_bf16 if mode.weight is None else layers[mode.weight]
+        try:
+            obj0 = base if mode.prepare is None else mode.prepare(copy.deepcopy(base))
+        except (RuntimeError, ValueError) as e:
+            log.warning("%s %s: cannot prepare: %s", name, (n, k), e)
+            continue
+        # copies to overflow L2 (each copy its own prepared weight)
+        reps = max(1, min(32, -(-L2_OVERFLOW_BYTES // max(1, _bytes(obj0)))))
+        objs = [obj0] + [(base.clone() if mode.weight is None else (copy.deepcopy(base) if mode.prepare is None else mode.prepare(copy.deepcopy(base))))
+                         for _ in range(reps - 1)]
+        ref_w = None if mode.weight is None else layers[mode.weight].dequantized_weight(torch.float32)
+        for m in rows:
+            if mode.rows is not None and m not in mode.rows:
+                continue
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            try:
+                y = None
+                for o in objs:  # eager warm-up: tuning, compilation, native operand build
+                    y = mode.call(o, x)
+                rw = w_bf16.float() if ref_w is None else ref_w
+                ref = x.float() @ rw.T
+                err = float((y.float() - ref).norm() / ref.norm())
+                ms = time_graph(lambda: [mode.call(o, x) for o in objs]) / len(objs)
+                wbytes = _bytes(obj0)  # after the first call: includes operands a mode builds at first use
+            except (RuntimeError, ValueError) as e:
+                log.warning("%s %s m=%d failed: %s", name, (n, k), m, str(e).splitlines()[0][:200])
+                continue
+            flops = 2 * m * n * k
+            peak = {"bf16": ceil["bf16_flops_per_s"], "int8": ceil["int8_ops_per_s"], "fp8": ceil["fp8_rowwise_flops_per_s"]}[mode.compute]
+            bytes_moved = wbytes + 2 * m * k + 2 * m * n
+            floor = max(bytes_moved / ceil["copy_bytes_per_s"], flops / peak) * 1e3
+            if name == "bf16":
+                bf16_ms[m] = ms
+            results.append(GemmResult(model, proj, n, k, m, name, ms, wbytes, floor, floor / ms,
+                                      bf16_ms[m] / ms if m in bf16_ms else None, err))
+        del objs, obj0
+        torch.cuda.empty_cache()
+    return results
+
+
+def run(models=("qwen3-8b",), rows=ROWS, modes: list[str] | None = None, ceil: dict | None = None,
+        other_rows=(1, 16, 256, 4096)) -> dict:
+    from qwenquant.bench.hw import ceilings, environment
+    from qwenquant.runtime import auto, fused
+
+    ceil = ceil or ceilings()
+    sel = {k: v for k, v in MODES.items() if modes is None or k in modes or k == "bf16"}
+    out = []
+    for model in models:
+        r = rows if model == "qwen3-8b" else other_rows
+        for proj, (n, k) in MODEL_SHAPES[model].items():
+            log.info("gemm %s %s %dx%d", model, proj, n, k)
+            out += bench_shape(model, proj, n, k, r, sel, ceil)
+    return {"kind": "gemm", "env": environment(), "ceilings": ceil, "results": [asdict(x) for x in out],
+            "tuning": {"fused": fused.TUNER.table(), "auto": auto.TUNER.table()}}

@@ -1,0 +1,119 @@
+"""W8A8 on tensor cores: dynamic per-token activation quantization and the scaled epilogue.
+
+int8:  xq = rint(x / sx) ∈ [-127, 127], sx = absmax(row) / 127  (numerics.activation's rule)
+       acc = xq · (code - 128)ᵀ  via ``torch._int_mm`` (cuBLASLt, int8 × int8 → int32)
+       y = sx · sw · (acc - (zero - 128) · Σ xq)   — the Σ term makes asymmetric 8-bit weights exact
+fp8:   xq = (x / sx).to(e4m3), sx = absmax(row) / 448; weights re-quantized once to e4m3 with a
+       per-channel scale; ``torch._scaled_mm`` applies both scales (row-wise) in its epilogue.
+
+References: ``reference_act_quant`` (numerics.activation) and ``reference_w8a8`` below.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from torch import Tensor
+
+from qwenquant.numerics.activation import quantize_per_token
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, stride_x, stride_q,
+                      FP8: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    if FP8:
+        scale = tl.maximum(amax / 448.0, 1e-8)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=mask)
+    else:
+        scale = tl.maximum(amax / 127.0, 1e-8)
+        q = tl.clamp(libdevice.rint(x / scale), -127.0, 127.0)
+        tl.store(q_ptr + row * stride_q + offs, q.to(tl.int8), mask=mask)
+        tl.store(sum_ptr + row, tl.sum(q, axis=0))
+    tl.store(s_ptr + row, scale)
+
+
+def act_quant(x2: Tensor, fp8: bool, pad_rows_to: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """x2 [M, K] -> (q [M', K] int8|e4m3, scale [M', 1] fp32, row sums of q [M'] fp32); M' = M padded (pad rows are 0)."""
+    m, k = x2.shape
+    mp = triton.cdiv(m, pad_rows_to) * pad_rows_to
+    dt = torch.float8_e4m3fn if fp8 else torch.int8
+    q = torch.empty((mp, k), device=x2.device, dtype=dt) if mp == m else torch.zeros((mp, k), device=x2.device, dtype=dt)
+    s = torch.ones((mp, 1), device=x2.device, dtype=torch.float32)
+    qsum = torch.zeros((mp,), device=x2.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    _act_quant_kernel[(m,)](x2, q, s, qsum, k, x2.stride(0), q.stride(0), FP8=fp8, BLOCK=block,
+                            num_warps=8 if block >= 4096 else 4)
+    return q, s, qsum
+
+
+@triton.jit
+def _int8_epilogue_kernel(acc_ptr, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, M, N, stride_acc, stride_y,
+                          HAS_ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    acc = tl.load(acc_ptr + rm[:, None] * stride_acc + rn[None, :], mask=mask, other=0).to(tl.float32)
+    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    if HAS_ZC:
+        zc = tl.load(zc_ptr + rn, mask=rn < N, other=0.0)
+        qs = tl.load(qsum_ptr + rm, mask=rm < M, other=0.0)
+        acc = acc - qs[:, None] * zc[None, :]
+    y = acc * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def int8_matmul(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None, bias: Tensor | None) -> Tensor:
+    """x2 [M, K] bf16, w_int8 [N, K] (code - 128), w_scale [N] fp32, zero_corr [N] fp32 (zero - 128) or None."""
+    m, k = x2.shape
+    n = w_int8.shape[0]
+    q, sx, qsum = act_quant(x2, fp8=False, pad_rows_to=32 if m <= 16 else 8)  # _int_mm wants M > 16, M % 8 == 0
+    acc = torch._int_mm(q, w_int8.t())  # [M', N] int32
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    bm, bn = 32, 128
+    _int8_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        acc, sx, qsum, w_scale, zero_corr if zero_corr is not None else w_scale, bias if bias is not None else w_scale,
+        y, m, n, acc.stride(0), y.stride(0), HAS_ZC=zero_corr is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn,
+    )
+    return y
+
+
+def fp8_matmul(x2: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x2 [M, K] bf16, w_fp8 [N, K] e4m3, w_scale [1, N] fp32 -> [M, N] bf16 via cuBLASLt/CUTLASS row-wise scaled fp8."""
+    m = x2.shape[0]
+    q, sx, _ = act_quant(x2, fp8=True, pad_rows_to=16)
+    y = torch._scaled_mm(q, w_fp8.t(), scale_a=sx, scale_b=w_scale, bias=None if bias is None else bias.to(x2.dtype),
+                         out_dtype=x2.dtype, use_fast_accum=True)
+    return y[:m] if y.shape[0] != m else y
+
+
+def weight_to_fp8(w_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, K] float -> (e4m3 [N, K], per-channel scale [1, N] fp32): the one-time re-quantization for fp8 compute."""
+    sw = (w_hat.float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+    return (w_hat.float() / sw[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), sw[None, :].contiguous()
+
+
+def reference_w8a8(x2: Tensor, w_hat: Tensor, fp8: bool) -> Tensor:
+    """What the kernels compute, in float64: per-token quantized x times the (re-)quantized weight."""
+    if fp8:
+        sx = (x2.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-8)
+        xq = (x2.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).double() * sx.double()
+        wq, sw = weight_to_fp8(w_hat)
+        w = wq.double() * sw.double().T
+    else:
+        q, sx = quantize_per_token(x2, 8)
+        xq = q.double() * sx.double()
+        w = w_hat.double()
+    return (xq @ w.T).float()

@@ -1,0 +1,279 @@
+"""Weight-only low-bit matmul (W4A16, W8A16, W2A16): y = x Ŵᵀ with Ŵ read packed and dequantized in registers.
+
+The weight stays in the checkpoint layout (``numerics.affine.affine_to_tensors``), viewed — not
+copied — as int32 words:
+
+    qweight [N, K*bits/8] uint8  ──view──▶  words [N, K/cpw] int32,  cpw = 32 / bits codes per word
+    code of column k = 8w + t (4 bits) sits at bits [4t, 4t+4) of word w  (little-endian stream)
+    scale [N, K/G] fp16, zero [N, K/G] uint8:  ŵ = (code - zero) * scale
+
+No repacking, so the bytes a kernel reads are exactly the storage bytes (4.1875 bits per weight for
+W4 g128: codes + fp16 scale + uint8 zero per 128 columns). Widths that divide 32 (2, 4, 8) are
+supported; 3-bit codes straddle words and are not (use ``dequant``).
+
+Two kernels, because the bottleneck changes with the number of rows M of x:
+
+* ``_gemv_kernel`` (M ≤ 4, decode). Memory-bound: the floor is weight bytes / bandwidth, but the
+  arithmetic to unpack 8 codes per word is the same order as the bytes, so the inner loop is
+  counted in instructions. Per code: one LOP3 ``(w & (15 << 4t)) | 0x4B000000`` — an fp32 whose
+  value is ``2**23 + code * 16**t`` (the "magic number" int→float trick, no I2F) — one FADD to
+  remove 2**23, one FFMA with ``x * 16**-t`` (the power of two is folded into x, exact). Codes in
+  the high half-word use ``w >> 16`` (one shift per word) so every field sits below bit 23. Zero
+  and scale are applied per word (``s * (Σ c·x - z Σ x)``), not per code. Split-K (fp32 atomics)
+  gives small-N shapes enough blocks to fill the GPU.
+* ``_gemm_kernel`` (M > 4, prefill and batched decode). Tensor cores: each K-step unpacks a
+  [BN, BK] tile to bf16 (``(code - zero) * scale`` in fp32, rounded once — the same value as
+  ``Ŵ.to(bf16)``) and ``tl.dot``s it with the x tile in fp32 accumulation.
+
+References: ``reference_dequantize`` / ``reference_matmul`` (plain torch, any device). Known
+limits: group sizes must be multiples of 32 and divide K (32/64/128 and per-channel are tested);
+N, K multiples of 8 / 32; no 3-bit; the GEMM path is a plain Triton pipeline (no warp
+specialisation), so at large M it trails cuBLAS bf16 — ``auto`` then dequantizes and calls cuBLAS.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qwenquant.numerics.packing import unpack
+
+SUPPORTED_BITS = (2, 4, 8)
+GEMV_MAX_M = 4  # the FFMA kernel holds one accumulator tile per row of x
+# bits of float32 2**23; OR-ing a field < 2**23 into it gives the float 2**23 + field
+MAGIC: tl.constexpr = tl.constexpr(0x4B000000)
+
+
+# --- references -------------------------------------------------------------------------
+
+
+def reference_dequantize(qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int) -> Tensor:
+    """[N, K] float32 Ŵ = (code - zero) * scale, straight from the storage tensors."""
+    codes = unpack(qweight, bits, in_features).float()  # [N, K]
+    g = in_features // scale.shape[1]
+    return (codes - zero.float().repeat_interleave(g, 1)) * scale.float().repeat_interleave(g, 1)
+
+
+def reference_matmul(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """x [.., K] @ Ŵᵀ in float64 (the ground truth kernels are compared with)."""
+    k = x.shape[-1]
+    w = reference_dequantize(qweight, scale, zero, bits, k)
+    return (x.double() @ w.double().T).to(torch.float32)
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def check_supported(bits: int, group_size: int | None, n: int, k: int) -> None:
+    """Raise ValueError naming the alternatives when the fused kernels cannot run this weight."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"fused kernels support {SUPPORTED_BITS}-bit weights, got {bits}-bit; "
+            "use execution mode 'dequant' (any width) or 'fake'"
+        )
+    g = k if group_size is None else group_size
+    if g % 32 or k % g:
+        raise ValueError(
+            f"fused kernels need a group size that is a multiple of 32 and divides in_features={k}, "
+            f"got {group_size}; supported: 32, 64, 128, … or per-channel; otherwise use 'dequant'"
+        )
+    if n % 8:
+        raise ValueError(f"fused kernels need out_features divisible by 8, got {n}; use 'dequant'")
+
+
+def _words(qweight: Tensor) -> Tensor:
+    # [N, K*bits/8] uint8 -> [N, K*bits/32] int32, a view (little-endian, so code order is kept)
+    return qweight.view(torch.int32)
+
+
+# --- GEMV (M <= 4) ----------------------------------------------------------------------
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, kw_per_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    CPW: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = CPW // 2
+    WPG: tl.constexpr = GROUP // CPW
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    KW = K // CPW
+    NG = K // GROUP
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    n_mask = rn < N
+    m_mask = rm < M
+    kw_start = pid_k * kw_per_split
+    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    acc = tl.zeros([BM, BN, BKW], dtype=tl.float32)
+    for kw0 in range(kw_start, kw_end, BKW):
+        rkw = kw0 + tl.arange(0, BKW)
+        k_mask = rkw < kw_end
+        wmask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_ptr + rn[:, None] * KW + rkw[None, :], mask=wmask, other=0)  # [BN, BKW] int32
+        g = rkw // WPG
+        s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * NG + g[None, :], mask=wmask, other=0).to(tl.float32)
+        w_hi = w >> 16
+        xmask = m_mask[:, None] & k_mask[None, :]
+        x_base = x_ptr + rm[:, None] * stride_xm + rkw[None, :] * CPW  # [BM, BKW]
+        inner = tl.zeros([BM, BN, BKW], dtype=tl.float32)
+        xsum = tl.zeros([BM, 1, BKW], dtype=tl.float32)
+        for t in tl.static_range(CPW):
+            if t < HALF:
+                src = w
+                sh = BITS * t
+            else:
+                src = w_hi
+                sh = BITS * (t - HALF)
+            f = ((src & (MASK << sh)) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # code * 2**sh
+            xt = tl.load(x_base + t, mask=xmask, other=0.0).to(tl.float32)  # [BM, BKW]
+            xsum += xt[:, None, :]
+            inner += f[None, :, :] * (xt * (1.0 / (1 << sh)))[:, None, :]
+        acc += s[None, :, :] * (inner - z[None, :, :] * xsum)
+    y = tl.sum(acc, axis=2)  # [BM, BN]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    ymask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, y, mask=ymask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def gemv(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
+         bn: int = 16, bkw: int = 64, split_k: int = 1, num_warps: int = 4) -> Tensor:
+    """x2 [M<=4, K] (bf16/fp16) -> [M, N] in x's dtype."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    cpw = 32 // bits
+    kw = k // cpw
+    per_split = triton.cdiv(triton.cdiv(kw, split_k), bkw) * bkw
+    grid_k = triton.cdiv(kw, per_split)
+    bm = max(1, triton.next_power_of_2(m))
+    if grid_k > 1:
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    _gemv_kernel[(triton.cdiv(n, bn), grid_k)](
+        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0), per_split,
+        BITS=bits, GROUP=group, BM=bm, BN=bn, BKW=bkw, ATOMIC=grid_k > 1, num_warps=num_warps,
+    )
+    return y if grid_k == 1 else y.to(x2.dtype)
+
+
+# --- GEMM (tensor cores) ----------------------------------------------------------------
+
+
+@triton.jit
+def _dequant_tile(w, s, z, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """[BN, BKW] int32 words + per-word scale/zero -> [BN, BKW*CPW] float32 Ŵ in column order."""
+    CPW: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    shifts = tl.arange(0, CPW) * BITS
+    codes = (w[:, :, None] >> shifts[None, None, :]) & MASK  # [BN, BKW, CPW]
+    f = (codes | MAGIC).to(tl.float32, bitcast=True) - (8388608.0 + z[:, :, None])
+    return tl.reshape(f * s[:, :, None], [BN, BKW * CPW])
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    CPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // CPW
+    WPG: tl.constexpr = GROUP // CPW
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % gm
+    pid_n = (pid % per_group) // gm
+    KW = K // CPW
+    NG = K // GROUP
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rkw = tl.arange(0, BKW)
+    m_mask = rm < M
+    rn_c = tl.where(rn < N, rn, 0)  # clamp instead of masking the weight loads
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn_c[:, None] * KW + rkw[None, :]
+    sz_off = rn_c[:, None] * NG + rkw[None, :] // WPG
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        w = tl.load(w_ptrs)
+        kw0 = k0 // CPW
+        s = tl.load(s_ptr + sz_off + kw0 // WPG).to(tl.float32)
+        z = tl.load(z_ptr + sz_off + kw0 // WPG).to(tl.float32)
+        wt = _dequant_tile(w, s, z, BITS, BN, BKW).to(x.dtype)  # [BN, BK]
+        acc = tl.dot(x, tl.trans(wt), acc)
+        x_ptrs += BK
+        w_ptrs += BKW
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (rn[None, :] < N))
+
+
+def gemm(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
+         bm: int = 64, bn: int = 128, bk: int = 64, num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> Tensor:
+    m, k = x2.shape
+    n = qweight.shape[0]
+    if k % bk:
+        raise ValueError(f"K={k} is not a multiple of the tile BK={bk}")
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gemm_kernel[grid](
+        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0),
+        BITS=bits, GROUP=group, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
+    )
+    return y
+
+
+# --- whole-weight dequantization (the storage-only path, done well) ---------------------
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    BN: tl.constexpr, BKW: tl.constexpr):
+    CPW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // CPW
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    KW = K // CPW
+    NG = K // GROUP
+    rn = pid_n * BN + tl.arange(0, BN)
+    rkw = pid_k * BKW + tl.arange(0, BKW)
+    mask = (rn[:, None] < N) & (rkw[None, :] < KW)
+    w = tl.load(w_ptr + rn[:, None] * KW + rkw[None, :], mask=mask, other=0)
+    off = rn[:, None] * NG + rkw[None, :] // WPG
+    s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + off, mask=mask, other=0).to(tl.float32)
+    wt = _dequant_tile(w, s, z, BITS, BN, BKW)
+    rk = pid_k * BKW * CPW + tl.arange(0, BKW * CPW)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], wt.to(out_ptr.dtype.element_ty),
+             mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+def dequantize(qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int, k: int,
+               dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """[N, K] Ŵ in ``dtype`` (one pass: reads packed bytes, writes 2 bytes per weight)."""
+    n = qweight.shape[0]
+    out = torch.empty((n, k), device=qweight.device, dtype=dtype)
+    cpw = 32 // bits
+    bn, bkw = 32, 32
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // cpw, bkw))](
+        _words(qweight), scale, zero, out, n, k, BITS=bits, GROUP=group, BN=bn, BKW=bkw, num_warps=4,
+    )
+    return out

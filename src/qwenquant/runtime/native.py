@@ -1,0 +1,92 @@
+"""``native`` execution mode: W8A8 on tensor cores (int8 by default, fp8 e4m3 as ``forward_native_fp8``).
+
+Only 8-bit per-channel weights qualify: the int32 accumulator can take one scale per output
+channel, not one per group. Symmetric codes map exactly to int8 (``code - 128``); asymmetric
+ones too, with a per-token correction ``(zero - 128) · Σ xq`` in the epilogue. fp8 re-quantizes
+the dequantized weight once to e4m3 with its own per-channel scale (a second rounding: the model
+is no longer bit-identical to the stored one). Activations are quantized per token at run time
+(``kernels/w8a8.py``), which changes the numerics: use it for models quantized with ``act_bits=8``.
+
+Memory: the int8 / e4m3 operand is built at first use and cached on the layer beside the storage
+buffers (``N·K`` bytes more per layer; cuBLASLt wants signed int8, the storage holds uint8 codes).
+Benchmarks report that copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qwenquant.kernels import w8a8
+
+
+@dataclass
+class NativeWeight:
+    w: Tensor                 # [N, K] int8 (code - 128) or float8_e4m3fn
+    w_scale: Tensor           # int8: [N] fp32; fp8: [1, N] fp32
+    zero_corr: Tensor | None  # [N] fp32 (zero - 128), None when symmetric (all zero-points 128)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.w_scale, self.zero_corr) if t is not None)
+
+
+def check_layer(layer, x: Tensor) -> None:
+    if layer.fmt != "affine" or layer.meta["bits"] != 8:
+        what = layer.fmt if layer.fmt != "affine" else f"{layer.meta['bits']}-bit"
+        raise ValueError(
+            f"native mode (W8A8 int8/fp8 tensor cores) needs 8-bit integer weights, got {what}; "
+            "use 'fused' (2/4/8-bit weight-only kernels), 'auto', or 'dequant'"
+        )
+    if layer.meta["group_size"] is not None and layer.meta["group_size"] != layer.in_features:
+        raise ValueError(
+            f"native mode needs per-channel 8-bit weights (group_size=None), got group_size={layer.meta['group_size']}; "
+            "use 'fused' for grouped 8-bit weights"
+        )
+    if not x.is_cuda:
+        raise ValueError("native mode runs int8/fp8 tensor-core GEMMs on a CUDA GPU; on CPU use 'fake' or 'dequant'")
+    if layer.in_features % 16 or layer.out_features % 16:
+        raise ValueError(f"native mode needs in/out features divisible by 16, got {layer.in_features}x{layer.out_features}")
+
+
+def prepare(layer, fp8: bool) -> NativeWeight:
+    """Build (once, cached on the layer until its mode or device changes) the tensor-core operand."""
+    cached = layer._cached_weight
+    if isinstance(cached, NativeWeight) and (cached.w.dtype == torch.float8_e4m3fn) == fp8:
+        return cached
+    if fp8:
+        w, sw = w8a8.weight_to_fp8(layer.dequantized_weight(torch.float32))
+        nw = NativeWeight(w, sw, None)
+    else:
+        codes = layer.qweight  # 8-bit storage is the codes themselves, [N, K] uint8
+        w = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        zero = layer.zero[:, 0].float()
+        zc = None if bool((zero == 128).all()) else (zero - 128).contiguous()
+        nw = NativeWeight(w, layer.scale[:, 0].float().contiguous(), zc)
+    layer._cached_weight = nw
+    return nw
+
+
+def _forward(layer, x: Tensor, fp8: bool) -> Tensor:
+    check_layer(layer, x)
+    nw = prepare(layer, fp8)
+    x2 = x.reshape(-1, layer.in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if fp8:
+        y = w8a8.fp8_matmul(x2, nw.w, nw.w_scale, layer.bias)
+    else:
+        y = w8a8.int8_matmul(x2, nw.w, nw.w_scale, nw.zero_corr, layer.bias)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def forward_native(layer, x: Tensor) -> Tensor:
+    """int8 × int8 → int32 (exact for 8-bit codes), per-token × per-channel scales."""
+    return _forward(layer, x, fp8=False)
+
+
+def forward_native_fp8(layer, x: Tensor) -> Tensor:
+    """e4m3 × e4m3 with row-wise scales (``torch._scaled_mm``)."""
+    return _forward(layer, x, fp8=True)

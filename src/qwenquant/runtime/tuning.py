@@ -1,0 +1,61 @@
+"""Pick the fastest of a few candidate callables by timing them once, and remember the choice.
+
+Used by ``fused`` (which tile configuration, per weight shape and M bucket) and ``auto`` (which
+execution mode). The cache is an explicit object, keyed by plain tuples (bits, group, N, K, M
+bucket, …) — the same idea as Triton's autotune cache, but the candidates may be whole host-side
+paths (split-K with a zeroed fp32 buffer, dequantize-then-cuBLAS), which Triton's autotuner cannot
+express. Timing needs the GPU idle and no CUDA graph being captured: warm a model up (one eager
+forward per batch size) before capturing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+import torch
+
+
+def m_bucket(m: int) -> int:
+    """Rows of x -> the power of two at or above it (1, 2, 4, …): one tuning decision per bucket."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+@dataclass
+class Tuner:
+    """key -> (chosen name, {name: median ms}) for every candidate that ran."""
+
+    name: str
+    choices: dict[Hashable, tuple[str, dict[str, float]]] = field(default_factory=dict)
+
+    def pick(self, key: Hashable, candidates: dict[str, Callable[[], object]], rep_ms: int = 15) -> str:
+        if key in self.choices:
+            return self.choices[key][0]
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{self.name}: no tuned choice for {key} and a CUDA graph is being captured; "
+                "run the model eagerly once at this batch size before capturing"
+            )
+        import triton.testing
+
+        times: dict[str, float] = {}
+        for cname, fn in candidates.items():
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 — a tile config may not compile (shared memory), or not fit the shape
+                times[cname] = float("inf")
+                _errors.append(f"{self.name} {key} {cname}: {e}")
+                continue
+            times[cname] = float(triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median"))
+        best = min(times, key=times.get)
+        if times[best] == float("inf"):
+            raise ValueError(f"{self.name}: no candidate ran for {key}: {_errors[-len(times):]}")
+        self.choices[key] = (best, times)
+        return best
+
+    def table(self) -> list[dict]:
+        """The decisions so far, JSON-able (for benchmark reports)."""
+        return [{"key": list(k) if isinstance(k, tuple) else k, "choice": c, "ms": t} for k, (c, t) in self.choices.items()]
+
+
+_errors: list[str] = []

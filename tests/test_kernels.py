@@ -1,0 +1,147 @@
+"""Kernels equal their plain-torch references on fresh random inputs, over a table of shapes.
+
+GPU tests (``-m gpu``) need CUDA and Triton; on a CPU machine they skip, and the CPU tests check
+that GPU-only modes refuse clearly.
+"""
+
+import pytest
+import torch
+
+from qwenquant.numerics import QuantSpec, quantize_weight
+from qwenquant.runtime.quant_linear import QuantLinear
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_layer(n, k, bits, group, sym, seed=0, device="cpu", bias=False, act_bits=None):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    qw = quantize_weight(w, QuantSpec(bits, group, sym))
+    layer = QuantLinear.from_weight(qw, bias=b, act_bits=act_bits, compute_dtype=torch.bfloat16)
+    return layer.to(device)
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all(), "NaN/inf in kernel output"
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("mode", ["fused", "native", "auto"])
+def test_gpu_modes_refuse_cpu_clearly(mode):
+    layer = make_layer(64, 128, 8, None, True)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="fake|dequant"):
+        layer.mode = mode  # no Triton here: refused when the mode is set
+        layer(x)  # Triton present but a CPU tensor: refused at the call
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+SHAPES = [(256, 512), (384, 1024), (1024, 256), (200, 768)]
+FORMATS = [(4, 128, False), (4, 128, True), (4, 64, False), (4, 32, True), (4, None, False),
+           (8, 128, False), (8, None, True), (2, 64, False), (2, 128, True)]
+ROWS = [1, 2, 3, 4, 5, 16, 33, 100]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("bits,group,sym", FORMATS)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_fused_matches_reference(bits, group, sym, n, k):
+    from qwenquant.kernels import wq_matmul as K
+
+    layer = make_layer(n, k, bits, group, sym, seed=n + k + bits, device="cuda", bias=True)
+    layer.mode = "fused"
+    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k)
+    for m in ROWS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = (x.double() @ wref.double().T) + layer.bias.double()
+        y = layer(x)
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        assert rel_err(y, ref) < 1e-2, (m, rel_err(y, ref))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 64), (2, 128)])
+def test_every_kernel_config_matches_reference(bits, group):
+    """Not only the tuned choice: every GEMV/GEMM tile config in the tables computes the same thing."""
+    from qwenquant.kernels import wq_matmul as K
+    from qwenquant.runtime import fused
+
+    n, k = 512, 1024
+    layer = make_layer(n, k, bits, group, False, seed=7, device="cuda")
+    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k)
+    for m in (1, 3, 16, 70):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ wref.double().T
+        for name, (kind, cfg) in fused._configs(m, k, group).items():
+            y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group)
+            assert rel_err(y, ref) < 1e-2, (name, m)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (2, 32, True), (8, None, False)])
+def test_dequant_kernel_is_exact(bits, group, sym):
+    from qwenquant.kernels import wq_matmul as K
+
+    n, k = 96, 1024
+    layer = make_layer(n, k, bits, group, sym, seed=3, device="cuda")
+    g = k if group is None else group
+    w = K.dequantize(layer.qweight, layer.scale, layer.zero, bits, g, k, torch.bfloat16)
+    ref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).to(torch.bfloat16)
+    assert torch.equal(w, ref)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 300])
+def test_native_matches_reference(sym, fp8, m):
+    from qwenquant.kernels import w8a8
+    from qwenquant.runtime import native
+
+    n, k = 384, 1024
+    layer = make_layer(n, k, 8, None, sym, seed=m, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    y = (native.forward_native_fp8 if fp8 else native.forward_native)(layer, x)
+    ref = w8a8.reference_w8a8(x, layer.dequantized_weight(torch.float32), fp8)
+    assert rel_err(y, ref) < (2e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_auto_matches_reference_and_records_choice():
+    from qwenquant.kernels import wq_matmul as K
+    from qwenquant.runtime import auto
+
+    n, k = 512, 1024
+    layer = make_layer(n, k, 4, 128, False, seed=11, device="cuda")
+    layer.mode = "auto"
+    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, 4, k)
+    for m in (1, 8, 512):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(layer(x), x.double() @ wref.double().T) < 1e-2
+    assert len(auto.TUNER.choices) >= 3
+
+
+@pytest.mark.gpu
+@cuda
+def test_unsupported_formats_raise_naming_alternatives():
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    l4 = make_layer(64, 256, 4, 128, False, device="cuda")
+    l4.mode = "native"
+    with pytest.raises(ValueError, match="fused"):
+        l4(x)
+    l3 = make_layer(64, 256, 3, 128, False, device="cuda")
+    l3.mode = "fused"
+    with pytest.raises(ValueError, match="dequant"):
+        l3(x)
+    lg = make_layer(64, 256, 8, 128, True, device="cuda")
+    lg.mode = "native"
+    with pytest.raises(ValueError, match="per-channel"):
+        lg(x)
