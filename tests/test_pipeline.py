@@ -174,3 +174,35 @@ def test_nan_weight_is_refused(tmp_path):
     tok.save_pretrained(src)
     _fails(tmp_path, "--model", str(src), "--method", "rtn", "--bits", "4", *QUICK,
            message="model.layers.1.mlp.down_proj.weight")
+
+
+def test_qwen2_architecture_quantizes(tmp_path):
+    """Llama-structured classes share the dense table: a tiny random Qwen2 goes through GPTQ."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 512, (4, 32))
+    ref = _logits(model, ids)
+    report = api.quantize(model, None, api.method_config("awq", bits=4, group_size=32), ids, progress=False)
+    out = _logits(model, ids)
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.5
+    # Qwen2 has q/k/v biases: they survive into QuantLinear; MHA lets AWQ fold v_proj -> o_proj too
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert report.layers[0].skipped_folds == []
+    assert "self_attn.v_proj" in report.layers[0].alphas
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, calib):
+    model, tok, _ = api.load("tiny-qwen3")
+    report = api.quantize(model, tok, api.method_config("rtn", bits=4, group_size=32), calib, progress=False)
+    path = api.save_quantized(model, tok, report, tmp_path / "ckpt")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        api.load(str(path))
+    (path / "qwenquant_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        api.load(str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import io
 import math
 
@@ -119,3 +120,14 @@ def test_later_measurement_wins_and_is_noted(tmp_path):
 def test_empty_store_is_an_error(tmp_path):
     with ResultStore(tmp_path / "r.sqlite") as s, pytest.raises(ValueError, match="no finished cells"):
         write_report(s, tmp_path / "out")
+
+
+def test_report_command(store, tmp_path, capsys):
+    from qwenquant.cli import main
+
+    assert main(["report", "--store", str(store.path), "--out", str(tmp_path / "rep"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "| smollm2 | fp32 |" in out and "plot:  " in out
+    assert json.loads(out.strip().splitlines()[-1])["rows"] == 6
+    assert main(["report", "--store", str(tmp_path / "missing.sqlite")]) == 2  # a clear error, no new file
+    assert not (tmp_path / "missing.sqlite").exists()

@@ -226,8 +226,24 @@ def test_example_configs_parse_and_validate():
     root = Path(__file__).resolve().parents[1] / "configs"
     demo = validate(load_config(root / "demo.toml"))
     assert [q.label for q in demo.quant][:2] == ["baseline", "rtn w8 g64"]
-    paper = load_config(root / "paper-qwen3.toml")  # names only: its data paths exist on the GPU machine
+    paper = validate(load_config(root / "paper-qwen3.toml"), check_data=False)  # its data lives on the GPU machine
+    assert len(paper.cells()) == 11 * 29 * 9
     assert len(paper.models) >= 4 and {q.method for q in paper.quant} >= {"rtn", "gptq", "awq", "smoothquant", "billm"}
+
+
+def test_sweep_command_refuses_a_bad_config_without_creating_the_store(tmp_path, capsys):
+    from qwenquant.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**CONFIG, "tasks": [{"name": "arc_eazy"}]}))
+    assert main(["sweep", str(bad), "--store", str(tmp_path / "r.sqlite")]) == 2
+    assert "unknown task 'arc_eazy'" in capsys.readouterr().err
+    assert not (tmp_path / "r.sqlite").exists()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(CONFIG))
+    assert main(["sweep", str(good), "--store", str(tmp_path / "r.sqlite"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{N_CELLS} cells, 0 done, {N_CELLS} to run" in out and "todo" in out
 
 
 @pytest.mark.slow
@@ -263,3 +279,32 @@ def _child(store: str, cache: str, marker: str, sleep_in_cell: str) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
     _child(*sys.argv[2:6])
+
+
+def test_memoized_reference_is_the_model_and_respects_its_budget():
+    import torch
+
+    from qwenquant.sweep.backend import MemoizedReference
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 7)
+            self.config = object()
+            self.calls = 0
+
+        def forward(self, ids):
+            self.calls += 1
+            from types import SimpleNamespace
+            return SimpleNamespace(logits=self.emb(ids))
+
+    model = Counting()
+    a, b = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6]])
+    ref = MemoizedReference(model, budget=3 * 7 * 4)  # room for one [1, 3, 7] fp32 output
+    first = ref(a).logits
+    assert torch.equal(ref(a).logits, first) and torch.equal(first, model.emb(a)) and model.calls == 1
+    ref(b), ref(b)
+    assert model.calls == 3  # over budget: b is recomputed each time, a stays remembered
+    ref(a)
+    assert model.calls == 3
+    assert next(ref.parameters()) is model.emb.weight

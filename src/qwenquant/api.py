@@ -84,7 +84,7 @@ def calibration_ids(tokenizer, source: str, n: int = 128, seqlen: int = 2048, se
 def quantize(model: nn.Module, tokenizer, recipe: QuantRecipe, calib_ids: Tensor, device=None,
              batch_size: int = 4, progress: bool = True) -> QuantizationReport:
     """Quantize ``model`` in place (decoder linears -> QuantLinear); see ``qwenquant.quantize``."""
-    arch = architecture_for(model.config.architectures[0])
+    arch = architecture_for(type(model).__name__)
     return quantize_model(model, arch, recipe, calib_ids, device=device, batch_size=batch_size, progress=progress)
 
 

@@ -24,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--store", default=None, help="results store (default: the config's, results/demo.sqlite)")
     p.add_argument("--out", default=None, help="report directory (default: <store dir>/demo-report)")
     p.add_argument("--fresh", action="store_true", help="move an existing store aside and start over")
+    p.add_argument("--no-cache", action="store_true", help="do not save or reuse quantized checkpoints")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.set_defaults(run=run)
 
@@ -42,7 +43,7 @@ def run(args) -> dict:
         raise FileNotFoundError(f"demo grid {str(config_path)!r} not found (it ships in the repository's configs/); "
                                 "pass --config")
     config = validate(load_config(config_path))
-    store_path, cache_dir, out_dir = resolve_paths(config, args.store, None, False, args.out)
+    store_path, cache_dir, out_dir = resolve_paths(config, args.store, None, args.no_cache, args.out)
     if args.fresh and store_path.exists():
         aside = store_path.with_name(f"{store_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}{store_path.suffix}")
         store_path.rename(aside)

@@ -31,7 +31,7 @@ def run(args) -> dict:
     if args.config:
         from qwenquant.sweep import load_config, validate
 
-        config = validate(load_config(args.config))
+        config = validate(load_config(args.config), check_data=False)  # keys only: data may live elsewhere
         keys = {c.key for c in config.cells()}
         store = store or config.store
     store_path = Path(store or DEFAULT_STORE).expanduser()

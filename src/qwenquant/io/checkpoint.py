@@ -48,6 +48,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict
     """Write ``model`` (with QuantLinear modules) atomically to ``out_dir``; returns the path."""
     from safetensors.torch import save_model
 
+    model.config.architectures = [type(model).__name__]
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -64,7 +65,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict
         }
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "qwenquant"})
         cfg = {"format": "qwenquant", "format_version": FORMAT_VERSION, "qwenquant_version": qwenquant.__version__,
-               "architecture": model.config.architectures[0], "modules": modules, **extra}
+               "architecture": type(model).__name__, "modules": modules, **extra}
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))
         _replace_dir(tmp, out)
     except BaseException:

@@ -7,6 +7,11 @@ clean for the next deep copy. Quantization runs layer by layer on ``device`` (``
 every evaluation runs on ``device`` too. With a cache
 directory, a quantized model is saved once (``api.save_quantized``, atomic) under its quantization
 key and reloaded (``api.load``) by any later run that needs it — a resumed sweep does not redo GPTQ.
+
+The original's logits on the perplexity windows are the same for every quantization it is compared
+with, so the KL reference is wrapped in :class:`MemoizedReference`, which remembers them (up to
+``REFERENCE_MEMO_BYTES``; beyond that it just runs the model): each quantized setting then costs
+one forward pass per window instead of two.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -38,6 +44,32 @@ class Loaded:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_FREE_TOKENS = 16  # calibration tokens handed to a method that reads no statistics
+REFERENCE_MEMO_BYTES = 2 * 2**30  # logits of the original kept for reuse as the KL reference
+
+
+class MemoizedReference(torch.nn.Module):
+    """The original model as a KL reference: ``forward(ids)`` returns the same output as the model,
+    remembered per distinct ``ids`` while the memo holds fewer than ``budget`` bytes of logits."""
+
+    def __init__(self, model: torch.nn.Module, budget: int = REFERENCE_MEMO_BYTES):
+        super().__init__()
+        self.model = model  # a submodule, so parameters() (and so the device) are the model's
+        self.config = model.config
+        self.budget = budget
+        self._memo: dict[tuple, Any] = {}
+        self._bytes = 0
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor):
+        key = (tuple(ids.shape), ids.cpu().numpy().tobytes())
+        if key in self._memo:
+            return self._memo[key]
+        out = self.model(ids)
+        size = out.logits.numel() * out.logits.element_size()
+        if self._bytes + size <= self.budget:
+            self._memo[key] = SimpleNamespace(logits=out.logits)  # not the KV cache
+            self._bytes += size
+        return out
 
 
 def _data_free(recipe) -> bool:
@@ -59,6 +91,7 @@ class TorchBackend:
         self.progress = progress
         self._streams: dict[tuple[str, str], Any] = {}          # (model, source) -> TokenStream
         self._on_device: dict[int, Loaded] = {}                 # id(original) -> its copy on self.device
+        self._memos: dict[int, Loaded] = {}                     # id(original on device) -> memoized reference
 
     def load_original(self, model: str) -> Loaded:
         from qwenquant import api
@@ -107,9 +140,14 @@ class TorchBackend:
             self._on_device[id(handle)] = dataclasses.replace(handle, model=copy.deepcopy(handle.model).to(self.device))
         return self._on_device[id(handle)]
 
+    def _reference(self, original: Loaded) -> Loaded:
+        if id(original) not in self._memos:
+            self._memos[id(original)] = dataclasses.replace(original, model=MemoizedReference(original.model))
+        return self._memos[id(original)]
+
     def evaluate(self, subject: Loaded, evaluation: EvalSetting, reference: Loaded | None):
         subject = self._placed(subject)
-        reference = None if reference is None else self._placed(reference)
+        reference = None if reference is None else self._reference(self._placed(reference))
         if isinstance(evaluation, PerplexityEval):
             return self._perplexity(subject, evaluation, reference)
         if isinstance(evaluation, TaskEval):
@@ -149,7 +187,8 @@ class TorchBackend:
                 "device": str(next(handle.model.parameters()).device)}
 
     def release(self, handle: Loaded) -> None:
-        self._on_device.pop(id(handle), None)
+        placed = self._on_device.pop(id(handle), handle)
+        self._memos.pop(id(placed), None)
         del handle
         gc.collect()
         if torch.cuda.is_available():

@@ -11,7 +11,7 @@ evaluations; the grid is their product::
     baseline = true                      # the unquantized original is a row (first)
 
     [calibration]                        # shared by every method, as in the study
-    source = "austen"                    # austen | c4 | wikitext2 | c4=PATH | a text file
+    source = "austen"                    # a named text (api.calibration_ids: austen) or a text file
     n = 32
     seqlen = 512
 
@@ -24,7 +24,7 @@ evaluations; the grid is their product::
     # options = { damp = 0.01 }          # extra method settings, passed to api.method_config
 
     [[perplexity]]                       # one cell per (model, quantization, evaluation)
-    source = "austen"
+    source = "austen"                    # austen | wikitext2[=PATH] | c4[=SHARD] | a text file
     seqlen = 512
     max_windows = 8                      # omit for all windows
     kl = true                            # KL and top-1 agreement vs the original model
@@ -38,11 +38,13 @@ evaluations; the grid is their product::
     limit = 10                           # test questions per subject; omit for all
     shots = 5
 
-A **cell** is (model, quantization, calibration, evaluation, seed). Its ``key`` is the SHA-256 of its
+A **cell** is (model, dtype, quantization, calibration, evaluation, seed). Its ``key`` is the SHA-256 of its
 canonical JSON (sorted keys, no whitespace): the same cell asked for by any sweep is the same row of
 the results store. ``quant_key`` hashes only the part that decides the quantized weights (model,
-quantization, calibration, seed): it names the cached checkpoint that every evaluation of that
-quantization reuses. Neither key includes versions or hardware: those are recorded, not identity.
+dtype, quantization, calibration, seed): it names the cached checkpoint that every evaluation of that
+quantization reuses. Neither key includes versions, hardware or the device: those are recorded
+with each cell, not part of its identity (so a rerun on other hardware skips what is stored; use a
+new store to re-measure).
 """
 
 from __future__ import annotations

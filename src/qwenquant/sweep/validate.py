@@ -19,19 +19,24 @@ from pathlib import Path
 from qwenquant.sweep.grid import MMLUEval, PerplexityEval, QuantSetting, SweepConfig, TaskEval
 
 
-def validate(config: SweepConfig) -> SweepConfig:
-    """The config with normalized quantization settings; ValueError listing every problem found."""
+def validate(config: SweepConfig, check_data: bool = True) -> SweepConfig:
+    """The config with normalized quantization settings; ValueError listing every problem found.
+
+    ``check_data=False`` checks and normalizes only the quantization settings (enough to compute the
+    cells' keys, e.g. to report a sweep on a machine without its models and data).
+    """
     problems: list[str] = []
-    problems += [p for m in config.models for p in _check_model(m)]
+    if check_data:
+        problems += [p for m in config.models for p in _check_model(m)]
     quant = []
     for q in config.quant:
         normalized, problem = _normalize_quant(q)
         quant.append(normalized)
         if problem:
             problems.append(problem)
-    if any(not q.is_baseline for q in config.quant):
+    if check_data and any(not q.is_baseline for q in config.quant):
         problems += _check_calibration_source(config.calibration.source)
-    for ev in config.evaluations:
+    for ev in config.evaluations if check_data else ():
         problems += _check_evaluation(ev)
     if problems:
         where = f"sweep config {config.source}" if config.source else "sweep config"
