@@ -206,3 +206,14 @@ def test_corrupt_checkpoint_is_refused(tmp_path, calib):
     (path / "qwenquant_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         api.load(str(path))
+
+
+def test_dtype_cast_keeps_packed_storage(calib):
+    model, tok, _ = api.load("tiny-qwen3")
+    api.quantize(model, tok, api.method_config("rtn", bits=4, group_size=32), calib, progress=False)
+    q = model.model.layers[0].mlp.down_proj
+    scale, w = q.scale.clone(), q.dequantized_weight(torch.float32)
+    model.to(torch.bfloat16)
+    assert q.scale.dtype == torch.float16 and torch.equal(q.scale, scale)
+    assert torch.equal(q.dequantized_weight(torch.float32), w)
+    assert model(calib[:1]).logits.dtype == torch.bfloat16

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = args.run(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # OSError: missing files, unreachable hub
         print(f"qwenquant {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -131,8 +131,19 @@ class QuantLinear(nn.Module):
         return next(b for n, b in self.named_buffers(recurse=False) if n != "bias").device
 
     def _apply(self, fn, *args, **kwargs):
-        self._cached_weight = None  # .to()/.cuda() invalidate the cache
-        return super()._apply(fn, *args, **kwargs)
+        """.to()/.cuda() move the storage but never change its dtypes.
+
+        ``model.to(torch.bfloat16)`` must not round the fp16 scales (that would change the
+        weights); only the device follows. The cached float weight is dropped.
+        """
+        self._cached_weight = None
+        storage = {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
+        result = super()._apply(fn, *args, **kwargs)
+        for name, before in storage.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return result
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, meta={self.meta}, act_bits={self.act_bits}, mode={self.mode}"
