@@ -157,11 +157,11 @@ def test_bad_inputs(tmp_path):
     _fails(tmp_path, "--model", "tiny-qwen3", *base, "--group-size", "48", message="group size 48 does not divide")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    _fails(tmp_path, "--model", "tiny-qwen3", "--method", "rtn", "--bits", "4", "--calib", str(empty),
+    _fails(tmp_path, "--model", "tiny-qwen3", "--method", "gptq", "--bits", "4", "--calib", str(empty),
            message="calibration text is empty")
     short = tmp_path / "short.txt"
     short.write_text("Too short to calibrate on.")
-    _fails(tmp_path, "--model", "tiny-qwen3", "--method", "rtn", "--bits", "4", "--calib", str(short),
+    _fails(tmp_path, "--model", "tiny-qwen3", "--method", "gptq", "--bits", "4", "--calib", str(short),
            "--calib-seqlen", "64", message="calibration text too short")
 
 
@@ -217,3 +217,33 @@ def test_dtype_cast_keeps_packed_storage(calib):
     assert q.scale.dtype == torch.float16 and torch.equal(q.scale, scale)
     assert torch.equal(q.dequantized_weight(torch.float32), w)
     assert model(calib[:1]).logits.dtype == torch.bfloat16
+
+
+def test_tied_embeddings_roundtrip(tmp_path):
+    """SmolLM2-like: lm_head shares the embedding; the checkpoint stores it once and re-ties it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (2, 16))
+    report = api.quantize(model, None, api.method_config("gptq", bits=4, group_size=32), ids, progress=False)
+    out = _logits(model, ids)
+    path = api.save_quantized(model, None, report, tmp_path / "tied")
+    model2, tok2, info = api.load(str(path))
+    assert tok2 is None and info["architecture"] == "LlamaForCausalLM"
+    assert model2.lm_head.weight.data_ptr() == model2.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(_logits(model2, ids), out)
+
+
+def test_c4_style_document_calibration(tmp_path):
+    _, tok, _ = api.load("tiny-qwen3")
+    shard = tmp_path / "c4-train.00000-of-01024.json"
+    docs = [{"text": "short doc."}] + [{"text": f"Document {i}. " + "word " * (50 + 20 * i)} for i in range(6)]
+    shard.write_text("\n".join(json.dumps(d) for d in docs))
+    ids = api.calibration_ids(tok, f"c4={shard}", n=5, seqlen=40, seed=0)
+    assert ids.shape == (5, 40)
+    assert torch.equal(ids, api.calibration_ids(tok, f"c4={shard}", n=5, seqlen=40, seed=0))  # reproducible
+    with pytest.raises(ValueError, match="longer than 4000 tokens"):
+        api.calibration_ids(tok, f"c4={shard}", n=2, seqlen=4000, seed=0)

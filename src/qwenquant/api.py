@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from qwenquant.io.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized as _save
 from qwenquant.model.arch import architecture_for
-from qwenquant.model.calibrate import text_calibration_windows
+from qwenquant.model.calibrate import document_calibration_windows, text_calibration_windows
 from qwenquant.model.load import load_hf_model, resolve_model_dir
 from qwenquant.numerics.activation import check_act_bits
 from qwenquant.numerics.affine import QuantSpec
 from qwenquant.quantize import METHOD_NAMES, QuantizationReport, QuantRecipe, quantize_model
+from qwenquant.quantize import needs_calibration as _needs_calibration
 
 METHODS = tuple(METHOD_NAMES)
 
@@ -71,9 +72,19 @@ def method_config(method: str, bits: int = 4, group_size: int | None = None, sym
 
 
 def calibration_ids(tokenizer, source: str, n: int = 128, seqlen: int = 2048, seed: int = 0) -> Tensor:
-    """[n, seqlen] token windows from a named text source (``austen`` = its calibration split) or a .txt path."""
+    """[n, seqlen] calibration token windows.
+
+    ``source``: ``austen`` (its calibration novels), a text file path, or ``c4=PATH`` / ``docs=PATH``
+    for a document corpus (C4 ``en`` train shard as JSON/JSONL(.gz), parquet, a saved dataset):
+    the study's sampling, random documents longer than seqlen, one random window each.
+    """
     from qwenquant.model.fixtures import resolve_text
 
+    name, sep, path = source.partition("=")
+    if sep and name in ("c4", "docs"):
+        from qwenquant.eval.sources import read_documents
+
+        return document_calibration_windows(read_documents(Path(path).expanduser()), tokenizer, n, seqlen, seed)
     text = resolve_text(source, "calib")
     try:
         return text_calibration_windows(text, tokenizer, n, seqlen, seed)
@@ -81,11 +92,16 @@ def calibration_ids(tokenizer, source: str, n: int = 128, seqlen: int = 2048, se
         raise ValueError(f"calibration source {source!r}: {e}") from None
 
 
-def quantize(model: nn.Module, tokenizer, recipe: QuantRecipe, calib_ids: Tensor, device=None,
+def quantize(model: nn.Module, tokenizer, recipe: QuantRecipe, calib_ids: Tensor | None, device=None,
              batch_size: int = 4, progress: bool = True) -> QuantizationReport:
     """Quantize ``model`` in place (decoder linears -> QuantLinear); see ``qwenquant.quantize``."""
     arch = architecture_for(type(model).__name__)
     return quantize_model(model, arch, recipe, calib_ids, device=device, batch_size=batch_size, progress=progress)
+
+
+def needs_calibration(model: nn.Module, recipe: QuantRecipe) -> bool:
+    """False for data-free settings (RTN on a dense model): ``quantize`` then takes ``calib_ids=None``."""
+    return _needs_calibration(recipe, architecture_for(type(model).__name__))
 
 
 def save_quantized(model: nn.Module, tokenizer, report: QuantizationReport, out_dir: str | Path,

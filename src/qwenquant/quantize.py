@@ -130,7 +130,7 @@ def quantize_model(
     model: nn.Module,
     arch: Architecture,
     recipe: QuantRecipe,
-    calib_ids: Tensor,
+    calib_ids: Tensor | None,
     device: torch.device | str | None = None,
     batch_size: int = 4,
     progress: bool = True,
@@ -138,14 +138,17 @@ def quantize_model(
     """Quantize every decoder-block linear of ``model`` in place; embeddings and lm_head stay as they are."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = method_spec(recipe.method)
-    if calib_ids.dim() != 2:
-        raise ValueError(f"calibration ids must be [n, seqlen], got shape {tuple(calib_ids.shape)}")
+    data = needs_calibration(recipe, arch)
+    if data and (calib_ids is None or calib_ids.dim() != 2):
+        shape = None if calib_ids is None else tuple(calib_ids.shape)
+        raise ValueError(f"{spec.name} on {arch.hf_class} needs calibration ids [n, seqlen], got {shape}")
     _check_finite(model)
     dtype = next(model.parameters()).dtype
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    inputs = first_layer_inputs(model, calib_ids, device, batch_size, dtype)
+    # Data-free (RTN, dense): no calibration pass at all. MoE still runs one, to count tokens per expert.
+    inputs = first_layer_inputs(model, calib_ids, device, batch_size, dtype) if data else None
     layers = model.get_submodule(arch.layers)
     reports = []
     bar = tqdm(range(len(layers)), desc=f"{spec.name} layers", unit="layer", disable=not progress, mininterval=2)
@@ -154,8 +157,9 @@ def quantize_model(
         layer = layers[i].to(device)
         report = LayerReport(index=i, seconds=0.0)
         quantize_layer(layer, arch, inputs, recipe, spec, report)
-        with _counting_experts(layer, report):
-            inputs.hidden = inputs.run(layer)
+        if inputs is not None:
+            with _counting_experts(layer, report):
+                inputs.hidden = inputs.run(layer)
         layers[i] = layer.to("cpu")
         report.seconds = time.perf_counter() - t_layer
         reports.append(report)
@@ -172,10 +176,16 @@ def quantize_model(
         seconds=time.perf_counter() - t0,
         peak_memory_bytes=peak_memory_bytes(device),
         device=str(device),
-        calib_shape=tuple(calib_ids.shape),
+        calib_shape=tuple(calib_ids.shape) if data else (0, 0),
         avg_bits=bits / max(n_params, 1),
         quantized_params=n_params,
     )
+
+
+def needs_calibration(recipe: QuantRecipe, arch: Architecture) -> bool:
+    """Whether quantizing needs data: any method with statistics or scales, and every MoE (token counts)."""
+    spec = method_spec(recipe.method)
+    return bool(spec.stats or spec.scales or arch.moe)
 
 
 def _weight_bits(m: QuantLinear) -> float:

@@ -57,10 +57,14 @@ def run(args) -> dict:
     model, tok, info = api.load(args.model)
     if info["quantized"]:
         raise ValueError(f"{args.model} is already a quantized checkpoint; quantize the original model")
-    ids = api.calibration_ids(tok, args.calib, args.calib_samples, args.calib_seqlen, args.seed)
-    log.info("calibration: %s windows x %s tokens from %s (seed %s)", *ids.shape, args.calib, args.seed)
+    ids = None
+    if api.needs_calibration(model, recipe):
+        ids = api.calibration_ids(tok, args.calib, args.calib_samples, args.calib_seqlen, args.seed)
+        log.info("calibration: %s windows x %s tokens from %s (seed %s)", *ids.shape, args.calib, args.seed)
+    else:
+        log.info("%s on a dense model is data-free: no calibration pass", recipe.method_name)
     report = api.quantize(model, tok, recipe, ids, device=args.device, batch_size=args.batch_size)
-    calib = {"source": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed}
+    calib = None if ids is None else {"source": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed}
     out = api.save_quantized(model, tok, report, args.out, source=args.model, calib=calib)
     print(f"quantized {args.model} with {recipe.method_name} ({report.avg_bits:.3f} avg bits) in {report.seconds:.1f}s "
           f"-> {out}; MoE fallbacks: {report.fallback_count}")

@@ -131,6 +131,22 @@ def read_text_file(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def read_documents(path: Path) -> list[str]:
+    """Documents of a local corpus file: JSON/JSONL(.gz) or parquet rows (``"text"``), a saved
+    dataset directory, or a plain text file split on blank lines."""
+    path = Path(path)
+    if path.is_dir():
+        return _rows_from_saved_dataset(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus {str(path)!r} does not exist")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    if suffixes.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return _rows_from_json(path)
+    if path.suffix.lower() == ".parquet":
+        return _rows_from_parquet(path)
+    return [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+
 def _open_maybe_gz(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 

@@ -46,7 +46,7 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict) -> Path:
     """Write ``model`` (with QuantLinear modules) atomically to ``out_dir``; returns the path."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     model.config.architectures = [type(model).__name__]
     out = Path(out_dir).expanduser().resolve()
@@ -63,7 +63,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict
                    "act_bits": m.act_bits, "bias": m.bias is not None}
             for name, m in model.named_modules() if isinstance(m, QuantLinear)
         }
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "qwenquant"})
+        save_file(_state_to_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "qwenquant"})
         cfg = {"format": "qwenquant", "format_version": FORMAT_VERSION, "qwenquant_version": qwenquant.__version__,
                "architecture": type(model).__name__, "modules": modules, **extra}
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, default=str))
@@ -72,6 +72,18 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, extra: dict
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor once: a tied lm_head (it *is* the embedding) is left out and re-tied on load."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if _tied(model):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -87,7 +99,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer, config dict) from a directory written by :func:`save_quantized`."""
     from safetensors import safe_open
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -123,16 +135,18 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     model.to_empty(device="cpu")
     _reinit_rotary(model)
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        state = load_file(str(weights))
     except Exception as e:
         raise ValueError(f"corrupt or unreadable {weights}: {e}") from e
-    missing = [k for k in missing if not _is_tied(model, k)]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and _tied(model))]
     if missing or unexpected:
         raise ValueError(f"{weights} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(hf_config, "tie_word_embeddings", False):
-        model.tie_weights()
+    if _tied(model):
+        model.lm_head.weight = model.get_input_embeddings().weight
     model.eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     return model, tokenizer, qcfg
 
 
@@ -144,10 +158,6 @@ def _dtype_of(cfg) -> torch.dtype:
 def _st_dtype(name: str) -> torch.dtype:
     return {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
             "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}[name]
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
 
 
 def _reinit_rotary(model: nn.Module) -> None:

@@ -53,18 +53,21 @@ def awq_search_scale(X: Tensor, weights: list[Tensor], cfg: AWQConfig) -> tuple[
     """Best per-input-channel scale for linears sharing input X.
 
     X: [tokens, in] float; weights: list of [out_i, in]. Returns (s [in] float32, best α).
+    The output error ``||(X/s) Q(W s)ᵀ − X Wᵀ||²`` equals ``Σ (D G) ∘ D`` with ``D = Q(W s)/s − W``
+    and the Gram matrix ``G = XᵀX`` [in, in], computed once: each grid point then costs
+    out·in² instead of tokens·in·out (8x less at 16k calibration tokens on a 2k-wide layer).
     """
     X = X.float()
     x_mean = X.abs().mean(0).clamp(min=1e-8)                       # [in]
+    gram = X.T @ X                                                  # [in, in]
     W_all = torch.cat([w.float() for w in weights], 0)              # [Σout, in]
-    ref = X @ W_all.T                                               # [tokens, Σout]
     best = (float("inf"), 0.0, torch.ones_like(x_mean))
     for i in range(cfg.grid):
         alpha = i / cfg.grid
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        Wq = torch.cat([_rtn_fake(w.float() * s, cfg.spec) for w in weights], 0)
-        err = ((X / s) @ Wq.T - ref).pow(2).mean().item()
+        D = torch.cat([_rtn_fake(w.float() * s, cfg.spec) for w in weights], 0) / s - W_all
+        err = ((D @ gram) * D).sum().item()
         if err < best[0]:
             best = (err, alpha, s)
     return best[2], best[1]
@@ -74,25 +77,26 @@ def awq_search_scale(X: Tensor, weights: list[Tensor], cfg: AWQConfig) -> tuple[
 def awq_search_clip(X: Tensor, W: Tensor, cfg: AWQConfig, row_chunk: int = 256) -> Tensor:
     """Per (row, group) clip bound: [out, n_groups] float32 max-abs to clamp W to.
 
-    X: [tokens, in] (≤ clip_tokens used), W: [out, in] (already scaled).
+    X: [tokens, in] (≤ clip_tokens used), W: [out, in] (already scaled). The error of a group's
+    partial product is ``dᵀ G_g d`` with ``G_g`` the group's diagonal block of XᵀX.
     """
     X = X[: cfg.clip_tokens].float()
     spec = cfg.spec
     Wg = group_view(W.float(), spec)                                # [out, G, gw]
     Xg = X.reshape(X.shape[0], Wg.shape[1], Wg.shape[2])            # [tokens, G, gw]
+    gram = torch.einsum("tgk,tgl->gkl", Xg, Xg)                     # [G, gw, gw]
     best_max = Wg.abs().amax(-1)                                    # [out, G]
     for r0 in range(0, Wg.shape[0], row_chunk):
         w = Wg[r0 : r0 + row_chunk]                                 # [r, G, gw]
         org_max = w.abs().amax(-1, keepdim=True)                    # [r, G, 1]
-        ref = torch.einsum("tgk,rgk->trg", Xg, w)                   # [tokens, r, G]
         best_err = torch.full(org_max.shape[:2], float("inf"))
         chunk_best = org_max.squeeze(-1).clone()
         for i in range(int(cfg.max_shrink * cfg.clip_steps)):
             max_val = org_max * (1 - i / cfg.clip_steps)
             wc = torch.clamp(w, -max_val, max_val)
             scale, zero = compute_qparams(wc.amin(-1, keepdim=True), wc.amax(-1, keepdim=True), spec)
-            wq = fake_quantize(wc, scale, zero, spec)
-            err = (torch.einsum("tgk,rgk->trg", Xg, wq) - ref).pow(2).mean(0)   # [r, G]
+            d = fake_quantize(wc, scale, zero, spec) - w            # [r, G, gw]
+            err = torch.einsum("rgk,gkl,rgl->rg", d, gram, d)       # [r, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             chunk_best = torch.where(better, max_val.squeeze(-1), chunk_best)

@@ -81,6 +81,30 @@ def text_calibration_windows(text: str, tokenizer, n: int, seqlen: int, seed: in
     return torch.stack(rows)
 
 
+def document_calibration_windows(docs: list[str], tokenizer, n: int, seqlen: int, seed: int) -> Tensor:
+    """The study's C4 sampling: n random documents longer than seqlen tokens, one random window each.
+
+    Documents are drawn with replacement by ``random.Random(seed)`` (as the GPTQ reference does);
+    returns [n, seqlen] int64.
+    """
+    if not docs:
+        raise ValueError("calibration corpus holds no documents")
+    rng = random.Random(seed)
+    rows = []
+    for _attempt in range(200 * n):
+        if len(rows) == n:
+            break
+        ids = tokenizer(docs[rng.randrange(len(docs))], add_special_tokens=False)["input_ids"]
+        if len(ids) <= seqlen:
+            continue
+        start = rng.randrange(0, len(ids) - seqlen)
+        rows.append(torch.tensor(ids[start : start + seqlen], dtype=torch.long))
+    if len(rows) < n:
+        raise ValueError(f"calibration corpus: found only {len(rows)} of {n} documents longer than {seqlen} tokens "
+                         f"in {200 * n} draws from {len(docs)} documents")
+    return torch.stack(rows)
+
+
 # --- observers -----------------------------------------------------------------------------
 
 
