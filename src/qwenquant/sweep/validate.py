@@ -80,10 +80,15 @@ def _check_model(name: str) -> list[str]:
 def _check_calibration_source(source: str) -> list[str]:
     from qwenquant.model.fixtures import TEXT_SOURCES
 
+    name, sep, path = source.partition("=")
+    if sep and name in ("c4", "docs"):
+        if Path(path).expanduser().exists():
+            return []
+        return [f"calibration source {source!r}: no such corpus file {path!r} (a C4 en train shard, JSON/JSONL(.gz))"]
     if source in TEXT_SOURCES or Path(source).expanduser().is_file():
         return []
-    return [f"calibration source {source!r}: not a named text ({', '.join(sorted(TEXT_SOURCES))}) "
-            "and not an existing text file"]
+    return [f"calibration source {source!r}: not a named text ({', '.join(sorted(TEXT_SOURCES))}), "
+            "not c4=PATH / docs=PATH (a document corpus), and not an existing text file"]
 
 
 def _check_evaluation(ev) -> list[str]:
