@@ -41,10 +41,13 @@ def main() -> None:
     rows = compare_perplexity("smollm2", recipes, calib_n=args.calib_samples, calib_len=args.calib_seqlen,
                               eval_len=args.seqlen, eval_windows=args.max_windows)
     base = rows[0]["ppl"]
-    print("| setting | avg bits | held-out PPL | vs fp32 | quantize time (s) |")
-    print("|---|---|---|---|---|")
+    print("| setting | avg bits | held-out PPL | vs fp32 | KL mean (nats) | KL p99 | top-1 agreement | quantize time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.1f} % | {r['quantize_seconds']:.0f} |")
+        kl = (f"{r['kl_mean']:.4f} | {r['kl_p99']:.3f} | {100 * r['top1_agreement']:.1f} %" if "kl_mean" in r
+              else "0 | 0 | 100 %")
+        print(f"| {r['name']} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.1f} % | {kl} "
+              f"| {r['quantize_seconds']:.0f} |")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"rows": rows, "settings": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "cpu": platform.processor() or platform.machine(), "commit": commit, "seconds": time.time() - t0}))

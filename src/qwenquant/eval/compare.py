@@ -18,8 +18,9 @@ from qwenquant.eval.sources import load_token_stream
 def compare_perplexity(model_source: str, recipes: dict[str, dict], calib_source: str = "austen",
                        calib_n: int = 32, calib_len: int = 512, ppl_source: str = "austen",
                        eval_len: int = 512, eval_windows: int | None = 16, seed: int = 0,
-                       device=None) -> list[dict]:
-    """One row per recipe (plus the unquantized model first): name, ppl, avg_bits, seconds."""
+                       device=None, kl: bool = True) -> list[dict]:
+    """One row per recipe (plus the unquantized model first): name, ppl, avg_bits, quantize_seconds,
+    and with ``kl`` the KL divergence / top-1 agreement against the unquantized model."""
     base, tok, _ = api.load(model_source)
     stream = load_token_stream(ppl_source, tok)
     cfg = PerplexityConfig(seqlen=eval_len, max_windows=eval_windows)
@@ -31,7 +32,11 @@ def compare_perplexity(model_source: str, recipes: dict[str, dict], calib_source
         t0 = time.perf_counter()
         report = api.quantize(model, tok, api.method_config(**kw), calib, device=device, progress=False)
         seconds = time.perf_counter() - t0
-        ppl = evaluate_perplexity(model, stream, cfg, progress=False).ppl
-        rows.append({"name": name, "ppl": ppl, "avg_bits": report.avg_bits, "quantize_seconds": seconds})
+        result = evaluate_perplexity(model, stream, cfg, reference=base if kl else None, progress=False)
+        row = {"name": name, "ppl": result.ppl, "avg_bits": report.avg_bits, "quantize_seconds": seconds}
+        if result.agreement is not None:
+            row.update(kl_mean=result.agreement.kl_mean, kl_p99=result.agreement.kl_p99,
+                       top1_agreement=result.agreement.top1_agreement)
+        rows.append(row)
         del model
     return rows

@@ -43,7 +43,6 @@ class Loaded:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DATA_FREE_TOKENS = 16  # calibration tokens handed to a method that reads no statistics
 REFERENCE_MEMO_BYTES = 2 * 2**30  # logits of the original kept for reuse as the KL reference
 
 
@@ -70,15 +69,6 @@ class MemoizedReference(torch.nn.Module):
             self._memo[key] = SimpleNamespace(logits=out.logits)  # not the KV cache
             self._bytes += size
         return out
-
-
-def _data_free(recipe) -> bool:
-    """True when the method observes nothing and migrates no scales (RTN): its weights do not depend
-    on the calibration data."""
-    from qwenquant.quantize import method_spec
-
-    spec = method_spec(recipe.method)
-    return spec.stats is None and spec.scales is None
 
 
 class TorchBackend:
@@ -117,11 +107,10 @@ class TorchBackend:
         t0, cpu0 = time.perf_counter(), time.process_time()
         recipe = recipe_for(quant)
         model = copy.deepcopy(base.model)
-        ids = api.calibration_ids(base.tokenizer, calibration.source, n=calibration.n, seqlen=calibration.seqlen, seed=seed)
-        if _data_free(recipe):
-            # RTN reads no statistics, but the layer-by-layer driver still runs every layer on the
-            # calibration batch; one short window gives the same weights for a fraction of the time.
-            ids = ids[:1, :DATA_FREE_TOKENS]
+        ids = None  # data-free settings (RTN on a dense model) run no calibration pass at all
+        if api.needs_calibration(model, recipe):
+            ids = api.calibration_ids(base.tokenizer, calibration.source, n=calibration.n, seqlen=calibration.seqlen,
+                                      seed=seed)
         report = api.quantize(model, base.tokenizer, recipe, ids, device=self.device, progress=self.progress)
         calib = {**calibration.canonical(), "seed": seed}
         if cache_path is not None:
