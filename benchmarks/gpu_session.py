@@ -19,8 +19,13 @@ OUT = os.environ.get("OUT", "runs/gpu_session")
 
 
 def stage_tests() -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_kernels.py", "-p", "no:cacheprovider"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-x", "tests/test_kernels.py", "-p", "no:cacheprovider",
+           "--timeout=120", "--durations=12"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"}, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        print("tests timed out:", (e.stdout or b"")[-3000:])
+        return
     with open(f"{OUT}/tests.log", "w") as f:
         f.write(r.stdout + r.stderr)
     print("\n".join((r.stdout + r.stderr).strip().splitlines()[-15:]))
@@ -57,7 +62,7 @@ def summary_gemm(res) -> str:
 def stage_e2e() -> None:
     from qwenquant.bench import e2e
 
-    res = e2e.run()
+    res = e2e.run(out_path=f"{OUT}/e2e.json")
     with open(f"{OUT}/e2e.json", "w") as f:
         json.dump(res, f, default=str)
     print(json.dumps(res["summary"], indent=1, default=str))

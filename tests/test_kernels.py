@@ -39,17 +39,27 @@ def test_gpu_modes_refuse_cpu_clearly(mode):
 # ---------------------------------------------------------------------------------- GPU
 
 
-SHAPES = [(256, 512), (384, 1024), (1024, 256), (200, 768)]
+SHAPES = [(256, 512), (1024, 256), (200, 768)]
 FORMATS = [(4, 128, False), (4, 128, True), (4, 64, False), (4, 32, True), (4, None, False),
            (8, 128, False), (8, None, True), (2, 64, False), (2, 128, True)]
-ROWS = [1, 2, 3, 4, 5, 16, 33, 100]
+ROWS = [1, 3, 5, 33, 100]
+
+
+@pytest.fixture
+def untuned(monkeypatch):
+    """Correctness tests run the first config of each table (the tuned choice is tested for speed, and every
+    config is checked by test_every_kernel_config_matches_reference)."""
+    from qwenquant.runtime import auto, fused
+
+    monkeypatch.setattr(fused.TUNER, "fixed", True)
+    monkeypatch.setattr(auto.TUNER, "fixed", True)
 
 
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("bits,group,sym", FORMATS)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_fused_matches_reference(bits, group, sym, n, k):
+def test_fused_matches_reference(bits, group, sym, n, k, untuned):
     from qwenquant.kernels import wq_matmul as K
 
     layer = make_layer(n, k, bits, group, sym, seed=n + k + bits, device="cuda", bias=True)

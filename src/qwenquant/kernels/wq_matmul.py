@@ -94,14 +94,14 @@ def _words(qweight: Tensor) -> Tensor:
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, stride_xm, stride_ym, kw_per_split,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
+    M, N, K, stride_xm, stride_ym, kw_per_split, GROUP,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = CPW // 2
-    WPG: tl.constexpr = GROUP // CPW
     MASK: tl.constexpr = (1 << BITS) - 1
+    WPG = GROUP // CPW
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     KW = K // CPW
@@ -162,8 +162,8 @@ def gemv(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, gr
     else:
         y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     _gemv_kernel[(triton.cdiv(n, bn), grid_k)](
-        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0), per_split,
-        BITS=bits, GROUP=group, BM=bm, BN=bn, BKW=bkw, ATOMIC=grid_k > 1, num_warps=num_warps,
+        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0), per_split, group,
+        BITS=bits, BM=bm, BN=bn, BKW=bkw, ATOMIC=grid_k > 1, num_warps=num_warps,
     )
     return y if grid_k == 1 else y.to(x2.dtype)
 
@@ -185,13 +185,13 @@ def _dequant_tile(w, s, z, BITS: tl.constexpr, BN: tl.constexpr, BKW: tl.constex
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-    M, N, K, stride_xm, stride_ym,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    M, N, K, stride_xm, stride_ym, GROUP,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // CPW
-    WPG: tl.constexpr = GROUP // CPW
+    WPG = GROUP // CPW
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -235,8 +235,8 @@ def gemm(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, gr
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _gemm_kernel[grid](
-        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0),
-        BITS=bits, GROUP=group, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
+        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0), group,
+        BITS=bits, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 
@@ -245,10 +245,10 @@ def gemm(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, gr
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP, BITS: tl.constexpr,
                     BN: tl.constexpr, BKW: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS
-    WPG: tl.constexpr = GROUP // CPW
+    WPG = GROUP // CPW
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     KW = K // CPW
@@ -274,6 +274,6 @@ def dequantize(qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group: i
     cpw = 32 // bits
     bn, bkw = 32, 32
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // cpw, bkw))](
-        _words(qweight), scale, zero, out, n, k, BITS=bits, GROUP=group, BN=bn, BKW=bkw, num_warps=4,
+        _words(qweight), scale, zero, out, n, k, group, BITS=bits, BN=bn, BKW=bkw, num_warps=4,
     )
     return out

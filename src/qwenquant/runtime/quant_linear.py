@@ -10,7 +10,7 @@ metadata. How a forward uses them is the execution mode, chosen by name:
 | `fake`    | a float weight dequantized once and cached; F.linear (fake-quant eval)  | CPU, GPU |
 | `dequant` | storage only: unpack the whole weight to the compute dtype, then matmul  | CPU, GPU |
 | `fused`   | Triton kernels reading packed weights (runtime/fused.py)                 | GPU      |
-| `native`  | int8 / fp8 tensor-core GEMM on quantized weights and activations         | GPU      |
+| `native`  | int8 tensor-core GEMM on quantized weights and activations (`native-int8`; `native-fp8`: e4m3) | GPU |
 | `auto`    | picks per shape from measured timings (runtime/auto.py)                  | GPU      |
 
 ``act_bits`` (SmoothQuant W·A8 / W·A4) quantizes the input per token, dynamically, before the
@@ -36,7 +36,9 @@ EXECUTION_MODES: dict[str, str] = {
     "fake": "qwenquant.runtime.quant_linear:forward_fake",
     "dequant": "qwenquant.runtime.quant_linear:forward_dequant",
     "fused": "qwenquant.runtime.fused:forward_fused",
-    "native": "qwenquant.runtime.native:forward_native",
+    "native": "qwenquant.runtime.native:forward_native",          # int8 x int8 -> int32
+    "native-int8": "qwenquant.runtime.native:forward_native",
+    "native-fp8": "qwenquant.runtime.native:forward_native_fp8",  # e4m3, scaled
     "auto": "qwenquant.runtime.auto:forward_auto",
 }
 
@@ -123,7 +125,8 @@ class QuantLinear(nn.Module):
         self._cached_weight = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act_bits is not None:
+        # native modes quantize activations per token themselves, as integers: no float round trip first
+        if self.act_bits is not None and not self._mode.startswith("native"):
             x = fake_quantize_per_token(x, self.act_bits)
         return self._forward(self, x)
 

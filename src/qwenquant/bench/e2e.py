@@ -1,0 +1,204 @@
+"""End-to-end benchmark: a full-size Qwen3-8B with random weights (published shapes), per mode.
+
+Prefill: one 2048-token sequence, eager (compute-bound: launch overhead is <5% of it).
+Decode: one token per sequence at batch 1/8/32/128 over a static KV cache of ``CTX`` positions,
+replayed from a CUDA graph — without the graph a 36-layer step is ~250 kernel launches and the
+launch rate, not the kernels, would set the speed. The decode step is our own (gpt-fast style)
+over the HF model's modules (norms, rotary, projections, MLP), so every linear runs in its
+QuantLinear mode; attention is SDPA over the static cache with a position mask.
+
+Quantization: RTN (min-max) into QuantLinear for every decoder-layer linear; embeddings and
+lm_head stay bf16 (as in every W4 checkpoint format we know).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenquant.numerics import QuantSpec, quantize_weight
+from qwenquant.runtime.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                rope_theta=1_000_000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)
+CTX = 512  # static cache length; decode steps attend over CTX//2 filled positions
+BATCHES = (1, 8, 32, 128)
+PREFILL = 2048
+
+# mode name -> (weight spec, QuantLinear execution mode)
+E2E_MODES = {
+    "w4g128-fused": (QuantSpec(4, 128, False), "fused"),
+    "w4g128-auto": (QuantSpec(4, 128, False), "auto"),
+    "w8a8-int8-native": (QuantSpec(8, None, True), "native"),
+    "w8-fused": (QuantSpec(8, None, True), "fused"),
+}
+
+
+def build_model(n_layers: int = 36):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**{**QWEN3_8B, "num_hidden_layers": n_layers})
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Qwen3ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def decoder_linears(model) -> list[tuple[nn.Module, str]]:
+    out = []
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            out += [(parent, n) for n in names]
+    return out
+
+
+def quantize_model(model, originals: list[torch.Tensor], spec: QuantSpec, mode: str) -> None:
+    for (parent, name), w in zip(decoder_linears(model), originals):
+        qw = quantize_weight(w.to("cuda", torch.float32), spec)
+        setattr(parent, name, QuantLinear.from_weight(qw, compute_dtype=torch.bfloat16, mode=mode))
+    torch.cuda.empty_cache()
+
+
+class StaticDecoder:
+    """One decode step of the HF Qwen3 modules over our own static KV cache; graph-capturable."""
+
+    def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda"):
+        from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+        self.rope = apply_rotary_pos_emb
+        self.m = model
+        cfg = model.config
+        self.b = batch
+        shape = (batch, cfg.num_key_value_heads, ctx, cfg.head_dim)
+        self.kc = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in model.model.layers]
+        self.vc = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in model.model.layers]
+        self.pos = torch.tensor([ctx // 2], device=device)
+        self.ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
+        self.ar = torch.arange(ctx, device=device)
+
+    @torch.no_grad()
+    def step(self):
+        m, b = self.m.model, self.b
+        h = m.embed_tokens(self.ids)
+        cos, sin = m.rotary_emb(h, self.pos.view(1, 1).expand(b, 1))
+        mask = (self.ar <= self.pos).view(1, 1, 1, -1)
+        for i, layer in enumerate(m.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = a.q_norm(a.q_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
+            k = a.k_norm(a.k_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
+            v = a.v_proj(x).view(b, 1, -1, a.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            self.kc[i].index_copy_(2, self.pos, k)
+            self.vc[i].index_copy_(2, self.pos, v)
+            o = F.scaled_dot_product_attention(q, self.kc[i], self.vc[i], attn_mask=mask, enable_gqa=True)
+            h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.m.lm_head(m.norm(h))
+
+
+def _graph_ms(fn, iters: int = 20) -> float:
+    fn()  # eager warm-up: tuning and lazy operands happen here, outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            g.replay()
+        e.record()
+        e.synchronize()
+        times.append(a.elapsed_time(e) / iters)
+    del g
+    return sorted(times)[2]
+
+
+@torch.no_grad()
+def measure(model, label: str) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    lin = sum(sum(t.numel() * t.element_size() for t in mod.buffers()) + sum(p.numel() * p.element_size() for p in mod.parameters())
+              + getattr(getattr(mod, "_cached_weight", None), "nbytes", 0)
+              for mod in (getattr(p, n) for p, n in decoder_linears(model)))
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    ids = torch.randint(0, model.config.vocab_size, (1, PREFILL), device="cuda")
+    model(ids, use_cache=False, logits_to_keep=1)  # warm-up (tunes the M=2048 bucket)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    res = {"mode": label, "prefill_tokens": PREFILL, "prefill_tok_s": PREFILL / sorted(ts)[1], "decode": {}}
+    for b in BATCHES:
+        dec = StaticDecoder(model, b)
+        ms = _graph_ms(dec.step)
+        res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3}
+        del dec
+        torch.cuda.empty_cache()
+    # re-count: native builds its int8 operand at first use
+    lin = sum(sum(t.numel() * t.element_size() for t in mod.buffers()) + sum(p.numel() * p.element_size() for p in mod.parameters())
+              + getattr(getattr(mod, "_cached_weight", None), "nbytes", 0)
+              for mod in (getattr(p, n) for p, n in decoder_linears(model)))
+    res.update(linear_weight_bytes=lin, model_weight_bytes=total, peak_mem_bytes=torch.cuda.max_memory_allocated())
+    log.info("e2e %s: %s", label, res)
+    return res
+
+
+def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None) -> dict:
+    import json
+
+    from qwenquant.bench.hw import environment
+
+    model = build_model(n_layers)
+    originals = [getattr(p, n).weight.detach().to("cpu") for p, n in decoder_linears(model)]
+    results = [measure(model, "bf16")]
+    summary = {}
+
+    def save():
+        base = results[0]
+        for r in results[1:]:
+            summary[r["mode"]] = {"prefill_x": r["prefill_tok_s"] / base["prefill_tok_s"],
+                                  **{f"decode_b{b}_x": r["decode"][b]["tok_s"] / base["decode"][b]["tok_s"] for b in BATCHES},
+                                  "linear_bytes_x": r["linear_weight_bytes"] / base["linear_weight_bytes"]}
+        doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
+               "results": results, "summary": summary}
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(doc, f, default=str)
+        return doc
+
+    save()
+    for name in modes:
+        spec, mode = E2E_MODES[name]
+        t = time.time()
+        quantize_model(model, originals, spec, mode)
+        log.info("quantized %s in %.0fs", name, time.time() - t)
+        try:
+            results.append(measure(model, name))
+        except (RuntimeError, ValueError) as e:
+            log.warning("e2e %s failed: %s", name, str(e)[:500])
+        save()
+    return save()
