@@ -51,6 +51,7 @@ class MethodSpec:
     stats: str | None                  # "hessian" | "samples" | None: what each step observes
     scales: str | None                 # "awq" | "smooth" | None: scale migration before quantizing
     quantize: Callable                 # (W [out,in] f32, observer | None, cfg, linear name, arch) -> weight
+    step_tokens: Callable = lambda cfg: None  # tokens a step's statistics need (None: all calibration tokens)
 
 
 METHODS: dict[type, MethodSpec] = {
@@ -61,6 +62,7 @@ METHODS: dict[type, MethodSpec] = {
         "samples",
         "awq",
         lambda W, obs, cfg, name, arch: awq_quantize(W, None if name in arch.no_clip else obs.samples(), cfg),
+        step_tokens=lambda cfg: cfg.clip_tokens,  # the clip search reads only this many tokens
     ),
     SmoothQuantConfig: MethodSpec("smoothquant", None, "smooth", lambda W, obs, cfg, name, arch: smoothquant_quantize(W, cfg)),
     BiLLMConfig: MethodSpec("billm", "hessian", None, lambda W, obs, cfg, name, arch: billm_quantize(W, obs.hessian, cfg)),
@@ -221,7 +223,7 @@ def quantize_layer(layer: nn.Module, arch: Architecture, inputs: LayerInputs, re
         _migrate_scales(layer, arch, inputs, recipe, spec, n_exp, report)
     for step in arch.sequential_steps(n_exp):
         modules = {name: layer.get_submodule(name) for name in step}
-        observers = _observe_step(layer, modules, inputs, spec) if spec.stats else {}
+        observers = _observe_step(layer, modules, inputs, spec, recipe) if spec.stats else {}
         if n_exp:
             _record_expert_tokens(observers, report)
         for name, linear in modules.items():
@@ -238,13 +240,18 @@ def _site(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _observe_step(layer, modules: dict[str, nn.Module], inputs: LayerInputs, spec: MethodSpec) -> dict[str, InputObserver]:
+def _observe_step(layer, modules: dict[str, nn.Module], inputs: LayerInputs, spec: MethodSpec,
+                  recipe: QuantRecipe) -> dict[str, InputObserver]:
     sites = {}
     for name, m in modules.items():
         sites.setdefault(_site(name), m)  # hook one linear per shared input
     make = lambda: InputObserver(want_hessian=spec.stats == "hessian", want_samples=spec.stats == "samples")
+    tokens = spec.step_tokens(recipe.method)
+    experts = any(part.isdigit() for name in modules for part in name.split("."))
+    # experts see a fraction of the tokens each: they always get every window
+    windows = None if tokens is None or experts else -(-tokens // inputs.hidden.shape[1])  # ceil
     with observing(sites, make) as observers:
-        inputs.run(layer, keep_outputs=False)
+        inputs.run(layer, keep_outputs=False, max_windows=windows)
     return observers
 
 

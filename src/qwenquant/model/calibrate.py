@@ -225,11 +225,13 @@ class LayerInputs:
     batch_size: int = 4
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, keep_outputs: bool = True) -> Tensor | None:
-        """Push every input through ``layer`` in mini-batches; outputs [n, L, H] on the CPU."""
+    def run(self, layer: nn.Module, keep_outputs: bool = True, max_windows: int | None = None) -> Tensor | None:
+        """Push the inputs (all, or the first ``max_windows``) through ``layer`` in mini-batches;
+        outputs [n, L, H] on the CPU."""
         outs = []
-        for b in range(0, self.hidden.shape[0], self.batch_size):
-            x = self.hidden[b : b + self.batch_size].to(self.device)
+        n = self.hidden.shape[0] if max_windows is None else min(max_windows, self.hidden.shape[0])
+        for b in range(0, n, self.batch_size):
+            x = self.hidden[b : min(b + self.batch_size, n)].to(self.device)
             kw = {k: _batch_kwarg(v, x.shape[0]) for k, v in self.kwargs.items()}
             y = layer(x, **kw)
             y = y[0] if isinstance(y, tuple) else y
