@@ -87,7 +87,7 @@ def test_every_kernel_config_matches_reference(bits, group):
     for m in (1, 3, 16, 70):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ wref.double().T
-        for name, (kind, cfg) in fused._configs(m, k, group).items():
+        for name, (kind, cfg) in fused._configs(m, k, group, bits).items():
             y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group)
             assert rel_err(y, ref) < 1e-2, (name, m)
 

@@ -168,6 +168,134 @@ def gemv(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, gr
     return y if grid_k == 1 else y.to(x2.dtype)
 
 
+# --- GEMV v2 (M <= 4, decode): per-group scale/zero, no per-word side loads ------------------
+
+
+@triton.jit
+def _gemv2_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, kw_per_split, WPG,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, GPB: tl.constexpr,
+    XVEC: tl.constexpr, ATOMIC: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """One program: BN rows × one K split. Per K-step a [BN, BKW] word tile (rows clamped, K unmasked:
+    the host guarantees BKW | K/CPW and that a step never straddles a group unless it holds GPB whole
+    groups), ONE scale/zero per (row, group) — not per word — and x either as CPW stride-CPW vectors
+    (XVEC=False: the magic-number trick with shifts folded into x) or as one contiguous [BKW*CPW]
+    vector reshaped to [BKW, CPW] against codes split by shifts (XVEC=True). The code·x sums are
+    accumulated per group; ``s * (Σ c·x - z Σ x)`` is applied once per group."""
+    CPW: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = CPW // 2
+    MASK: tl.constexpr = (1 << BITS) - 1
+    WB: tl.constexpr = BKW // GPB
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    KW = K // CPW
+    NG = KW // WPG
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.where(rn < N, rn, 0)
+    rm = tl.arange(0, BM)
+    m_mask = rm < M
+    rkw = tl.arange(0, BKW)
+    kw_start = pid_k * kw_per_split
+    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    w_ptrs = w_ptr + rn_c[:, None] * KW + rkw[None, :]
+    sz_row = rn_c[:, None] * NG + tl.arange(0, GPB)[None, :]
+    if PREFETCH:  # software pipeline by hand: the next step's words are in flight while this one computes
+        w_n = tl.load(w_ptrs + kw_start)
+        s_n = tl.load(s_ptr + sz_row + kw_start // WPG)
+        z_n = tl.load(z_ptr + sz_row + kw_start // WPG)
+    for kw0 in range(kw_start, kw_end, BKW):
+        if PREFETCH:
+            w = w_n
+            s = s_n.to(tl.float32)
+            z = z_n.to(tl.float32)
+            nk = tl.minimum(kw0 + BKW, kw_end - BKW)  # the last step re-reads itself (an L1/L2 hit)
+            w_n = tl.load(w_ptrs + nk)
+            s_n = tl.load(s_ptr + sz_row + nk // WPG)
+            z_n = tl.load(z_ptr + sz_row + nk // WPG)
+        else:
+            w = tl.load(w_ptrs + kw0)  # [BN, BKW] int32
+            g0 = kw0 // WPG
+            s = tl.load(s_ptr + sz_row + g0).to(tl.float32)  # [BN, GPB]
+            z = tl.load(z_ptr + sz_row + g0).to(tl.float32)
+        if XVEC:
+            rk = kw0 * CPW + tl.arange(0, BKW * CPW)
+            xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None], other=0.0)
+            x3 = tl.reshape(xv.to(tl.float32), [BM, BKW, CPW])
+            shifts = tl.arange(0, CPW) * BITS
+            codes = (w[:, :, None] >> shifts[None, None, :]) & MASK
+            f = (codes | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # [BN, BKW, CPW]
+            inner = tl.sum(f[None, :, :, :] * x3[:, None, :, :], axis=3)  # [BM, BN, BKW]
+            xs = tl.sum(x3, axis=2)  # [BM, BKW]
+        else:
+            w_hi = w >> 16
+            x_base = x_ptr + rm[:, None] * stride_xm + (kw0 + rkw)[None, :] * CPW
+            inner = tl.zeros([BM, BN, BKW], dtype=tl.float32)
+            xs = tl.zeros([BM, BKW], dtype=tl.float32)
+            for t in tl.static_range(CPW):
+                if t < HALF:
+                    src = w
+                    sh = BITS * t
+                else:
+                    src = w_hi
+                    sh = BITS * (t - HALF)
+                f = ((src & (MASK << sh)) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # code * 2**sh
+                xt = tl.load(x_base + t, mask=m_mask[:, None], other=0.0).to(tl.float32)  # [BM, BKW]
+                xs += xt
+                inner += f[None, :, :] * (xt * (1.0 / (1 << sh)))[:, None, :]
+        if GPB == 1:
+            p = tl.sum(inner, axis=2)  # [BM, BN]
+            xg = tl.sum(xs, axis=1)  # [BM]
+            acc += tl.reshape(s, [BN])[None, :] * (p - tl.reshape(z, [BN])[None, :] * xg[:, None])
+        else:
+            p = tl.sum(tl.reshape(inner, [BM, BN, GPB, WB]), axis=3)  # [BM, BN, GPB]
+            xg = tl.sum(tl.reshape(xs, [BM, GPB, WB]), axis=2)  # [BM, GPB]
+            acc += tl.sum(s[None, :, :] * (p - z[None, :, :] * xg[:, None, :]), axis=2)
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    ymask = m_mask[:, None] & (rn[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def gemv2_ok(bits: int, group: int, k: int, bkw: int) -> bool:
+    """Can ``gemv2`` run this (K, group) with BKW words per step?"""
+    cpw = 32 // bits
+    kw, wpg = k // cpw, group // cpw
+    return k % cpw == 0 and group % cpw == 0 and kw % bkw == 0 and (bkw % wpg == 0 or wpg % bkw == 0)
+
+
+def gemv2(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
+          bn: int = 16, bkw: int = 32, split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
+          xvec: bool = False, prefetch: bool = False) -> Tensor:
+    """x2 [M<=4, K] (bf16/fp16) -> [M, N] in x's dtype; needs ``gemv2_ok``."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    cpw = 32 // bits
+    kw, wpg = k // cpw, group // cpw
+    if not gemv2_ok(bits, group, k, bkw):
+        raise ValueError(f"gemv2: BKW={bkw} does not fit K={k}, group={group}")
+    per_split = triton.cdiv(triton.cdiv(kw, split_k), bkw) * bkw
+    if wpg > bkw:  # a split must start on a group boundary when a step holds part of a group
+        per_split = triton.cdiv(per_split, wpg) * wpg
+    grid_k = triton.cdiv(kw, per_split)
+    bm = max(1, triton.next_power_of_2(m))
+    gpb = max(1, bkw // wpg)
+    if grid_k > 1:
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    _gemv2_kernel[(triton.cdiv(n, bn), grid_k)](
+        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0), per_split, wpg,
+        BITS=bits, BM=bm, BN=bn, BKW=bkw, GPB=gpb, XVEC=xvec, ATOMIC=grid_k > 1, PREFETCH=prefetch,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return y if grid_k == 1 else y.to(x2.dtype)
+
+
 # --- GEMM (tensor cores) ----------------------------------------------------------------
 
 

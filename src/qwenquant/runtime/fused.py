@@ -1,8 +1,9 @@
 """``fused`` execution mode: Triton kernels that read the packed weight and dequantize in registers.
 
 W2/W4/W8 A16, any group size that is a multiple of 32 (or per-channel), symmetric or not (the
-zero-point is read either way). M ≤ 4 rows go to the FFMA GEMV kernel, more rows to the
-tensor-core GEMM kernel (``kernels/wq_matmul.py`` explains both). Tile configurations are chosen
+zero-point is read either way). M ≤ 4 rows go to an FFMA GEMV kernel (``gemv2`` where its tile fits
+K and the group — per-group scale/zero, hand-prefetched word tiles — else the first ``gemv``), more rows
+to the tensor-core GEMM kernel (``kernels/wq_matmul.py`` explains both). Tile configurations are chosen
 per (bits, group, N, K, M bucket) by timing a short list once (``TUNER``); the weight is never
 copied or repacked, so the memory is the storage bytes.
 """
@@ -21,6 +22,12 @@ TUNER = Tuner("fused")
 GEMV_CONFIGS = [
     (16, 64, 1, 4), (8, 128, 1, 4), (16, 128, 1, 4), (32, 32, 1, 4), (4, 128, 1, 2), (4, 256, 1, 4),
     (8, 128, 2, 4), (16, 64, 2, 4), (16, 64, 4, 4), (8, 128, 4, 4), (4, 128, 4, 2), (8, 64, 8, 4),
+]
+# gemv2: (BN rows, BKW words per step, split-K, warps, stages, xvec, prefetch); benchmarks/gemv_session.py
+GEMV2_CONFIGS = [
+    (8, 128, 1, 4, 1, False, True), (4, 128, 1, 4, 1, False, True), (8, 256, 1, 4, 1, False, True),
+    (4, 256, 1, 4, 1, False, True), (8, 128, 1, 4, 1, False, False), (4, 128, 2, 4, 1, False, True),
+    (8, 64, 1, 4, 1, False, True), (4, 64, 1, 2, 1, False, True), (8, 32, 1, 4, 1, False, True),
 ]
 # (BM, BN, BK, warps, stages)
 GEMM_CONFIGS_SMALL = [
@@ -46,9 +53,13 @@ def check_layer(layer, x: Tensor) -> tuple[int, int]:
     return bits, (layer.in_features if group is None else group)
 
 
-def _configs(m: int, k: int, group: int) -> dict[str, tuple]:
-    """name -> ("gemv"|"gemm", config) for the kernel that serves m rows."""
+def _configs(m: int, k: int, group: int, bits: int = 4) -> dict[str, tuple]:
+    """name -> ("gemv2"|"gemv"|"gemm", config) for the kernel that serves m rows."""
     if m <= K.GEMV_MAX_M:
+        v2 = {f"gemv2 bn{c[0]} bkw{c[1]} sk{c[2]} w{c[3]}{' pf' if c[6] else ''}": ("gemv2", c)
+              for c in GEMV2_CONFIGS if K.gemv2_ok(bits, group, k, c[1])}
+        if v2:
+            return v2
         return {f"gemv bn{bn} bkw{bkw} sk{sk} w{w}": ("gemv", (bn, bkw, sk, w)) for bn, bkw, sk, w in GEMV_CONFIGS}
     table = GEMM_CONFIGS_SMALL if m <= 64 else GEMM_CONFIGS_LARGE
     return {f"gemm {bm}x{bn}x{bk} w{w} s{st}": ("gemm", (bm, bn, bk, w, st))
@@ -56,6 +67,8 @@ def _configs(m: int, k: int, group: int) -> dict[str, tuple]:
 
 
 def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int) -> Tensor:
+    if kind == "gemv2":
+        return K.gemv2(x2, qw, s, z, bits, group, *cfg)
     if kind == "gemv":
         return K.gemv(x2, qw, s, z, bits, group, *cfg)
     return K.gemm(x2, qw, s, z, bits, group, *cfg)
@@ -65,7 +78,7 @@ def fused_matmul(x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group:
     """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape."""
     m, k = x2.shape
     key = (bits, group, qw.shape[0], k, m_bucket(m), x2.dtype)
-    configs = _configs(m, k, group)
+    configs = _configs(m, k, group, bits)
     hit = TUNER.choices.get(key)
     if hit is None:
         cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group)) for name, kc in configs.items()}
