@@ -68,6 +68,19 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
         for mode, s in e["summary"].items():
             lines.append(f"| {mode} | {s['prefill_x']:.2f} | {s['decode_b1_x']:.2f} | {s['decode_b8_x']:.2f} | {s['decode_b32_x']:.2f} | "
                          f"{s['decode_b128_x']:.2f} | {s['linear_bytes_x']:.3f} |")
+    for path in sorted(glob.glob(os.path.join(results_dir, "gemv*.json"))):
+        if path.endswith("_run1.json"):
+            continue  # the first exploratory sweep; its successor supersedes it
+        v = json.load(open(path))
+        lines += ["", f"## W4A16 decode GEMV (M ≤ 4), Qwen3-8B layer of 7 linears, {v['device']}", "",
+                  f"`benchmarks/gemv_session.py`, torch {v['torch']}, copy bandwidth measured in the same run "
+                  f"{v['copy_bytes_per_s']/1e12:.2f} TB/s; `gemv2` is what `fused` runs for M ≤ 4 since this run; "
+                  "`old` is the kernel of the per-GEMM table above.", "",
+                  "| M | bf16 µs | tinygemm × | old × | gemv2 × | gemv2 fraction of byte floor |", "|---|---|---|---|---|---|"]
+        for r in v["layer"]:
+            x = r["speedup"]
+            lines.append(f"| {r['m']} | {r['us']['bf16']:.1f} | {x['tinygemm']:.2f} | {x['old']:.2f} | {x['v2best']:.2f} "
+                         f"| {r['frac_floor']:.2f} |")
     with open(out_md, "w") as f:
         f.write("\n".join(lines) + "\n")
     return {"markdown": out_md, "plot": plot, "gemm_files": len(gemms), "e2e_files": len(e2es)}
