@@ -127,7 +127,9 @@ def test_sweep_stores_provenance_and_row_identity(tmp_path):
     p = cells[0].provenance
     assert set(p["versions"]) >= {"torch", "transformers", "qwenquant"}
     assert p["hardware"]["cpu"] and len(p["git_commit"]) in (40, len("unknown"))
-    assert all(c.started_at <= c.finished_at and c.wall_seconds >= 0 for c in cells)
+    assert all(c.started_at <= c.finished_at for c in cells)  # provenance is consistent, not a speed goal
+    walls = [c.wall_seconds for c in cells]
+    assert min(walls) >= 0
     assert cells[0].config["model"] == "tiny-qwen3" and cells[0].config["evaluation"]["kind"] == "perplexity"
 
 
