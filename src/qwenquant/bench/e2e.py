@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenquant.bench.gemm import time_graph
 from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime.quant_linear import QuantLinear
 
@@ -109,29 +110,11 @@ class StaticDecoder:
         return self.m.lm_head(m.norm(h))
 
 
-def _graph_ms(fn, iters: int = 20) -> float:
-    fn()  # eager warm-up: tuning and lazy operands happen here, outside the capture
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            g.replay()
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e) / iters)
-    del g
-    return sorted(times)[2]
+def _graph_ms(fn) -> float:
+    """Median ms of one decode step replayed from a CUDA graph (bench.gemm.time_graph), after an
+    eager warm-up so that tuning and lazily built operands stay outside the capture."""
+    fn()
+    return time_graph(fn)
 
 
 @torch.no_grad()

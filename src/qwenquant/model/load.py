@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qwenquant.model.arch import Architecture, architecture_for
+from qwenquant.model.arch import architecture_for
 
 
 def model_class_name(model_dir: Path) -> str:
@@ -59,11 +59,3 @@ def load_hf_model(source: str | Path, dtype: torch.dtype = torch.float32):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(where))
     return model, tokenizer, arch
-
-
-def get_submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    return root.get_submodule(path)
-
-
-def decoder_layers(model: torch.nn.Module, arch: Architecture) -> torch.nn.ModuleList:
-    return model.get_submodule(arch.layers)
