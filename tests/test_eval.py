@@ -314,3 +314,21 @@ def test_mmlu_end_to_end_matches_direct(tmp_path, model, tok):
     assert res.subjects["toy_subject"]["n"] == 6
     with pytest.raises(ValueError, match="unknown MMLU subject"):
         mmlu.evaluate_mmlu(model, tok, mmlu.MMLUConfig(subjects=("nope",)), data_dir=tmp_path, progress=False)
+
+
+def test_mmlu_shared_prefix_gives_the_direct_predictions(model):
+    """The KV-cached common prefix + batched suffixes predict what whole prompts predict."""
+    g = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    prefix = torch.randint(0, vocab, (40,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, vocab, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 12, (7,), generator=g)]
+    answer = [5, 6, 7, 8]
+    assert mmlu.common_prefix_length(prompts) >= 40
+    assert mmlu.common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # one token always left to predict from
+    assert mmlu.common_prefix_length([[1, 2], [3, 4]]) == 0
+    direct = mmlu.predict(model, prompts, answer, batch_size=16)
+    assert mmlu.predict_shared_prefix(model, prompts, answer, batch_size=3) == direct
+    with torch.no_grad():  # one prompt at a time, no padding: the plain definition
+        one_by_one = [int(model(torch.tensor([p])).logits[0, -1, answer].argmax()) for p in prompts]
+    assert direct == one_by_one and len(set(direct)) > 1  # not a degenerate always-the-same answer

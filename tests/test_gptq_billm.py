@@ -11,7 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenquant.methods.billm import BiLLMConfig, BinarizedWeight, _billm, billm_quantize
+from qwenquant.methods.billm import (
+    BiLLMConfig,
+    BinarizedWeight,
+    _billm,
+    _binarize,
+    _break_point_errors,
+    _quantiles,
+    _residual_binarize,
+    _salient_count_errors,
+    billm_quantize,
+)
 from qwenquant.methods.gptq import GPTQConfig, gptq_quantize
 from qwenquant.methods.hessian import HessianAccumulator, inverse_cholesky
 from qwenquant.numerics.affine import QuantSpec, expand_groups, quantize_codes, quantize_weight
@@ -201,3 +211,43 @@ def test_billm_odd_shapes_and_paper_formula():
     assert torch.equal(back.dequantize(), Q)
     sign = _rel(X, W, W.abs().mean(1, keepdim=True) * torch.where(W >= 0, 1.0, -1.0))
     assert _rel(X, W, Q) < sign
+
+
+@pytest.mark.parametrize("use_mean", [True, False])
+@pytest.mark.parametrize("shape", [(64, 128), (13, 72), (300, 128)])
+def test_billm_search_errors_match_direct_binarization(shape, use_mean):
+    """The fast searches (sliced salient count, closed-form break point) against the plain
+    definition: binarize with masks, one candidate at a time, and sum the weighted error."""
+    g = torch.Generator().manual_seed(shape[0] + use_mean)
+    out_f, n = shape
+    Wb = torch.randn(out_f, n, generator=g) * (1 + torch.rand(out_f, 1, generator=g))
+    Wb[:, :3] *= 4  # a few columns that should come out salient
+    wt = torch.rand(n, generator=g) + 0.1  # [n] 1/[H⁻¹]_jj
+    order = torch.argsort((Wb.pow(2) * wt).sum(0), descending=True)
+    k_max = min(49, n - 1)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+
+    direct_k = []
+    for k in range(1, k_max + 1):
+        sal = (rank < k).unsqueeze(0)
+        r_sal, _, _ = _residual_binarize(Wb, sal, use_mean)
+        r_rest, _, _ = _residual_binarize(Wb, ~sal, use_mean)
+        direct_k.append(float(((Wb - r_sal - r_rest).pow(2) * wt).sum()))
+    fast_k = _salient_count_errors(Wb, wt, order, k_max, use_mean)
+    assert fast_k.tolist() == pytest.approx(direct_k, rel=1e-4)
+
+    sal = (rank < 3).unsqueeze(0)
+    nonsal = ~sal
+    qs = torch.linspace(0.1, 0.9, 81)
+    cands, fast_p = _break_point_errors(Wb, wt, nonsal, qs, use_mean)
+    assert torch.equal(cands, _quantiles(Wb.abs()[nonsal.expand(out_f, n)], qs))
+    direct_p = []
+    for p in cands:
+        conc = (Wb.abs() <= p) & nonsal
+        spar = (Wb.abs() > p) & nonsal
+        rc = _binarize(Wb, conc, use_mean)[0]
+        rs = _binarize(Wb, spar, use_mean)[0]
+        direct_p.append(float(((Wb * nonsal - rc - rs).pow(2) * wt).sum()))
+    assert fast_p.tolist() == pytest.approx(direct_p, rel=1e-4)
+    assert int(torch.argmin(fast_p)) == int(torch.argmin(torch.tensor(direct_p)))
