@@ -72,10 +72,46 @@ def quantize_model(model, originals: list[torch.Tensor], spec: QuantSpec, mode: 
     torch.cuda.empty_cache()
 
 
-class StaticDecoder:
-    """One decode step of the HF Qwen3 modules over our own static KV cache; graph-capturable."""
+def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope):
+    """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``."""
+    a = layer.self_attn
+    b = h.shape[0]
+    x = layer.input_layernorm(h)
+    q = a.q_norm(a.q_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
+    k = a.k_norm(a.k_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
+    v = a.v_proj(x).view(b, 1, -1, a.head_dim).transpose(1, 2)
+    q, k = rope(q, k, cos, sin)
+    kc.index_copy_(2, pos, k)
+    vc.index_copy_(2, pos, v)
+    o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+    h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda"):
+
+_compiled_layer_step = None
+
+
+def compiled_layer_step():
+    """``_layer_step`` through torch.compile (inductor), built once: the norms, rotary, residuals and
+    SiLU·mul between the projections fuse into a few kernels instead of ~25 per layer. QuantLinear's
+    GPU modes are opaque to the compiler (``torch.compiler.disable``), so each projection still runs
+    its own kernel; inlined nn.Modules make one compiled graph serve all 36 layers."""
+    global _compiled_layer_step
+    if _compiled_layer_step is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled_layer_step = torch.compile(_layer_step, dynamic=False)
+    return _compiled_layer_step
+
+
+class StaticDecoder:
+    """One decode step of the HF Qwen3 modules over our own static KV cache; graph-capturable.
+
+    ``compiled``: run each layer through :func:`compiled_layer_step` (fused elementwise work);
+    otherwise eager modules (one kernel per HF op: a graph replay still pays ~2-4 µs per kernel)."""
+
+    def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda", compiled: bool = False):
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
         self.rope = apply_rotary_pos_emb
@@ -88,6 +124,7 @@ class StaticDecoder:
         self.pos = torch.tensor([ctx // 2], device=device)
         self.ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
         self.ar = torch.arange(ctx, device=device)
+        self.layer_fn = compiled_layer_step() if compiled else _layer_step
 
     @torch.no_grad()
     def step(self):
@@ -96,17 +133,7 @@ class StaticDecoder:
         cos, sin = m.rotary_emb(h, self.pos.view(1, 1).expand(b, 1))
         mask = (self.ar <= self.pos).view(1, 1, 1, -1)
         for i, layer in enumerate(m.layers):
-            a = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = a.q_norm(a.q_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
-            k = a.k_norm(a.k_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
-            v = a.v_proj(x).view(b, 1, -1, a.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            self.kc[i].index_copy_(2, self.pos, k)
-            self.vc[i].index_copy_(2, self.pos, v)
-            o = F.scaled_dot_product_attention(q, self.kc[i], self.vc[i], attn_mask=mask, enable_gqa=True)
-            h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = self.layer_fn(layer, h, self.kc[i], self.vc[i], self.pos, cos, sin, mask, self.rope)
         return self.m.lm_head(m.norm(h))
 
 

@@ -369,6 +369,90 @@ def gemm(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, gr
     return y
 
 
+# --- GEMM with the weight as the A operand (yᵀ = Ŵ xᵀ) ------------------------------------
+
+
+@triton.jit
+def _gemm_wa_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, GROUP, k_per_split,
+    BITS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GPS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    """One program: a [BN, BM] tile of yᵀ over one K split. Per K step the [BN, BK/CPW] word tile is
+    unpacked in registers — each thread holds whole words, so the codes of one word land as CPW
+    adjacent K values without a shuffle — to (code - zero)·scale in fp32, rounded once to x's
+    dtype (the same value as ``Ŵ.to(bf16)``), and is the *register* A operand of the MMA; x's tile
+    [BM, BK] is the B operand, transposed from shared memory. Putting the dequantized weight on the
+    A side is what lets Hopper's wgmma take it straight from registers (B must come from shared
+    memory): the older ``_gemm_kernel`` dequantizes into the B operand and pays a shared-memory
+    round trip per step. GPS = scale groups per step (1 when BK <= group)."""
+    CPW: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BKW: tl.constexpr = BK // CPW
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    KW = K // CPW
+    NG = K // GROUP
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.where(rn < N, rn, 0)  # clamp instead of masking the weight loads
+    rm = pid_m * BM + tl.arange(0, BM)
+    m_mask = rm < M
+    rk = tl.arange(0, BK)
+    rkw = tl.arange(0, BKW)
+    shifts = tl.arange(0, CPW) * BITS
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rkw)[None, :])  # [BN, BKW] int32
+        g = k0 // GROUP + tl.arange(0, GPS)
+        s = tl.load(s_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)  # [BN, GPS]
+        z = tl.load(z_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)
+        codes = (w[:, :, None] >> shifts[None, None, :]) & MASK  # [BN, BKW, CPW]
+        f = (codes | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code, exact
+        f = tl.reshape(f, [BN, GPS, BK // GPS])
+        wt = tl.reshape((f - (8388608.0 + z[:, :, None])) * s[:, :, None], [BN, BK])
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
+        acc = tl.dot(wt.to(x.dtype), tl.trans(x), acc)  # [BN, BK] @ [BK, BM]
+    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    ymask = m_mask[None, :] & (rn[:, None] < N)
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def gemm_wa_ok(bits: int, group: int, k: int, bk: int) -> bool:
+    """Can ``gemm_wa`` run this (K, group) with BK columns per step?"""
+    return k % bk == 0 and (bk % group == 0 or group % bk == 0) and bk % (32 // bits) == 0
+
+
+def gemm_wa(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
+            bn: int = 64, bm: int = 16, bk: int = 128, num_warps: int = 4, num_stages: int = 3,
+            split_k: int = 1) -> Tensor:
+    """x2 [M, K] (bf16/fp16) -> [M, N] in x's dtype, the weight as the MMA's A operand (any M;
+    meant for M >= 2). ``split_k`` > 1 splits K over programs that add into an fp32 buffer
+    (small M: more programs than N/BN alone gives)."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    if not gemm_wa_ok(bits, group, k, bk):
+        raise ValueError(f"gemm_wa: BK={bk} does not fit K={k}, group={group}")
+    per_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
+    grid_k = triton.cdiv(k, per_split)
+    if grid_k > 1:
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    gps = max(1, bk // group)
+    _gemm_wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), grid_k)](
+        x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0), group, per_split,
+        BITS=bits, BN=bn, BM=bm, BK=bk, GPS=gps, ATOMIC=grid_k > 1, num_warps=num_warps, num_stages=num_stages,
+    )
+    return y if grid_k == 1 else y.to(x2.dtype)
+
+
 # --- whole-weight dequantization (the storage-only path, done well) ---------------------
 
 

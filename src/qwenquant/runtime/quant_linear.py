@@ -48,9 +48,14 @@ def _resolve_mode(mode: str) -> Callable[["QuantLinear", Tensor], Tensor]:
         raise ValueError(f"unknown execution mode {mode!r}; choose from {', '.join(EXECUTION_MODES)}")
     module_name, fn_name = EXECUTION_MODES[mode].split(":")
     try:
-        return getattr(importlib.import_module(module_name), fn_name)
+        fn = getattr(importlib.import_module(module_name), fn_name)
     except ModuleNotFoundError as e:
         raise ValueError(f"execution mode {mode!r} is not available here ({e}); CPU modes: fake, dequant") from e
+    if mode in ("fake", "dequant"):
+        return fn
+    # Triton kernels behind a host-side tuner: opaque to torch.compile (a graph break around each
+    # call; the code between the projections still compiles and fuses).
+    return torch.compiler.disable(fn)
 
 
 class QuantLinear(nn.Module):
@@ -159,6 +164,22 @@ def forward_fake(layer: QuantLinear, x: Tensor) -> Tensor:
 
 
 def forward_dequant(layer: QuantLinear, x: Tensor) -> Tensor:
+    """Storage only: the whole weight unpacked to x's dtype at every call, then a dense matmul.
+
+    On a GPU, affine 2/4/8-bit weights unpack in one Triton pass (packed bytes in, 2 bytes per
+    weight out: what a well-made storage-only runtime does); elsewhere with torch ops. The same
+    values either way: (code - zero)·scale in fp32, rounded once to x's dtype."""
+    if x.is_cuda and layer.fmt == "affine":
+        from qwenquant.kernels import wq_matmul as K
+
+        bits, group = layer.meta["bits"], layer.meta["group_size"] or layer.in_features
+        try:
+            K.check_supported(bits, group, layer.out_features, layer.in_features)
+        except ValueError:
+            pass
+        else:
+            w = K.dequantize(layer.qweight, layer.scale, layer.zero, bits, group, layer.in_features, x.dtype)
+            return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
     w = layer.dequantized_weight(x.dtype)  # the whole weight, every call: storage-only
     return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
 
