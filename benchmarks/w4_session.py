@@ -33,18 +33,18 @@ L2_OVERFLOW = 200 * 2**20
 
 
 def wa_configs(m: int) -> list[tuple]:
-    """(bn, bm, bk, warps, stages, split_k) candidates for M rows."""
+    """(bn, bm, bk, warps, stages, split_k, expand) candidates for M rows (run 1 showed the
+    non-expanded tile at 0.6x bf16 for M <= 64 and ~0.25x at large M; run 2 adds EXPAND)."""
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
-        base = [(64, bm, 128, 4, 3, 1), (64, bm, 128, 4, 4, 2), (64, bm, 256, 4, 3, 1), (128, bm, 128, 4, 3, 1),
-                (128, bm, 128, 8, 3, 2), (64, bm, 128, 4, 3, 4), (128, bm, 256, 8, 3, 1), (64, bm, 64, 4, 4, 1),
-                (64, bm, 64, 4, 4, 4), (64, bm, 256, 4, 3, 2)]
-        return base
+        return [(64, bm, 64, 4, 4, 4, False), (64, bm, 128, 4, 3, 1, True), (64, bm, 64, 4, 4, 4, True),
+                (64, bm, 256, 4, 3, 2, True), (128, bm, 128, 4, 3, 1, True), (64, bm, 128, 4, 3, 4, True),
+                (128, bm, 64, 4, 4, 2, True), (64, bm, 128, 4, 4, 2, True)]
     if m <= 256:
-        return [(128, 64, 64, 4, 4, 1), (128, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 1), (128, 128, 64, 8, 3, 1),
-                (128, 128, 128, 8, 3, 1), (64, 128, 128, 4, 3, 1), (128, 32, 128, 4, 3, 1)]
-    return [(128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (128, 128, 128, 8, 3, 1), (256, 128, 64, 8, 3, 1),
-            (128, 64, 64, 4, 4, 1), (128, 256, 128, 8, 3, 1), (256, 128, 128, 8, 3, 1)]
+        return [(128, 64, 64, 4, 4, 1, True), (128, 128, 64, 8, 3, 1, True), (64, 64, 64, 4, 4, 1, True),
+                (128, 64, 128, 4, 3, 1, True), (128, 32, 64, 4, 4, 1, True)]
+    return [(128, 128, 64, 8, 3, 1, True), (256, 128, 64, 8, 3, 1, True), (128, 256, 64, 8, 3, 1, True),
+            (128, 128, 32, 4, 4, 1, True), (128, 128, 64, 4, 4, 1, True)]
 
 
 def make_packed(n, k, bits, group, sym, gen):
@@ -80,19 +80,18 @@ def check(doc):
                 x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
                 ref = x.double() @ w.double().T
                 bf16_err = rel(x.float() @ w.to(torch.bfloat16).float().T, ref)
-                for bk in (64, 128):
-                    for sk in (1, 4):
+                for bk, sk, ex in ((64, 1, False), (128, 4, False), (64, 1, True), (128, 1, True), (128, 4, True)):
                         if not K.gemm_wa_ok(bits, g, k, bk):
                             continue
                         bm = 16 if m <= 16 else 64
                         try:
-                            y = K.gemm_wa(x, qw, s, z, bits, g, bn=64, bm=bm, bk=bk, split_k=sk)
+                            y = K.gemm_wa(x, qw, s, z, bits, g, bn=64, bm=bm, bk=bk, split_k=sk, expand=ex)
                             e = rel(y, ref)
                         except Exception as ex:  # noqa: BLE001
                             e = float("inf")
                             print("ERR", bits, group, n, k, m, bk, sk, repr(ex)[:300], flush=True)
                         worst = max(worst, e / max(bf16_err, 1e-6))
-                        rows.append(dict(bits=bits, group=group, sym=sym, n=n, k=k, m=m, bk=bk, split_k=sk,
+                        rows.append(dict(bits=bits, group=group, sym=sym, n=n, k=k, m=m, bk=bk, split_k=sk, expand=ex,
                                          rel_err=e, bf16_rel_err=bf16_err))
     doc["check"] = {"rows": rows, "worst_ratio_to_bf16_rounding": worst}
     print(f"check: {len(rows)} cases, worst rel err / bf16-rounding err = {worst:.2f}", flush=True)
@@ -140,14 +139,15 @@ def time_all(doc, shapes=SHAPES, rows=ROWS):
             except Exception as ex:  # noqa: BLE001
                 print("fused ERR", label, m, repr(ex)[:200], flush=True)
             for cfg in wa_configs(m):
-                bn, bm, bk, w, st, sk = cfg
+                bn, bm, bk, w, st, sk, ex = cfg
                 if not K.gemm_wa_ok(4, group, k, bk):
                     continue
-                name = f"wa bn{bn} bm{bm} bk{bk} w{w} s{st} sk{sk}"
+                name = f"wa bn{bn} bm{bm} bk{bk} w{w} s{st} sk{sk}{' ex' if ex else ''}"
                 try:
-                    K.gemm_wa(x, *packed[0], 4, group, bn=bn, bm=bm, bk=bk, num_warps=w, num_stages=st, split_k=sk)
+                    K.gemm_wa(x, *packed[0], 4, group, bn=bn, bm=bm, bk=bk, num_warps=w, num_stages=st, split_k=sk,
+                              expand=ex)
                     entry["us"][name] = timed(lambda i: K.gemm_wa(x, *packed[i], 4, group, bn=bn, bm=bm, bk=bk,
-                                                                  num_warps=w, num_stages=st, split_k=sk), r4)
+                                                                  num_warps=w, num_stages=st, split_k=sk, expand=ex), r4)
                 except Exception as ex:  # noqa: BLE001
                     print("wa ERR", name, repr(ex)[:200], flush=True)
             wa = {kk: v for kk, v in entry["us"].items() if kk.startswith("wa ")}
@@ -166,6 +166,53 @@ def time_all(doc, shapes=SHAPES, rows=ROWS):
         torch.cuda.empty_cache()
         doc["time"] = res
         save(doc)
+
+
+def e2e_probe(doc):
+    """Qwen3-8B decode step: eager modules vs torch.compile'd layers, both replayed from a CUDA graph;
+    a kernel profile of the eager bf16 step; then W4 g128 fused the same two ways."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qwenquant.bench import e2e
+    from qwenquant.numerics import QuantSpec
+
+    out = doc.setdefault("e2e_probe", {})
+    model = e2e.build_model(36)
+    originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
+
+    def measure(label, batches=(1, 32)):
+        for b in batches:
+            for compiled in (False, True):
+                t = time.time()
+                dec = e2e.StaticDecoder(model, b, compiled=compiled)
+                ms = e2e._graph_ms(dec.step)
+                out[f"{label} b{b} {'compiled' if compiled else 'eager'}"] = ms
+                print(f"e2e {label} b{b} {'compiled' if compiled else 'eager'}: {ms:.3f} ms/step ({time.time() - t:.0f}s)",
+                      flush=True)
+                del dec
+                torch.cuda.empty_cache()
+                save(doc)
+
+    measure("bf16")
+    dec = e2e.StaticDecoder(model, 1)
+    dec.step()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dec.step()
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            g.replay()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    out["bf16_b1_profile"] = table
+    print(table, flush=True)
+    del g, dec
+    e2e.quantize_model(model, originals, QuantSpec(4, 128, False), "fused")
+    measure("w4g128-fused")
+    doc["fused_tuning"] = fused.TUNER.table()
+    save(doc)
 
 
 def save(doc):
@@ -193,6 +240,8 @@ if __name__ == "__main__":
         print(f"check done {time.time() - t:.0f}s", flush=True)
     if "time" in what:
         time_all(doc)
+    if "e2e" in what:
+        e2e_probe(doc)
     doc["fused_tuning"] = fused.TUNER.table()
     save(doc)
     print(f"all done {time.time() - t:.0f}s", flush=True)

@@ -10,6 +10,8 @@ copied or repacked, so the memory is the storage bytes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,9 @@ from qwenquant.kernels import wq_matmul as K
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("fused")
+# torch's tinygemm (tensor-core, int4) wins at M <= 8 on an H100 and falls off fast after
+# (benchmarks/results/w4_session_h100_run1.json: 2.3-2.6x bf16 at M=1, ~1.1x at 8, 0.7x at 16)
+TINYGEMM_MAX_M = 16
 
 # (BN rows, BKW words per step, split-K, warps)
 GEMV_CONFIGS = [
@@ -40,6 +45,47 @@ GEMM_CONFIGS_LARGE = [
 ]
 
 
+@dataclass
+class TinyGemmOperands:
+    """torch's tinygemm int4 layout of a W4 weight (``aten._weight_int4pack_mm``), built once per layer.
+
+    tinygemm dequantizes as (q - 8)·s + m with s, m in bf16, so ours, (q - z)·s with fp16 s, maps to
+    m = (8 - z)·s; both are rounded to bf16 — a difference of at most 2⁻⁹ relative per weight from
+    our fp32-exact dequantization, inside bf16 tolerance. Memory: a second 4-bit copy (0.5 byte per
+    weight plus 4 bytes per group per row) beside the checkpoint layout, counted in ``nbytes``."""
+
+    packed: Tensor  # tinygemm's tiled int4 tensor
+    scale_zero: Tensor  # [K/G, N, 2] bf16
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale_zero.nbytes
+
+
+def tinygemm_ok(bits: int, group: int, n: int, k: int) -> bool:
+    """Shapes torch's tinygemm kernel takes: 4-bit, group 32-256, K % 128 == 0, N % 8 == 0, CUDA build."""
+    return (bits == 4 and group in (32, 64, 128, 256) and k % 128 == 0 and n % 8 == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
+
+
+def tinygemm_operands(qweight: Tensor, scale: Tensor, zero: Tensor, group: int) -> TinyGemmOperands:
+    """Repack our [N, K/2] bytes (even column in the low nibble) into tinygemm's layout."""
+    swapped = ((qweight & 15) << 4) | (qweight >> 4)  # tinygemm wants the even column in the high nibble
+    packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), 8)
+    s = scale.float()
+    sz = torch.stack([s.T, ((8 - zero.float()) * s).T], dim=-1).to(torch.bfloat16).contiguous()
+    return TinyGemmOperands(packed, sz, group)
+
+
+def _tinygemm(layer, bits: int, group: int) -> TinyGemmOperands | None:
+    if not tinygemm_ok(bits, group, layer.out_features, layer.in_features):
+        return None
+    if not isinstance(layer._cached_weight, TinyGemmOperands):
+        layer._cached_weight = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
+    return layer._cached_weight
+
+
 def check_layer(layer, x: Tensor) -> tuple[int, int]:
     """Raise a ValueError naming the alternatives if this layer/input cannot run fused; returns (bits, group)."""
     if layer.fmt != "affine":
@@ -53,8 +99,13 @@ def check_layer(layer, x: Tensor) -> tuple[int, int]:
     return bits, (layer.in_features if group is None else group)
 
 
-def _configs(m: int, k: int, group: int, bits: int = 4) -> dict[str, tuple]:
-    """name -> ("gemv2"|"gemv"|"gemm", config) for the kernel that serves m rows."""
+def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False) -> dict[str, tuple]:
+    """name -> ("gemv2"|"gemv"|"gemm"|"tinygemm", config) for the kernels that can serve m rows."""
+    extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
+    return {**extra, **_triton_configs(m, k, group, bits)}
+
+
+def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
     if m <= K.GEMV_MAX_M:
         v2 = {f"gemv2 bn{c[0]} bkw{c[1]} sk{c[2]} w{c[3]}{' pf' if c[6] else ''}": ("gemv2", c)
               for c in GEMV2_CONFIGS if K.gemv2_ok(bits, group, k, c[1])}
@@ -66,7 +117,10 @@ def _configs(m: int, k: int, group: int, bits: int = 4) -> dict[str, tuple]:
             for bm, bn, bk, w, st in table if k % bk == 0 and (bk % group == 0 or group % bk == 0)}
 
 
-def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int) -> Tensor:
+def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int,
+         tiny: TinyGemmOperands | None = None) -> Tensor:
+    if kind == "tinygemm":
+        return torch.ops.aten._weight_int4pack_mm(x2, tiny.packed, tiny.group, tiny.scale_zero)
     if kind == "gemv2":
         return K.gemv2(x2, qw, s, z, bits, group, *cfg)
     if kind == "gemv":
@@ -74,18 +128,21 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
     return K.gemm(x2, qw, s, z, bits, group, *cfg)
 
 
-def fused_matmul(x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int) -> Tensor:
-    """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape."""
+def fused_matmul(x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int,
+                 tiny: TinyGemmOperands | None = None) -> Tensor:
+    """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape (tinygemm joins when ``tiny`` is given
+    and x is bf16, its only activation dtype)."""
     m, k = x2.shape
-    key = (bits, group, qw.shape[0], k, m_bucket(m), x2.dtype)
-    configs = _configs(m, k, group, bits)
+    use_tiny = tiny is not None and x2.dtype == torch.bfloat16
+    key = (bits, group, qw.shape[0], k, m_bucket(m), x2.dtype, use_tiny)
+    configs = _configs(m, k, group, bits, tinygemm=use_tiny)
     hit = TUNER.choices.get(key)
     if hit is None:
-        cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group)) for name, kc in configs.items()}
+        cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, tiny)) for name, kc in configs.items()}
         name = TUNER.pick(key, cands)
     else:
         name = hit[0]
-    return _run(*configs[name], x2, qw, s, z, bits, group)
+    return _run(*configs[name], x2, qw, s, z, bits, group, tiny)
 
 
 def forward_fused(layer, x: Tensor) -> Tensor:
@@ -93,7 +150,8 @@ def forward_fused(layer, x: Tensor) -> Tensor:
     x2 = x.reshape(-1, layer.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group)
+    tiny = _tinygemm(layer, bits, group) if x2.shape[0] <= TINYGEMM_MAX_M else None
+    y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group, tiny)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)
