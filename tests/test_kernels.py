@@ -84,12 +84,29 @@ def test_every_kernel_config_matches_reference(bits, group):
     n, k = 512, 1024
     layer = make_layer(n, k, bits, group, False, seed=7, device="cuda")
     wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k)
-    for m in (1, 3, 16, 70):
+    tiny_ok = fused.tinygemm_ok(bits, group, n, k)
+    tiny = fused.tinygemm_operands(layer.qweight, layer.scale, layer.zero, group) if tiny_ok else None
+    for m in (1, 3, 16, 40, 70):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ wref.double().T
-        for name, (kind, cfg) in fused._configs(m, k, group, bits).items():
-            y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group)
+        configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok)
+        assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
+        assert any(c[0] == "gemm_wa" for c in configs.values()) == (4 < m <= 64)
+        for name, (kind, cfg) in configs.items():
+            y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, tiny)
             assert rel_err(y, ref) < 1e-2, (name, m)
+
+
+@pytest.mark.gpu
+@cuda
+def test_dequant_mode_on_gpu_equals_fake_mode():
+    """Storage-only on a GPU (one Triton unpack + cuBLAS) computes exactly what fake-quant does."""
+    layer = make_layer(384, 512, 4, 64, False, seed=3, device="cuda", bias=True)
+    x = torch.randn(5, 512, device="cuda", dtype=torch.bfloat16)
+    layer.mode = "fake"
+    y_fake = layer(x)
+    layer.mode = "dequant"
+    assert torch.equal(layer(x), y_fake)
 
 
 @pytest.mark.gpu

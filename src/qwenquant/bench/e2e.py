@@ -3,7 +3,10 @@
 Prefill: one 2048-token sequence, eager (compute-bound: launch overhead is <5% of it).
 Decode: one token per sequence at batch 1/8/32/128 over a static KV cache of ``CTX`` positions,
 replayed from a CUDA graph — without the graph a 36-layer step is ~250 kernel launches and the
-launch rate, not the kernels, would set the speed. The decode step is our own (gpt-fast style)
+launch rate, not the kernels, would set the speed — with each layer's elementwise work fused by
+torch.compile (``compiled_layer_step``; on an H100 the eager-module step spent ~3 ms of its
+10.2 ms in ~25 small kernels per layer, benchmarks/results/e2e_probe_h100.json). Batch 1 is also
+timed eager-module for reference (``step_ms_eager``). The decode step is our own (gpt-fast style)
 over the HF model's modules (norms, rotary, projections, MLP), so every linear runs in its
 QuantLinear mode; attention is SDPA over the static cache with a position mask.
 
@@ -163,10 +166,14 @@ def measure(model, label: str) -> dict:
         ts.append(time.perf_counter() - t)
     res = {"mode": label, "prefill_tokens": PREFILL, "prefill_tok_s": PREFILL / sorted(ts)[1], "decode": {}}
     for b in BATCHES:
-        dec = StaticDecoder(model, b)
+        dec = StaticDecoder(model, b, compiled=True)
         ms = _graph_ms(dec.step)
         res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3}
         del dec
+        if b == 1:  # the same step with eager (unfused) elementwise work, for reference
+            dec = StaticDecoder(model, b, compiled=False)
+            res["decode"][b]["step_ms_eager"] = _graph_ms(dec.step)
+            del dec
         torch.cuda.empty_cache()
     # re-count: native builds its int8 operand at first use
     lin = sum(sum(t.numel() * t.element_size() for t in mod.buffers()) + sum(p.numel() * p.element_size() for p in mod.parameters())

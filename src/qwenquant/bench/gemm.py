@@ -98,12 +98,6 @@ def _compiled_call(obj, x):
     return _compiled_dq_mm(x, *obj)
 
 
-def _auto_dequant_cublas(layer, x):
-    from qwenquant.runtime.auto import dequant_cublas
-
-    return dequant_cublas(layer, x)
-
-
 def _native_fp8(layer, x):
     from qwenquant.runtime.native import forward_native_fp8
 
@@ -122,8 +116,8 @@ W8 = QuantSpec(8, None, True)
 
 MODES: dict[str, Mode] = {
     "bf16": Mode(None, lambda w, x: F.linear(x, w)),
-    "w4g128-dequant": Mode(W4, lambda l, x: l(x), prepare=_set_mode("dequant"), rows=(1, 16, 4096)),
-    "w4g128-dequant-cublas": Mode(W4, _auto_dequant_cublas, prepare=_set_mode("fake")),
+    # storage only: one Triton unpack of the whole weight to bf16 per call, then cuBLAS
+    "w4g128-dequant": Mode(W4, lambda l, x: l(x), prepare=_set_mode("dequant")),
     "w4g128-fused": Mode(W4, lambda l, x: l(x), prepare=_set_mode("fused")),
     "w4g128-auto": Mode(W4, lambda l, x: l(x), prepare=_set_mode("auto")),
     "w4g128-tinygemm": Mode(W4, _tinygemm_call, prepare=_tinygemm_prepare),

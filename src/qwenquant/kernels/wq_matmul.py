@@ -377,7 +377,7 @@ def _gemm_wa_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, GROUP, k_per_split,
     BITS: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, GPS: tl.constexpr,
-    ATOMIC: tl.constexpr, EXPAND: tl.constexpr = False,
+    ATOMIC: tl.constexpr,
 ):
     """One program: a [BN, BM] tile of yᵀ over one K split. Per K step the [BN, BK/CPW] word tile is
     unpacked in registers — each thread holds whole words, so the codes of one word land as CPW
@@ -388,9 +388,11 @@ def _gemm_wa_kernel(
     memory): the older ``_gemm_kernel`` dequantizes into the B operand and pays a shared-memory
     round trip per step. GPS = scale groups per step (1 when BK <= group).
 
-    EXPAND: load the word tile already expanded to [BN, BK] (address k // CPW: each word is read
-    CPW times, from L1) and shift by (k % CPW)·BITS — no [BN, BKW, CPW] -> [BN, BK] reshape, whose
-    layout change may go through shared memory (the idiom of the Triton GPTQ kernels)."""
+    Measured on an H100 (benchmarks/results/w4_session_h100_run{1,2}.json, Qwen3-8B shapes, W4 g128):
+    0.55-0.63x bf16 at M = 8..64 — better than ``_gemm_kernel`` (0.2-0.45x) but far from the
+    ~3x its bytes allow — and 0.06-0.27x at M >= 128, where the per-M-tile dequantization on the
+    CUDA cores dominates. Loading the word tile pre-expanded to [BN, BK] (address k // CPW, shift
+    (k % CPW)·BITS — the Triton GPTQ idiom, no reshape) was 4x slower still at every M and is gone."""
     CPW: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BKW: tl.constexpr = BK // CPW
@@ -410,28 +412,14 @@ def _gemm_wa_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for k0 in range(k_start, k_end, BK):
-        if EXPAND:
-            w = tl.load(w_ptr + rn_c[:, None] * KW + ((k0 + rk) // CPW)[None, :])  # [BN, BK] int32
-            codes = (w >> ((rk % CPW) * BITS)[None, :]) & MASK
-            f = (codes | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code, exact
-            if GPS == 1:
-                s = tl.load(s_ptr + rn_c * NG + k0 // GROUP).to(tl.float32)  # [BN]
-                z = tl.load(z_ptr + rn_c * NG + k0 // GROUP).to(tl.float32)
-                wt = (f - (8388608.0 + z[:, None])) * s[:, None]
-            else:
-                g = (k0 + rk) // GROUP
-                s = tl.load(s_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)  # [BN, BK]
-                z = tl.load(z_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)
-                wt = (f - (8388608.0 + z)) * s
-        else:
-            w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rkw)[None, :])  # [BN, BKW] int32
-            g = k0 // GROUP + tl.arange(0, GPS)
-            s = tl.load(s_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)  # [BN, GPS]
-            z = tl.load(z_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)
-            codes = (w[:, :, None] >> shifts[None, None, :]) & MASK  # [BN, BKW, CPW]
-            f = (codes | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code, exact
-            f = tl.reshape(f, [BN, GPS, BK // GPS])
-            wt = tl.reshape((f - (8388608.0 + z[:, :, None])) * s[:, :, None], [BN, BK])
+        w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rkw)[None, :])  # [BN, BKW] int32
+        g = k0 // GROUP + tl.arange(0, GPS)
+        s = tl.load(s_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)  # [BN, GPS]
+        z = tl.load(z_ptr + rn_c[:, None] * NG + g[None, :]).to(tl.float32)
+        codes = (w[:, :, None] >> shifts[None, None, :]) & MASK  # [BN, BKW, CPW]
+        f = (codes | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code, exact
+        f = tl.reshape(f, [BN, GPS, BK // GPS])
+        wt = tl.reshape((f - (8388608.0 + z[:, :, None])) * s[:, :, None], [BN, BK])
         x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
         acc = tl.dot(wt.to(x.dtype), tl.trans(x), acc)  # [BN, BK] @ [BK, BM]
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
@@ -449,7 +437,7 @@ def gemm_wa_ok(bits: int, group: int, k: int, bk: int) -> bool:
 
 def gemm_wa(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
             bn: int = 64, bm: int = 16, bk: int = 128, num_warps: int = 4, num_stages: int = 3,
-            split_k: int = 1, expand: bool = False) -> Tensor:
+            split_k: int = 1) -> Tensor:
     """x2 [M, K] (bf16/fp16) -> [M, N] in x's dtype, the weight as the MMA's A operand (any M;
     meant for M >= 2). ``split_k`` > 1 splits K over programs that add into an fp32 buffer
     (small M: more programs than N/BN alone gives)."""
@@ -466,7 +454,7 @@ def gemm_wa(x2: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int,
     gps = max(1, bk // group)
     _gemm_wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), grid_k)](
         x2, _words(qweight), scale, zero, y, m, n, k, x2.stride(0), y.stride(0), group, per_split,
-        BITS=bits, BN=bn, BM=bm, BK=bk, GPS=gps, ATOMIC=grid_k > 1, EXPAND=expand, num_warps=num_warps,
+        BITS=bits, BN=bn, BM=bm, BK=bk, GPS=gps, ATOMIC=grid_k > 1, num_warps=num_warps,
         num_stages=num_stages,
     )
     return y if grid_k == 1 else y.to(x2.dtype)

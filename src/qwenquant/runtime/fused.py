@@ -1,11 +1,16 @@
-"""``fused`` execution mode: Triton kernels that read the packed weight and dequantize in registers.
+"""``fused`` execution mode: kernels that read the packed weight and dequantize in registers.
 
 W2/W4/W8 A16, any group size that is a multiple of 32 (or per-channel), symmetric or not (the
-zero-point is read either way). M ≤ 4 rows go to an FFMA GEMV kernel (``gemv2`` where its tile fits
-K and the group — per-group scale/zero, hand-prefetched word tiles — else the first ``gemv``), more rows
-to the tensor-core GEMM kernel (``kernels/wq_matmul.py`` explains both). Tile configurations are chosen
-per (bits, group, N, K, M bucket) by timing a short list once (``TUNER``); the weight is never
-copied or repacked, so the memory is the storage bytes.
+zero-point is read either way). Candidates per M bucket, timed once per (bits, group, N, K, M
+bucket) by ``TUNER`` and the fastest kept:
+
+* M ≤ 4: the FFMA GEMV kernels (``gemv2`` where its tile fits K and the group, else ``gemv``);
+* M ≤ 16, 4-bit, bf16: torch's tinygemm (``aten._weight_int4pack_mm``; a repacked copy of the
+  weight is built once per layer, see ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100;
+* M > 4: the tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A operand) and
+  ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both.
+
+The checkpoint layout is read as it is (no copy) except by tinygemm.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ GEMM_CONFIGS_SMALL = [
     (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 64, 256, 4, 3),
     (64, 64, 128, 4, 4), (32, 128, 64, 4, 4),
 ]
+# gemm_wa for 4 < M <= 64 (BM = M rounded up, >= 16): (BN, BK, warps, stages, split-K); the winners of
+# benchmarks/w4_session.py on Qwen3-8B shapes
+GEMM_WA_CONFIGS = [(64, 64, 4, 4, 4), (64, 256, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 8, 3, 2)]
 GEMM_CONFIGS_LARGE = [
     (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
     (128, 64, 64, 4, 4),
@@ -113,8 +121,13 @@ def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
             return v2
         return {f"gemv bn{bn} bkw{bkw} sk{sk} w{w}": ("gemv", (bn, bkw, sk, w)) for bn, bkw, sk, w in GEMV_CONFIGS}
     table = GEMM_CONFIGS_SMALL if m <= 64 else GEMM_CONFIGS_LARGE
-    return {f"gemm {bm}x{bn}x{bk} w{w} s{st}": ("gemm", (bm, bn, bk, w, st))
-            for bm, bn, bk, w, st in table if k % bk == 0 and (bk % group == 0 or group % bk == 0)}
+    out = {f"gemm {bm}x{bn}x{bk} w{w} s{st}": ("gemm", (bm, bn, bk, w, st))
+           for bm, bn, bk, w, st in table if k % bk == 0 and (bk % group == 0 or group % bk == 0)}
+    if m <= 64:
+        bm = max(16, 1 << (m - 1).bit_length())
+        out.update({f"gemm_wa bn{bn} bm{bm} bk{bk} w{w} s{st} sk{sk}": ("gemm_wa", (bn, bm, bk, w, st, sk))
+                    for bn, bk, w, st, sk in GEMM_WA_CONFIGS if K.gemm_wa_ok(bits, group, k, bk)})
+    return out
 
 
 def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int,
@@ -125,6 +138,8 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         return K.gemv2(x2, qw, s, z, bits, group, *cfg)
     if kind == "gemv":
         return K.gemv(x2, qw, s, z, bits, group, *cfg)
+    if kind == "gemm_wa":
+        return K.gemm_wa(x2, qw, s, z, bits, group, *cfg)
     return K.gemm(x2, qw, s, z, bits, group, *cfg)
 
 
