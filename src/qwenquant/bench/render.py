@@ -7,8 +7,9 @@ import glob
 import json
 import os
 
-# decoder-layer multiplicity of each projection (k/v and gate/up occur twice)
-LAYER_COUNT = {"q": 1, "k|v": 2, "o": 1, "gate|up": 2, "down": 1}
+# decoder-layer multiplicity of each projection (k/v and gate/up occur twice); for the MoE model the
+# "layer" is its attention plus ONE expert (a token visits 8 of 128; per-expert rows depend on routing)
+LAYER_COUNT = {"q": 1, "k|v": 2, "o": 1, "gate|up": 2, "down": 1, "expert gate|up": 2, "expert down": 1}
 IDEAL_W4 = 16 / 4.1875  # bf16 bytes / W4 g128 bytes (codes + fp16 scale + uint8 zero per 128)
 
 
@@ -28,41 +29,54 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
     plot = None
     for g in gemms:
         env, c = g["env"], g["ceilings"]
-        lines += [f"## Per-GEMM, Qwen3-8B decoder layer (sum of its 7 linears), {env.get('gpu')}", "",
-                  f"{env.get('gpu')}, driver {env.get('driver')}, torch {env['torch']}, Triton {env['triton']}, "
-                  f"commit `{env['commit']}`, {env['date']}. Measured ceilings: copy {c['copy_bytes_per_s']/1e12:.2f} TB/s, "
-                  f"bf16 {c['bf16_flops_per_s']/1e12:.0f} TFLOP/s, fp8 (row-wise) {c['fp8_rowwise_flops_per_s']/1e12:.0f}, "
-                  f"int8 {c['int8_ops_per_s']/1e12:.0f} TOP/s. CUDA-graph replay, weights rotated beyond L2.", "",
-                  "Speedup vs bf16 in the same run (layer time bf16 / layer time mode):", ""]
-        t = _layer_times(g, "qwen3-8b")
-        rows = sorted({m for (_, m) in t})
-        modes = list(dict.fromkeys(r["mode"] for r in g["results"]))
-        lines.append("| mode | " + " | ".join(f"M={m}" for m in rows) + " |")
-        lines.append("|---|" + "---|" * len(rows))
-        for mode in modes:
-            lines.append(f"| {mode} | " + " | ".join(f"{t[('bf16', m)] / t[(mode, m)]:.2f}" if (mode, m) in t else "–" for m in rows) + " |")
-        lines += ["", "Per projection, fraction of the floor max(bytes/bandwidth, flops/peak) reached at M=1 and M=4096:", "",
-                  "| mode | proj | N×K | M=1 ms | frac | M=4096 ms | frac |", "|---|---|---|---|---|---|---|"]
-        by = {(r["mode"], r["proj"], r["m"]): r for r in g["results"] if r["model"] == "qwen3-8b"}
-        for mode in modes:
-            for proj in LAYER_COUNT:
-                a, b = by.get((mode, proj, 1)), by.get((mode, proj, 4096))
-                if a or b:
-                    r0 = a or b
-                    f = lambda r: (f"{r['ms']*1e3:.1f} µs", f"{r['frac_of_floor']:.2f}") if r else ("–", "–")
-                    lines.append(f"| {mode} | {proj.replace('|', '/')} | {r0['n']}×{r0['k']} | {f(a)[0]} | {f(a)[1]} | {f(b)[0]} | {f(b)[1]} |")
-        plot = _plot(t, modes, rows, os.path.join(os.path.dirname(out_md) or ".", "benchmarks", "speedup_qwen3-8b.png"))
-        if plot:
-            lines += ["", f"![speedup vs rows]({os.path.relpath(plot, os.path.dirname(out_md) or '.')})", ""]
+        models = list(dict.fromkeys(r["model"] for r in g["results"]))
+        for model in models:
+            what = "attention + one expert's linears" if "a3b" in model else "sum of its 7 linears"
+            lines += [f"## Per-GEMM, {model} decoder layer ({what}), {env.get('gpu')}", "",
+                      f"{env.get('gpu')}, driver {env.get('driver')}, torch {env['torch']}, Triton {env['triton']}, "
+                      f"commit `{env['commit']}`, {env['date']}. Measured ceilings: copy {c['copy_bytes_per_s']/1e12:.2f} TB/s, "
+                      f"bf16 {c['bf16_flops_per_s']/1e12:.0f} TFLOP/s, fp8 (row-wise) {c['fp8_rowwise_flops_per_s']/1e12:.0f}, "
+                      f"int8 {c['int8_ops_per_s']/1e12:.0f} TOP/s. CUDA-graph replay, weights rotated beyond L2.", "",
+                      "Speedup vs bf16 in the same run (layer time bf16 / layer time mode):", ""]
+            t = _layer_times(g, model)
+            rows = sorted({m for (_, m) in t})
+            modes = list(dict.fromkeys(r["mode"] for r in g["results"] if r["model"] == model))
+            lines.append("| mode | " + " | ".join(f"M={m}" for m in rows) + " |")
+            lines.append("|---|" + "---|" * len(rows))
+            for mode in modes:
+                lines.append(f"| {mode} | " + " | ".join(f"{t[('bf16', m)] / t[(mode, m)]:.2f}" if (mode, m) in t else "–" for m in rows) + " |")
+            if model == "qwen3-8b":
+                lines += ["", "Per projection, fraction of the floor max(bytes/bandwidth, flops/peak) reached at M=1 and M=4096:", "",
+                          "| mode | proj | N×K | M=1 ms | frac | M=4096 ms | frac |", "|---|---|---|---|---|---|---|"]
+                by = {(r["mode"], r["proj"], r["m"]): r for r in g["results"] if r["model"] == model}
+                for mode in modes:
+                    for proj in LAYER_COUNT:
+                        a, b = by.get((mode, proj, 1)), by.get((mode, proj, 4096))
+                        if a or b:
+                            r0 = a or b
+                            f = lambda r: (f"{r['ms']*1e3:.1f} µs", f"{r['frac_of_floor']:.2f}") if r else ("–", "–")
+                            lines.append(f"| {mode} | {proj.replace('|', '/')} | {r0['n']}×{r0['k']} | {f(a)[0]} | {f(a)[1]} | {f(b)[0]} | {f(b)[1]} |")
+            path = _plot(t, modes, rows, os.path.join(os.path.dirname(out_md) or ".", "benchmarks", f"speedup_{model}.png"),
+                         model)
+            plot = plot or path
+            if path:
+                lines += ["", f"![speedup vs rows, {model}]({os.path.relpath(path, os.path.dirname(out_md) or '.')})", ""]
     for e in e2es:
         env = e["env"]
         lines += ["", f"## End to end: {e['model']}, {env.get('gpu')}", "",
                   f"torch {env['torch']}, Triton {env['triton']}, commit `{env['commit']}`, {env['date']}. Prefill: 2048 tokens, "
-                  f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions, CUDA-graph replay.", "",
-                  "| mode | prefill tok/s | decode b1 | b8 | b32 | b128 tok/s | decoder-linear GB | peak GB |", "|---|---|---|---|---|---|---|---|"]
+                  f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions, CUDA-graph replay"
+                  + (", each layer's elementwise work fused by torch.compile; `b1 eager` is the same step with eager "
+                     "modules (one kernel per op)" if any("step_ms_eager" in r["decode"]["1"] for r in e["results"]) else "")
+                  + ".", "",
+                  "| mode | prefill tok/s | decode b1 | b1 eager | b8 | b32 | b128 tok/s | decoder-linear GB | peak GB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in e["results"]:
             d = r["decode"]
-            lines.append(f"| {r['mode']} | {r['prefill_tok_s']:.0f} | " + " | ".join(f"{d[b]['tok_s']:.0f}" for b in ("1", "8", "32", "128"))
+            eager = d["1"].get("step_ms_eager")
+            lines.append(f"| {r['mode']} | {r['prefill_tok_s']:.0f} | {d['1']['tok_s']:.0f} | "
+                         + (f"{1e3 / eager:.0f}" if eager else "–") + " | "
+                         + " | ".join(f"{d[b]['tok_s']:.0f}" for b in ("8", "32", "128"))
                          + f" | {r['linear_weight_bytes']/1e9:.2f} | {r['peak_mem_bytes']/1e9:.1f} |")
         lines += ["", "| mode (ratio to bf16) | prefill | decode b1 | b8 | b32 | b128 | linear bytes |", "|---|---|---|---|---|---|---|"]
         for mode, s in e["summary"].items():
@@ -86,7 +100,7 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
     return {"markdown": out_md, "plot": plot, "gemm_files": len(gemms), "e2e_files": len(e2es)}
 
 
-def _plot(t: dict, modes: list[str], rows: list[int], path: str) -> str | None:
+def _plot(t: dict, modes: list[str], rows: list[int], path: str, model: str = "qwen3-8b") -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +118,7 @@ def _plot(t: dict, modes: list[str], rows: list[int], path: str) -> str | None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("rows M")
-    ax.set_ylabel("speedup vs bf16 (Qwen3-8B layer)")
+    ax.set_ylabel(f"speedup vs bf16 ({model} layer)")
     ax.legend(fontsize=7)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
