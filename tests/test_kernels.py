@@ -142,6 +142,27 @@ def test_native_matches_reference(sym, fp8, m):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("sym,bias", [(True, False), (False, True)])
+def test_int8_triton_gemm_every_config_matches_reference(sym, bias):
+    """Not only the tuned choice: each Triton int8 GEMM config (fused scales, zero correction, bias)."""
+    from qwenquant.kernels import w8a8
+    from qwenquant.runtime import native
+
+    n, k = 384, 1024
+    layer = make_layer(n, k, 8, None, sym, seed=11, device="cuda", bias=bias)
+    nw = native.prepare(layer, fp8=False)
+    for m in (1, 5, 130, 600):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = w8a8.reference_w8a8(x, layer.dequantized_weight(torch.float32), False)
+        if bias:
+            ref = ref + layer.bias.float()
+        for cfg in w8a8.INT8_GEMM_CONFIGS:
+            y = w8a8.int8_gemm(x, nw.w, nw.w_scale, nw.zero_corr, layer.bias, *cfg)
+            assert rel_err(y, ref) < 1e-2, (cfg, m)
+
+
+@pytest.mark.gpu
+@cuda
 def test_auto_matches_reference_and_records_choice():
     from qwenquant.kernels import wq_matmul as K
     from qwenquant.runtime import auto

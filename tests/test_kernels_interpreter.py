@@ -49,6 +49,18 @@ SCRIPT = textwrap.dedent(
             for bk, split in ((64, 1), (128, 2)):
                 if K.gemm_wa_ok(bits, g, k, bk):
                     note("gemm_wa", K.gemm_wa(x, qw, s, z, bits, g, bn=32, bm=16, bk=bk, split_k=split), ref)
+    from qwenquant.kernels import w8a8
+    from qwenquant.numerics.activation import quantize_per_token
+
+    w8 = torch.randint(-127, 128, (64, 256), dtype=torch.int8)
+    sw, zc, b = torch.rand(64) * 0.01, torch.randn(64), torch.randn(64)
+    for m in (1, 5, 40):
+        q, sx = quantize_per_token(torch.randn(m, 256), 8)  # (the act-quant kernel uses libdevice: GPU only)
+        acc = q.double() @ w8.double().T - q.double().sum(1, keepdim=True) * zc.double()
+        ref = acc * sx.double().reshape(-1, 1) * sw.double() + b.double()
+        y = w8a8.int8_gemm_quantized(q.to(torch.int8), sx.float().reshape(-1, 1), q.float().sum(1), w8, sw, zc, b,
+                                     torch.float32, 16, 32, 64, 4, 1)
+        note("int8_gemm", y, ref)
     print(json.dumps(worst))
     """
 )
@@ -61,6 +73,6 @@ def test_kernels_match_reference_under_the_interpreter():
     import json
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa"}
+    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "int8_gemm"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst

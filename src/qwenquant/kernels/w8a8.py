@@ -75,6 +75,79 @@ def _int8_epilogue_kernel(acc_ptr, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_pt
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _int8_gemm_kernel(q_ptr, w_ptr, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, M, N, K, stride_q, stride_w, stride_y,
+                      HAS_ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """y = sx·sw·(xq·wᵀ - qsum·zc) (+ b): int8 × int8 → int32 on the tensor cores with the scales applied in
+    the epilogue, no int32 [M, N] round trip through memory. Grouped tile order for L2 reuse."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    gm = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % gm
+    pid_n = (pid % per_group) // gm
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rm_c = tl.where(rm < M, rm, 0)
+    rn_c = tl.where(rn < N, rn, 0)
+    q_ptrs = q_ptr + rm_c[:, None] * stride_q + rk[None, :]
+    w_ptrs = w_ptr + rn_c[:, None] * stride_w + rk[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for _ in range(0, K, BK):  # the host guarantees BK | K
+        a = tl.load(q_ptrs)
+        b = tl.load(w_ptrs)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        q_ptrs += BK
+        w_ptrs += BK
+    accf = acc.to(tl.float32)
+    sx = tl.load(sx_ptr + rm_c)
+    sw = tl.load(sw_ptr + rn_c)
+    if HAS_ZC:
+        accf = accf - tl.load(qsum_ptr + rm_c)[:, None] * tl.load(zc_ptr + rn_c)[None, :]
+    y = accf * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn_c).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# (BM, BN, BK, warps, stages) for the Triton int8 GEMM; tuned per shape by runtime.native
+INT8_GEMM_CONFIGS = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
+                     (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)]
+
+
+def int8_gemm(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None, bias: Tensor | None,
+              bm: int = 128, bn: int = 256, bk: int = 128, num_warps: int = 8, num_stages: int = 3) -> Tensor:
+    """Same contract as :func:`int8_matmul`, with the Triton int8 GEMM and fused epilogue instead of
+    ``torch._int_mm`` + a separate epilogue pass. Needs K % BK == 0."""
+    q, sx, qsum = act_quant(x2, fp8=False)
+    return int8_gemm_quantized(q, sx, qsum, w_int8, w_scale, zero_corr, bias, x2.dtype, bm, bn, bk, num_warps, num_stages)
+
+
+def int8_gemm_quantized(q: Tensor, sx: Tensor, qsum: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None,
+                        bias: Tensor | None, out_dtype: torch.dtype, bm: int = 128, bn: int = 256, bk: int = 128,
+                        num_warps: int = 8, num_stages: int = 3) -> Tensor:
+    """The GEMM + epilogue of :func:`int8_gemm` on already quantized activations: q [M, K] int8, sx [M, 1]
+    fp32, qsum [M] fp32 (row sums of q)."""
+    m, k = q.shape
+    n = w_int8.shape[0]
+    if k % bk:
+        raise ValueError(f"int8_gemm: K={k} is not a multiple of BK={bk}")
+    y = torch.empty((m, n), device=q.device, dtype=out_dtype)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _int8_gemm_kernel[grid](
+        q, w_int8, sx, qsum, w_scale, zero_corr if zero_corr is not None else w_scale,
+        bias if bias is not None else w_scale, y, m, n, k, q.stride(0), w_int8.stride(0), y.stride(0),
+        HAS_ZC=zero_corr is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return y
+
+
 def int8_matmul(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None, bias: Tensor | None) -> Tensor:
     """x2 [M, K] bf16, w_int8 [N, K] (code - 128), w_scale [N] fp32, zero_corr [N] fp32 (zero - 128) or None."""
     m, k = x2.shape

@@ -7,6 +7,9 @@ the dequantized weight once to e4m3 with its own per-channel scale (a second rou
 is no longer bit-identical to the stored one). Activations are quantized per token at run time
 (``kernels/w8a8.py``), which changes the numerics: use it for models quantized with ``act_bits=8``.
 
+int8 runs either ``torch._int_mm`` (cuBLASLt) plus an epilogue pass, or a Triton int8 GEMM with the
+scales fused into its epilogue, whichever ``TUNER`` measured faster for the shape and M bucket.
+
 Memory: the int8 / e4m3 operand is built at first use and cached on the layer beside the storage
 buffers (``N·K`` bytes more per layer; cuBLASLt wants signed int8, the storage holds uint8 codes).
 Benchmarks report that copy.
@@ -20,6 +23,9 @@ import torch
 from torch import Tensor
 
 from qwenquant.kernels import w8a8
+from qwenquant.runtime.tuning import Tuner, m_bucket
+
+TUNER = Tuner("native-int8")
 
 
 @dataclass
@@ -78,8 +84,22 @@ def _forward(layer, x: Tensor, fp8: bool) -> Tensor:
     if fp8:
         y = w8a8.fp8_matmul(x2, nw.w, nw.w_scale, layer.bias)
     else:
-        y = w8a8.int8_matmul(x2, nw.w, nw.w_scale, nw.zero_corr, layer.bias)
+        y = int8_matmul_tuned(x2, nw, layer.bias)
     return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def int8_matmul_tuned(x2: Tensor, nw: NativeWeight, bias: Tensor | None) -> Tensor:
+    """The faster, per (N, K, M bucket), of ``torch._int_mm`` + epilogue and the Triton int8 GEMM configs."""
+    m, k = x2.shape
+    key = (nw.w.shape[0], k, m_bucket(m), nw.zero_corr is None, bias is None)
+    cands = {"int_mm": lambda: w8a8.int8_matmul(x2, nw.w, nw.w_scale, nw.zero_corr, bias)}
+    for cfg in w8a8.INT8_GEMM_CONFIGS:
+        if k % cfg[2] == 0:
+            cands["triton " + "x".join(map(str, cfg))] = (
+                lambda cfg=cfg: w8a8.int8_gemm(x2, nw.w, nw.w_scale, nw.zero_corr, bias, *cfg))
+    hit = TUNER.choices.get(key)
+    name = hit[0] if hit is not None else TUNER.pick(key, cands)
+    return cands[name]()
 
 
 def forward_native(layer, x: Tensor) -> Tensor:
