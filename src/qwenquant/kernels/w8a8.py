@@ -115,8 +115,10 @@ def _int8_gemm_kernel(q_ptr, w_ptr, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_p
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# (BM, BN, BK, warps, stages) for the Triton int8 GEMM; tuned per shape by runtime.native
-INT8_GEMM_CONFIGS = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
+# (BM, BN, BK, warps, stages) for the Triton int8 GEMM; tuned per shape by runtime.native. The large tiles are
+# the winners of benchmarks/int8_configs.py (H100, Qwen3-8B shapes, M = 1024..8192: 1.03-1.15 int8 POP/s, the
+# GEMM alone 1.37-1.42x bf16 at M = 4096); the small ones serve small M.
+INT8_GEMM_CONFIGS = [(128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (128, 256, 128, 8, 3),
                      (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)]
 
 

@@ -1,0 +1,40 @@
+"""Triton int8 GEMM tile configs at Qwen3-8B shapes, M = 1024..8192 (pre-quantized activations), and the
+activation-quantization pass on its own.  PYTHONPATH=src python3 benchmarks/int8_configs.py  (JSON -> $OUT)"""
+
+import json
+import os
+
+import torch
+
+from qwenquant.bench.gemm import time_graph
+from qwenquant.kernels import w8a8
+
+OUT = os.environ.get("OUT", "runs/int8")
+CONFIGS = [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4),
+           (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 64, 8, 4), (128, 256, 64, 8, 5),
+           (256, 128, 64, 8, 5), (128, 128, 64, 4, 5), (256, 256, 64, 8, 3), (128, 64, 128, 4, 4)]
+res = []
+for n, k in [(12288, 4096), (4096, 12288), (4096, 4096)]:
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    sw = torch.rand(n, device="cuda") * 0.01
+    wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    for m in (1024, 4096, 8192):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        q, sx, qsum = w8a8.act_quant(x, fp8=False)
+        row = {"n": n, "k": k, "m": m, "us": {}}
+        row["us"]["bf16"] = time_graph(lambda: x @ wb.T) * 1e3
+        row["us"]["act_quant"] = time_graph(lambda: w8a8.act_quant(x, fp8=False)) * 1e3
+        row["us"]["int_mm"] = time_graph(lambda: torch._int_mm(q, w.t())) * 1e3
+        for cfg in CONFIGS:
+            try:
+                f = lambda cfg=cfg: w8a8.int8_gemm_quantized(q, sx, qsum, w, sw, None, None, torch.bfloat16, *cfg)
+                f()
+                row["us"]["x".join(map(str, cfg))] = time_graph(f) * 1e3
+            except Exception as e:  # noqa: BLE001
+                row["us"]["x".join(map(str, cfg))] = None
+        best = min((v, c) for c, v in row["us"].items() if v and "x" in c)
+        print(n, k, m, {c: round(v, 1) for c, v in row["us"].items() if v and c in ("bf16", "act_quant", "int_mm")},
+              "best", best[1], round(best[0], 1), "TOP/s", round(2 * m * n * k / best[0] / 1e6), flush=True)
+        res.append(row)
+os.makedirs(OUT, exist_ok=True)
+json.dump(res, open(os.path.join(OUT, "int8_configs.json"), "w"))
