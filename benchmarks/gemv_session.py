@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenquant.kernels import wq_matmul as K
+from qwenquant.runtime import fused
 
 OUT = os.environ.get("OUT", "runs/gemv")
 DEV = "cuda"
@@ -107,14 +108,8 @@ def copy_bw():
 
 
 def tinygemm_prepare(qw, s, z, group):
-    # tinygemm: w = (q - 8)·s + zf with zf = (8 - z)·s; its packer wants [N, K/2] high nibble = even code
-    lo, hi = qw & 15, qw >> 4
-    packed = ((lo << 4) | hi).contiguous()
-    wp = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
-    sf = s.float()
-    zf = (8 - z.float()) * sf
-    sz = torch.stack([sf.T, zf.T], dim=-1).to(torch.bfloat16).contiguous()
-    return wp, sz
+    t = fused.tinygemm_operands(qw, s, z, group)  # the same repack `fused` mode uses
+    return t.packed, t.scale_zero
 
 
 def main():

@@ -106,14 +106,6 @@ def timed(fn_per_copy, n_copies):
     return time_graph(all_copies) / n_copies * 1e3  # µs per copy
 
 
-def tinygemm_prep(qw, s, z, group):
-    swapped = ((qw & 15) << 4) | (qw >> 4)  # ours: even column in the low nibble; tinygemm: high
-    wp = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), 8)
-    sf = s.float()
-    sz = torch.stack([sf.T, ((8 - z.float()) * sf).T], -1).to(torch.bfloat16).contiguous()
-    return wp, sz
-
-
 def time_all(doc, shapes=SHAPES, rows=ROWS):
     gen = torch.Generator(device=DEV).manual_seed(2)
     res = []
@@ -125,13 +117,13 @@ def time_all(doc, shapes=SHAPES, rows=ROWS):
         w4_bytes = n * k // 2 + n * (k // group) * 3
         r4 = max(1, -(-L2_OVERFLOW // w4_bytes))
         packed = [make_packed(n, k, 4, group, False, gen) for _ in range(r4)]
-        tiny = [tinygemm_prep(*p, group) for p in packed]
+        tiny = [fused.tinygemm_operands(*p, group) for p in packed]
         for m in rows:
             x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
             t0 = time.time()
             entry = {"shape": label, "n": n, "k": k, "m": m, "us": {}}
             entry["us"]["bf16"] = timed(lambda i: F.linear(x, w16[i]), r16)
-            entry["us"]["tinygemm"] = timed(lambda i: torch.ops.aten._weight_int4pack_mm(x, tiny[i][0], group, tiny[i][1]), r4)
+            entry["us"]["tinygemm"] = timed(lambda i: torch.ops.aten._weight_int4pack_mm(x, tiny[i].packed, group, tiny[i].scale_zero), r4)
             entry["us"]["dequant"] = timed(lambda i: F.linear(x, K.dequantize(*packed[i], 4, group, k)), min(r4, 8))
             try:
                 fused.fused_matmul(x, *packed[0], 4, group)  # tunes once (bucket)

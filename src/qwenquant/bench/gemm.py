@@ -60,20 +60,15 @@ class Mode:
 
 
 def _tinygemm_prepare(layer: QuantLinear):
-    """torch's int4 kernel (``_weight_int4pack_mm``, tinygemm): w = (q - 8)·s + zf, so zf = (8 - z)·s."""
-    qw = layer.weight_object()
-    codes = qw.codes  # [N, K] uint8
-    packed = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
-    wp = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
-    s = qw.scale  # [N, G] fp32
-    zf = (8 - qw.zero) * s
-    sz = torch.stack([s.T, zf.T], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
-    return (wp, layer.in_features // s.shape[1], sz)
+    """torch's int4 kernel alone (``_weight_int4pack_mm``, tinygemm), on ``fused``'s repacked operands."""
+    from qwenquant.runtime.fused import tinygemm_operands
+
+    group = layer.meta["group_size"] or layer.in_features
+    return tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
 
 
 def _tinygemm_call(obj, x):
-    wp, g, sz = obj
-    return torch.ops.aten._weight_int4pack_mm(x, wp, g, sz)
+    return torch.ops.aten._weight_int4pack_mm(x, obj.packed, obj.group, obj.scale_zero)
 
 
 def _dq_mm(x, words, s, z):
@@ -134,6 +129,8 @@ def _bytes(obj) -> int:
     if isinstance(obj, QuantLinear):
         extra = obj._cached_weight
         return obj.storage_bytes + (getattr(extra, "nbytes", 0) if extra is not None and not isinstance(extra, torch.Tensor) else 0)
+    if hasattr(obj, "nbytes"):  # prepared operand objects (tinygemm's) say their own size
+        return obj.nbytes
     return sum(_bytes(t) for t in obj if isinstance(t, torch.Tensor))
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from torch import Tensor
 
+from qwenquant.kernels.tiles import grouped_tile
 from qwenquant.numerics.activation import quantize_per_token
 
 FP8_MAX = 448.0
@@ -82,13 +83,7 @@ def _int8_gemm_kernel(q_ptr, w_ptr, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_p
     """y = sx·sw·(xq·wᵀ - qsum·zc) (+ b): int8 × int8 → int32 on the tensor cores with the scales applied in
     the epilogue, no int32 [M, N] round trip through memory. Grouped tile order for L2 reuse."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    gm = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % gm
-    pid_n = (pid % per_group) // gm
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)

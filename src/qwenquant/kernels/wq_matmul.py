@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwenquant.kernels.tiles import grouped_tile
 from qwenquant.numerics.packing import unpack
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -92,6 +93,33 @@ def _words(qweight: Tensor) -> Tensor:
 
 
 @triton.jit
+def _ffma_words(w, x_base, xmask, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr):
+    """The GEMV inner step on a [BN, BKW] word tile: (Σ_t code_t·x_t [BM, BN, BKW], Σ_t x_t [BM, BKW]).
+
+    x_base [BM, BKW] points at the first of each word's CPW columns (x read with stride CPW). Per code one
+    LOP3 ``(w & (MASK << sh)) | 0x4B000000`` (the float 2**23 + code·2**sh), one FADD, one FFMA with
+    x·2**-sh (exact); codes in the high half-word use ``w >> 16`` so every field sits below bit 23."""
+    CPW: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = CPW // 2
+    MASK: tl.constexpr = (1 << BITS) - 1
+    w_hi = w >> 16
+    inner = tl.zeros([BM, BN, BKW], dtype=tl.float32)
+    xs = tl.zeros([BM, BKW], dtype=tl.float32)
+    for t in tl.static_range(CPW):
+        if t < HALF:
+            src = w
+            sh = BITS * t
+        else:
+            src = w_hi
+            sh = BITS * (t - HALF)
+        f = ((src & (MASK << sh)) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # code * 2**sh
+        xt = tl.load(x_base + t, mask=xmask, other=0.0).to(tl.float32)  # [BM, BKW]
+        xs += xt
+        inner += f[None, :, :] * (xt * (1.0 / (1 << sh)))[:, None, :]
+    return inner, xs
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, kw_per_split, GROUP,
@@ -99,8 +127,6 @@ def _gemv_kernel(
     ATOMIC: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = CPW // 2
-    MASK: tl.constexpr = (1 << BITS) - 1
     WPG = GROUP // CPW
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -121,23 +147,10 @@ def _gemv_kernel(
         g = rkw // WPG
         s = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=wmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn[:, None] * NG + g[None, :], mask=wmask, other=0).to(tl.float32)
-        w_hi = w >> 16
         xmask = m_mask[:, None] & k_mask[None, :]
         x_base = x_ptr + rm[:, None] * stride_xm + rkw[None, :] * CPW  # [BM, BKW]
-        inner = tl.zeros([BM, BN, BKW], dtype=tl.float32)
-        xsum = tl.zeros([BM, 1, BKW], dtype=tl.float32)
-        for t in tl.static_range(CPW):
-            if t < HALF:
-                src = w
-                sh = BITS * t
-            else:
-                src = w_hi
-                sh = BITS * (t - HALF)
-            f = ((src & (MASK << sh)) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # code * 2**sh
-            xt = tl.load(x_base + t, mask=xmask, other=0.0).to(tl.float32)  # [BM, BKW]
-            xsum += xt[:, None, :]
-            inner += f[None, :, :] * (xt * (1.0 / (1 << sh)))[:, None, :]
-        acc += s[None, :, :] * (inner - z[None, :, :] * xsum)
+        inner, xsum = _ffma_words(w, x_base, xmask, BITS, BM, BN, BKW)
+        acc += s[None, :, :] * (inner - z[None, :, :] * xsum[:, None, :])
     y = tl.sum(acc, axis=2)  # [BM, BN]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     ymask = m_mask[:, None] & n_mask[None, :]
@@ -185,7 +198,6 @@ def _gemv2_kernel(
     vector reshaped to [BKW, CPW] against codes split by shifts (XVEC=True). The code·x sums are
     accumulated per group; ``s * (Σ c·x - z Σ x)`` is applied once per group."""
     CPW: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = CPW // 2
     MASK: tl.constexpr = (1 << BITS) - 1
     WB: tl.constexpr = BKW // GPB
     pid_n = tl.program_id(0)
@@ -230,21 +242,8 @@ def _gemv2_kernel(
             inner = tl.sum(f[None, :, :, :] * x3[:, None, :, :], axis=3)  # [BM, BN, BKW]
             xs = tl.sum(x3, axis=2)  # [BM, BKW]
         else:
-            w_hi = w >> 16
             x_base = x_ptr + rm[:, None] * stride_xm + (kw0 + rkw)[None, :] * CPW
-            inner = tl.zeros([BM, BN, BKW], dtype=tl.float32)
-            xs = tl.zeros([BM, BKW], dtype=tl.float32)
-            for t in tl.static_range(CPW):
-                if t < HALF:
-                    src = w
-                    sh = BITS * t
-                else:
-                    src = w_hi
-                    sh = BITS * (t - HALF)
-                f = ((src & (MASK << sh)) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # code * 2**sh
-                xt = tl.load(x_base + t, mask=m_mask[:, None], other=0.0).to(tl.float32)  # [BM, BKW]
-                xs += xt
-                inner += f[None, :, :] * (xt * (1.0 / (1 << sh)))[:, None, :]
+            inner, xs = _ffma_words(w, x_base, m_mask[:, None], BITS, BM, BN, BKW)
         if GPB == 1:
             p = tl.sum(inner, axis=2)  # [BM, BN]
             xg = tl.sum(xs, axis=1)  # [BM]
@@ -321,13 +320,7 @@ def _gemm_kernel(
     BKW: tl.constexpr = BK // CPW
     WPG = GROUP // CPW
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    gm = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % gm
-    pid_n = (pid % per_group) // gm
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     KW = K // CPW
     NG = K // GROUP
     rm = pid_m * BM + tl.arange(0, BM)

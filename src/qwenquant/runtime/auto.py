@@ -3,15 +3,16 @@
 Candidates, all computing the same function up to rounding (weight-only, activations untouched):
 
 * ``fused`` — the packed-weight Triton kernels (fast at small M: they read 4× fewer bytes);
-* ``dequant-cublas`` — one Triton pass unpacks the weight to a temporary bf16 [N, K], then cuBLAS
-  (at large M the unpack, ~5 bytes per weight, is small next to the 2·M·N·K flops).
+* ``dequant`` — the storage-only mode (``quant_linear.forward_dequant``): one Triton pass unpacks the
+  weight to a temporary bf16 [N, K], then cuBLAS (at large M the unpack, ~5 bytes per weight, is small
+  next to the 2·M·N·K flops).
 
 When the layer was quantized with ``act_bits=8`` and holds 8-bit per-channel weights, the W8A8
 tensor-core paths (``native`` int8 and fp8) join, since per-token activation quantization is then
 already part of the model's numerics.
 
 No bf16 copy of the weight is kept, so memory stays at the storage bytes (plus one transient
-[N, K] bf16 buffer while a dequant-cublas matmul runs). The price: where both candidates are
+[N, K] bf16 buffer while a dequant matmul runs). The price: where both candidates are
 slower than bf16 (mid-size M, where the fused GEMM trails cuBLAS and the unpack is not yet
 amortized) auto is slower than bf16 too — the benchmark reports it as measured.
 """
@@ -19,24 +20,17 @@ amortized) auto is slower than bf16 too — the benchmark reports it as measured
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from qwenquant.kernels import wq_matmul as K
 from qwenquant.runtime import fused, native
+from qwenquant.runtime.quant_linear import forward_dequant
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("auto")
 
 
-def dequant_cublas(layer, x: Tensor) -> Tensor:
-    bits, group = fused.check_layer(layer, x)
-    w = K.dequantize(layer.qweight, layer.scale, layer.zero, bits, group, layer.in_features, x.dtype)
-    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
-
-
 def _candidates(layer, x: Tensor) -> dict:
-    cands = {"fused": fused.forward_fused, "dequant-cublas": dequant_cublas}
+    cands = {"fused": fused.forward_fused, "dequant": forward_dequant}
     m = layer.meta
     if layer.act_bits == 8 and m["bits"] == 8 and m["group_size"] in (None, layer.in_features):
         cands["native-int8"] = native.forward_native

@@ -15,6 +15,7 @@ The checkpoint layout is read as it is (no copy) except by tinygemm.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +108,10 @@ def check_layer(layer, x: Tensor) -> tuple[int, int]:
     return bits, (layer.in_features if group is None else group)
 
 
+@functools.lru_cache(maxsize=None)
 def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False) -> dict[str, tuple]:
-    """name -> ("gemv2"|"gemv"|"gemm"|"tinygemm", config) for the kernels that can serve m rows."""
+    """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm", config) for the kernels that can serve m rows.
+    Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
     return {**extra, **_triton_configs(m, k, group, bits)}
 
@@ -150,7 +153,7 @@ def fused_matmul(x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group:
     m, k = x2.shape
     use_tiny = tiny is not None and x2.dtype == torch.bfloat16
     key = (bits, group, qw.shape[0], k, m_bucket(m), x2.dtype, use_tiny)
-    configs = _configs(m, k, group, bits, tinygemm=use_tiny)
+    configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny)
     hit = TUNER.choices.get(key)
     if hit is None:
         cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, tiny)) for name, kc in configs.items()}

@@ -88,18 +88,25 @@ def _forward(layer, x: Tensor, fp8: bool) -> Tensor:
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
+_INT8_TRITON = {"triton " + "x".join(map(str, cfg)): cfg for cfg in w8a8.INT8_GEMM_CONFIGS}
+
+
+def _int8_run(name: str, x2: Tensor, nw: NativeWeight, bias: Tensor | None) -> Tensor:
+    if name == "int_mm":
+        return w8a8.int8_matmul(x2, nw.w, nw.w_scale, nw.zero_corr, bias)
+    return w8a8.int8_gemm(x2, nw.w, nw.w_scale, nw.zero_corr, bias, *_INT8_TRITON[name])
+
+
 def int8_matmul_tuned(x2: Tensor, nw: NativeWeight, bias: Tensor | None) -> Tensor:
     """The faster, per (N, K, M bucket), of ``torch._int_mm`` + epilogue and the Triton int8 GEMM configs."""
     m, k = x2.shape
     key = (nw.w.shape[0], k, m_bucket(m), nw.zero_corr is None, bias is None)
-    cands = {"int_mm": lambda: w8a8.int8_matmul(x2, nw.w, nw.w_scale, nw.zero_corr, bias)}
-    for cfg in w8a8.INT8_GEMM_CONFIGS:
-        if k % cfg[2] == 0:
-            cands["triton " + "x".join(map(str, cfg))] = (
-                lambda cfg=cfg: w8a8.int8_gemm(x2, nw.w, nw.w_scale, nw.zero_corr, bias, *cfg))
     hit = TUNER.choices.get(key)
-    name = hit[0] if hit is not None else TUNER.pick(key, cands)
-    return cands[name]()
+    if hit is not None:
+        return _int8_run(hit[0], x2, nw, bias)
+    names = ["int_mm"] + [name for name, cfg in _INT8_TRITON.items() if k % cfg[2] == 0]
+    name = TUNER.pick(key, {n: (lambda n=n: _int8_run(n, x2, nw, bias)) for n in names})
+    return _int8_run(name, x2, nw, bias)
 
 
 def forward_native(layer, x: Tensor) -> Tensor:
