@@ -84,16 +84,23 @@ def test_every_kernel_config_matches_reference(bits, group):
     n, k = 512, 1024
     layer = make_layer(n, k, bits, group, False, seed=7, device="cuda")
     wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k)
+    from qwenquant.kernels import wq_ktiled as KT
+
     tiny_ok = fused.tinygemm_ok(bits, group, n, k)
-    tiny = fused.tinygemm_operands(layer.qweight, layer.scale, layer.zero, group) if tiny_ok else None
-    for m in (1, 3, 16, 40, 70):
+    assert KT.ktiled_ok(bits, group, n, k)
+    ops = fused.FusedOperands(
+        tiny=fused.tinygemm_operands(layer.qweight, layer.scale, layer.zero, group) if tiny_ok else None,
+        ktiled=KT.pack_ktiled(layer.qweight, bits, k),
+    )
+    for m in (1, 3, 16, 40, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ wref.double().T
-        configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok)
+        configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok, ktiled=True)
         assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
         assert any(c[0] == "gemm_wa" for c in configs.values()) == (4 < m <= 64)
+        assert any(c[0] == "ktiled" for c in configs.values()) == (m > 1)
         for name, (kind, cfg) in configs.items():
-            y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, tiny)
+            y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, ops)
             assert rel_err(y, ref) < 1e-2, (name, m)
 
 

