@@ -46,16 +46,15 @@ def kt_configs(m: int) -> dict[str, tuple]:
 def check(doc):
     gen = torch.Generator(device=DEV).manual_seed(1)
     rows, worst = [], 0.0
-    for bits, group, sym in [(4, 128, False), (4, 128, True), (4, 64, False), (4, 32, False), (4, None, False),
-                             (8, None, True), (8, 128, False), (2, 128, False)]:
-        for n, k in [(4096, 4096), (1024, 4096), (4096, 12288)]:
+    for bits, group, sym in [(4, 128, False), (4, 32, True), (4, None, False), (8, None, True), (2, 128, False)]:
+        for n, k in [(1024, 4096), (4096, 12288)]:
             g = k if group is None else group
             if not KT.ktiled_ok(bits, g, n, k):
                 continue
             qw, s, z = make_packed(n, k, bits, g, sym, gen)
             words = KT.pack_ktiled(qw, bits, k)
             w = K.reference_dequantize(qw, s, z, bits, k)
-            for m in (2, 16, 77, 300, 1024):
+            for m in (2, 16, 77, 300):
                 x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
                 ref = x.double() @ w.double().T
                 bf16_err = rel(x.float() @ w.to(torch.bfloat16).float().T, ref)
@@ -74,6 +73,27 @@ def check(doc):
     save(doc)
 
 
+# exploration grid (the tables in runtime/fused.py keep the winners)
+SMALL_GRID = [(16, 2, 3, 4), (16, 2, 3, 8), (16, 2, 4, 16), (16, 4, 3, 8), (32, 2, 3, 4), (32, 2, 3, 8), (32, 2, 4, 8),
+              (32, 4, 3, 8), (32, 4, 3, 16), (32, 2, 3, 16), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 4, 8), (64, 4, 3, 16),
+              (64, 8, 3, 8), (64, 2, 3, 8), (128, 4, 3, 8), (128, 8, 3, 8), (128, 8, 3, 16)]
+SMALL_GRID_B = [(64, 4, 3, 8), (128, 4, 3, 8), (32, 4, 3, 8), (64, 4, 3, 4)]  # weight as B, BM = 16..64
+LARGE_GRID = [(128, 128, False, 8, 2), (64, 128, False, 4, 3), (64, 128, False, 4, 2), (128, 64, False, 4, 2),
+              (64, 256, False, 8, 2), (64, 64, False, 4, 3), (128, 128, False, 4, 2), (128, 256, False, 8, 2),
+              (64, 128, True, 4, 3), (128, 128, True, 8, 2), (64, 128, True, 4, 2)]
+TIME_ROWS = [2, 8, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def grid_configs(m: int) -> dict[str, tuple]:
+    """name -> ktiled_gemm args (bm, bn, w_as_a, split_k, warps, stages)."""
+    if m <= 64:
+        bm = max(16, 1 << (m - 1).bit_length())
+        out = {f"ktiled A bn{bn} bm{bm} w{w} s{st} sk{sk}": (bm, bn, True, sk, w, st) for bn, w, st, sk in SMALL_GRID}
+        out.update({f"ktiled B bn{bn} bm{bm} w{w} s{st} sk{sk}": (bm, bn, False, sk, w, st) for bn, w, st, sk in SMALL_GRID_B})
+        return out
+    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st}": (bm, bn, wa, 1, w, st) for bm, bn, wa, w, st in LARGE_GRID}
+
+
 def time_all(doc):
     gen = torch.Generator(device=DEV).manual_seed(2)
     res = doc.setdefault("time", [])
@@ -84,41 +104,35 @@ def time_all(doc):
         w4_bytes = n * k // 2 + n * (k // group) * 3
         r4 = max(1, -(-L2_OVERFLOW // w4_bytes))
         packed = [make_packed(n, k, 4, group, False, gen) for _ in range(r4)]
-        ops_old = [fused.FusedOperands(tiny=fused.tinygemm_operands(*p, group)) for p in packed]
-        ops_new = [fused.FusedOperands(tiny=o.tiny, ktiled=KT.pack_ktiled(p[0], 4, k)) for o, p in zip(ops_old, packed)]
-        for m in ROWS:
+        tiny = [fused.tinygemm_operands(*p, group) for p in packed]
+        words = [KT.pack_ktiled(p[0], 4, k) for p in packed]
+        for m in TIME_ROWS:
             x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
             t0 = time.time()
             us = {"bf16": timed(lambda i: F.linear(x, w16[i]), r16)}
-            us["dequant"] = timed(lambda i: F.linear(x, K.dequantize(*packed[i], 4, group, k)), min(r4, 8))
-            for tag, ops in (("fused(before)", ops_old), ("fused(now)", ops_new)):
-                o = ops if m <= fused.TINYGEMM_MAX_M else [fused.FusedOperands(ktiled=q.ktiled) for q in ops]
+            if m <= 16:
+                us["tinygemm"] = timed(lambda i: torch.ops.aten._weight_int4pack_mm(x, tiny[i].packed, group, tiny[i].scale_zero), r4)
+            else:
+                us["dequant"] = timed(lambda i: F.linear(x, K.dequantize(*packed[i], 4, group, k)), min(r4, 8))
+            for name, cfg in grid_configs(m).items():
                 try:
-                    fused.fused_matmul(x, *packed[0], 4, group, o[0])  # tunes once (bucket)
-                    us[tag] = timed(lambda i: fused.fused_matmul(x, *packed[i], 4, group, o[i]), r4)
+                    KT.ktiled_gemm(x, words[0], *packed[0][1:], 4, group, *cfg)
+                    us[name] = timed(lambda i: KT.ktiled_gemm(x, words[i], *packed[i][1:], 4, group, *cfg), r4)
                 except Exception as ex:  # noqa: BLE001
-                    print(tag, "ERR", label, m, repr(ex)[:300], flush=True)
-            if m > 1:
-                for name, cfg in kt_configs(m).items():
-                    try:
-                        KT.ktiled_gemm(x, ops_new[0].ktiled, *packed[0][1:], 4, group, *cfg)
-                        us[name] = timed(lambda i: KT.ktiled_gemm(x, ops_new[i].ktiled, *packed[i][1:], 4, group, *cfg), r4)
-                    except Exception as ex:  # noqa: BLE001
-                        print("kt ERR", name, repr(ex)[:300], flush=True)
-            kt = {kk: v for kk, v in us.items() if kk.startswith("ktiled")}
+                    us[name] = None
+                    print("kt ERR", name, repr(ex)[:120], flush=True)
+            kt = {kk: v for kk, v in us.items() if kk.startswith("ktiled") and v}
             best = min(kt, key=kt.get) if kt else None
             floor_us = w4_bytes / doc["copy_bw"] * 1e6
             res.append({"shape": label, "n": n, "k": k, "m": m, "us": us, "best_ktiled": best, "w4_floor_us": floor_us})
             b16 = us["bf16"]
-            summary = {kk: round(b16 / v, 2) for kk, v in us.items() if not kk.startswith("ktiled")}
-            if best:
-                summary["best_kt"] = round(b16 / kt[best], 2)
-            print(f"{label} M={m}: bf16 {b16:.1f} us; vs bf16 {summary}; best {best} "
-                  f"({kt.get(best, 0):.1f} us, W4 floor {floor_us:.1f}); {time.time() - t0:.0f}s", flush=True)
+            top = sorted(kt, key=kt.get)[:3]
+            print(f"{label} M={m}: bf16 {b16:.1f} us; " + ", ".join(f"{kk} {b16 / us[kk]:.2f}x" for kk in ("tinygemm", "dequant") if kk in us)
+                  + "; best ktiled: " + ", ".join(f"{kk} {kt[kk]:.1f} us ({b16 / kt[kk]:.2f}x)" for kk in top)
+                  + f"; W4 floor {floor_us:.1f} us; {time.time() - t0:.0f}s", flush=True)
             save(doc)
-        del w16, packed, ops_old, ops_new
+        del w16, packed, tiny, words
         torch.cuda.empty_cache()
-    doc["fused_choices"] = fused.TUNER.table()
     save(doc)
 
 

@@ -86,10 +86,10 @@ def unpack_ktiled(words: Tensor, bits: int, k: int) -> Tensor:
 
 @triton.jit
 def _ktiled_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-    W_AS_A: tl.constexpr, ATOMIC: tl.constexpr, GROUP_M: tl.constexpr,
+    W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -128,15 +128,25 @@ def _ktiled_gemm_kernel(
             else:
                 acc = tl.dot(x, tl.trans(wt), acc)
     if W_AS_A:
-        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        y_off = rm[None, :] * stride_ym + rn[:, None]
         ymask = m_mask[None, :] & (rn[:, None] < N)
     else:
-        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        y_off = rm[:, None] * stride_ym + rn[None, :]
         ymask = m_mask[:, None] & (rn[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=ymask, sem="relaxed")
+    if SPLITS == 1:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        # split-K without extra launches: partial sums go to a zeroed fp32 workspace; the program that
+        # arrives last for this tile (a per-tile counter) writes y once, in y's dtype, and re-zeroes
+        # the workspace and the counter for the next call.
+        tl.atomic_add(ws_ptr + y_off, acc, mask=ymask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are issued before the release below
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:
+            total = tl.load(ws_ptr + y_off, mask=ymask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.store(ws_ptr + y_off, tl.zeros_like(total), mask=ymask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
@@ -152,14 +162,35 @@ def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: in
                          f"(needs K % {t} == 0, group % {SUB} == 0); use the checkpoint-layout kernels")
     per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
     grid_k = triton.cdiv(k, per_split)
-    if grid_k > 1:
-        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
-    else:
-        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), grid_k)
-    _ktiled_gemm_kernel[grid](
-        x2, words, scale, zero, y, m, n, k, x2.stride(0), y.stride(0), per_split,
-        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, ATOMIC=grid_k > 1, GROUP_M=group_m,
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, m * n, tiles)
+    _ktiled_gemm_kernel[(tiles, grid_k)](
+        x2, words, scale, zero, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
+        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return y if grid_k == 1 else y.to(x2.dtype)
+    return y
+
+
+_WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def split_k_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
+    """A zeroed fp32 buffer (>= numel) and int32 tile counters (>= tiles) for split-K, one pair per
+    (device, stream), grown on demand and kept: every kernel leaves them zeroed again, so calls on one
+    stream (and CUDA-graph replays) share them without a memset. Growing is refused while a CUDA graph
+    is being captured (warm up eagerly at the largest batch first)."""
+    cuda = torch.device(device).type == "cuda"
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if cuda else None)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+        if cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"split-K workspace must grow to {numel} floats / {tiles} tiles during CUDA-graph "
+                               "capture; run this shape eagerly once before capturing")
+        numel = max(numel, 0 if ws is None else ws.numel())
+        tiles = max(tiles, 0 if cnt is None else cnt.numel())
+        ws = torch.zeros(numel, device=device, dtype=torch.float32)
+        cnt = torch.zeros(tiles, device=device, dtype=torch.int32)
+        _WORKSPACES[key] = (ws, cnt)
+    return ws, cnt

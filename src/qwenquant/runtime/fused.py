@@ -53,11 +53,11 @@ GEMM_CONFIGS_SMALL = [
 # benchmarks/w4_session.py on Qwen3-8B shapes
 GEMM_WA_CONFIGS = [(64, 64, 4, 4, 4), (64, 256, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 8, 3, 2)]
 # ktiled, 1 < M <= 64, weight as the A operand (BM = M rounded up, >= 16): (BN, warps, stages, split-K)
-KTILED_SMALL = [(64, 4, 3, 1), (64, 4, 4, 2), (128, 4, 3, 1), (128, 8, 3, 2), (64, 4, 3, 4), (128, 4, 4, 4)]
-# ktiled, M > 64: (BM, BN, weight as A?, warps, stages)
+KTILED_SMALL = [(64, 4, 3, 4), (32, 2, 3, 8), (64, 4, 3, 8), (32, 4, 3, 8), (16, 2, 3, 8), (128, 8, 3, 8)]
+# ktiled, M > 64: (BM, BN, weight as A?, warps, stages); x's tile is [BM, 256] per step, so 2-3 stages
 KTILED_LARGE = [
-    (128, 128, False, 8, 3), (128, 256, False, 8, 3), (64, 128, False, 4, 4), (128, 128, False, 4, 4),
-    (128, 128, True, 8, 3), (256, 128, True, 8, 3),
+    (64, 128, False, 4, 3), (128, 128, False, 8, 2), (64, 256, False, 8, 2), (128, 64, False, 4, 2),
+    (64, 128, True, 4, 2),
 ]
 GEMM_CONFIGS_LARGE = [
     (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
