@@ -98,7 +98,7 @@ def test_every_kernel_config_matches_reference(bits, group):
         configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok, ktiled=True)
         assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
         assert any(c[0] == "gemm_wa" for c in configs.values()) == (4 < m <= 64)
-        assert any(c[0] == "ktiled" for c in configs.values()) == (m > 1)
+        assert any(c[0] == "ktiled" for c in configs.values()) == (1 < m <= fused.KTILED_MAX_M)
         for name, (kind, cfg) in configs.items():
             y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, ops)
             assert rel_err(y, ref) < 1e-2, (name, m)

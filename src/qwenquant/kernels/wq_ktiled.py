@@ -173,16 +173,18 @@ def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: in
     return y
 
 
-_WORKSPACES: dict[tuple, tuple[Tensor, Tensor]] = {}
+_WORKSPACES: dict[str, tuple[Tensor, Tensor]] = {}
+_RETIRED: list[tuple[Tensor, Tensor]] = []
 
 
 def split_k_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
     """A zeroed fp32 buffer (>= numel) and int32 tile counters (>= tiles) for split-K, one pair per
-    (device, stream), grown on demand and kept: every kernel leaves them zeroed again, so calls on one
-    stream (and CUDA-graph replays) share them without a memset. Growing is refused while a CUDA graph
-    is being captured (warm up eagerly at the largest batch first)."""
+    device, grown on demand and kept: every kernel leaves them zeroed again, so consecutive calls (and
+    CUDA-graph replays) share them without a memset. Not for concurrent split-K calls on several
+    streams of one device. Growing is refused while a CUDA graph is being captured (warm up eagerly
+    at the largest batch first)."""
     cuda = torch.device(device).type == "cuda"
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream if cuda else None)
+    key = str(device)
     ws, cnt = _WORKSPACES.get(key, (None, None))
     if ws is None or ws.numel() < numel or cnt.numel() < tiles:
         if cuda and torch.cuda.is_current_stream_capturing():
@@ -190,6 +192,8 @@ def split_k_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Ten
                                "capture; run this shape eagerly once before capturing")
         numel = max(numel, 0 if ws is None else ws.numel())
         tiles = max(tiles, 0 if cnt is None else cnt.numel())
+        if ws is not None:  # CUDA graphs captured earlier still point at the old pair: keep it alive
+            _RETIRED.append((ws, cnt))
         ws = torch.zeros(numel, device=device, dtype=torch.float32)
         cnt = torch.zeros(tiles, device=device, dtype=torch.int32)
         _WORKSPACES[key] = (ws, cnt)

@@ -7,7 +7,7 @@ bucket) by ``TUNER`` and the fastest kept:
 * M ≤ 4: the FFMA GEMV kernels (``gemv2`` where its tile fits K and the group, else ``gemv``);
 * M ≤ 16, 4-bit, bf16: torch's tinygemm (``aten._weight_int4pack_mm``; a repacked copy of the
   weight is built once per layer, see ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100;
-* M > 1, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
+* 1 < M <= 64, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
   GEMM on a k-tile-interleaved repack of the weight, built once per layer;
 * M > 4: the checkpoint-layout tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A
   operand) and ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both.
@@ -52,13 +52,13 @@ GEMM_CONFIGS_SMALL = [
 # gemm_wa for 4 < M <= 64 (BM = M rounded up, >= 16): (BN, BK, warps, stages, split-K); the winners of
 # benchmarks/w4_session.py on Qwen3-8B shapes
 GEMM_WA_CONFIGS = [(64, 64, 4, 4, 4), (64, 256, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 8, 3, 2)]
-# ktiled, 1 < M <= 64, weight as the A operand (BM = M rounded up, >= 16): (BN, warps, stages, split-K)
-KTILED_SMALL = [(64, 4, 3, 4), (32, 2, 3, 8), (64, 4, 3, 8), (32, 4, 3, 8), (16, 2, 3, 8), (128, 8, 3, 8)]
-# ktiled, M > 64: (BM, BN, weight as A?, warps, stages); x's tile is [BM, 256] per step, so 2-3 stages
-KTILED_LARGE = [
-    (64, 128, False, 4, 3), (128, 128, False, 8, 2), (64, 256, False, 8, 2), (128, 64, False, 4, 2),
-    (64, 128, True, 4, 2),
-]
+# ktiled for 1 < M <= 64 (BM = M rounded up, >= 16): (BN, warps, stages, split-K, weight as the A operand?); the
+# winners of benchmarks/ktiled_session.py on Qwen3-8B shapes (results/ktiled_session_h100.json). At M >= 128 the
+# same kernel reached only 0.37-0.65x bf16 (one dequantization of the whole weight per 128 rows on the CUDA
+# cores) and lost to dequant + cuBLAS, so it is not offered there.
+KTILED_SMALL = [(64, 4, 3, 8, True), (64, 4, 3, 4, True), (64, 4, 3, 16, True), (32, 2, 3, 8, True),
+                (64, 4, 3, 8, False), (64, 4, 3, 4, False), (128, 4, 3, 8, False)]
+KTILED_MAX_M = 64
 GEMM_CONFIGS_LARGE = [
     (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
     (128, 64, 64, 4, 4),
@@ -118,7 +118,7 @@ def _operands(layer, bits: int, group: int, m: int) -> FusedOperands:
     n, k = layer.out_features, layer.in_features
     if ops.tiny is None and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
         ops.tiny = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
-    if ops.ktiled is None and m > 1 and KT.ktiled_ok(bits, group, n, k):
+    if ops.ktiled is None and 1 < m <= KTILED_MAX_M and KT.ktiled_ok(bits, group, n, k):
         ops.ktiled = KT.pack_ktiled(layer.qweight, bits, k)
     return ops
 
@@ -141,18 +141,15 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
     """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled", config) for the kernels that can serve
     m rows. Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
-    if ktiled and m > 1:
+    if ktiled and 1 < m <= KTILED_MAX_M:
         extra.update(_ktiled_configs(m))
     return {**extra, **_triton_configs(m, k, group, bits)}
 
 
 def _ktiled_configs(m: int) -> dict[str, tuple]:
-    if m <= 64:
-        bm = max(16, 1 << (m - 1).bit_length())
-        return {f"ktiled A bn{bn} bm{bm} w{w} s{st} sk{sk}": ("ktiled", (bm, bn, True, sk, w, st))
-                for bn, w, st, sk in KTILED_SMALL}
-    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st}": ("ktiled", (bm, bn, wa, 1, w, st))
-            for bm, bn, wa, w, st in KTILED_LARGE}
+    bm = max(16, 1 << (m - 1).bit_length())
+    return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{st} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, st))
+            for bn, w, st, sk, wa in KTILED_SMALL}
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
