@@ -2,6 +2,8 @@
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/gpu_session.py tests gemm e2e
 
+(``QWENQUANT_GEMM_MODES=w4g128-fused,w4g128-auto`` limits the gemm stage to some modes, bf16 always runs.)
+
 Stages run in the order given; each writes $OUT/<stage>.json (tests: $OUT/tests.log) and prints a
 short table, so a stage that fails leaves the earlier ones' results behind.
 """
@@ -34,7 +36,8 @@ def stage_tests() -> None:
 def stage_gemm(models) -> None:
     from qwenquant.bench import gemm
 
-    res = gemm.run(models=models)
+    modes = os.environ.get("QWENQUANT_GEMM_MODES")  # comma-separated subset of bench.gemm.MODES (bf16 always runs)
+    res = gemm.run(models=models, modes=modes.split(",") if modes else None)
     with open(f"{OUT}/gemm.json", "w") as f:
         json.dump(res, f, default=str)
     print(summary_gemm(res))
