@@ -39,9 +39,9 @@ def save(doc):
         json.dump(doc, f, indent=1, default=str)
 
 
-def kt_configs(m: int) -> dict[str, tuple]:
+def kt_configs(m: int, bits: int = 4) -> dict[str, tuple]:
     """fused's ktiled table (its small-M configs, also run at larger M here to check correctness)."""
-    return {name: cfg for name, (kind, cfg) in fused._ktiled_configs(min(64, max(2, fused.m_bucket(m)))).items()}
+    return {name: cfg for name, (kind, cfg) in fused._ktiled_configs(min(64, max(2, fused.m_bucket(m))), bits).items()}
 
 
 def check(doc):
@@ -59,7 +59,7 @@ def check(doc):
                 x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
                 ref = x.double() @ w.double().T
                 bf16_err = rel(x.float() @ w.to(torch.bfloat16).float().T, ref)
-                for name, cfg in kt_configs(m).items():
+                for name, cfg in kt_configs(m, bits).items():
                     try:
                         e = rel(KT.ktiled_gemm(x, words, s, z, bits, g, *cfg), ref)
                     except Exception as ex:  # noqa: BLE001

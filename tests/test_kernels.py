@@ -95,13 +95,14 @@ def test_every_kernel_config_matches_reference(bits, group):
     for m in (1, 3, 16, 40, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ wref.double().T
-        configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok, ktiled=True)
-        assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
-        assert any(c[0] == "gemm_wa" for c in configs.values()) == (4 < m <= 64)
-        assert any(c[0] == "ktiled" for c in configs.values()) == (1 < m <= fused.KTILED_MAX_M)
-        for name, (kind, cfg) in configs.items():
-            y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, ops)
-            assert rel_err(y, ref) < 1e-2, (name, m)
+        for kt in (True, False):  # with the k-tiled copy, and without (K not a multiple of its tile)
+            configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok, ktiled=kt)
+            assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
+            assert any(c[0] == "ktiled" for c in configs.values()) == (kt and 1 < m <= fused.KTILED_MAX_M)
+            assert any(c[0] == "gemm_wa" for c in configs.values()) == (not kt and 4 < m <= 64)
+            for name, (kind, cfg) in configs.items():
+                y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, ops)
+                assert rel_err(y, ref) < 1e-2, (name, m)
 
 
 @pytest.mark.gpu
