@@ -19,6 +19,7 @@ tinygemm and ktiled read repacked copies (``FusedOperands``, counted in the laye
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,13 @@ from qwenquant.kernels import wq_matmul as K
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("fused")
+# Which repacked copies fused mode may build beside the checkpoint tensors: each buys speed with memory
+# (Qwen3-8B decoder linears: checkpoint 0.26x bf16 bytes, + tinygemm 0.53x, + ktiled 0.78x). Set
+# QWENQUANT_FUSED_COPIES=none (or a comma list) before the first forward to trade speed for memory.
+_copies_env = os.environ.get("QWENQUANT_FUSED_COPIES", "tinygemm,ktiled")
+FUSED_COPIES: set[str] = set() if _copies_env.strip() in ("", "none") else {c.strip() for c in _copies_env.split(",")}
+if not FUSED_COPIES <= {"tinygemm", "ktiled"}:
+    raise ValueError(f"QWENQUANT_FUSED_COPIES={_copies_env!r}: expected 'none' or a comma list of tinygemm, ktiled")
 # torch's tinygemm (tensor-core, int4) wins at M <= 8 on an H100 and falls off fast after
 # (benchmarks/results/w4_session_h100_run1.json: 2.3-2.6x bf16 at M=1, ~1.1x at 8, 0.7x at 16)
 TINYGEMM_MAX_M = 16
@@ -116,9 +124,9 @@ def _operands(layer, bits: int, group: int, m: int) -> FusedOperands:
     if not isinstance(ops, FusedOperands):
         ops = layer._cached_weight = FusedOperands()
     n, k = layer.out_features, layer.in_features
-    if ops.tiny is None and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
+    if ops.tiny is None and "tinygemm" in FUSED_COPIES and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
         ops.tiny = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
-    if ops.ktiled is None and 1 < m <= KTILED_MAX_M and KT.ktiled_ok(bits, group, n, k):
+    if ops.ktiled is None and "ktiled" in FUSED_COPIES and 1 < m <= KTILED_MAX_M and KT.ktiled_ok(bits, group, n, k):
         ops.ktiled = KT.pack_ktiled(layer.qweight, bits, k)
     return ops
 
