@@ -89,7 +89,7 @@ def _ktiled_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-    W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr,
+    W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr, PAIRS: tl.constexpr = False,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -114,19 +114,23 @@ def _ktiled_gemm_kernel(
         w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
         s = tl.load(s_ptr + rn_c * NG + k0 // GROUP).to(tl.float32)  # [BN]
         zb = tl.load(z_ptr + rn_c * NG + k0 // GROUP).to(tl.float32) + 8388608.0
-        for t in tl.static_range(CPW):
-            if t > 0 and (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
-                g = (k0 + t * SUBK) // GROUP
-                s = tl.load(s_ptr + rn_c * NG + g).to(tl.float32)
-                zb = tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + 8388608.0
-            f = (((w >> (t * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
-                        mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
-            wt = ((f - zb[:, None]) * s[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
-            if W_AS_A:
-                acc = tl.dot(wt, tl.trans(x), acc)
-            else:
-                acc = tl.dot(x, tl.trans(wt), acc)
+        if PAIRS:
+            acc = _pairs_step(acc, w, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0, stride_xm, NG,
+                              GROUP, BITS, SUBK, W_AS_A)
+        else:
+            for t in tl.static_range(CPW):
+                if t > 0 and (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
+                    g = (k0 + t * SUBK) // GROUP
+                    s = tl.load(s_ptr + rn_c * NG + g).to(tl.float32)
+                    zb = tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + 8388608.0
+                f = (((w >> (t * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
+                            mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
+                wt = ((f - zb[:, None]) * s[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
+                if W_AS_A:
+                    acc = tl.dot(wt, tl.trans(x), acc)
+                else:
+                    acc = tl.dot(x, tl.trans(wt), acc)
     if W_AS_A:
         y_off = rm[None, :] * stride_ym + rn[:, None]
         ymask = m_mask[None, :] & (rn[:, None] < N)
@@ -149,9 +153,53 @@ def _ktiled_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
+@triton.jit
+def _pairs_slice(v16, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, kt, stride_xm, NG, GROUP: tl.constexpr,
+                 acc, W_AS_A: tl.constexpr):
+    """One 32-column slice from its bf16 codes (128 + code, exact): Ŵ = (v - (128 + z))·s in bf16."""
+    g = kt // GROUP
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + (kt + rs)[None, :], mask=m_mask[:, None], other=0.0)
+    bias = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
+    s = tl.load(s_ptr + rn_c * NG + g).to(x.dtype)
+    zb = (tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + bias).to(x.dtype)
+    wt = ((v16 - zb[:, None]) * s[:, None]).to(x.dtype)
+    if W_AS_A:
+        return tl.dot(wt, tl.trans(x), acc)
+    return tl.dot(x, tl.trans(wt), acc)
+
+
+@triton.jit
+def _pairs_step(acc, w, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0, stride_xm, NG,
+                GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, W_AS_A: tl.constexpr):
+    """Experimental (``pairs=True``): codes t and t + CPW/2 sit at bits t·bits and t·bits + 16 of a word, so one
+    AND + OR with 0x43004300 makes two bf16 values 128 + code (exact) at once — the Marlin/FasterTransformer
+    trick — and the scale is applied in x's dtype: Ŵ = (v - (128 + z))·bf16(s), i.e. the fp16 scale is rounded
+    to bf16 first (≤ 2⁻⁹ relative more than the one-rounding path); fp16 x uses 1024 + code (0x6400). 2- and
+    4-bit only."""
+    CPW: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = CPW // 2
+    MASK: tl.constexpr = (1 << BITS) - 1
+    PAIR: tl.constexpr = MASK | (MASK << 16)
+    if x_ptr.dtype.element_ty == tl.float16:  # fp16 1024 + code: exponent bits 0x6400
+        ONE: tl.constexpr = 0x64006400
+        DT: tl.constexpr = tl.float16
+    else:  # bf16 128 + code: exponent bits 0x4300
+        ONE: tl.constexpr = 0x43004300
+        DT: tl.constexpr = tl.bfloat16
+    for t in tl.static_range(HALF):
+        v = ((w >> (t * BITS)) & PAIR) | ONE
+        lo = (v & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+        hi = (v >> 16).to(tl.int16).to(DT, bitcast=True)
+        acc = _pairs_slice(lo, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0 + t * SUBK, stride_xm, NG, GROUP,
+                           acc, W_AS_A)
+        acc = _pairs_slice(hi, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0 + (t + HALF) * SUBK, stride_xm, NG,
+                           GROUP, acc, W_AS_A)
+    return acc
+
+
 def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
-                num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> Tensor:
+                num_warps: int = 4, num_stages: int = 3, group_m: int = 8, pairs: bool = False) -> Tensor:
     """x2 [M, K] bf16/fp16, words from ``pack_ktiled`` [N, K/CPW], scale [N, K/G] fp16, zero [N, K/G] uint8
     -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an fp32 buffer."""
     m, k = x2.shape
@@ -168,7 +216,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: in
     _ktiled_gemm_kernel[(tiles, grid_k)](
         x2, words, scale, zero, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages,
+        PAIRS=pairs and bits in (2, 4), num_warps=num_warps, num_stages=num_stages,
     )
     return y
 
