@@ -175,7 +175,8 @@ def _pairs_step(acc, w, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0, stride_xm
     AND + OR with 0x43004300 makes two bf16 values 128 + code (exact) at once — the Marlin/FasterTransformer
     trick — and the scale is applied in x's dtype: Ŵ = (v - (128 + z))·bf16(s), i.e. the fp16 scale is rounded
     to bf16 first (≤ 2⁻⁹ relative more than the one-rounding path); fp16 x uses 1024 + code (0x6400). 2- and
-    4-bit only."""
+    4-bit only. Measured (results/ktiled_pairs_h100.json, weight as B): +3-9 % at M <= 16 on the large Qwen3-8B
+    shapes, slower at M >= 32 — so the fp32 path stays the default; the kernel is not bound by this arithmetic alone."""
     CPW: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = CPW // 2
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -208,6 +209,9 @@ def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: in
     if not ktiled_ok(bits, group, n, k):
         raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
                          f"(needs K % {t} == 0, group % {SUB} == 0); use the checkpoint-layout kernels")
+    if pairs and w_as_a:
+        raise ValueError("ktiled_gemm(pairs=True) needs w_as_a=False: with the weight as the A operand it does not "
+                         "compile on Triton 3.6 (H100)")
     per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
     grid_k = triton.cdiv(k, per_split)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
