@@ -9,8 +9,12 @@ bucket) by ``TUNER`` and the fastest kept:
   weight is built once per layer, see ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100;
 * 1 < M <= 64, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
   GEMM on a k-tile-interleaved repack of the weight, built once per layer;
-* M > 4: the checkpoint-layout tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A
-  operand) and ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both.
+* M > 4 where ktiled does not serve (M > 64, K not a multiple of its tile, or the copy disabled): the
+  checkpoint-layout tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A operand) and
+  ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both. They are slow at M > 64 (≈ 0.2x bf16);
+  ``auto`` then picks unpack + cuBLAS.
+
+Layer ratios vs bf16 on an H100 (Qwen3-8B, W4 g128; BENCHMARKS.md): 2.3x at M = 1, 1.3x at 16, 0.96x at 64.
 
 The checkpoint layout is read as it is (no copy) by the GEMV and checkpoint-layout GEMM kernels;
 tinygemm and ktiled read repacked copies (``FusedOperands``, counted in the layer's bytes).
