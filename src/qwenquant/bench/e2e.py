@@ -200,8 +200,13 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None)
             summary[r["mode"]] = {"prefill_x": r["prefill_tok_s"] / base["prefill_tok_s"],
                                   **{f"decode_b{b}_x": r["decode"][b]["tok_s"] / base["decode"][b]["tok_s"] for b in BATCHES},
                                   "linear_bytes_x": r["linear_weight_bytes"] / base["linear_weight_bytes"]}
+        from qwenquant.runtime import auto, fused, native
+
+        # every tuning decision (which kernel / which mode per shape and M bucket, with the timings): the
+        # per-GEMM table and the end-to-end step can then be traced to the same choices
+        tuning = {t.name: t.table() for t in (fused.TUNER, auto.TUNER, getattr(native, "TUNER", None)) if t is not None}
         doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
-               "results": results, "summary": summary}
+               "results": results, "summary": summary, "tuning": tuning}
         if out_path:
             with open(out_path, "w") as f:
                 json.dump(doc, f, default=str)
