@@ -95,18 +95,25 @@ def grid_configs(m: int) -> dict[str, tuple]:
     return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st}": (bm, bn, wa, 1, w, st) for bm, bn, wa, w, st in LARGE_GRID}
 
 
+def shape_operands(n: int, k: int, group: int, gen):
+    """bf16 weights and W4 packed weights (+ their k-tiled words), each repeated past the L2 size:
+    (w16, r16, packed, r4, w4_bytes, words)."""
+    r16 = max(1, -(-L2_OVERFLOW // (n * k * 2)))
+    w16 = [torch.randn(n, k, device=DEV, generator=gen).to(torch.bfloat16) * 0.02 for _ in range(r16)]
+    w4_bytes = n * k // 2 + n * (k // group) * 3
+    r4 = max(1, -(-L2_OVERFLOW // w4_bytes))
+    packed = [make_packed(n, k, 4, group, False, gen) for _ in range(r4)]
+    words = [KT.pack_ktiled(p[0], 4, k) for p in packed]
+    return w16, r16, packed, r4, w4_bytes, words
+
+
 def time_all(doc):
     gen = torch.Generator(device=DEV).manual_seed(2)
     res = doc.setdefault("time", [])
     group = 128
     for label, (n, k) in SHAPES.items():
-        r16 = max(1, -(-L2_OVERFLOW // (n * k * 2)))
-        w16 = [torch.randn(n, k, device=DEV, generator=gen).to(torch.bfloat16) * 0.02 for _ in range(r16)]
-        w4_bytes = n * k // 2 + n * (k // group) * 3
-        r4 = max(1, -(-L2_OVERFLOW // w4_bytes))
-        packed = [make_packed(n, k, 4, group, False, gen) for _ in range(r4)]
+        w16, r16, packed, r4, w4_bytes, words = shape_operands(n, k, group, gen)
         tiny = [fused.tinygemm_operands(*p, group) for p in packed]
-        words = [KT.pack_ktiled(p[0], 4, k) for p in packed]
         for m in TIME_ROWS:
             x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
             t0 = time.time()
@@ -143,12 +150,7 @@ def pairs(doc):
     res = doc.setdefault("pairs", [])
     group = 128
     for label, (n, k) in SHAPES.items():
-        r16 = max(1, -(-L2_OVERFLOW // (n * k * 2)))
-        w16 = [torch.randn(n, k, device=DEV, generator=gen).to(torch.bfloat16) * 0.02 for _ in range(r16)]
-        w4_bytes = n * k // 2 + n * (k // group) * 3
-        r4 = max(1, -(-L2_OVERFLOW // w4_bytes))
-        packed = [make_packed(n, k, 4, group, False, gen) for _ in range(r4)]
-        words = [KT.pack_ktiled(p[0], 4, k) for p in packed]
+        w16, r16, packed, r4, w4_bytes, words = shape_operands(n, k, group, gen)
         wref = K.reference_dequantize(*packed[0], 4, k)
         for m in (2, 16, 32, 64, 128, 1024):
             x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
