@@ -109,3 +109,30 @@ def test_ktiled_repack_is_a_permutation_of_the_checkpoint_bits():
         assert torch.equal(unpack(qw, bits, k), codes)
     with pytest.raises(ValueError, match="divisible by 256"):
         KT.pack_ktiled(pack(torch.zeros(2, 576, dtype=torch.uint8), 4), 4, 576)
+
+
+def test_split_k_workspace_grows_and_keeps_old_buffers_alive():
+    """The split-K workspace is shared per device, grows on demand, and keeps replaced buffers referenced
+    (a CUDA graph captured earlier may still point at them)."""
+    import torch
+
+    from qwenquant.kernels import wq_ktiled as KT
+
+    KT._WORKSPACES.pop("cpu", None)
+    ws, cnt = KT.split_k_workspace(torch.device("cpu"), 100, 4)
+    assert ws.numel() >= 100 and cnt.numel() >= 4 and not ws.any() and not cnt.any()
+    assert KT.split_k_workspace(torch.device("cpu"), 50, 2)[0] is ws  # big enough: the same buffer
+    retired = len(KT._RETIRED)
+    ws2, cnt2 = KT.split_k_workspace(torch.device("cpu"), 1000, 2)
+    assert ws2.numel() >= 1000 and cnt2.numel() >= 4  # grows, never shrinks
+    assert len(KT._RETIRED) == retired + 1 and KT._RETIRED[-1][0] is ws
+
+
+def test_fused_copies_setting_is_checked():
+    env = {**os.environ, "QWENQUANT_FUSED_COPIES": "marlin"}
+    out = subprocess.run([sys.executable, "-c", "import qwenquant.runtime.fused"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "QWENQUANT_FUSED_COPIES='marlin'" in out.stderr and "tinygemm, ktiled" in out.stderr
+    env["QWENQUANT_FUSED_COPIES"] = "none"
+    out = subprocess.run([sys.executable, "-c", "import qwenquant.runtime.fused as f; print(sorted(f.FUSED_COPIES))"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]"
