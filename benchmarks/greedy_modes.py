@@ -25,7 +25,7 @@ import time
 import torch
 
 from qwenquant import api
-from qwenquant.runtime.quant_linear import QuantLinear
+from qwenquant.runtime.quant_linear import set_execution_mode
 
 PROMPTS = [
     "The capital of France is",
@@ -42,12 +42,6 @@ RECIPES = {
     "rtn-w8a8": (dict(method="rtn", bits=8, group_size=None, symmetric=True, act_bits=8),
                  ["dequant", "native-int8", "native-fp8", "auto"]),
 }
-
-
-def set_mode(model, mode: str) -> None:
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.mode = mode
 
 
 @torch.no_grad()
@@ -92,14 +86,14 @@ def run(device: str, new_tokens: int, out_file: str | None = None) -> dict:
         doc["recipes"][rname] = rec
         for prompt in PROMPTS:
             ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-            set_mode(model32, "fake")
+            set_execution_mode(model32, "fake")
             ref32, ref32_logits = generate(model32, ids, new_tokens)
-            set_mode(model, "fake")
+            set_execution_mode(model, "fake")
             ref, ref_logits = generate(model, ids, new_tokens)
             entry = {"prompt": prompt, "fake": tok.decode(ref), "fake_fp32": tok.decode(ref32),
                      "fake_vs_fp32": compare(ref32, ref32_logits, ref, ref_logits), "modes": {}}
             for mode in modes:
-                set_mode(model, mode)
+                set_execution_mode(model, mode)
                 try:
                     got, logits = generate(model, ids, new_tokens)
                 except Exception as e:  # noqa: BLE001 — recorded, the other modes still run

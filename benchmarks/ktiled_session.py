@@ -1,6 +1,6 @@
 """The k-tiled W4A16 GEMM (``kernels/wq_ktiled.py``) vs the other W4 paths, Qwen3-8B shapes, one GPU.
 
-    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/ktiled_session.py [check] [time] [pairs]
+    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/ktiled_session.py [check] [time]
     # JSON -> $OUT/ktiled_session.json
 
 check: every config of ``fused``'s ktiled tables against a float64 reference on fresh random packed
@@ -9,6 +9,7 @@ error as a ratio to the error of rounding Ŵ to bf16.
 time: per (shape, M): bf16 F.linear, Triton unpack + cuBLAS (``dequant``), tinygemm (M <= 16), the
 ``fused`` path as tuned before this kernel (no ktiled copy) and now (with it), and each ktiled config.
 CUDA-graph replay over R weight copies (R·bytes >= 200 MB > the 50 MB L2), per copy.
+(The ``pairs`` stage behind results/ktiled_pairs_h100.json is in commit ef9ec26, with the variant it timed.)
 """
 
 from __future__ import annotations
@@ -144,40 +145,6 @@ def time_all(doc):
     save(doc)
 
 
-def pairs(doc):
-    """The experimental bf16-pair dequantization (``ktiled_gemm(pairs=True)``) vs the fp32 path, same configs."""
-    gen = torch.Generator(device=DEV).manual_seed(3)
-    res = doc.setdefault("pairs", [])
-    group = 128
-    for label, (n, k) in SHAPES.items():
-        w16, r16, packed, r4, w4_bytes, words = shape_operands(n, k, group, gen)
-        wref = K.reference_dequantize(*packed[0], 4, k)
-        for m in (2, 16, 32, 64, 128, 1024):
-            x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
-            ref = x.double() @ wref.double().T
-            us = {"bf16": timed(lambda i: F.linear(x, w16[i]), r16)}
-            errs = {}
-            cfgs = kt_configs(m) if m <= 64 else {kk: v for kk, v in grid_configs(m).items() if "w8 s2" in kk or "bm64 bn128" in kk}
-            for name, cfg in cfgs.items():
-                for pr in (False, True):
-                    tag = f"{name}{' pairs' if pr else ''}"
-                    try:
-                        errs[tag] = rel(KT.ktiled_gemm(x, words[0], *packed[0][1:], 4, group, *cfg, pairs=pr), ref)
-                        us[tag] = timed(lambda i: KT.ktiled_gemm(x, words[i], *packed[i][1:], 4, group, *cfg, pairs=pr), r4)
-                    except Exception as ex:  # noqa: BLE001
-                        print("pairs ERR", tag, repr(ex)[:200], flush=True)
-            b16 = us["bf16"]
-            best = {v: min((t for kk, t in us.items() if kk != "bf16" and kk.endswith(" pairs") == v), default=None)
-                    for v in (False, True)}
-            res.append({"shape": label, "m": m, "us": us, "rel_err": errs})
-            print(f"{label} M={m}: bf16 {b16:.1f} us; best fp32-path {b16 / best[False]:.2f}x, best pairs "
-                  f"{b16 / best[True]:.2f}x; worst err fp32-path {max(v for kk, v in errs.items() if 'pairs' not in kk):.2e}, "
-                  f"pairs {max(v for kk, v in errs.items() if 'pairs' in kk):.2e}", flush=True)
-            save(doc)
-        del w16, packed, words
-        torch.cuda.empty_cache()
-
-
 def main():
     os.makedirs(OUT, exist_ok=True)
     doc = {"env": environment(), "commit": os.environ.get("QWENQUANT_COMMIT", "")}
@@ -194,8 +161,6 @@ def main():
         check(doc)
     if "time" in stages:
         time_all(doc)
-    if "pairs" in stages:
-        pairs(doc)
 
 
 if __name__ == "__main__":

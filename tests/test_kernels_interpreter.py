@@ -51,8 +51,6 @@ SCRIPT = textwrap.dedent(
                 words = KT.pack_ktiled(qw, bits, k)
                 for wa, split in ((True, 1), (True, 2), (False, 1)):
                     note("ktiled", KT.ktiled_gemm(x, words, s, z, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split), ref)
-                if bits in (2, 4):  # the experimental paired dequantization (fp16 here: 1024 + code)
-                    note("ktiled", KT.ktiled_gemm(x, words, s, z, bits, g, bm=16, bn=16, w_as_a=False, split_k=2, pairs=True), ref)
             for bk, split in ((64, 1), (128, 2)):
                 if K.gemm_wa_ok(bits, g, k, bk):
                     note("gemm_wa", K.gemm_wa(x, qw, s, z, bits, g, bn=32, bm=16, bk=bk, split_k=split), ref)

@@ -188,6 +188,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None)
     import json
 
     from qwenquant.bench.hw import environment
+    from qwenquant.runtime import auto, fused, native
 
     model = build_model(n_layers)
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in decoder_linears(model)]
@@ -200,11 +201,9 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None)
             summary[r["mode"]] = {"prefill_x": r["prefill_tok_s"] / base["prefill_tok_s"],
                                   **{f"decode_b{b}_x": r["decode"][b]["tok_s"] / base["decode"][b]["tok_s"] for b in BATCHES},
                                   "linear_bytes_x": r["linear_weight_bytes"] / base["linear_weight_bytes"]}
-        from qwenquant.runtime import auto, fused, native
-
         # every tuning decision (which kernel / which mode per shape and M bucket, with the timings): the
         # per-GEMM table and the end-to-end step can then be traced to the same choices
-        tuning = {t.name: t.table() for t in (fused.TUNER, auto.TUNER, getattr(native, "TUNER", None)) if t is not None}
+        tuning = {t.name: t.table() for t in (fused.TUNER, auto.TUNER, native.TUNER)}
         doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:

@@ -14,3 +14,12 @@ def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.cons
     first_m = (pid // per_group) * GROUP_M
     gm = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % gm, (pid % per_group) // gm
+
+
+@triton.jit
+def tile_ranges(pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """The row and column indices of output tile (pid_m, pid_n): (rm, m_mask, rn, rn_c), where rn_c clamps
+    columns past N to 0 so weight loads need no mask (the store masks them)."""
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    return rm, rm < M, rn, tl.where(rn < N, rn, 0)

@@ -28,6 +28,11 @@ Two orientations (constexpr ``W_AS_A``):
 Requirements: bits ∈ {2, 4, 8}; K a multiple of T (128 for 8-bit, 256 for 4-bit, 512 for 2-bit);
 group size a multiple of SUB dividing K (32/64/128/… or per-channel); N a multiple of 8.
 Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_ktiled`` inverts the repack).
+
+Tried and dropped (commit ef9ec26, results/ktiled_pairs_h100.json): making two codes into a bf16x2 with one
+AND + OR (0x43004300, the Marlin trick) and applying the scale in bf16 halves the dequantization
+instructions but bought only 3-9 % at M <= 16 and lost at M >= 32, and did not compile with the weight as
+the A operand: this kernel is not bound by that arithmetic alone.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwenquant.kernels.tiles import grouped_tile
+from qwenquant.kernels.tiles import grouped_tile, tile_ranges
 from qwenquant.numerics.packing import pack, unpack
 
 SUB = 32  # columns per shifted slice = depth of each tl.dot
@@ -89,7 +94,7 @@ def _ktiled_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-    W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr, PAIRS: tl.constexpr = False,
+    W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -99,10 +104,7 @@ def _ktiled_gemm_kernel(
     pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     KW = K // CPW
     NG = K // GROUP
-    rn = pid_n * BN + tl.arange(0, BN)
-    rn_c = tl.where(rn < N, rn, 0)  # clamp instead of masking the weight loads
-    rm = pid_m * BM + tl.arange(0, BM)
-    m_mask = rm < M
+    rm, m_mask, rn, rn_c = tile_ranges(pid_m, pid_n, M, N, BM, BN)
     rs = tl.arange(0, SUBK)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -114,23 +116,19 @@ def _ktiled_gemm_kernel(
         w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
         s = tl.load(s_ptr + rn_c * NG + k0 // GROUP).to(tl.float32)  # [BN]
         zb = tl.load(z_ptr + rn_c * NG + k0 // GROUP).to(tl.float32) + 8388608.0
-        if PAIRS:
-            acc = _pairs_step(acc, w, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0, stride_xm, NG,
-                              GROUP, BITS, SUBK, W_AS_A)
-        else:
-            for t in tl.static_range(CPW):
-                if t > 0 and (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
-                    g = (k0 + t * SUBK) // GROUP
-                    s = tl.load(s_ptr + rn_c * NG + g).to(tl.float32)
-                    zb = tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + 8388608.0
-                f = (((w >> (t * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
-                            mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
-                wt = ((f - zb[:, None]) * s[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
-                if W_AS_A:
-                    acc = tl.dot(wt, tl.trans(x), acc)
-                else:
-                    acc = tl.dot(x, tl.trans(wt), acc)
+        for t in tl.static_range(CPW):
+            if t > 0 and (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
+                g = (k0 + t * SUBK) // GROUP
+                s = tl.load(s_ptr + rn_c * NG + g).to(tl.float32)
+                zb = tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + 8388608.0
+            f = (((w >> (t * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
+                        mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
+            wt = ((f - zb[:, None]) * s[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
+            if W_AS_A:
+                acc = tl.dot(wt, tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(wt), acc)
     if W_AS_A:
         y_off = rm[None, :] * stride_ym + rn[:, None]
         ymask = m_mask[None, :] & (rn[:, None] < N)
@@ -153,54 +151,9 @@ def _ktiled_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
-@triton.jit
-def _pairs_slice(v16, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, kt, stride_xm, NG, GROUP: tl.constexpr,
-                 acc, W_AS_A: tl.constexpr):
-    """One 32-column slice from its bf16 codes (128 + code, exact): Ŵ = (v - (128 + z))·s in bf16."""
-    g = kt // GROUP
-    x = tl.load(x_ptr + rm[:, None] * stride_xm + (kt + rs)[None, :], mask=m_mask[:, None], other=0.0)
-    bias = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
-    s = tl.load(s_ptr + rn_c * NG + g).to(x.dtype)
-    zb = (tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + bias).to(x.dtype)
-    wt = ((v16 - zb[:, None]) * s[:, None]).to(x.dtype)
-    if W_AS_A:
-        return tl.dot(wt, tl.trans(x), acc)
-    return tl.dot(x, tl.trans(wt), acc)
-
-
-@triton.jit
-def _pairs_step(acc, w, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0, stride_xm, NG,
-                GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, W_AS_A: tl.constexpr):
-    """Experimental (``pairs=True``): codes t and t + CPW/2 sit at bits t·bits and t·bits + 16 of a word, so one
-    AND + OR with 0x43004300 makes two bf16 values 128 + code (exact) at once — the Marlin/FasterTransformer
-    trick — and the scale is applied in x's dtype: Ŵ = (v - (128 + z))·bf16(s), i.e. the fp16 scale is rounded
-    to bf16 first (≤ 2⁻⁹ relative more than the one-rounding path); fp16 x uses 1024 + code (0x6400). 2- and
-    4-bit only. Measured (results/ktiled_pairs_h100.json, weight as B): +3-9 % at M <= 16 on the large Qwen3-8B
-    shapes, slower at M >= 32 — so the fp32 path stays the default; the kernel is not bound by this arithmetic alone."""
-    CPW: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = CPW // 2
-    MASK: tl.constexpr = (1 << BITS) - 1
-    PAIR: tl.constexpr = MASK | (MASK << 16)
-    if x_ptr.dtype.element_ty == tl.float16:  # fp16 1024 + code: exponent bits 0x6400
-        ONE: tl.constexpr = 0x64006400
-        DT: tl.constexpr = tl.float16
-    else:  # bf16 128 + code: exponent bits 0x4300
-        ONE: tl.constexpr = 0x43004300
-        DT: tl.constexpr = tl.bfloat16
-    for t in tl.static_range(HALF):
-        v = ((w >> (t * BITS)) & PAIR) | ONE
-        lo = (v & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
-        hi = (v >> 16).to(tl.int16).to(DT, bitcast=True)
-        acc = _pairs_slice(lo, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0 + t * SUBK, stride_xm, NG, GROUP,
-                           acc, W_AS_A)
-        acc = _pairs_slice(hi, x_ptr, s_ptr, z_ptr, rm, m_mask, rn_c, rs, k0 + (t + HALF) * SUBK, stride_xm, NG,
-                           GROUP, acc, W_AS_A)
-    return acc
-
-
 def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
-                num_warps: int = 4, num_stages: int = 3, group_m: int = 8, pairs: bool = False) -> Tensor:
+                num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> Tensor:
     """x2 [M, K] bf16/fp16, words from ``pack_ktiled`` [N, K/CPW], scale [N, K/G] fp16, zero [N, K/G] uint8
     -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an fp32 buffer."""
     m, k = x2.shape
@@ -209,9 +162,6 @@ def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: in
     if not ktiled_ok(bits, group, n, k):
         raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
                          f"(needs K % {t} == 0, group % {SUB} == 0); use the checkpoint-layout kernels")
-    if pairs and w_as_a:
-        raise ValueError("ktiled_gemm(pairs=True) needs w_as_a=False: with the weight as the A operand it does not "
-                         "compile on Triton 3.6 (H100)")
     per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
     grid_k = triton.cdiv(k, per_split)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
@@ -220,7 +170,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: in
     _ktiled_gemm_kernel[(tiles, grid_k)](
         x2, words, scale, zero, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
-        PAIRS=pairs and bits in (2, 4), num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return y
 

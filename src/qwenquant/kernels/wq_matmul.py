@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwenquant.kernels.tiles import grouped_tile
+from qwenquant.kernels.tiles import grouped_tile, tile_ranges
 from qwenquant.numerics.packing import unpack
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -323,12 +323,9 @@ def _gemm_kernel(
     pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     KW = K // CPW
     NG = K // GROUP
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm, m_mask, rn, rn_c = tile_ranges(pid_m, pid_n, M, N, BM, BN)
     rk = tl.arange(0, BK)
     rkw = tl.arange(0, BKW)
-    m_mask = rm < M
-    rn_c = tl.where(rn < N, rn, 0)  # clamp instead of masking the weight loads
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn_c[:, None] * KW + rkw[None, :]
     sz_off = rn_c[:, None] * NG + rkw[None, :] // WPG
@@ -394,10 +391,7 @@ def _gemm_wa_kernel(
     pid_k = tl.program_id(2)
     KW = K // CPW
     NG = K // GROUP
-    rn = pid_n * BN + tl.arange(0, BN)
-    rn_c = tl.where(rn < N, rn, 0)  # clamp instead of masking the weight loads
-    rm = pid_m * BM + tl.arange(0, BM)
-    m_mask = rm < M
+    rm, m_mask, rn, rn_c = tile_ranges(pid_m, pid_n, M, N, BM, BN)
     rk = tl.arange(0, BK)
     rkw = tl.arange(0, BKW)
     shifts = tl.arange(0, CPW) * BITS

@@ -157,6 +157,14 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, meta={self.meta}, act_bits={self.act_bits}, mode={self.mode}"
 
 
+def set_execution_mode(model: nn.Module, mode: str) -> int:
+    """Run every QuantLinear in ``model`` in ``mode`` (see the module docstring); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.mode = mode
+    return len(layers)
+
+
 def forward_fake(layer: QuantLinear, x: Tensor) -> Tensor:
     if layer._cached_weight is None or layer._cached_weight.dtype != x.dtype:
         layer._cached_weight = layer.dequantized_weight(x.dtype)
