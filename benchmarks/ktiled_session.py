@@ -54,15 +54,18 @@ def check(doc):
             if not KT.ktiled_ok(bits, g, n, k):
                 continue
             qw, s, z = make_packed(n, k, bits, g, sym, gen)
-            words = KT.pack_ktiled(qw, bits, k)
+            words, sz = KT.pack_ktiled(qw, bits, k), KT.pack_ktiled_scales(s, z)
             w = K.reference_dequantize(qw, s, z, bits, k)
             for m in (2, 16, 77, 300):
                 x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
                 ref = x.double() @ w.double().T
                 bf16_err = rel(x.float() @ w.to(torch.bfloat16).float().T, ref)
-                for name, cfg in kt_configs(m, bits).items():
+                cfgs = kt_configs(m, bits)
+                if m > 64 and bits != 2:  # the large-M grid too (2-bit tiles are too wide for its stages)
+                    cfgs.update(grid_configs(m))
+                for name, cfg in cfgs.items():
                     try:
-                        e = rel(KT.ktiled_gemm(x, words, s, z, bits, g, *cfg), ref)
+                        e = rel(KT.ktiled_gemm(x, words, sz, bits, g, *cfg), ref)
                     except Exception as ex:  # noqa: BLE001
                         e = float("inf")
                         print("ERR", bits, group, n, k, m, name, repr(ex)[:300], flush=True)
@@ -76,14 +79,17 @@ def check(doc):
 
 
 # exploration grid (the tables in runtime/fused.py keep the winners)
-SMALL_GRID = [(16, 2, 3, 4), (16, 2, 3, 8), (16, 2, 4, 16), (16, 4, 3, 8), (32, 2, 3, 4), (32, 2, 3, 8), (32, 2, 4, 8),
-              (32, 4, 3, 8), (32, 4, 3, 16), (32, 2, 3, 16), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 4, 8), (64, 4, 3, 16),
-              (64, 8, 3, 8), (64, 2, 3, 8), (128, 4, 3, 8), (128, 8, 3, 8), (128, 8, 3, 16)]
-SMALL_GRID_B = [(64, 4, 3, 8), (128, 4, 3, 8), (32, 4, 3, 8), (64, 4, 3, 4)]  # weight as B, BM = 16..64
-LARGE_GRID = [(128, 128, False, 8, 2), (64, 128, False, 4, 3), (64, 128, False, 4, 2), (128, 64, False, 4, 2),
-              (64, 256, False, 8, 2), (64, 64, False, 4, 3), (128, 128, False, 4, 2), (128, 256, False, 8, 2),
-              (64, 128, True, 4, 3), (128, 128, True, 8, 2), (64, 128, True, 4, 2)]
-TIME_ROWS = [2, 8, 16, 32, 64, 128, 256, 1024, 4096]
+# M <= 64, weight as A: (BN, warps, stages, split-K)
+SMALL_GRID = [(16, 2, 3, 4), (16, 2, 3, 8), (32, 2, 3, 4), (32, 2, 3, 8), (32, 4, 3, 8), (32, 2, 3, 16),
+              (64, 4, 3, 1), (64, 4, 3, 2), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 4, 8), (64, 4, 3, 16),
+              (128, 4, 3, 2), (128, 4, 3, 4), (128, 8, 3, 4), (128, 4, 3, 8), (128, 8, 3, 8)]
+SMALL_GRID_B = [(64, 4, 3, 8), (128, 4, 3, 8), (64, 4, 3, 4), (128, 4, 3, 4)]  # weight as B, BM = 16..64
+# M >= 128: (BM, BN, weight as A?, warps, stages, split-K)
+LARGE_GRID = [(128, 128, True, 8, 2, 1), (128, 128, True, 8, 2, 2), (128, 128, True, 8, 2, 4), (64, 128, True, 4, 3, 1),
+              (64, 128, True, 4, 3, 2), (64, 128, True, 4, 3, 4), (128, 64, True, 4, 3, 2), (128, 256, True, 8, 2, 1),
+              (128, 128, False, 8, 3, 1), (128, 128, False, 8, 3, 2), (128, 128, False, 8, 3, 4), (64, 128, False, 4, 3, 2),
+              (128, 256, False, 8, 3, 1), (64, 256, False, 8, 3, 1), (128, 64, False, 4, 3, 2)]
+TIME_ROWS = [2, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
 def grid_configs(m: int) -> dict[str, tuple]:
@@ -93,7 +99,8 @@ def grid_configs(m: int) -> dict[str, tuple]:
         out = {f"ktiled A bn{bn} bm{bm} w{w} s{st} sk{sk}": (bm, bn, True, sk, w, st) for bn, w, st, sk in SMALL_GRID}
         out.update({f"ktiled B bn{bn} bm{bm} w{w} s{st} sk{sk}": (bm, bn, False, sk, w, st) for bn, w, st, sk in SMALL_GRID_B})
         return out
-    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st}": (bm, bn, wa, 1, w, st) for bm, bn, wa, w, st in LARGE_GRID}
+    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st} sk{sk}": (bm, bn, wa, sk, w, st)
+            for bm, bn, wa, w, st, sk in LARGE_GRID}
 
 
 def shape_operands(n: int, k: int, group: int, gen):
@@ -104,7 +111,7 @@ def shape_operands(n: int, k: int, group: int, gen):
     w4_bytes = n * k // 2 + n * (k // group) * 3
     r4 = max(1, -(-L2_OVERFLOW // w4_bytes))
     packed = [make_packed(n, k, 4, group, False, gen) for _ in range(r4)]
-    words = [KT.pack_ktiled(p[0], 4, k) for p in packed]
+    words = [(KT.pack_ktiled(p[0], 4, k), KT.pack_ktiled_scales(p[1], p[2])) for p in packed]
     return w16, r16, packed, r4, w4_bytes, words
 
 
@@ -112,7 +119,9 @@ def time_all(doc):
     gen = torch.Generator(device=DEV).manual_seed(2)
     res = doc.setdefault("time", [])
     group = 128
-    for label, (n, k) in SHAPES.items():
+    only = os.environ.get("KTILED_SHAPES")  # e.g. "gate/up,down": a subset of w4_session.SHAPES by prefix
+    shapes = {lb: nk for lb, nk in SHAPES.items() if not only or any(lb.startswith(p) for p in only.split(","))}
+    for label, (n, k) in shapes.items():
         w16, r16, packed, r4, w4_bytes, words = shape_operands(n, k, group, gen)
         tiny = [fused.tinygemm_operands(*p, group) for p in packed]
         for m in TIME_ROWS:
@@ -125,8 +134,8 @@ def time_all(doc):
                 us["dequant"] = timed(lambda i: F.linear(x, K.dequantize(*packed[i], 4, group, k)), min(r4, 8))
             for name, cfg in grid_configs(m).items():
                 try:
-                    KT.ktiled_gemm(x, words[0], *packed[0][1:], 4, group, *cfg)
-                    us[name] = timed(lambda i: KT.ktiled_gemm(x, words[i], *packed[i][1:], 4, group, *cfg), r4)
+                    KT.ktiled_gemm(x, *words[0], 4, group, *cfg)
+                    us[name] = timed(lambda i: KT.ktiled_gemm(x, *words[i], 4, group, *cfg), r4)
                 except Exception as ex:  # noqa: BLE001
                     us[name] = None
                     print("kt ERR", name, repr(ex)[:120], flush=True)

@@ -90,7 +90,7 @@ def test_every_kernel_config_matches_reference(bits, group):
     assert KT.ktiled_ok(bits, group, n, k)
     ops = fused.FusedOperands(
         tiny=fused.tinygemm_operands(layer.qweight, layer.scale, layer.zero, group) if tiny_ok else None,
-        ktiled=KT.pack_ktiled(layer.qweight, bits, k),
+        ktiled=KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k),
     )
     for m in (1, 3, 16, 40, 70, 300):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -48,9 +48,10 @@ SCRIPT = textwrap.dedent(
                     note("gemv2", K.gemv2(x, qw, s, z, bits, g, bn=8, bkw=8, prefetch=True), ref)
             note("gemm", K.gemm(x, qw, s, z, bits, g, bm=16, bn=32, bk=64), ref)
             if KT.ktiled_ok(bits, g, n, k):
-                words = KT.pack_ktiled(qw, bits, k)
+                kt = KT.KTiledWeight.from_checkpoint(qw, s, z, bits, k)
                 for wa, split in ((True, 1), (True, 2), (False, 1)):
-                    note("ktiled", KT.ktiled_gemm(x, words, s, z, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split), ref)
+                    y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split)
+                    note("ktiled", y, ref)
             for bk, split in ((64, 1), (128, 2)):
                 if K.gemm_wa_ok(bits, g, k, bk):
                     note("gemm_wa", K.gemm_wa(x, qw, s, z, bits, g, bn=32, bm=16, bk=bk, split_k=split), ref)

@@ -26,7 +26,8 @@ Two orientations (constexpr ``W_AS_A``):
 * otherwise (large M): y[BM, BN] = x[BM, SUB] · Ŵᵀ[SUB, BN], the usual GEMM, grouped tile order.
 
 Requirements: bits ∈ {2, 4, 8}; K a multiple of T (128 for 8-bit, 256 for 4-bit, 512 for 2-bit);
-group size a multiple of SUB dividing K (32/64/128/… or per-channel); N a multiple of 8.
+group size a multiple of SUB dividing K that either divides T or is a multiple of it (32/64/128/… or
+per-channel); N a multiple of 8.
 Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_ktiled`` inverts the repack).
 
 Tried and dropped (commit ef9ec26, results/ktiled_pairs_h100.json): making two codes into a bf16x2 with one
@@ -36,6 +37,8 @@ the A operand: this kernel is not bound by that arithmetic alone.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -56,7 +59,10 @@ def tile_columns(bits: int) -> int:
 
 def ktiled_ok(bits: int, group: int, n: int, k: int) -> bool:
     """Can the k-tiled GEMM run this weight?"""
-    return bits in (2, 4, 8) and k % tile_columns(bits) == 0 and group % SUB == 0 and k % group == 0 and n % 8 == 0
+    t = tile_columns(bits)
+    # a group either splits a tile into whole groups or spans whole tiles (e.g. 96 on 256-column tiles does neither)
+    nested = t % group == 0 or group % t == 0
+    return bits in (2, 4, 8) and k % t == 0 and group % SUB == 0 and k % group == 0 and n % 8 == 0 and nested
 
 
 # --- the repack (plain torch, any device) ------------------------------------------------
@@ -91,7 +97,7 @@ def unpack_ktiled(words: Tensor, bits: int, k: int) -> Tensor:
 
 @triton.jit
 def _ktiled_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr,
@@ -103,7 +109,6 @@ def _ktiled_gemm_kernel(
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     KW = K // CPW
-    NG = K // GROUP
     rm, m_mask, rn, rn_c = tile_ranges(pid_m, pid_n, M, N, BM, BN)
     rs = tl.arange(0, SUBK)
     k_start = pid_k * k_per_split
@@ -114,13 +119,13 @@ def _ktiled_gemm_kernel(
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(k_start, k_end, T):
         w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
-        s = tl.load(s_ptr + rn_c * NG + k0 // GROUP).to(tl.float32)  # [BN]
-        zb = tl.load(z_ptr + rn_c * NG + k0 // GROUP).to(tl.float32) + 8388608.0
         for t in tl.static_range(CPW):
-            if t > 0 and (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
-                g = (k0 + t * SUBK) // GROUP
-                s = tl.load(s_ptr + rn_c * NG + g).to(tl.float32)
-                zb = tl.load(z_ptr + rn_c * NG + g).to(tl.float32) + 8388608.0
+            if t == 0 or (t * SUBK) % GROUP == 0:  # slice t starts a scale group
+                # one contiguous int32 per row (fp16 scale bits << 16 | zero), so Triton's pipeliner can
+                # copy it ahead asynchronously like the words (a 2- or 1-byte strided load cannot be)
+                sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
+                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                zb = ((sz & 0xFFFF) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + zero
             f = (((w >> (t * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
                         mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
@@ -151,24 +156,65 @@ def _ktiled_gemm_kernel(
             tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
-def ktiled_gemm(x2: Tensor, words: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int,
+def pack_ktiled_scales(scale: Tensor, zero: Tensor) -> Tensor:
+    """Checkpoint scale [N, K/G] fp16 and zero [N, K/G] uint8 -> [K/G, N] int32, group-major, each
+    ``fp16 bits << 16 | zero``: one aligned 4-byte word per (group, row), contiguous over rows, so the
+    kernel's per-group load is a vector Triton can copy ahead asynchronously (same 4 bytes the fp16 +
+    uint8 pair would occupy padded)."""
+    if scale.dtype != torch.float16 or zero.dtype != torch.uint8 or scale.shape != zero.shape:
+        raise ValueError(f"expected fp16 scale and uint8 zero of one shape, got {scale.dtype} {tuple(scale.shape)}, "
+                         f"{zero.dtype} {tuple(zero.shape)}")
+    bits16 = scale.view(torch.int16).to(torch.int32) & 0xFFFF
+    return ((bits16 << 16) | zero.to(torch.int32)).T.contiguous()
+
+
+def unpack_ktiled_scales(sz: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of ``pack_ktiled_scales``: (scale [N, K/G] fp16, zero [N, K/G] uint8)."""
+    t = sz.T
+    scale = ((t >> 16) & 0xFFFF).to(torch.int16).view(torch.float16)
+    return scale.contiguous(), (t & 0xFF).to(torch.uint8).contiguous()
+
+
+@dataclass
+class KTiledWeight:
+    """A weight in the k-tiled layout: words [N, K/CPW] int32 (``pack_ktiled``) and sz [K/G, N] int32
+    (``pack_ktiled_scales``). 0.5 byte per weight at 4-bit plus 4 bytes per (group, row)."""
+
+    words: Tensor
+    sz: Tensor
+
+    @classmethod
+    def from_checkpoint(cls, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, k: int) -> "KTiledWeight":
+        return cls(pack_ktiled(qweight, bits, k), pack_ktiled_scales(scale, zero))
+
+    @property
+    def nbytes(self) -> int:
+        return self.words.nbytes + self.sz.nbytes
+
+
+def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
                 num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> Tensor:
-    """x2 [M, K] bf16/fp16, words from ``pack_ktiled`` [N, K/CPW], scale [N, K/G] fp16, zero [N, K/G] uint8
-    -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an fp32 buffer."""
+    """x2 [M, K] bf16/fp16, words [N, K/CPW] int32 from ``pack_ktiled``, sz [K/G, N] int32 from
+    ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
+    fp32 buffer."""
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
     if not ktiled_ok(bits, group, n, k):
         raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
-                         f"(needs K % {t} == 0, group % {SUB} == 0); use the checkpoint-layout kernels")
+                         f"(needs K % {t} == 0, group % {SUB} == 0, group dividing or a multiple of {t}); use the "
+                         "checkpoint-layout kernels")
+    if sz.shape != (k // group, n) or sz.dtype != torch.int32:
+        raise ValueError(f"sz must be [K/G, N] = [{k // group}, {n}] int32 from pack_ktiled_scales, got "
+                         f"{sz.dtype} {tuple(sz.shape)}")
     per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
     grid_k = triton.cdiv(k, per_split)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, m * n, tiles)
     _ktiled_gemm_kernel[(tiles, grid_k)](
-        x2, words, scale, zero, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
+        x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -100,7 +100,7 @@ class FusedOperands:
     """The repacked copies a layer's fused kernels read besides its checkpoint tensors (built lazily)."""
 
     tiny: TinyGemmOperands | None = None
-    ktiled: Tensor | None = None  # [N, K/CPW] int32, kernels/wq_ktiled.py
+    ktiled: KT.KTiledWeight | None = None  # kernels/wq_ktiled.py
 
     @property
     def nbytes(self) -> int:
@@ -131,7 +131,7 @@ def _operands(layer, bits: int, group: int, m: int) -> FusedOperands:
     if ops.tiny is None and "tinygemm" in FUSED_COPIES and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
         ops.tiny = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
     if ops.ktiled is None and "ktiled" in FUSED_COPIES and 1 < m <= KTILED_MAX_M and KT.ktiled_ok(bits, group, n, k):
-        ops.ktiled = KT.pack_ktiled(layer.qweight, bits, k)
+        ops.ktiled = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
     return ops
 
 
@@ -191,7 +191,7 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         tiny = ops.tiny
         return torch.ops.aten._weight_int4pack_mm(x2, tiny.packed, tiny.group, tiny.scale_zero)
     if kind == "ktiled":
-        return KT.ktiled_gemm(x2, ops.ktiled, s, z, bits, group, *cfg)
+        return KT.ktiled_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "gemv2":
         return K.gemv2(x2, qw, s, z, bits, group, *cfg)
     if kind == "gemv":
