@@ -3,6 +3,7 @@
     ncu --clock-control none --profile-from-start off --csv --page details \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
         env QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/profile_w4.py > $OUT/ncu_w4.csv
 
 Each case is compiled and run once outside the profiled range, then run exactly once between
@@ -43,7 +44,7 @@ CASES = [
     ("ktiled M=128 A bm128 bn128 w8 s2 sk2", 128, "ktiled", (128, 128, True, 2, 8, 2)),
     ("dequant unpack (Triton)", 128, "unpack", None),
     ("bf16 M=1024", 1024, "bf16", None),
-    ("ktiled M=1024 B bm128 bn128 w8 s3", 1024, "ktiled", (128, 128, False, 1, 8, 3)),
+    ("ktiled M=1024 B bm128 bn128 w8 s2", 1024, "ktiled", (128, 128, False, 1, 8, 2)),
 ]
 
 

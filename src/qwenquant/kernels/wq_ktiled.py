@@ -38,6 +38,7 @@ the A operand: this kernel is not bound by that arithmetic alone.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ from qwenquant.kernels.tiles import grouped_tile, tile_ranges
 from qwenquant.numerics.packing import pack, unpack
 
 SUB = 32  # columns per shifted slice = depth of each tl.dot
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
 
 
@@ -100,7 +102,7 @@ def _ktiled_gemm_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-    W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr,
+    W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr, LOP3: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -119,6 +121,7 @@ def _ktiled_gemm_kernel(
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(k_start, k_end, T):
         w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
+        w_hi = w >> 16  # fields that end above bit 23 are taken from here (their value must stay below 2**23)
         for t in tl.static_range(CPW):
             if t == 0 or (t * SUBK) % GROUP == 0:  # slice t starts a scale group
                 # one contiguous int32 per row (fp16 scale bits << 16 | zero), so Triton's pipeliner can
@@ -126,10 +129,28 @@ def _ktiled_gemm_kernel(
                 sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
                 s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                 zb = ((sz & 0xFFFF) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + zero
-            f = (((w >> (t * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + code
+            # the field is not shifted down: one LOP3 gives the float 2**23 + code·2**SH, and the power of two
+            # moves into the per-row constants, (code - zero)·scale = (f - (2**23 + zero·2**SH))·(scale·2**-SH)
+            # (both steps exact up to the one rounding of the product: the same fp32 value as unshifted)
+            if t * BITS + BITS <= 23:
+                sh = t * BITS
+                src = w
+            else:
+                sh = t * BITS - 16
+                src = w_hi
+            if LOP3:  # one instruction: (src & mask) | magic (ptxas splits the two-immediate form in two)
+                bits_f = tl.inline_asm_elementwise(
+                    "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                    [src, tl.full(src.shape, MASK << sh, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
+                    dtype=tl.int32, is_pure=True, pack=1)
+            else:  # Triton's interpreter runs no PTX: the same bits in two operations
+                bits_f = (src & (MASK << sh)) | MAGIC
+            f = bits_f.to(tl.float32, bitcast=True)  # 2**23 + code·2**sh
+            zb_t = (zb - 8388608.0) * (1 << sh) + 8388608.0  # 2**23 + zero·2**SH, exact
+            s_t = s * (1.0 / (1 << sh))
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
                         mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
-            wt = ((f - zb[:, None]) * s[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
+            wt = ((f - zb_t[:, None]) * s_t[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
             if W_AS_A:
                 acc = tl.dot(wt, tl.trans(x), acc)
             else:
@@ -216,7 +237,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     _ktiled_gemm_kernel[(tiles, grid_k)](
         x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages,
+        LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 
