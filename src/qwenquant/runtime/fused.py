@@ -7,14 +7,15 @@ bucket) by ``TUNER`` and the fastest kept:
 * M ≤ 4: the FFMA GEMV kernels (``gemv2`` where its tile fits K and the group, else ``gemv``);
 * M ≤ 16, 4-bit, bf16: torch's tinygemm (``aten._weight_int4pack_mm``; a repacked copy of the
   weight is built once per layer, see ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100;
-* 1 < M <= 64, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
-  GEMM on a k-tile-interleaved repack of the weight, built once per layer;
-* M > 4 where ktiled does not serve (M > 64, K not a multiple of its tile, or the copy disabled): the
+* M > 1, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
+  GEMM on a k-tile-interleaved repack of the weight (and its scales), built once per layer; small-M
+  and large-M tile tables;
+* M > 4 where ktiled does not serve (K not a multiple of its tile, or the copy disabled): the
   checkpoint-layout tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A operand) and
-  ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both. They are slow at M > 64 (≈ 0.2x bf16);
-  ``auto`` then picks unpack + cuBLAS.
+  ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both (≈ 0.2x bf16 at M > 64).
 
-Layer ratios vs bf16 on an H100 (Qwen3-8B, W4 g128; BENCHMARKS.md): 2.3x at M = 1, 1.3x at 16, 0.96x at 64.
+At M >= 128 even ktiled trails cuBLAS bf16 (0.5-0.7x on gate/up): ``auto`` then compares it with
+unpack + cuBLAS. Ratios on an H100 (Qwen3-8B, W4 g128): BENCHMARKS.md.
 
 The checkpoint layout is read as it is (no copy) by the GEMV and checkpoint-layout GEMM kernels;
 tinygemm and ktiled read repacked copies (``FusedOperands``, counted in the layer's bytes).
@@ -65,12 +66,14 @@ GEMM_CONFIGS_SMALL = [
 # benchmarks/w4_session.py on Qwen3-8B shapes
 GEMM_WA_CONFIGS = [(64, 64, 4, 4, 4), (64, 256, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 8, 3, 2)]
 # ktiled for 1 < M <= 64 (BM = M rounded up, >= 16): (BN, warps, stages, split-K, weight as the A operand?); the
-# winners of benchmarks/ktiled_session.py on Qwen3-8B shapes (results/ktiled_session_h100.json). At M >= 128 the
-# same kernel reached only 0.37-0.65x bf16 (one dequantization of the whole weight per 128 rows on the CUDA
-# cores) and lost to dequant + cuBLAS, so it is not offered there.
-KTILED_SMALL = [(64, 4, 3, 8, True), (64, 4, 3, 4, True), (64, 4, 3, 16, True), (32, 2, 3, 8, True),
-                (64, 4, 3, 8, False), (64, 4, 3, 4, False), (128, 4, 3, 8, False)]
-KTILED_MAX_M = 64
+# winners of benchmarks/ktiled_session.py on Qwen3-8B shapes (results/ktiled_session_h100.json)
+KTILED_SMALL = [(128, 4, 3, 4, True), (64, 4, 3, 4, True), (64, 4, 3, 1, True), (64, 4, 3, 2, True), (64, 4, 3, 8, True),
+                (32, 2, 3, 4, True), (128, 4, 3, 4, False), (64, 4, 3, 4, False), (128, 4, 3, 8, False)]
+KTILED_SMALL_MAX_M = 64
+# ktiled for M > 64: (BM, BN, warps, stages, split-K, weight as A?). 0.69x bf16 at M = 128 on gate/up, 0.65x at 1024
+# (dequant + cuBLAS: 0.42x / 0.77x), so ``auto`` picks between them per shape.
+KTILED_LARGE = [(128, 128, 8, 2, 1, True), (64, 128, 4, 3, 2, True), (128, 256, 8, 2, 1, True), (128, 128, 8, 2, 2, True),
+                (128, 256, 8, 2, 1, False)]
 GEMM_CONFIGS_LARGE = [
     (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
     (128, 64, 64, 4, 4),
@@ -130,7 +133,7 @@ def _operands(layer, bits: int, group: int, m: int) -> FusedOperands:
     n, k = layer.out_features, layer.in_features
     if ops.tiny is None and "tinygemm" in FUSED_COPIES and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
         ops.tiny = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
-    if ops.ktiled is None and "ktiled" in FUSED_COPIES and 1 < m <= KTILED_MAX_M and KT.ktiled_ok(bits, group, n, k):
+    if ops.ktiled is None and "ktiled" in FUSED_COPIES and m > 1 and KT.ktiled_ok(bits, group, n, k):
         ops.ktiled = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
     return ops
 
@@ -154,18 +157,23 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
     m rows. Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
     triton_cfgs = _triton_configs(m, k, group, bits)
-    if ktiled and 1 < m <= KTILED_MAX_M:
+    if ktiled and m > 1:
         extra.update(_ktiled_configs(m, bits))
-        # ktiled beat the checkpoint-layout GEMMs at every measured shape with M <= 64 (1.0-1.5x vs 0.47-0.77x bf16)
+        # ktiled beat the checkpoint-layout GEMMs at every measured shape and M (up to 3x at M >= 128)
         triton_cfgs = {n: c for n, c in triton_cfgs.items() if c[0] not in ("gemm", "gemm_wa")}
     return {**extra, **triton_cfgs}
 
 
 def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
-    bm = max(16, 1 << (m - 1).bit_length())
-    cap = 2 if bits == 2 else 3  # 2-bit tiles are 512 columns: x's [BM, 512] tile per stage
-    return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, min(st, cap)))
-            for bn, w, st, sk, wa in KTILED_SMALL}
+    """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages)) for an M bucket."""
+    if m <= KTILED_SMALL_MAX_M:
+        bm = max(16, 1 << (m - 1).bit_length())
+        cap = 2 if bits == 2 else 3  # 2-bit tiles are 512 columns: x's [BM, 512] tile per stage
+        return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, min(st, cap)))
+                for bn, w, st, sk, wa in KTILED_SMALL}
+    # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory)
+    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2)))
+            for bm, bn, w, st, sk, wa in KTILED_LARGE if not (bits == 2 and bn > 128)}
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
