@@ -110,6 +110,28 @@ def test_ktiled_repack_is_a_permutation_of_the_checkpoint_bits():
         KT.pack_ktiled(pack(torch.zeros(2, 576, dtype=torch.uint8), 4), 4, 576)
 
 
+def test_ktiled_scales_repack_round_trips_and_groups_must_nest_with_tiles():
+    """Scale and zero become one group-major int32 per (group, row) and come back bit-exactly; a group
+    size that neither divides the 256-column tile nor is a multiple of it (96) is refused, since the
+    kernel would apply one group's scale across a group boundary."""
+    import torch
+
+    from qwenquant.kernels import wq_ktiled as KT
+
+    torch.manual_seed(2)
+    scale = (torch.rand(5, 7) * 0.03 + 1e-4).half()
+    scale[0, 0] = -0.5  # the sign bit survives the shift into the high half-word
+    zero = torch.randint(0, 256, (5, 7), dtype=torch.uint8)
+    sz = KT.pack_ktiled_scales(scale, zero)
+    assert sz.shape == (7, 5) and sz.dtype == torch.int32 and sz.is_contiguous()
+    s2, z2 = KT.unpack_ktiled_scales(sz)
+    assert torch.equal(s2.view(torch.int16), scale.view(torch.int16)) and torch.equal(z2, zero)
+    with pytest.raises(ValueError, match="fp16 scale and uint8 zero"):
+        KT.pack_ktiled_scales(scale.float(), zero)
+    assert KT.ktiled_ok(4, 128, 64, 4096) and KT.ktiled_ok(4, 512, 64, 4096) and KT.ktiled_ok(4, 4096, 64, 4096)
+    assert not KT.ktiled_ok(4, 96, 64, 12288)  # 96 divides K = 12288 but not the 256-column tile
+
+
 def test_split_k_workspace_grows_and_keeps_old_buffers_alive():
     """The split-K workspace is shared per device, grows on demand, and keeps replaced buffers referenced
     (a CUDA graph captured earlier may still point at them)."""

@@ -41,7 +41,8 @@ class GemmResult:
     m: int
     mode: str
     ms: float
-    weight_bytes: int
+    weight_bytes: int  # resident: the stored weight plus any repacked copy the mode built
+    floor_bytes: int  # what one kernel must read of the weight (one copy), the floor's byte count
     floor_ms: float
     frac_of_floor: float
     speedup_vs_bf16: float | None
@@ -134,6 +135,12 @@ def _bytes(obj) -> int:
     return sum(_bytes(t) for t in obj if isinstance(t, torch.Tensor))
 
 
+def _read_bytes(obj) -> int:
+    """Bytes of one copy of the weight: a QuantLinear's storage format (every fused kernel reads one copy of
+    about that size, whichever repacked copies it keeps beside it), else the object's bytes."""
+    return obj.storage_bytes if isinstance(obj, QuantLinear) else _bytes(obj)
+
+
 def time_graph(fn: Callable[[], object], min_ms: float = 20.0, trials: int = 5) -> float:
     """Median ms of one ``fn()`` replayed from a CUDA graph (fn must already be warm: tuned, compiled)."""
     s = torch.cuda.Stream()
@@ -207,11 +214,12 @@ def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mo
                 continue
             flops = 2 * m * n * k
             peak = {"bf16": ceil["bf16_flops_per_s"], "int8": ceil["int8_ops_per_s"], "fp8": ceil["fp8_rowwise_flops_per_s"]}[mode.compute]
-            bytes_moved = wbytes + 2 * m * k + 2 * m * n
+            fbytes = _read_bytes(obj0)
+            bytes_moved = fbytes + 2 * m * k + 2 * m * n
             floor = max(bytes_moved / ceil["copy_bytes_per_s"], flops / peak) * 1e3
             if name == "bf16":
                 bf16_ms[m] = ms
-            results.append(GemmResult(model, proj, n, k, m, name, ms, wbytes, floor, floor / ms,
+            results.append(GemmResult(model, proj, n, k, m, name, ms, wbytes, fbytes, floor, floor / ms,
                                       bf16_ms[m] / ms if m in bf16_ms else None, err))
         del objs, obj0
         torch.cuda.empty_cache()

@@ -12,12 +12,17 @@ tiles of T = CPW·SUB columns. Word j of tile b of row n holds the codes of colu
 
 so ``(w >> t·bits) & mask`` of one [BN, SUB] word load *is* the code tile of the contiguous
 columns [b·T + t·SUB, b·T + (t+1)·SUB): already the MMA's K slice, no reshape. Each K step runs
-CPW ``tl.dot``s of depth SUB (32). Same bytes as the checkpoint (the words are a permutation of the
-same bits), int32 words [N, K/CPW].
+CPW ``tl.dot``s of depth SUB (32). Same code bytes as the checkpoint (the words are a permutation of
+the same bits), int32 words [N, K/CPW]. Scales and zeros are repacked too (``pack_ktiled_scales``):
+one int32 ``fp16 bits << 16 | zero`` per (group, row), group-major, so each group's [BN] load is a
+contiguous 4-byte vector that Triton's pipeliner copies ahead with the words (the checkpoint's 2- and
+1-byte strided loads could not be, and stalled every program twice per K step on an H100).
 
-Dequantization per code: shift, AND, OR with 0x4B000000 (the float 2**23 + code), FSUB of
-(2**23 + zero), FMUL by the group scale, round to the activation dtype — the same value as
-``Ŵ.to(bf16)`` (``(code - zero)·scale`` computed in fp32 and rounded once).
+Dequantization per code (SASS-counted, ``benchmarks/sass_ktiled.py``): one LOP3 ``(w & (mask << sh)) |
+0x4B000000`` — the float 2**23 + code·2**sh, the field left in place (fields ending above bit 23 come
+from ``w >> 16``) — one FADD of (2**23 + zero·2**sh) and one FMUL by scale·2**-sh (both per row and slice),
+and half an F2FP to round pairs to bf16: the same value as ``Ŵ.to(bf16)`` (``(code - zero)·scale`` in fp32,
+rounded once). About 5-6 instructions per weight in the K loop overall (addresses, copies, wgmma).
 
 Two orientations (constexpr ``W_AS_A``):
 * W_AS_A (small M): yᵀ[BN, BM] = Ŵ[BN, SUB] · xᵀ[SUB, BM]. The weight is the MMA's A operand, which
@@ -33,7 +38,9 @@ Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_kt
 Tried and dropped (commit ef9ec26, results/ktiled_pairs_h100.json): making two codes into a bf16x2 with one
 AND + OR (0x43004300, the Marlin trick) and applying the scale in bf16 halves the dequantization
 instructions but bought only 3-9 % at M <= 16 and lost at M >= 32, and did not compile with the weight as
-the A operand: this kernel is not bound by that arithmetic alone.
+the A operand. That was measured while the scale loads still stalled every step; now (ncu, session 4 in
+benchmarks/NOTES.md) the M = 16 kernel is issue-bound at low occupancy, so fewer instructions per weight is
+again the lever — but the pairing needs a layout where the two half-words of a word are adjacent columns.
 """
 
 from __future__ import annotations
