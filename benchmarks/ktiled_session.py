@@ -45,6 +45,7 @@ def kt_configs(m: int, bits: int = 4) -> dict[str, tuple]:
     return {name: cfg for name, (kind, cfg) in fused._ktiled_configs(max(2, fused.m_bucket(m)), bits).items()}
 
 
+
 def check(doc):
     gen = torch.Generator(device=DEV).manual_seed(1)
     rows, worst = [], 0.0
@@ -56,7 +57,7 @@ def check(doc):
             qw, s, z = make_packed(n, k, bits, g, sym, gen)
             words, sz = KT.pack_ktiled(qw, bits, k), KT.pack_ktiled_scales(s, z)
             w = K.reference_dequantize(qw, s, z, bits, k)
-            for m in (2, 16, 77, 300):
+            for m in (1, 2, 16, 77, 300):
                 x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
                 ref = x.double() @ w.double().T
                 bf16_err = rel(x.float() @ w.to(torch.bfloat16).float().T, ref)
@@ -89,18 +90,26 @@ LARGE_GRID = [(128, 128, True, 8, 2, 1), (128, 128, True, 8, 2, 2), (128, 128, T
               (64, 128, True, 4, 3, 2), (64, 128, True, 4, 3, 4), (128, 64, True, 4, 3, 2), (128, 256, True, 8, 2, 1),
               (128, 128, False, 8, 2, 1), (128, 128, False, 8, 2, 2), (128, 128, False, 8, 2, 4), (64, 128, False, 4, 3, 2),
               (128, 256, False, 8, 2, 1), (64, 256, False, 8, 3, 1), (128, 64, False, 4, 3, 2)]
-TIME_ROWS = [2, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
+LARGE_GRID_AFTER = [(128, 128, True, 8, 2, 1), (64, 128, True, 4, 3, 1), (64, 128, True, 4, 3, 2), (128, 128, False, 8, 2, 1)]
+TIME_ROWS = [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
 def grid_configs(m: int) -> dict[str, tuple]:
-    """name -> ktiled_gemm args (bm, bn, w_as_a, split_k, warps, stages)."""
+    """name -> ktiled_gemm args (bm, bn, w_as_a, split_k, warps, stages, scale_after): each small-M tile both
+    ways (scale before / after the MMA), the large-M grid with a few scale-after tiles."""
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
-        out = {f"ktiled A bn{bn} bm{bm} w{w} s{st} sk{sk}": (bm, bn, True, sk, w, st) for bn, w, st, sk in SMALL_GRID}
-        out.update({f"ktiled B bn{bn} bm{bm} w{w} s{st} sk{sk}": (bm, bn, False, sk, w, st) for bn, w, st, sk in SMALL_GRID_B})
+        out = {}
+        for sa in (False, True):
+            tag = " after" if sa else ""
+            out.update({f"ktiled A bn{bn} bm{bm} w{w} s{st} sk{sk}{tag}": (bm, bn, True, sk, w, st, sa) for bn, w, st, sk in SMALL_GRID})
+            out.update({f"ktiled B bn{bn} bm{bm} w{w} s{st} sk{sk}{tag}": (bm, bn, False, sk, w, st, sa) for bn, w, st, sk in SMALL_GRID_B})
         return out
-    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st} sk{sk}": (bm, bn, wa, sk, w, st)
-            for bm, bn, wa, w, st, sk in LARGE_GRID}
+    out = {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st} sk{sk}": (bm, bn, wa, sk, w, st, False)
+           for bm, bn, wa, w, st, sk in LARGE_GRID}
+    out.update({f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st} sk{sk} after": (bm, bn, wa, sk, w, st, True)
+                for bm, bn, wa, w, st, sk in LARGE_GRID_AFTER})
+    return out
 
 
 def shape_operands(n: int, k: int, group: int, gen):

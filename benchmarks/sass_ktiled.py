@@ -1,7 +1,7 @@
 """Compile the k-tiled GEMM for an H100 (sm_90a) on a CPU-only machine and count its inner-loop instructions.
 
-    .venv/bin/python benchmarks/sass_ktiled.py [bm bn w_as_a split_k warps stages [bits group]]
-    # default: 16 64 1 8 4 3 4 128 (fused's M = 16 tile); writes runs/sass/<tag>.{ttgir,ptx,sass}
+    .venv/bin/python benchmarks/sass_ktiled.py [bm bn w_as_a split_k warps stages [bits group [scale_after]]]
+    # default: 16 64 1 8 4 3 4 128 0 (fused's M = 16 tile); writes runs/sass/<tag>.{ttgir,ptx,sass}
 
 No GPU needed: Triton lowers the kernel for ``GPUTarget("cuda", 90, 32)`` and assembles it with the ptxas
 bundled in its wheel; ``cuobjdump`` (also bundled) disassembles. Every pointer and integer argument is
@@ -30,11 +30,12 @@ from qwenquant.kernels import wq_ktiled as KT  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_ktiled(bm: int, bn: int, w_as_a: bool, splits: int, warps: int, stages: int, bits: int = 4, group: int = 128):
+def compile_ktiled(bm: int, bn: int, w_as_a: bool, splits: int, warps: int, stages: int, bits: int = 4, group: int = 128,
+                   scale_after: bool = False):
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "k_per_split": "i32"}
     const = {"GROUP": group, "BITS": bits, "SUBK": KT.SUB, "BN": bn, "BM": bm, "W_AS_A": w_as_a, "SPLITS": splits,
-             "GROUP_M": 8, "LOP3": True}
+             "GROUP_M": 8, "LOP3": True, "SCALE_AFTER": scale_after}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(fn=KT._ktiled_gemm_kernel, signature=sig, constexprs=const, attrs=attrs)
@@ -57,8 +58,9 @@ def main(argv: list[str]) -> None:
     args = [int(a) for a in argv] if argv else [16, 64, 1, 8, 4, 3, 4, 128]
     bm, bn, wa, sk, w, st = args[:6]
     bits, group = (args[6], args[7]) if len(args) >= 8 else (4, 128)
-    k = compile_ktiled(bm, bn, bool(wa), sk, w, st, bits, group)
-    tag = f"bm{bm}_bn{bn}_{'A' if wa else 'B'}_sk{sk}_w{w}_s{st}_b{bits}_g{group}"
+    after = bool(args[8]) if len(args) >= 9 else False
+    k = compile_ktiled(bm, bn, bool(wa), sk, w, st, bits, group, after)
+    tag = f"bm{bm}_bn{bn}_{'A' if wa else 'B'}_sk{sk}_w{w}_s{st}_b{bits}_g{group}{'_after' if after else ''}"
     out = os.path.join("runs", "sass")
     os.makedirs(out, exist_ok=True)
     for ext in ("ttgir", "ptx"):

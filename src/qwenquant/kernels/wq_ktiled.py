@@ -58,6 +58,7 @@ from qwenquant.numerics.packing import pack, unpack
 
 SUB = 32  # columns per shifted slice = depth of each tl.dot
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
+SCALE_AFTER_BITS = (2, 4)  # codes + zero point small enough that 128 + code is exact in bf16
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
 
 
@@ -110,6 +111,7 @@ def _ktiled_gemm_kernel(
     M, N, K, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr, LOP3: tl.constexpr,
+    SCALE_AFTER: tl.constexpr = False,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -126,42 +128,50 @@ def _ktiled_gemm_kernel(
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(k_start, k_end, T):
-        w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
-        w_hi = w >> 16  # fields that end above bit 23 are taken from here (their value must stay below 2**23)
-        for t in tl.static_range(CPW):
-            if t == 0 or (t * SUBK) % GROUP == 0:  # slice t starts a scale group
-                # one contiguous int32 per row (fp16 scale bits << 16 | zero), so Triton's pipeliner can
-                # copy it ahead asynchronously like the words (a 2- or 1-byte strided load cannot be)
-                sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
-                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                zb = ((sz & 0xFFFF) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + zero
-            # the field is not shifted down: one LOP3 gives the float 2**23 + code·2**SH, and the power of two
-            # moves into the per-row constants, (code - zero)·scale = (f - (2**23 + zero·2**SH))·(scale·2**-SH)
-            # (both steps exact up to the one rounding of the product: the same fp32 value as unshifted)
-            if t * BITS + BITS <= 23:
-                sh = t * BITS
-                src = w
-            else:
-                sh = t * BITS - 16
-                src = w_hi
-            if LOP3:  # one instruction: (src & mask) | magic (ptxas splits the two-immediate form in two)
-                bits_f = tl.inline_asm_elementwise(
-                    "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                    [src, tl.full(src.shape, MASK << sh, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
-                    dtype=tl.int32, is_pure=True, pack=1)
-            else:  # Triton's interpreter runs no PTX: the same bits in two operations
-                bits_f = (src & (MASK << sh)) | MAGIC
-            f = bits_f.to(tl.float32, bitcast=True)  # 2**23 + code·2**sh
-            zb_t = (zb - 8388608.0) * (1 << sh) + 8388608.0  # 2**23 + zero·2**SH, exact
-            s_t = s * (1.0 / (1 << sh))
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
-                        mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
-            wt = ((f - zb_t[:, None]) * s_t[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
-            if W_AS_A:
-                acc = tl.dot(wt, tl.trans(x), acc)
-            else:
-                acc = tl.dot(x, tl.trans(wt), acc)
+    if SCALE_AFTER:
+        # the MMA takes (code - zero) as exact small integers; each fold span's partial sums are scaled once
+        FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per fold span (<= one group, <= one step)
+        BPW: tl.constexpr = 8 // BITS  # fields per byte
+        acc = _ktiled_scale_after_loop(
+            acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_start, k_end, N, KW, stride_xm,
+            GROUP, BITS, SUBK, CPW, T, FOLD, BPW, W_AS_A, LOP3)
+    else:  # scale before the MMA: Ŵ = (code - zero)·scale in fp32, rounded once to x's type
+        for k0 in range(k_start, k_end, T):
+            w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
+            w_hi = w >> 16  # fields that end above bit 23 are taken from here (their value must stay below 2**23)
+            for t in tl.static_range(CPW):
+                if t == 0 or (t * SUBK) % GROUP == 0:  # slice t starts a scale group
+                    # one contiguous int32 per row (fp16 scale bits << 16 | zero), so Triton's pipeliner can
+                    # copy it ahead asynchronously like the words (a 2- or 1-byte strided load cannot be)
+                    sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
+                    s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    zb = ((sz & 0xFFFF) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + zero
+                # the field is not shifted down: one LOP3 gives the float 2**23 + code·2**SH, and the power of two
+                # moves into the per-row constants, (code - zero)·scale = (f - (2**23 + zero·2**SH))·(scale·2**-SH)
+                # (both steps exact up to the one rounding of the product: the same fp32 value as unshifted)
+                if t * BITS + BITS <= 23:
+                    sh = t * BITS
+                    src = w
+                else:
+                    sh = t * BITS - 16
+                    src = w_hi
+                if LOP3:  # one instruction: (src & mask) | magic (ptxas splits the two-immediate form in two)
+                    bits_f = tl.inline_asm_elementwise(
+                        "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                        [src, tl.full(src.shape, MASK << sh, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
+                        dtype=tl.int32, is_pure=True, pack=1)
+                else:  # Triton's interpreter runs no PTX: the same bits in two operations
+                    bits_f = (src & (MASK << sh)) | MAGIC
+                f = bits_f.to(tl.float32, bitcast=True)  # 2**23 + code·2**sh
+                zb_t = (zb - 8388608.0) * (1 << sh) + 8388608.0  # 2**23 + zero·2**SH, exact
+                s_t = s * (1.0 / (1 << sh))
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
+                            mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
+                wt = ((f - zb_t[:, None]) * s_t[:, None]).to(x.dtype)  # [BN, SUBK] Ŵ, rounded once
+                if W_AS_A:
+                    acc = tl.dot(wt, tl.trans(x), acc)
+                else:
+                    acc = tl.dot(x, tl.trans(wt), acc)
     if W_AS_A:
         y_off = rm[None, :] * stride_ym + rn[:, None]
         ymask = m_mask[None, :] & (rn[:, None] < N)
@@ -182,6 +192,83 @@ def _ktiled_gemm_kernel(
             tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ymask)
             tl.store(ws_ptr + y_off, tl.zeros_like(total), mask=ymask)
             tl.atomic_xchg(cnt_ptr + pid, 0)
+
+
+@triton.jit
+def _codes_minus_zero(src, sel, zneg, BITS: tl.constexpr, IS_BF16: tl.constexpr, LOP3: tl.constexpr):
+    """(code - zero) of one field of each word, as exact small integers in x's 16-bit type.
+
+    ``src`` [BN, SUBK] int32 words already shifted so the field sits at the bottom of byte ``b``; ``sel`` the
+    PRMT selector gathering byte b of two words into the two half-words; ``zneg`` -(magic + zero) per row.
+    On the GPU one asm block serves two words: PRMT (byte b of each word into a half-word), LOP3 (keep the
+    field, OR the exponent of the magic: 128 + code in bf16 / 1024 + code in fp16) and one paired FMA
+    (+ -(magic + zero)), i.e. 1.5 instructions per weight. Triton's interpreter runs no PTX: there ``src`` is
+    the word shifted so the field is at bit 0 and plain integer and float operations give the same values."""
+    if LOP3:
+        if IS_BF16:
+            out = tl.inline_asm_elementwise(
+                "{ .reg .b32 p; prmt.b32 p, $1, $2, $3; lop3.b32 p, p, $5, 0x43004300, 0xEA; "
+                "fma.rn.bf16x2 $0, p, $7, $8; }",
+                "=r,r,r,r,r,r,r,r,r",
+                [src, sel, tl.full(src.shape, ((1 << BITS) - 1) * 0x10001, tl.int32),
+                 tl.full(src.shape, 1.0, tl.bfloat16), zneg],
+                dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(
+                "{ .reg .b32 p; prmt.b32 p, $1, $2, $3; lop3.b32 p, p, $5, 0x64006400, 0xEA; "
+                "fma.rn.f16x2 $0, p, $7, $8; }",
+                "=r,r,r,r,r,r,r,r,r",
+                [src, sel, tl.full(src.shape, ((1 << BITS) - 1) * 0x10001, tl.int32),
+                 tl.full(src.shape, 1.0, tl.float16), zneg],
+                dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        code = (src & ((1 << BITS) - 1)).to(tl.float32)
+        magic = 128.0 if IS_BF16 else 1024.0
+        out = (code + magic + zneg.to(tl.float32)).to(tl.bfloat16 if IS_BF16 else tl.float16)
+    return out
+
+
+@triton.jit
+def _ktiled_scale_after_loop(acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_start, k_end, N, KW, stride_xm,
+                             GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, CPW: tl.constexpr,
+                             T: tl.constexpr, FOLD: tl.constexpr, BPW: tl.constexpr, W_AS_A: tl.constexpr,
+                             LOP3: tl.constexpr):
+    """The K loop of the scale-after variant: per fold span, partial = Σ (code - zero)·x over its fields
+    (tensor cores, exact integer weights), then acc += scale · partial."""
+    IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    MAGIC16: tl.constexpr = 128.0 if IS_BF16 else 1024.0
+    for k0 in range(k_start, k_end, T):
+        w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
+        for t in tl.static_range(CPW):
+            if t % FOLD == 0:  # a fold span starts: its group's scale and zero
+                sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
+                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                zneg = (-((sz & 0xFFFF).to(tl.float32) + MAGIC16)).to(x_ptr.dtype.element_ty)  # exact
+            b = t // BPW  # the byte holding field t
+            r = t % BPW  # its position inside the byte
+            src = w >> (r * BITS) if r > 0 else w
+            if not LOP3:  # interpreter: the plain path reads the field from its byte directly
+                src = w >> (t * BITS)
+            sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+            wt = _codes_minus_zero(src, tl.full(src.shape, sel, tl.int32), zneg[:, None] + tl.zeros(src.shape, zneg.dtype),
+                                   BITS, IS_BF16, LOP3)  # [BN, SUBK] code - zero
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
+                        mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
+            if W_AS_A:
+                if t % FOLD == 0:
+                    part = tl.dot(wt, tl.trans(x))
+                else:
+                    part = tl.dot(wt, tl.trans(x), part)
+                if t % FOLD == FOLD - 1:
+                    acc += part * s[:, None]
+            else:
+                if t % FOLD == 0:
+                    part = tl.dot(x, tl.trans(wt))
+                else:
+                    part = tl.dot(x, tl.trans(wt), part)
+                if t % FOLD == FOLD - 1:
+                    acc += part * s[None, :]
+    return acc
 
 
 def pack_ktiled_scales(scale: Tensor, zero: Tensor) -> Tensor:
@@ -222,7 +309,7 @@ class KTiledWeight:
 
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
-                num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> Tensor:
+                num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, group_m: int = 8) -> Tensor:
     """x2 [M, K] bf16/fp16, words [N, K/CPW] int32 from ``pack_ktiled``, sz [K/G, N] int32 from
     ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
     fp32 buffer."""
@@ -233,6 +320,8 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
         raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
                          f"(needs K % {t} == 0, group % {SUB} == 0, group dividing or a multiple of {t}); use the "
                          "checkpoint-layout kernels")
+    if scale_after and bits not in SCALE_AFTER_BITS:
+        raise ValueError(f"scale_after needs bits in {SCALE_AFTER_BITS} (code + magic exact in a 16-bit float), got {bits}")
     if sz.shape != (k // group, n) or sz.dtype != torch.int32:
         raise ValueError(f"sz must be [K/G, N] = [{k // group}, {n}] int32 from pack_ktiled_scales, got "
                          f"{sz.dtype} {tuple(sz.shape)}")
@@ -244,7 +333,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     _ktiled_gemm_kernel[(tiles, grid_k)](
         x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
-        LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 

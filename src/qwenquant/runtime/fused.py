@@ -165,14 +165,17 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
 
 
 def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
-    """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages)) for an M bucket."""
+    """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages, scale_after)) for an M bucket. Small M also
+    tries each tile with the scale applied after the MMA (2/4-bit, ``wq_ktiled`` explains)."""
+    after = (False, True) if bits in KT.SCALE_AFTER_BITS else (False,)
     if m <= KTILED_SMALL_MAX_M:
         bm = max(16, 1 << (m - 1).bit_length())
         cap = 2 if bits == 2 else 3  # 2-bit tiles are 512 columns: x's [BM, 512] tile per stage
-        return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, min(st, cap)))
-                for bn, w, st, sk, wa in KTILED_SMALL}
+        return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}{' after' if sa else ''}":
+                ("ktiled", (bm, bn, wa, sk, w, min(st, cap), sa))
+                for bn, w, st, sk, wa in KTILED_SMALL for sa in after}
     # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory)
-    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2)))
+    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2), False))
             for bm, bn, w, st, sk, wa in KTILED_LARGE if not (bits == 2 and bn > 128)}
 
 
