@@ -98,7 +98,7 @@ def test_every_kernel_config_matches_reference(bits, group):
         for kt in (True, False):  # with the k-tiled copy, and without (K not a multiple of its tile)
             configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok, ktiled=kt)
             assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
-            assert any(c[0] == "ktiled" for c in configs.values()) == (kt and m > 1)
+            assert any(c[0] == "ktiled" for c in configs.values()) == kt
             assert any(c[0] == "gemm_wa" for c in configs.values()) == (not kt and 4 < m <= 64)
             for name, (kind, cfg) in configs.items():
                 y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, ops)
@@ -201,3 +201,30 @@ def test_unsupported_formats_raise_naming_alternatives():
     lg.mode = "native"
     with pytest.raises(ValueError, match="per-channel"):
         lg(x)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ktiled_scale_after_matches_reference_both_dtypes(dtype):
+    """The scale-after PTX block (PRMT + LOP3 + paired FMA, a bf16 and an fp16 variant) on fresh random
+    codes: 2/4-bit, groups 32/128/512 (spanning two tiles)/per-channel, sym and asym, several M; error no
+    worse than 1.5x the error of rounding Ŵ to the activation dtype (it never rounds Ŵ, so usually better)."""
+    from qwenquant.kernels import wq_ktiled as KT
+    from qwenquant.kernels import wq_matmul as K
+
+    for bits, group, sym in [(4, 128, False), (4, 32, True), (4, 512, False), (4, None, True), (2, 128, False), (2, 64, True)]:
+        n, k = 256, 2048
+        g = k if group is None else group
+        layer = make_layer(n, k, bits, group, sym, seed=11, device="cuda")
+        wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k)
+        kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
+        for m in (1, 5, 16, 33, 64):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = x.double() @ wref.double().T
+            rounding = rel_err((x.float() @ wref.to(dtype).float().T).to(dtype), ref)
+            for wa, sk in ((True, 1), (True, 4), (False, 2)):
+                y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=max(16, 1 << (m - 1).bit_length()), bn=64,
+                                   w_as_a=wa, split_k=sk, scale_after=True)
+                assert y.dtype == dtype
+                assert rel_err(y, ref) <= 1.5 * rounding + 1e-4, (bits, group, sym, m, wa, sk, rel_err(y, ref), rounding)

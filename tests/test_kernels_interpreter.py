@@ -4,7 +4,10 @@ plain-torch reference: the same kernel source the GPU compiles, run as numpy, sm
 Runs in a subprocess because the interpreter must be switched on before the kernels are defined
 (another test may already have imported them for the GPU path). Activations are fp16: the
 interpreter's ``tl.dot`` mis-handles bf16 operands (numpy has no bf16; Triton 3.6 returns values
-~1e9 off), which says nothing about the compiled kernel — the GPU tests cover bf16.
+~1e9 off), which says nothing about the compiled kernel — the GPU tests cover bf16. The k-tiled
+kernel's inline PTX (LOP3, and the PRMT/LOP3/HFMA2 block of its scale-after variant) cannot run here:
+the interpreter takes the plain-integer branches that compute the same values, so this checks the
+tiling, grouping and split-K logic; the PTX is checked by the GPU tests (tests/test_kernels.py -m gpu).
 Skips where Triton is not installed (it is in the ``dev`` extra).
 """
 
@@ -32,8 +35,10 @@ SCRIPT = textwrap.dedent(
         e = float((y.double() - ref.double()).norm() / ref.double().norm())
         worst[name] = max(worst.get(name, 0.0), e)
 
-    for bits, group, sym in [(4, 64, False), (4, 32, True), (8, None, True), (2, 128, False)]:
-        n, k = 64, 512
+    # (4, 512) with K = 1024: a group spanning two 256-column tiles
+    for bits, group, sym, k in [(4, 64, False, 512), (4, 32, True, 512), (8, None, True, 512), (2, 128, False, 512),
+                                (4, 512, False, 1024)]:
+        n = 64
         g = k if group is None else group
         t = affine_to_tensors(quantize_weight(torch.randn(n, k), QuantSpec(bits, group, sym)))
         qw, s, z = t["qweight"], t["scale"], t["zero"]
@@ -52,6 +57,10 @@ SCRIPT = textwrap.dedent(
                 for wa, split in ((True, 1), (True, 2), (False, 1)):
                     y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split)
                     note("ktiled", y, ref)
+                    if bits in KT.SCALE_AFTER_BITS:  # (the interpreter runs its plain-integer path, not the PTX)
+                        y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split,
+                                           scale_after=True)
+                        note("ktiled_after", y, ref)
             for bk, split in ((64, 1), (128, 2)):
                 if K.gemm_wa_ok(bits, g, k, bk):
                     note("gemm_wa", K.gemm_wa(x, qw, s, z, bits, g, bn=32, bm=16, bk=bk, split_k=split), ref)
@@ -79,7 +88,7 @@ def test_kernels_match_reference_under_the_interpreter():
     import json
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "int8_gemm"}
+    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after", "int8_gemm"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst
 

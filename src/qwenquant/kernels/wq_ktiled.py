@@ -18,29 +18,38 @@ one int32 ``fp16 bits << 16 | zero`` per (group, row), group-major, so each grou
 contiguous 4-byte vector that Triton's pipeliner copies ahead with the words (the checkpoint's 2- and
 1-byte strided loads could not be, and stalled every program twice per K step on an H100).
 
-Dequantization per code (SASS-counted, ``benchmarks/sass_ktiled.py``): one LOP3 ``(w & (mask << sh)) |
-0x4B000000`` — the float 2**23 + code·2**sh, the field left in place (fields ending above bit 23 come
-from ``w >> 16``) — one FADD of (2**23 + zero·2**sh) and one FMUL by scale·2**-sh (both per row and slice),
-and half an F2FP to round pairs to bf16: the same value as ``Ŵ.to(bf16)`` (``(code - zero)·scale`` in fp32,
-rounded once). About 5-6 instructions per weight in the K loop overall (addresses, copies, wgmma).
+Two ways to dequantize (constexpr ``SCALE_AFTER``), SASS-counted with ``benchmarks/sass_ktiled.py``:
 
-Two orientations (constexpr ``W_AS_A``):
-* W_AS_A (small M): yᵀ[BN, BM] = Ŵ[BN, SUB] · xᵀ[SUB, BM]. The weight is the MMA's A operand, which
-  Hopper's wgmma may take from registers; the MMA's N is the few rows of x (16/32/64). Split-K
-  (fp32 atomics) gives small-N shapes enough programs.
-* otherwise (large M): y[BM, BN] = x[BM, SUB] · Ŵᵀ[SUB, BN], the usual GEMM, grouped tile order.
+* scale before the MMA (any bit width): one LOP3 ``(w & (mask << sh)) | 0x4B000000`` — the float
+  2**23 + code·2**sh, the field left in place (fields ending above bit 23 come from ``w >> 16``) — one
+  FADD of (2**23 + zero·2**sh), one FMUL by scale·2**-sh (both per row and slice) and half an F2FP to
+  round pairs to bf16: the MMA gets Ŵ = ``Ŵ.to(bf16)``. 3.5 instructions per weight for this, 5.0-6.2 per
+  weight in the whole K loop at M = 16.
+* scale after the MMA (2- and 4-bit): the MMA gets (code - zero), small integers that bf16/fp16 hold
+  exactly, and the fp32 partial sums of each group (or of each K step when the group spans several) are
+  multiplied by the group's scale once: acc += s · Σ_k (code - zero)·x. Per *two* weights one inline-PTX
+  block: PRMT (byte b of two words into the two half-words — each half from its own word, so correct for
+  whichever two elements Triton hands one block; with the MMA operand layout they are k-neighbours), LOP3 (keep the field, OR 0x4300 = bf16 128) and
+  one paired FMA adding -(128 + zero) (a HADD2 in SASS): 1.5 instructions per weight, 3.0 per weight in
+  the K loop at M = 16 (758 vs 1282 per step for BN = 128). More exact than scale-before (Ŵ is never
+  rounded to bf16); the fold costs 2·BM/group FMAs per weight, so it pays at small M. 8-bit codes do not
+  fit bf16's 8-bit significand after the magic, so 8-bit runs scale-before.
+
+Two orientations (constexpr ``W_AS_A``), both used at every M (``runtime/fused.py`` tables):
+* W_AS_A: yᵀ[BN, BM] = Ŵ[BN, SUB] · xᵀ[SUB, BM]. The weight is the MMA's A operand, which Hopper's
+  wgmma may take from registers; the MMA's N is the rows of x. Split-K (fp32 atomics into a workspace)
+  gives small-N shapes enough programs.
+* otherwise: y[BM, BN] = x[BM, SUB] · Ŵᵀ[SUB, BN], the usual GEMM (weight staged through shared memory),
+  grouped tile order.
 
 Requirements: bits ∈ {2, 4, 8}; K a multiple of T (128 for 8-bit, 256 for 4-bit, 512 for 2-bit);
 group size a multiple of SUB dividing K that either divides T or is a multiple of it (32/64/128/… or
 per-channel); N a multiple of 8.
 Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_ktiled`` inverts the repack).
 
-Tried and dropped (commit ef9ec26, results/ktiled_pairs_h100.json): making two codes into a bf16x2 with one
-AND + OR (0x43004300, the Marlin trick) and applying the scale in bf16 halves the dequantization
-instructions but bought only 3-9 % at M <= 16 and lost at M >= 32, and did not compile with the weight as
-the A operand. That was measured while the scale loads still stalled every step; now (ncu, session 4 in
-benchmarks/NOTES.md) the M = 16 kernel is issue-bound at low occupancy, so fewer instructions per weight is
-again the lever — but the pairing needs a layout where the two half-words of a word are adjacent columns.
+Tried and dropped (commit ef9ec26, results/ktiled_pairs_h100.json): bf16x2 pairs with the *scale* applied in
+bf16 (Ŵ rounded twice) bought 3-9 % while the scale loads still stalled every step. The scale-after
+variant above is the version that keeps fp32 accuracy and pays off (session 5, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -322,6 +331,11 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                          "checkpoint-layout kernels")
     if scale_after and bits not in SCALE_AFTER_BITS:
         raise ValueError(f"scale_after needs bits in {SCALE_AFTER_BITS} (code + magic exact in a 16-bit float), got {bits}")
+    if m * x2.stride(0) >= 2**31 or n * words.shape[1] >= 2**31:
+        raise ValueError(f"k-tiled GEMM indexes with int32 offsets: x [{m}, {k}] or words [{n}, {words.shape[1]}] is too "
+                         "large; split the rows into chunks")
+    if not (words.is_contiguous() and sz.is_contiguous()):
+        raise ValueError("k-tiled words and sz must be contiguous (as pack_ktiled / pack_ktiled_scales return them)")
     if sz.shape != (k // group, n) or sz.dtype != torch.int32:
         raise ValueError(f"sz must be [K/G, N] = [{k // group}, {n}] int32 from pack_ktiled_scales, got "
                          f"{sz.dtype} {tuple(sz.shape)}")

@@ -11,8 +11,9 @@ When the layer was quantized with ``act_bits=8`` and holds 8-bit per-channel wei
 tensor-core paths (``native`` int8 and fp8) join, since per-token activation quantization is then
 already part of the model's numerics.
 
-No bf16 copy of the weight is kept, so memory stays at the storage bytes (plus one transient
-[N, K] bf16 buffer while a dequant matmul runs). The price: where both candidates are
+No bf16 copy of the weight is kept: memory is the storage bytes plus the repacked copies ``fused``
+builds for its kernels (tinygemm and k-tiled, ≈ 0.8x bf16 bytes for Qwen3-8B W4 g128 with both;
+``fused.FUSED_COPIES`` chooses) plus one transient [N, K] bf16 buffer while a dequant matmul runs. The price: where both candidates are
 slower than bf16 (mid-size M, where the fused GEMM trails cuBLAS and the unpack is not yet
 amortized) auto is slower than bf16 too — the benchmark reports it as measured.
 """

@@ -65,11 +65,14 @@ GEMM_CONFIGS_SMALL = [
 # gemm_wa for 4 < M <= 64 (BM = M rounded up, >= 16): (BN, BK, warps, stages, split-K); the winners of
 # benchmarks/w4_session.py on Qwen3-8B shapes
 GEMM_WA_CONFIGS = [(64, 64, 4, 4, 4), (64, 256, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 8, 3, 2)]
-# ktiled for 1 < M <= 64 (BM = M rounded up, >= 16): (BN, warps, stages, split-K, weight as the A operand?); the
-# winners of benchmarks/ktiled_session.py on Qwen3-8B shapes (results/ktiled_session_h100.json)
-KTILED_SMALL = [(128, 4, 3, 4, True), (64, 4, 3, 4, True), (64, 4, 3, 1, True), (64, 4, 3, 2, True), (64, 4, 3, 8, True),
-                (32, 2, 3, 4, True), (128, 4, 3, 4, False), (64, 4, 3, 4, False), (128, 4, 3, 8, False)]
+# ktiled for 1 < M <= 64 (BM = M rounded up, >= 16): (BN, warps, stages, split-K, weight as the A operand?, scale after
+# the MMA?); the winners of benchmarks/ktiled_session.py on Qwen3-8B shapes (results/ktiled_session_h100.json). The
+# scale-after variant wins nearly everywhere for 2/4-bit; 8-bit (where it cannot run) takes the same tiles scale-before.
+KTILED_SMALL = [(128, 4, 3, 4, False, True), (128, 4, 3, 8, True, True), (64, 4, 3, 2, True, True), (64, 4, 3, 4, True, True),
+                (128, 8, 3, 4, True, True), (64, 4, 3, 1, True, True), (128, 4, 3, 4, True, False), (32, 2, 3, 4, True, True),
+                (64, 4, 3, 8, True, True)]
 KTILED_SMALL_MAX_M = 64
+KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K tiles (workspace memory)
 # ktiled for M > 64: (BM, BN, warps, stages, split-K, weight as A?). 0.69x bf16 at M = 128 on gate/up, 0.65x at 1024
 # (dequant + cuBLAS: 0.42x / 0.77x), so ``auto`` picks between them per shape.
 KTILED_LARGE = [(128, 128, 8, 2, 1, True), (64, 128, 4, 3, 2, True), (128, 256, 8, 2, 1, True), (128, 128, 8, 2, 2, True),
@@ -133,7 +136,7 @@ def _operands(layer, bits: int, group: int, m: int) -> FusedOperands:
     n, k = layer.out_features, layer.in_features
     if ops.tiny is None and "tinygemm" in FUSED_COPIES and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
         ops.tiny = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
-    if ops.ktiled is None and "ktiled" in FUSED_COPIES and m > 1 and KT.ktiled_ok(bits, group, n, k):
+    if ops.ktiled is None and "ktiled" in FUSED_COPIES and KT.ktiled_ok(bits, group, n, k):
         ops.ktiled = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
     return ops
 
@@ -157,7 +160,7 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
     m rows. Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
     triton_cfgs = _triton_configs(m, k, group, bits)
-    if ktiled and m > 1:
+    if ktiled:
         extra.update(_ktiled_configs(m, bits))
         # ktiled beat the checkpoint-layout GEMMs at every measured shape and M (up to 3x at M >= 128)
         triton_cfgs = {n: c for n, c in triton_cfgs.items() if c[0] not in ("gemm", "gemm_wa")}
@@ -165,18 +168,21 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
 
 
 def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
-    """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages, scale_after)) for an M bucket. Small M also
-    tries each tile with the scale applied after the MMA (2/4-bit, ``wq_ktiled`` explains)."""
-    after = (False, True) if bits in KT.SCALE_AFTER_BITS else (False,)
+    """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages, scale_after)) for an M bucket. Small-M tiles
+    apply the scale after the MMA where the bit width allows (2/4-bit, ``wq_ktiled`` explains)."""
     if m <= KTILED_SMALL_MAX_M:
         bm = max(16, 1 << (m - 1).bit_length())
         cap = 2 if bits == 2 else 3  # 2-bit tiles are 512 columns: x's [BM, 512] tile per stage
-        return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}{' after' if sa else ''}":
-                ("ktiled", (bm, bn, wa, sk, w, min(st, cap), sa))
-                for bn, w, st, sk, wa in KTILED_SMALL for sa in after}
-    # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory)
+        out = {}
+        for bn, w, st, sk, wa, sa in KTILED_SMALL:
+            sa = sa and bits in KT.SCALE_AFTER_BITS
+            name = f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}{' after' if sa else ''}"
+            out[name] = ("ktiled", (bm, bn, wa, sk, w, min(st, cap), sa))
+        return out
+    # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K only up to
+    # M = 256: its fp32 workspace is M·N floats and is kept at its largest size (``wq_ktiled.split_k_workspace``)
     return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2), False))
-            for bm, bn, w, st, sk, wa in KTILED_LARGE if not (bits == 2 and bn > 128)}
+            for bm, bn, w, st, sk, wa in KTILED_LARGE if not (bits == 2 and bn > 128) and (sk == 1 or m <= KTILED_SPLIT_MAX_M)}
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
