@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -57,7 +58,7 @@ def check(doc):
             qw, s, z = make_packed(n, k, bits, g, sym, gen)
             words, sz = KT.pack_ktiled(qw, bits, k), KT.pack_ktiled_scales(s, z)
             w = K.reference_dequantize(qw, s, z, bits, k)
-            for m in (1, 2, 16, 77, 300):
+            for m in [int(r) for r in os.environ.get("KTILED_CHECK_ROWS", "1,2,16,77,300").split(",")]:
                 x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
                 ref = x.double() @ w.double().T
                 bf16_err = rel(x.float() @ w.to(torch.bfloat16).float().T, ref)
@@ -97,7 +98,9 @@ LARGE_GRID = [(128, 128, True, 8, 2, 1), (128, 128, True, 8, 2, 2), (128, 128, T
               (64, 128, True, 4, 3, 2), (64, 128, True, 4, 3, 4), (128, 64, True, 4, 3, 2), (128, 256, True, 8, 2, 1),
               (128, 128, False, 8, 2, 1), (128, 128, False, 8, 2, 2), (128, 128, False, 8, 2, 4), (64, 128, False, 4, 3, 2),
               (128, 256, False, 8, 2, 1), (64, 256, False, 8, 3, 1), (128, 64, False, 4, 3, 2)]
-LARGE_GRID_AFTER = [(128, 128, True, 8, 2, 1), (64, 128, True, 4, 3, 1), (64, 128, True, 4, 3, 2), (128, 128, False, 8, 2, 1)]
+LARGE_GRID_AFTER = [(128, 128, True, 8, 2, 1), (128, 128, True, 8, 2, 2), (64, 128, True, 8, 3, 1), (64, 128, True, 8, 3, 2),
+                    (64, 128, True, 4, 3, 1), (64, 128, True, 4, 3, 2), (128, 64, True, 4, 3, 1), (64, 64, True, 4, 3, 1),
+                    (128, 128, False, 8, 2, 1), (64, 128, False, 4, 3, 1)]
 TIME_ROWS = [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
@@ -150,6 +153,8 @@ def time_all(doc):
             else:
                 us["dequant"] = timed(lambda i: F.linear(x, K.dequantize(*packed[i], 4, group, k)), min(r4, 8))
             for name, cfg in grid_configs(m).items():
+                if os.environ.get("KTILED_TIME_ONLY") and not re.search(os.environ["KTILED_TIME_ONLY"], name):
+                    continue  # a regex over the config names, e.g. "after|bm128 bn128 w8 s2 sk1"
                 try:
                     KT.ktiled_gemm(x, *words[0], 4, group, *cfg)
                     us[name] = timed(lambda i: KT.ktiled_gemm(x, *words[i], 4, group, *cfg), r4)
