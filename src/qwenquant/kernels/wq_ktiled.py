@@ -318,12 +318,10 @@ class KTiledWeight:
 
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
-                num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, maxnreg: int | None = None,
-                group_m: int = 8) -> Tensor:
+                num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, group_m: int = 8) -> Tensor:
     """x2 [M, K] bf16/fp16, words [N, K/CPW] int32 from ``pack_ktiled``, sz [K/G, N] int32 from
     ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
-    fp32 buffer. ``maxnreg`` caps registers per thread (ptxas spills above it) so more programs fit on an SM:
-    the bn128 scale-after tile needs 238 registers (2 programs of 4 warps per SM), 168 fits 3."""
+    fp32 buffer."""
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
@@ -350,7 +348,6 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
         x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
         LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages,
-        **({"maxnreg": maxnreg} if maxnreg and not _INTERPRETED else {}),
     )
     return y
 
