@@ -73,10 +73,13 @@ KTILED_SMALL = [(128, 4, 3, 4, False, True), (128, 4, 3, 8, True, True), (64, 4,
                 (64, 4, 3, 8, True, True)]
 KTILED_SMALL_MAX_M = 64
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K tiles (workspace memory)
-# ktiled for M > 64: (BM, BN, warps, stages, split-K, weight as A?). 0.69x bf16 at M = 128 on gate/up, 0.65x at 1024
-# (dequant + cuBLAS: 0.42x / 0.77x), so ``auto`` picks between them per shape.
-KTILED_LARGE = [(128, 128, 8, 2, 1, True), (64, 128, 4, 3, 2, True), (128, 256, 8, 2, 1, True), (128, 128, 8, 2, 2, True),
-                (128, 256, 8, 2, 1, False)]
+# ktiled for M > 64: (BM, BN, warps, stages, split-K, weight as A?, scale after?). H100 session grid (benchmarks/NOTES.md,
+# session 5): scale-after tiles win M = 128-512 (gate/up M = 128 0.77x bf16 vs 0.68x before, down 0.84x), the
+# 128x256 scale-before tile M >= 1024 (0.54-0.60x); unpack + cuBLAS beats all of them from M = 1024 (0.69-0.95x),
+# so ``auto`` picks between them per shape.
+KTILED_LARGE = [(128, 128, 8, 2, 1, True, True), (64, 128, 8, 3, 2, True, True), (64, 128, 8, 3, 1, True, True),
+                (64, 64, 4, 3, 1, True, True), (128, 256, 8, 2, 1, True, False), (128, 128, 8, 2, 1, True, False),
+                (64, 128, 4, 3, 2, True, False)]  # (the last: a pipelined tile for 2-bit, whose wide tiles lose a stage)
 GEMM_CONFIGS_LARGE = [
     (64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
     (128, 64, 64, 4, 4),
@@ -181,8 +184,11 @@ def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
         return out
     # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K only up to
     # M = 256: its fp32 workspace is M·N floats and is kept at its largest size (``wq_ktiled.split_k_workspace``)
-    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}": ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2), False))
-            for bm, bn, w, st, sk, wa in KTILED_LARGE if not (bits == 2 and bn > 128) and (sk == 1 or m <= KTILED_SPLIT_MAX_M)}
+    # scale-after large tiles only at 4 bits: the 2-bit ones (512-column tiles) were not checked on the GPU
+    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}{' after' if sa else ''}":
+            ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2), sa))
+            for bm, bn, w, st, sk, wa, sa in KTILED_LARGE
+            if not (bits == 2 and bn > 128) and (sk == 1 or m <= KTILED_SPLIT_MAX_M) and (not sa or bits == 4)}
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
