@@ -63,7 +63,8 @@ def check(doc):
                 ref = x.double() @ w.double().T
                 bf16_err = rel(x.float() @ w.to(torch.bfloat16).float().T, ref)
                 cfgs = kt_configs(m, bits)
-                if m > 64 and bits != 2:  # the large-M grid too (2-bit tiles are too wide for its stages)
+                if (m > 64 or os.environ.get("KTILED_CHECK_GRID")) and bits != 2:  # the exploration grid too
+                    # (2-bit tiles are too wide for the large grid's stages)
                     cfgs.update({nm: c for nm, c in grid_configs(m).items() if not c[6] or bits in KT.SCALE_AFTER_BITS})
                 if os.environ.get("KTILED_CHECK_ONLY"):  # a substring of the config names, e.g. "after"
                     cfgs = {nm: c for nm, c in cfgs.items() if os.environ["KTILED_CHECK_ONLY"] in nm}
@@ -101,6 +102,11 @@ LARGE_GRID = [(128, 128, True, 8, 2, 1), (128, 128, True, 8, 2, 2), (128, 128, T
 LARGE_GRID_AFTER = [(128, 128, True, 8, 2, 1), (128, 128, True, 8, 2, 2), (64, 128, True, 8, 3, 1), (64, 128, True, 8, 3, 2),
                     (64, 128, True, 4, 3, 1), (64, 128, True, 4, 3, 2), (128, 64, True, 4, 3, 1), (64, 64, True, 4, 3, 1),
                     (128, 128, False, 8, 2, 1), (64, 128, False, 4, 3, 1)]
+# stream-K schedule (scale-after, weight as A): (BN, warps, stages, programs per SM) for M <= 64 and
+# (BM, BN, warps, stages, programs per SM) beyond
+STREAMK_SMALL = [(64, 4, 3, 3), (64, 4, 3, 2), (64, 4, 3, 6), (128, 4, 3, 2), (128, 4, 3, 1), (128, 4, 3, 4),
+                 (32, 2, 3, 4), (32, 2, 3, 8)]
+STREAMK_LARGE = [(128, 128, 8, 2, 1), (64, 128, 8, 3, 1), (64, 128, 8, 3, 2), (64, 64, 4, 3, 2), (64, 64, 4, 3, 3)]
 TIME_ROWS = [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
@@ -114,11 +120,15 @@ def grid_configs(m: int) -> dict[str, tuple]:
             tag = " after" if sa else ""
             out.update({f"ktiled A bn{bn} bm{bm} w{w} s{st} sk{sk}{tag}": (bm, bn, True, sk, w, st, sa) for bn, w, st, sk in SMALL_GRID})
             out.update({f"ktiled B bn{bn} bm{bm} w{w} s{st} sk{sk}{tag}": (bm, bn, False, sk, w, st, sa) for bn, w, st, sk in SMALL_GRID_B})
+        out.update({f"ktiled A bn{bn} bm{bm} w{w} s{st} streamk{p} after": (bm, bn, True, 1, w, st, True, p)
+                    for bn, w, st, p in STREAMK_SMALL})
         return out
     out = {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st} sk{sk}": (bm, bn, wa, sk, w, st, False)
            for bm, bn, wa, w, st, sk in LARGE_GRID}
     out.update({f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st} sk{sk} after": (bm, bn, wa, sk, w, st, True)
                 for bm, bn, wa, w, st, sk in LARGE_GRID_AFTER})
+    out.update({f"ktiled A bm{bm} bn{bn} w{w} s{st} streamk{p} after": (bm, bn, True, 1, w, st, True, p)
+                for bm, bn, w, st, p in STREAMK_LARGE})
     return out
 
 

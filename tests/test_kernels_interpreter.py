@@ -61,6 +61,11 @@ SCRIPT = textwrap.dedent(
                         y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split,
                                            scale_after=True)
                         note("ktiled_after", y, ref)
+                if bits in KT.SCALE_AFTER_BITS:  # stream-K: 3 or 5 programs, so runs end and start inside tiles
+                    for progs, wa in ((3, True), (5, False)):
+                        y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, scale_after=True,
+                                           streamk=progs)
+                        note("ktiled_streamk", y, ref)
             for bk, split in ((64, 1), (128, 2)):
                 if K.gemm_wa_ok(bits, g, k, bk):
                     note("gemm_wa", K.gemm_wa(x, qw, s, z, bits, g, bn=32, bm=16, bk=bk, split_k=split), ref)
@@ -88,7 +93,8 @@ def test_kernels_match_reference_under_the_interpreter():
     import json
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after", "int8_gemm"}
+    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after", "ktiled_streamk",
+                          "int8_gemm"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst
 

@@ -204,6 +204,63 @@ def _ktiled_gemm_kernel(
 
 
 @triton.jit
+def _ktiled_streamk_kernel(
+    x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_ym, steps_per_tile, total_steps,
+    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+    W_AS_A: tl.constexpr, GROUP_M: tl.constexpr, LOP3: tl.constexpr,
+):
+    """Stream-K schedule of the scale-after GEMM: one wave of programs, each a contiguous run of the
+    (tile, K step) units in tile-major order, so every SM gets the same number of K steps whatever the
+    tile count (split-K gives each program a fixed share of one tile: 0.73 or 1.45 waves on Qwen3-8B
+    shapes). A run may end inside a tile and the next start inside one: each segment's partial sums go to
+    the fp32 workspace, a per-tile counter adds the segment's steps, and the program that completes the
+    count writes y and re-zeroes both (as split-K does). A segment that covers a whole tile stores y
+    directly."""
+    CPW: tl.constexpr = 32 // BITS
+    T: tl.constexpr = CPW * SUBK
+    FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW
+    BPW: tl.constexpr = 8 // BITS
+    progs = tl.num_programs(0)
+    pid = tl.program_id(0)
+    u = (pid * total_steps) // progs  # this program's units: [u, u_end)
+    u_end = ((pid + 1) * total_steps) // progs
+    KW = K // CPW
+    rs = tl.arange(0, SUBK)
+    while u < u_end:
+        tile = u // steps_per_tile
+        k_lo = u - tile * steps_per_tile
+        n_steps = tl.minimum(steps_per_tile - k_lo, u_end - u)
+        pid_m, pid_n = grouped_tile(tile, M, N, BM, BN, GROUP_M)
+        rm, m_mask, rn, rn_c = tile_ranges(pid_m, pid_n, M, N, BM, BN)
+        if W_AS_A:
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc = _ktiled_scale_after_loop(
+            acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_lo * T, (k_lo + n_steps) * T, N, KW, stride_xm,
+            GROUP, BITS, SUBK, CPW, T, FOLD, BPW, W_AS_A, LOP3)
+        if W_AS_A:
+            y_off = rm[None, :] * stride_ym + rn[:, None]
+            ymask = m_mask[None, :] & (rn[:, None] < N)
+        else:
+            y_off = rm[:, None] * stride_ym + rn[None, :]
+            ymask = m_mask[:, None] & (rn[None, :] < N)
+        if n_steps == steps_per_tile:
+            tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        else:
+            tl.atomic_add(ws_ptr + y_off, acc, mask=ymask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial sums are issued before the release below
+            done = tl.atomic_add(cnt_ptr + tile, n_steps, sem="acq_rel") + n_steps
+            if done == steps_per_tile:
+                total = tl.load(ws_ptr + y_off, mask=ymask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ymask)
+                tl.store(ws_ptr + y_off, tl.zeros_like(total), mask=ymask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+        u += n_steps
+
+
+@triton.jit
 def _codes_minus_zero(src, sel, zneg, BITS: tl.constexpr, IS_BF16: tl.constexpr, LOP3: tl.constexpr):
     """(code - zero) of one field of each word, as exact small integers in x's 16-bit type.
 
@@ -318,10 +375,12 @@ class KTiledWeight:
 
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
-                num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, group_m: int = 8) -> Tensor:
+                num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, streamk: int = 0,
+                group_m: int = 8) -> Tensor:
     """x2 [M, K] bf16/fp16, words [N, K/CPW] int32 from ``pack_ktiled``, sz [K/G, N] int32 from
     ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
-    fp32 buffer."""
+    fp32 buffer. ``streamk`` > 0 (scale-after only) launches ``streamk`` programs per SM on the stream-K
+    schedule instead (``split_k`` is then unused)."""
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
@@ -339,6 +398,20 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     if sz.shape != (k // group, n) or sz.dtype != torch.int32:
         raise ValueError(f"sz must be [K/G, N] = [{k // group}, {n}] int32 from pack_ktiled_scales, got "
                          f"{sz.dtype} {tuple(sz.shape)}")
+    if streamk:
+        if not scale_after:
+            raise ValueError("the stream-K schedule runs the scale-after K loop only (scale_after=True, bits 2 or 4)")
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        steps = k // t  # K steps per tile
+        progs = min(tiles * steps, streamk * _sm_count(x2.device))
+        y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+        ws, cnt = split_k_workspace(x2.device, m * n, tiles)
+        _ktiled_streamk_kernel[(progs,)](
+            x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), steps, tiles * steps,
+            GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, GROUP_M=group_m,
+            LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        )
+        return y
     per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
     grid_k = triton.cdiv(k, per_split)
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
@@ -350,6 +423,15 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
         LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages,
     )
     return y
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter then runs ``streamk``
+    programs, enough to make runs straddle tiles in the CPU tests)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _WORKSPACES: dict[str, tuple[Tensor, Tensor]] = {}
