@@ -72,7 +72,13 @@ KTILED_SMALL = [(128, 4, 3, 4, False, True), (128, 4, 3, 8, True, True), (64, 4,
                 (128, 8, 3, 4, True, True), (64, 4, 3, 1, True, True), (128, 4, 3, 4, True, False), (32, 2, 3, 4, True, True),
                 (64, 4, 3, 8, True, True)]
 KTILED_SMALL_MAX_M = 64
-KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K tiles (workspace memory)
+KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
+# stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
+# (BN, warps, stages, programs) for M <= 64 and (BM, BN, warps, stages, programs) for 64 < M <= 256. On the H100 grid
+# (NOTES, session 6) it is no faster than split-K at gate/up/down sizes, but wins where split-K leaves SMs idle:
+# k/v M = 128 13.1 vs 19.9 us (0.68x bf16, beating unpack + cuBLAS's 0.65x), M = 256 16.5 vs 19.9 us, gate/up M = 128 0.81x.
+KTILED_STREAMK_SMALL = [(128, 4, 3, 2)]
+KTILED_STREAMK_LARGE = [(64, 64, 4, 3, 2)]
 # ktiled for M > 64: (BM, BN, warps, stages, split-K, weight as A?, scale after?). H100 session grid (benchmarks/NOTES.md,
 # session 5): scale-after tiles win M = 128-512 (gate/up M = 128 0.77x bf16 vs 0.68x before, down 0.84x), the
 # 128x256 scale-before tile M >= 1024 (0.54-0.60x); unpack + cuBLAS beats all of them from M = 1024 (0.69-0.95x),
@@ -171,8 +177,10 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
 
 
 def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
-    """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages, scale_after)) for an M bucket. Small-M tiles
-    apply the scale after the MMA where the bit width allows (2/4-bit, ``wq_ktiled`` explains)."""
+    """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages, scale_after, streamk)) for an M bucket.
+    Small-M tiles apply the scale after the MMA where the bit width allows (2/4-bit, ``wq_ktiled`` explains);
+    ``streamk`` > 0 selects the stream-K schedule with that many programs per SM (4-bit only: the width the
+    GPU check covered)."""
     if m <= KTILED_SMALL_MAX_M:
         bm = max(16, 1 << (m - 1).bit_length())
         cap = 2 if bits == 2 else 3  # 2-bit tiles are 512 columns: x's [BM, 512] tile per stage
@@ -180,15 +188,23 @@ def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
         for bn, w, st, sk, wa, sa in KTILED_SMALL:
             sa = sa and bits in KT.SCALE_AFTER_BITS
             name = f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}{' after' if sa else ''}"
-            out[name] = ("ktiled", (bm, bn, wa, sk, w, min(st, cap), sa))
+            out[name] = ("ktiled", (bm, bn, wa, sk, w, min(st, cap), sa, 0))
+        if bits == 4:
+            out.update({f"ktiled A bn{bn} bm{bm} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
+                        for bn, w, st, p in KTILED_STREAMK_SMALL})
         return out
-    # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K only up to
-    # M = 256: its fp32 workspace is M·N floats and is kept at its largest size (``wq_ktiled.split_k_workspace``)
-    # scale-after large tiles only at 4 bits: the 2-bit ones (512-column tiles) were not checked on the GPU
-    return {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}{' after' if sa else ''}":
-            ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2), sa))
-            for bm, bn, w, st, sk, wa, sa in KTILED_LARGE
-            if not (bits == 2 and bn > 128) and (sk == 1 or m <= KTILED_SPLIT_MAX_M) and (not sa or bits == 4)}
+    # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K and stream-K
+    # only up to M = 256: their fp32 workspace is M·N floats and is kept at its largest size
+    # (``wq_ktiled.split_k_workspace``). Scale-after large tiles only at 4 bits: the 2-bit ones (512-column tiles)
+    # were not checked on the GPU
+    out = {f"ktiled {'A' if wa else 'B'} bm{bm} bn{bn} w{w} s{st - (bits == 2)} sk{sk}{' after' if sa else ''}":
+           ("ktiled", (bm, bn, wa, sk, w, st - (bits == 2), sa, 0))
+           for bm, bn, w, st, sk, wa, sa in KTILED_LARGE
+           if not (bits == 2 and bn > 128) and (sk == 1 or m <= KTILED_SPLIT_MAX_M) and (not sa or bits == 4)}
+    if bits == 4 and m <= KTILED_SPLIT_MAX_M:
+        out.update({f"ktiled A bm{bm} bn{bn} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
+                    for bm, bn, w, st, p in KTILED_STREAMK_LARGE})
+    return out
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
