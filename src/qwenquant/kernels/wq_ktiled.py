@@ -133,7 +133,7 @@ def _ktiled_gemm_kernel(
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
-    KW = K // CPW
+    KW = tl.multiple_of(K // CPW, SUBK)  # K is a multiple of T = CPW·SUBK: rows of words start 128-byte aligned
     rm, m_mask, rn, rn_c = tile_ranges(pid_m, pid_n, M, N, BM, BN)
     rs = tl.arange(0, SUBK)
     k_start = pid_k * k_per_split
@@ -151,7 +151,7 @@ def _ktiled_gemm_kernel(
             GROUP, BITS, SUBK, CPW, T, FOLD, BPW, W_AS_A, LOP3)
     else:  # scale before the MMA: Ŵ = (code - zero)·scale in fp32, rounded once to x's type
         for k0 in range(k_start, k_end, T):
-            w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
+            w = tl.load(w_ptr + rn_c[:, None] * KW + (tl.multiple_of(k0 // CPW, SUBK) + rs)[None, :])  # [BN, SUBK] int32
             w_hi = w >> 16  # fields that end above bit 23 are taken from here (their value must stay below 2**23)
             for t in tl.static_range(CPW):
                 if t == 0 or (t * SUBK) % GROUP == 0:  # slice t starts a scale group
@@ -230,7 +230,7 @@ def _ktiled_streamk_kernel(
     pid = tl.program_id(0)
     u = (pid * total_steps) // progs  # this program's units: [u, u_end)
     u_end = ((pid + 1) * total_steps) // progs
-    KW = K // CPW
+    KW = tl.multiple_of(K // CPW, SUBK)  # K is a multiple of T = CPW·SUBK: rows of words start 128-byte aligned
     rs = tl.arange(0, SUBK)
     while u < u_end:
         tile = u // steps_per_tile
@@ -309,7 +309,7 @@ def _ktiled_scale_after_loop(acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_
     IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     MAGIC16: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     for k0 in range(k_start, k_end, T):
-        w = tl.load(w_ptr + rn_c[:, None] * KW + (k0 // CPW + rs)[None, :])  # [BN, SUBK] int32
+        w = tl.load(w_ptr + rn_c[:, None] * KW + (tl.multiple_of(k0 // CPW, SUBK) + rs)[None, :])  # [BN, SUBK] int32
         for t in tl.static_range(CPW):
             if t % FOLD == 0:  # a fold span starts: its group's scale and zero
                 sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
