@@ -80,6 +80,11 @@ def main(argv: list[str]) -> None:
           f"{k.asm['ttgir'].count('convert_layout')} convert_layout; K loop: {n} instructions per thread per step "
           f"({codes_per_thread} weights per thread, {n / max(1, codes_per_thread):.1f} per weight)")
     print("  " + ", ".join(f"{op} {c}" for op, c in hist.most_common(16)))
+    # the width of every async copy: 4/8-byte LDGSTS where 16 would do mean Triton could not prove the alignment
+    # (the word rows were 8-byte loads until K // CPW carried a tl.multiple_of hint: layer M = 16 1.82x -> 2.00x)
+    widths = collections.Counter(re.findall(r"LDGSTS(?:\.E)?(?:\.BYPASS)?(?:\.LTC128B)?(?:\.(\d+))?", sass))
+    by_bytes = sorted((int(w) // 8 if w else 4, c) for w, c in widths.items())
+    print("  cp.async widths (bytes: count): " + ", ".join(f"{b}: {c}" for b, c in by_bytes))
 
 
 if __name__ == "__main__":
