@@ -111,8 +111,9 @@ TIME_ROWS = [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 
 
 def grid_configs(m: int) -> dict[str, tuple]:
-    """name -> ktiled_gemm args (bm, bn, w_as_a, split_k, warps, stages, scale_after): each small-M tile both
-    ways (scale before / after the MMA), the large-M grid with a few scale-after tiles."""
+    """name -> ktiled_gemm args (bm, bn, w_as_a, split_k, warps, stages, scale_after[, streamk]): each small-M
+    tile both ways (scale before / after the MMA), the large-M grid with a few scale-after tiles, and the stream-K
+    tiles (8-tuples: programs per SM last)."""
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         out = {}

@@ -203,6 +203,37 @@ def test_unsupported_formats_raise_naming_alternatives():
         lg(x)
 
 
+def _check_streamk_crosses_tiles(device: str, shapes, dtype) -> None:
+    """Stream-K against the float64 reference where there are fewer programs than (tile, K step) units, so runs
+    cross tiles, start and end inside them, and some tiles are stored whole; each call twice (the shared workspace
+    and counters must come back zeroed)."""
+    from qwenquant.kernels import wq_ktiled as KT
+    from qwenquant.kernels import wq_matmul as K
+
+    for n, k in shapes:
+        layer = make_layer(n, k, 4, 128, False, seed=5, device=device)
+        wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, 4, k)
+        kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, 4, k)
+        for m in (1, 16):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            ref = x.double() @ wref.double().T
+            for programs_per_sm in (1, 2):
+                for _ in range(2):
+                    y = KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, bm=16, bn=64, w_as_a=True, scale_after=True,
+                                       streamk=programs_per_sm)
+                    assert rel_err(y, ref) < 1e-2, (n, k, m, programs_per_sm, rel_err(y, ref))
+                ws, cnt = KT._WORKSPACES[str(x.device)]
+                assert not ws.any() and not cnt.any()
+
+
+@pytest.mark.gpu
+@cuda
+def test_ktiled_streamk_runs_cross_tiles_on_gpu():
+    """On an H100 (132 SMs): 32 tiles x 16 steps and 128 tiles x 2 steps over 132-264 programs, and N = 2040
+    (the last tile masks columns). The fused tables' shapes in test_every_kernel_config give every program one unit."""
+    _check_streamk_crosses_tiles("cuda", [(2048, 4096), (8192, 512), (2040, 1024)], torch.bfloat16)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -69,6 +69,16 @@ SCRIPT = textwrap.dedent(
             for bk, split in ((64, 1), (128, 2)):
                 if K.gemm_wa_ok(bits, g, k, bk):
                     note("gemm_wa", K.gemm_wa(x, qw, s, z, bits, g, bn=32, bm=16, bk=bk, split_k=split), ref)
+    # stream-K edge cases: masked columns (N = 40, BN = 16), 2-bit with two K steps per tile, runs that cross
+    # several tiles or sit inside one (2 and 7 programs over 3 tiles x 2-4 steps)
+    for bits, group, k in [(4, 128, 1024), (2, 128, 1024)]:
+        t = affine_to_tensors(quantize_weight(torch.randn(40, k), QuantSpec(bits, group, False)))
+        kt = KT.KTiledWeight.from_checkpoint(t["qweight"], t["scale"], t["zero"], bits, k)
+        w = K.reference_dequantize(t["qweight"], t["scale"], t["zero"], bits, k)
+        x = torch.randn(5, k).half()
+        for progs in (2, 7):
+            y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, group, bm=16, bn=16, scale_after=True, streamk=progs)
+            note("ktiled_streamk", y, x.double() @ w.double().T)
     from qwenquant.kernels import w8a8
     from qwenquant.numerics.activation import quantize_per_token
 

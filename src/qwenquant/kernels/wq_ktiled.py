@@ -403,12 +403,17 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     if sz.shape != (k // group, n) or sz.dtype != torch.int32:
         raise ValueError(f"sz must be [K/G, N] = [{k // group}, {n}] int32 from pack_ktiled_scales, got "
                          f"{sz.dtype} {tuple(sz.shape)}")
+    if streamk < 0 or (streamk and split_k != 1):
+        raise ValueError(f"streamk is programs per SM (>= 0) and replaces split-K: got streamk={streamk}, split_k={split_k}")
     if streamk:
         if not scale_after:
             raise ValueError("the stream-K schedule runs the scale-after K loop only (scale_after=True, bits 2 or 4)")
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         steps = k // t  # K steps per tile
         progs = min(tiles * steps, streamk * _sm_count(x2.device))
+        if progs * tiles * steps >= 2**31:  # the kernel splits the units as pid * total // programs in int32
+            raise ValueError(f"stream-K with {progs} programs over {tiles * steps} units overflows int32 indexing; use "
+                             "fewer programs per SM, larger tiles, or split-K")
         y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
         ws, cnt = split_k_workspace(x2.device, m * n, tiles)
         _ktiled_streamk_kernel[(progs,)](
