@@ -186,26 +186,39 @@ def _ktiled_gemm_kernel(
                     acc = tl.dot(wt, tl.trans(x), acc)
                 else:
                     acc = tl.dot(x, tl.trans(wt), acc)
+    y_off, ymask = _output_tile(rm, m_mask, rn, N, stride_ym, W_AS_A)
+    if SPLITS == 1:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:  # split-K without extra launches: each split adds one share of the tile's count (SPLITS)
+        _add_partial(acc, y_ptr, ws_ptr, cnt_ptr + pid, y_off, ymask, 1, SPLITS)
+
+
+@triton.jit
+def _output_tile(rm, m_mask, rn, N, stride_ym, W_AS_A: tl.constexpr):
+    """Offsets into y [M, N] and the store mask of an accumulator tile: [BN, BM] when the weight was the
+    MMA's A operand (yᵀ), [BM, BN] otherwise."""
     if W_AS_A:
         y_off = rm[None, :] * stride_ym + rn[:, None]
         ymask = m_mask[None, :] & (rn[:, None] < N)
     else:
         y_off = rm[:, None] * stride_ym + rn[None, :]
         ymask = m_mask[:, None] & (rn[None, :] < N)
-    if SPLITS == 1:
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:
-        # split-K without extra launches: partial sums go to a zeroed fp32 workspace; the program that
-        # arrives last for this tile (a per-tile counter) writes y once, in y's dtype, and re-zeroes
-        # the workspace and the counter for the next call.
-        tl.atomic_add(ws_ptr + y_off, acc, mask=ymask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sums are issued before the release below
-        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if arrived == SPLITS - 1:
-            total = tl.load(ws_ptr + y_off, mask=ymask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ymask)
-            tl.store(ws_ptr + y_off, tl.zeros_like(total), mask=ymask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
+    return y_off, ymask
+
+
+@triton.jit
+def _add_partial(acc, y_ptr, ws_ptr, cnt, y_off, ymask, amount, total_count):
+    """A partial sum of one output tile, met by the others without extra launches: it goes to the zeroed fp32
+    workspace, the tile's counter ``cnt`` (a pointer) grows by ``amount``, and the program that brings it to
+    ``total_count`` writes y once, in y's dtype, and re-zeroes the workspace and the counter for the next call."""
+    tl.atomic_add(ws_ptr + y_off, acc, mask=ymask, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial sums are issued before the release below
+    done = tl.atomic_add(cnt, amount, sem="acq_rel") + amount
+    if done == total_count:
+        total = tl.load(ws_ptr + y_off, mask=ymask, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ymask)
+        tl.store(ws_ptr + y_off, tl.zeros_like(total), mask=ymask)
+        tl.atomic_xchg(cnt, 0)
 
 
 @triton.jit
@@ -245,23 +258,11 @@ def _ktiled_streamk_kernel(
         acc = _ktiled_scale_after_loop(
             acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_lo * T, (k_lo + n_steps) * T, N, KW, stride_xm,
             GROUP, BITS, SUBK, CPW, T, FOLD, BPW, W_AS_A, LOP3)
-        if W_AS_A:
-            y_off = rm[None, :] * stride_ym + rn[:, None]
-            ymask = m_mask[None, :] & (rn[:, None] < N)
-        else:
-            y_off = rm[:, None] * stride_ym + rn[None, :]
-            ymask = m_mask[:, None] & (rn[None, :] < N)
+        y_off, ymask = _output_tile(rm, m_mask, rn, N, stride_ym, W_AS_A)
         if n_steps == steps_per_tile:
             tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
-        else:
-            tl.atomic_add(ws_ptr + y_off, acc, mask=ymask, sem="relaxed")
-            tl.debug_barrier()  # every thread's partial sums are issued before the release below
-            done = tl.atomic_add(cnt_ptr + tile, n_steps, sem="acq_rel") + n_steps
-            if done == steps_per_tile:
-                total = tl.load(ws_ptr + y_off, mask=ymask, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ymask)
-                tl.store(ws_ptr + y_off, tl.zeros_like(total), mask=ymask)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
+        else:  # the tile's count is its K steps; this segment adds its own
+            _add_partial(acc, y_ptr, ws_ptr, cnt_ptr + tile, y_off, ymask, n_steps, steps_per_tile)
         u += n_steps
 
 
@@ -385,7 +386,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     """x2 [M, K] bf16/fp16, words [N, K/CPW] int32 from ``pack_ktiled``, sz [K/G, N] int32 from
     ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
     fp32 buffer. ``streamk`` > 0 (scale-after only) launches ``streamk`` programs per SM on the stream-K
-    schedule instead (``split_k`` is then unused)."""
+    schedule instead (``split_k`` must then stay 1)."""
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
