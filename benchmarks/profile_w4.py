@@ -60,7 +60,6 @@ def main():
     runners = {
         "bf16": lambda x, c: F.linear(x, w16),
         "tinygemm": lambda x, c: torch.ops.aten._weight_int4pack_mm(x, tiny.packed, GROUP, tiny.scale_zero),
-        "gemv2": lambda x, c: K.gemv2(x, qw, s, z, 4, GROUP, *c),
         "ktiled": lambda x, c: KT.ktiled_gemm(x, kt.words, kt.sz, 4, GROUP, *c),
         "unpack": lambda x, c: K.dequantize(qw, s, z, 4, GROUP, KK),
     }
