@@ -60,19 +60,28 @@ def act_quant(x2: Tensor, fp8: bool, pad_rows_to: int = 1) -> tuple[Tensor, Tens
 @triton.jit
 def _int8_epilogue_kernel(acc_ptr, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, M, N, stride_acc, stride_y,
                           HAS_ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The scales of ``_scaled_store`` applied to ``torch._int_mm``'s int32 output."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    acc = tl.load(acc_ptr + rm[:, None] * stride_acc + rn[None, :], mask=mask, other=0).to(tl.float32)
-    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
-    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    acc = tl.load(acc_ptr + rm[:, None] * stride_acc + rn[None, :], mask=mask, other=0)
+    _scaled_store(acc, rm, rn, M, N, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, stride_y, HAS_ZC, HAS_BIAS)
+
+
+@triton.jit
+def _scaled_store(acc, rm, rn, M, N, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, stride_y,
+                  HAS_ZC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The int8 GEMM epilogue: y = sx·sw·(acc - qsum·zc) (+ b) for the int32 tile acc [BM, BN] of rows rm and
+    columns rn, stored in y's dtype (rows/columns past M/N masked)."""
+    rm_c = tl.where(rm < M, rm, 0)
+    rn_c = tl.where(rn < N, rn, 0)
+    accf = acc.to(tl.float32)
     if HAS_ZC:
-        zc = tl.load(zc_ptr + rn, mask=rn < N, other=0.0)
-        qs = tl.load(qsum_ptr + rm, mask=rm < M, other=0.0)
-        acc = acc - qs[:, None] * zc[None, :]
-    y = acc * sx[:, None] * sw[None, :]
+        accf = accf - tl.load(qsum_ptr + rm_c)[:, None] * tl.load(zc_ptr + rn_c)[None, :]
+    y = accf * tl.load(sx_ptr + rm_c)[:, None] * tl.load(sw_ptr + rn_c)[None, :]
     if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(b_ptr + rn_c).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,16 +107,30 @@ def _int8_gemm_kernel(q_ptr, w_ptr, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_p
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         q_ptrs += BK
         w_ptrs += BK
-    accf = acc.to(tl.float32)
-    sx = tl.load(sx_ptr + rm_c)
-    sw = tl.load(sw_ptr + rn_c)
-    if HAS_ZC:
-        accf = accf - tl.load(qsum_ptr + rm_c)[:, None] * tl.load(zc_ptr + rn_c)[None, :]
-    y = accf * sx[:, None] * sw[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn_c).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    _scaled_store(acc, rm, rn, M, N, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, stride_y, HAS_ZC, HAS_BIAS)
+
+
+@triton.jit
+def _int8_gemm_tma_kernel(q_desc, w_desc, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, M, N, K, stride_y,
+                          HAS_ZC: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """The same GEMM with the operand tiles fetched by the Hopper TMA engine (tensor descriptors: one
+    instruction per [BM, BK] / [BN, BK] tile instead of per-thread address arithmetic and cp.async, rows past
+    M/N zero-filled by the hardware) and a persistent grid: each program walks tiles pid, pid + P, … in
+    grouped order, so a wave never ends half-empty."""
+    num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = grouped_tile(tile, M, N, BM, BN, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tl.zeros([BM, BN], dtype=tl.int32)
+        for k in range(0, K, BK):  # the host guarantees BK | K
+            a = q_desc.load([off_m, k])
+            b = w_desc.load([off_n, k])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = off_m + tl.arange(0, BM)
+        rn = off_n + tl.arange(0, BN)
+        _scaled_store(acc, rm, rn, M, N, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, stride_y, HAS_ZC, HAS_BIAS)
 
 
 # (BM, BN, BK, warps, stages) for the Triton int8 GEMM; tuned per shape by runtime.native. The large tiles are
@@ -118,31 +141,53 @@ INT8_GEMM_CONFIGS = [(128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (256, 128, 12
 
 
 def int8_gemm(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None, bias: Tensor | None,
-              bm: int = 128, bn: int = 256, bk: int = 128, num_warps: int = 8, num_stages: int = 3) -> Tensor:
+              bm: int = 128, bn: int = 256, bk: int = 128, num_warps: int = 8, num_stages: int = 3,
+              tma: int = 0) -> Tensor:
     """Same contract as :func:`int8_matmul`, with the Triton int8 GEMM and fused epilogue instead of
     ``torch._int_mm`` + a separate epilogue pass. Needs K % BK == 0."""
     q, sx, qsum = act_quant(x2, fp8=False)
-    return int8_gemm_quantized(q, sx, qsum, w_int8, w_scale, zero_corr, bias, x2.dtype, bm, bn, bk, num_warps, num_stages)
+    return int8_gemm_quantized(q, sx, qsum, w_int8, w_scale, zero_corr, bias, x2.dtype, bm, bn, bk, num_warps,
+                               num_stages, tma)
 
 
 def int8_gemm_quantized(q: Tensor, sx: Tensor, qsum: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None,
                         bias: Tensor | None, out_dtype: torch.dtype, bm: int = 128, bn: int = 256, bk: int = 128,
-                        num_warps: int = 8, num_stages: int = 3) -> Tensor:
+                        num_warps: int = 8, num_stages: int = 3, tma: int = 0) -> Tensor:
     """The GEMM + epilogue of :func:`int8_gemm` on already quantized activations: q [M, K] int8, sx [M, 1]
-    fp32, qsum [M] fp32 (row sums of q)."""
+    fp32, qsum [M] fp32 (row sums of q).
+
+    ``tma`` = 0: pointer loads (cp.async), one program per output tile. ``tma`` = P > 0: TMA tensor-descriptor
+    loads and a persistent grid of min(tiles, P · SMs) programs (Hopper and later; needs 16-byte aligned rows,
+    i.e. K % 16 == 0, which BK | K implies)."""
     m, k = q.shape
     n = w_int8.shape[0]
     if k % bk:
         raise ValueError(f"int8_gemm: K={k} is not a multiple of BK={bk}")
+    if tma < 0:
+        raise ValueError(f"int8_gemm: tma={tma} must be 0 (pointer loads) or programs per SM (> 0)")
     y = torch.empty((m, n), device=q.device, dtype=out_dtype)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _int8_gemm_kernel[grid](
-        q, w_int8, sx, qsum, w_scale, zero_corr if zero_corr is not None else w_scale,
-        bias if bias is not None else w_scale, y, m, n, k, q.stride(0), w_int8.stride(0), y.stride(0),
-        HAS_ZC=zero_corr is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=8,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    zc = zero_corr if zero_corr is not None else w_scale  # placeholders: never read when the flag is off
+    b = bias if bias is not None else w_scale
+    flags = dict(HAS_ZC=zero_corr is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                 num_warps=num_warps, num_stages=num_stages)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        programs = min(tiles, tma * _sm_count(q.device))
+        q_desc = TensorDescriptor.from_tensor(q, [bm, bk])
+        w_desc = TensorDescriptor.from_tensor(w_int8, [bn, bk])
+        _int8_gemm_tma_kernel[(programs,)](q_desc, w_desc, sx, qsum, w_scale, zc, b, y, m, n, k, y.stride(0), **flags)
+    else:
+        _int8_gemm_kernel[(tiles,)](q, w_int8, sx, qsum, w_scale, zc, b, y, m, n, k, q.stride(0), w_int8.stride(0),
+                                    y.stride(0), **flags)
     return y
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's interpreter: any small count exercises the persistent loop
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def int8_matmul(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None, bias: Tensor | None) -> Tensor:
