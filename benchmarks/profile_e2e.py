@@ -3,7 +3,8 @@
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/profile_e2e.py   (JSON -> $OUT/profile_e2e.json)
 
 For each mode (bf16, then ``E2E_PROFILE_MODES``, default ``w4g128-fused``) and batch (``E2E_PROFILE_BATCHES``,
-default 1) the compiled decode step of ``bench.e2e`` is captured in a CUDA graph, replayed a few times under
+default 1; ``E2E_PROFILE_SEPARATE=1``: the HF layout's seven projections instead of merged qkv / gate_up) the
+compiled decode step of ``bench.e2e`` is captured in a CUDA graph, replayed a few times under
 ``torch.profiler`` and its kernels grouped into classes (W4 GEMM, bf16 GEMM = lm_head, attention, the
 compiled elementwise regions, memsets/copies). ``step_ms`` is the graph-replay median; ``kernel_ms`` the
 sum of kernel durations per step; the difference is the time between kernels (launch gaps inside the
@@ -94,7 +95,10 @@ def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     model = e2e.build_model()
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
-    doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "results": []}
+    merged = not os.environ.get("E2E_PROFILE_SEPARATE")  # the e2e benchmark's default layout: merged qkv, gate_up
+    if merged:
+        e2e.merge_projections(model)
+    doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "merged_projections": merged, "results": []}
     for label in ["bf16", *MODES]:
         if label != "bf16":
             spec, mode = e2e.E2E_MODES[label]

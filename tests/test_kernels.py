@@ -36,6 +36,27 @@ def test_gpu_modes_refuse_cpu_clearly(mode):
         layer(x)  # Triton present but a CPU tensor: refused at the call
 
 
+def test_concat_out_features_is_exact_and_refuses_mismatches():
+    """Merged QKV / gate-up: the same bytes and the same outputs as the separate layers."""
+    from qwenquant.runtime.quant_linear import concat_out_features
+
+    parts = [make_layer(n, 256, 4, 64, False, seed=i, bias=True) for i, n in enumerate((128, 32, 32))]
+    merged = concat_out_features(parts)
+    assert merged.out_features == 192 and merged.storage_bytes == sum(p.storage_bytes for p in parts)
+    assert torch.equal(merged.dequantized_weight(torch.float32), torch.cat([p.dequantized_weight(torch.float32) for p in parts]))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    for mode in ("fake", "dequant"):
+        merged.mode = mode
+        for p in parts:
+            p.mode = mode
+        # same values; a CPU GEMM may block K differently for a wider N: allow bf16 output rounding
+        torch.testing.assert_close(merged(x), torch.cat([p(x) for p in parts], dim=-1), rtol=8e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="layers differ"):
+        concat_out_features([parts[0], make_layer(32, 256, 4, 128, False, bias=True)])
+    with pytest.raises(ValueError, match="bias"):
+        concat_out_features([parts[0], make_layer(32, 256, 4, 64, False)])
+
+
 # ---------------------------------------------------------------------------------- GPU
 
 

@@ -88,9 +88,10 @@ SCRIPT = textwrap.dedent(
         q, sx = quantize_per_token(torch.randn(m, 256), 8)  # (the act-quant kernel uses libdevice: GPU only)
         acc = q.double() @ w8.double().T - q.double().sum(1, keepdim=True) * zc.double()
         ref = acc * sx.double().reshape(-1, 1) * sw.double() + b.double()
-        y = w8a8.int8_gemm_quantized(q.to(torch.int8), sx.float().reshape(-1, 1), q.float().sum(1), w8, sw, zc, b,
-                                     torch.float32, 16, 32, 64, 4, 1)
-        note("int8_gemm", y, ref)
+        for tma in (0, 1):  # pointer loads; TMA descriptors with a persistent grid (4 "SMs" here: m = 40 loops)
+            y = w8a8.int8_gemm_quantized(q.to(torch.int8), sx.float().reshape(-1, 1), q.float().sum(1), w8, sw, zc, b,
+                                         torch.float32, 16, 32, 64, 4, 1, tma)
+            note("int8_gemm" if tma == 0 else "int8_gemm_tma", y, ref)
     print(json.dumps(worst))
     """
 )
@@ -104,7 +105,7 @@ def test_kernels_match_reference_under_the_interpreter():
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after", "ktiled_streamk",
-                          "int8_gemm"}
+                          "int8_gemm", "int8_gemm_tma"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst
 

@@ -1,6 +1,7 @@
 """End-to-end benchmark: a full-size Qwen3-8B with random weights (published shapes), per mode.
 
-Prefill: one 2048-token sequence, eager (compute-bound: launch overhead is <5% of it).
+Prefill: one 2048-token sequence, eager (compute-bound: launch overhead is <5% of it), through
+``prefill_logits`` (the HF forward's computation on our layer functions; tested equal to it on CPU).
 Decode: one token per sequence at batch 1/8/32/128 over a static KV cache of ``CTX`` positions,
 replayed from a CUDA graph — without the graph a 36-layer step is ~250 kernel launches and the
 launch rate, not the kernels, would set the speed — with each layer's elementwise work fused by
@@ -9,6 +10,10 @@ torch.compile (``compiled_layer_step``; on an H100 the eager-module step spent ~
 timed eager-module for reference (``step_ms_eager``). The decode step is our own (gpt-fast style)
 over the HF model's modules (norms, rotary, projections, MLP), so every linear runs in its
 QuantLinear mode; attention is SDPA over the static cache with a position mask.
+
+Projections: by default merged as serving engines run them — [q | k | v] and [gate | up] as one GEMM each
+(``merge_projections``), for bf16 and every quantized mode alike; ``run(merged=False)`` keeps the HF
+layout's seven projections (the layout of results before commit 929da17's successor).
 
 Quantization: RTN (min-max) into QuantLinear for every decoder-layer linear; embeddings and
 lm_head stay bf16 (as in every W4 checkpoint format we know).
@@ -25,7 +30,7 @@ from torch import nn
 
 from qwenquant.bench.gemm import time_graph
 from qwenquant.numerics import QuantSpec, quantize_weight
-from qwenquant.runtime.quant_linear import QuantLinear
+from qwenquant.runtime.quant_linear import QuantLinear, concat_out_features
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ def build_model(n_layers: int = 36):
 
 
 def decoder_linears(model) -> list[tuple[nn.Module, str]]:
+    """(parent, name) of the 7 projections per layer in the HF (unmerged) layout, in ``PROJ_ORDER``."""
     out = []
     for layer in model.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
@@ -68,27 +74,111 @@ def decoder_linears(model) -> list[tuple[nn.Module, str]]:
     return out
 
 
+def projection_modules(model) -> list[nn.Module]:
+    """Every projection module of the decoder layers, merged or not (what the linear-bytes count covers)."""
+    return [m for layer in model.model.layers for parent in (layer.self_attn, layer.mlp)
+            for m in parent.children() if isinstance(m, (nn.Linear, QuantLinear))]
+
+
+def _concat(mods: list[nn.Module]) -> nn.Module:
+    if isinstance(mods[0], QuantLinear):
+        return concat_out_features(mods)
+    w = torch.cat([m.weight.detach() for m in mods])
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    return lin
+
+
+def merge_projections(model) -> None:
+    """The layout serving engines run (vLLM's QKVParallelLinear / MergedColumnParallelLinear): q, k, v as one
+    [q | k | v] projection and gate, up as one [gate | up], so each shared input is read by one GEMM instead of
+    three / two. Exact for bf16 and for per-row quantized weights (``concat_out_features``)."""
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        a.qkv_sizes = (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features)
+        a.qkv_proj = _concat([a.q_proj, a.k_proj, a.v_proj])
+        del a.q_proj, a.k_proj, a.v_proj
+        mlp.gate_up_proj = _concat([mlp.gate_proj, mlp.up_proj])
+        del mlp.gate_proj, mlp.up_proj
+
+
 def quantize_model(model, originals: list[torch.Tensor], spec: QuantSpec, mode: str) -> None:
-    for (parent, name), w in zip(decoder_linears(model), originals):
-        qw = quantize_weight(w.to("cuda", torch.float32), spec)
-        setattr(parent, name, QuantLinear.from_weight(qw, compute_dtype=torch.bfloat16, mode=mode))
-    torch.cuda.empty_cache()
+    """Replace every decoder projection by a QuantLinear (RTN of ``originals``, ``decoder_linears`` order) in
+    ``mode``; a model with merged projections gets merged QuantLinears (quantized per projection, then joined)."""
+    merged = hasattr(model.model.layers[0].self_attn, "qkv_proj")
+    per_layer = 7
+    slots = None if merged else decoder_linears(model)
+    device = model.lm_head.weight.device
+    for i, layer in enumerate(model.model.layers):
+        ws = originals[i * per_layer:(i + 1) * per_layer]
+        ql = [QuantLinear.from_weight(quantize_weight(w.to(device, torch.float32), spec), compute_dtype=torch.bfloat16, mode=mode)
+              for w in ws]
+        a, mlp = layer.self_attn, layer.mlp
+        if merged:
+            a.qkv_proj, a.o_proj = concat_out_features(ql[:3]), ql[3]
+            mlp.gate_up_proj, mlp.down_proj = concat_out_features(ql[4:6]), ql[6]
+        else:
+            for (parent, name), q in zip(slots[i * per_layer:(i + 1) * per_layer], ql):
+                setattr(parent, name, q)
+        del ql
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _qkv(a, x):
+    """x [b, t, hidden] -> q, k, v [b, t, heads, head_dim] (merged or separate projections)."""
+    b, t = x.shape[:2]
+    if hasattr(a, "qkv_proj"):
+        q, k, v = a.qkv_proj(x).split(a.qkv_sizes, dim=-1)
+    else:
+        q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+    return (q.reshape(b, t, -1, a.head_dim), k.reshape(b, t, -1, a.head_dim), v.reshape(b, t, -1, a.head_dim))
+
+
+def _mlp(mlp, x):
+    if hasattr(mlp, "gate_up_proj"):
+        g, u = mlp.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    return mlp.down_proj(mlp.act_fn(g) * u)
 
 
 def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``."""
     a = layer.self_attn
     b = h.shape[0]
-    x = layer.input_layernorm(h)
-    q = a.q_norm(a.q_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
-    k = a.k_norm(a.k_proj(x).view(b, 1, -1, a.head_dim)).transpose(1, 2)
-    v = a.v_proj(x).view(b, 1, -1, a.head_dim).transpose(1, 2)
-    q, k = rope(q, k, cos, sin)
+    q, k, v = _qkv(a, layer.input_layernorm(h))
+    q, k = rope(a.q_norm(q).transpose(1, 2), a.k_norm(k).transpose(1, 2), cos, sin)
     kc.index_copy_(2, pos, k)
-    vc.index_copy_(2, pos, v)
+    vc.index_copy_(2, pos, v.transpose(1, 2))
     o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
     h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+
+
+def _prefill_layer(layer, h, cos, sin, rope):
+    """One decoder layer over a whole prompt (causal attention, no cache): h [b, t, hidden] -> h."""
+    a = layer.self_attn
+    b, t = h.shape[:2]
+    q, k, v = _qkv(a, layer.input_layernorm(h))
+    q, k = rope(a.q_norm(q).transpose(1, 2), a.k_norm(k).transpose(1, 2), cos, sin)
+    o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=True)
+    h = h + a.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+
+
+@torch.no_grad()
+def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The HF model's forward over ``ids`` [b, t], on our layer functions (so merged projections work too);
+    returns the last position's logits [b, 1, vocab], as ``model(ids, logits_to_keep=1)``."""
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    m = model.model
+    h = m.embed_tokens(ids)
+    cos, sin = m.rotary_emb(h, torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1))
+    for layer in m.layers:
+        h = _prefill_layer(layer, h, cos, sin, apply_rotary_pos_emb)
+    return model.lm_head(m.norm(h[:, -1:]))
 
 
 _compiled_layer_step = None
@@ -122,8 +212,9 @@ class StaticDecoder:
         cfg = model.config
         self.b = batch
         shape = (batch, cfg.num_key_value_heads, ctx, cfg.head_dim)
-        self.kc = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in model.model.layers]
-        self.vc = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in model.model.layers]
+        dtype = model.lm_head.weight.dtype
+        self.kc = [torch.randn(shape, device=device, dtype=dtype) for _ in model.model.layers]
+        self.vc = [torch.randn(shape, device=device, dtype=dtype) for _ in model.model.layers]
         self.pos = torch.tensor([ctx // 2], device=device)
         self.ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
         self.ar = torch.arange(ctx, device=device)
@@ -147,21 +238,26 @@ def _graph_ms(fn) -> float:
     return time_graph(fn)
 
 
+def linear_bytes(model) -> int:
+    """Bytes the decoder projections hold on the device: weights or storage buffers plus any operand a mode
+    built beside them (native's int8 copy, fused's repacked copies)."""
+    return sum(sum(t.numel() * t.element_size() for t in mod.buffers()) + sum(p.numel() * p.element_size() for p in mod.parameters())
+               + getattr(getattr(mod, "_cached_weight", None), "nbytes", 0) for mod in projection_modules(model))
+
+
 @torch.no_grad()
 def measure(model, label: str) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    lin = sum(sum(t.numel() * t.element_size() for t in mod.buffers()) + sum(p.numel() * p.element_size() for p in mod.parameters())
-              + getattr(getattr(mod, "_cached_weight", None), "nbytes", 0)
-              for mod in (getattr(p, n) for p, n in decoder_linears(model)))
+    lin = linear_bytes(model)
     total = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
     ids = torch.randint(0, model.config.vocab_size, (1, PREFILL), device="cuda")
-    model(ids, use_cache=False, logits_to_keep=1)  # warm-up (tunes the M=2048 bucket)
+    prefill_logits(model, ids)  # warm-up (tunes the M=2048 bucket)
     torch.cuda.synchronize()
     ts = []
     for _ in range(3):
         t = time.perf_counter()
-        model(ids, use_cache=False, logits_to_keep=1)
+        prefill_logits(model, ids)
         torch.cuda.synchronize()
         ts.append(time.perf_counter() - t)
     res = {"mode": label, "prefill_tokens": PREFILL, "prefill_tok_s": PREFILL / sorted(ts)[1], "decode": {}}
@@ -176,15 +272,16 @@ def measure(model, label: str) -> dict:
             del dec
         torch.cuda.empty_cache()
     # re-count: native builds its int8 operand at first use
-    lin = sum(sum(t.numel() * t.element_size() for t in mod.buffers()) + sum(p.numel() * p.element_size() for p in mod.parameters())
-              + getattr(getattr(mod, "_cached_weight", None), "nbytes", 0)
-              for mod in (getattr(p, n) for p, n in decoder_linears(model)))
+    lin = linear_bytes(model)
     res.update(linear_weight_bytes=lin, model_weight_bytes=total, peak_mem_bytes=torch.cuda.max_memory_allocated())
     log.info("e2e %s: %s", label, res)
     return res
 
 
-def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None) -> dict:
+def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True) -> dict:
+    """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
+    (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
+    separate projections of the HF layout."""
     import json
 
     from qwenquant.bench.hw import environment
@@ -192,6 +289,9 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None)
 
     model = build_model(n_layers)
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in decoder_linears(model)]
+    if merged:
+        merge_projections(model)
+        torch.cuda.empty_cache()
     results = [measure(model, "bf16")]
     summary = {}
 
@@ -205,6 +305,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None)
         # per-GEMM table and the end-to-end step can then be traced to the same choices
         tuning = {t.name: t.table() for t in (fused.TUNER, auto.TUNER, native.TUNER)}
         doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
+               "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:
             with open(out_path, "w") as f:

@@ -133,11 +133,14 @@ def _int8_gemm_tma_kernel(q_desc, w_desc, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_pt
         _scaled_store(acc, rm, rn, M, N, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_ptr, y_ptr, stride_y, HAS_ZC, HAS_BIAS)
 
 
-# (BM, BN, BK, warps, stages) for the Triton int8 GEMM; tuned per shape by runtime.native. The large tiles are
-# the winners of benchmarks/int8_configs.py (H100, Qwen3-8B shapes, M = 1024..8192: 1.03-1.15 int8 POP/s, the
-# GEMM alone 1.37-1.42x bf16 at M = 4096); the small ones serve small M.
-INT8_GEMM_CONFIGS = [(128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (128, 256, 128, 8, 3),
-                     (64, 128, 128, 4, 4), (64, 64, 128, 4, 4)]
+# (BM, BN, BK, warps, stages, tma) for the Triton int8 GEMM; tuned per shape by runtime.native. tma = P > 0: TMA
+# loads and a persistent grid of P programs per SM. The large tiles are the winners of benchmarks/int8_configs.py
+# (H100, Qwen3-8B shapes, M = 1024..8192): with pointer loads 1.03-1.15 int8 POP/s (commit a2fa510); the TMA
+# variant 8-12 % faster at every measured shape, 1.13-1.27 POP/s (commit 929da17, results/int8_configs_tma_h100.json).
+# The small ones serve small M.
+INT8_GEMM_CONFIGS = [(128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 4, 1), (128, 256, 128, 8, 3, 2),
+                     (128, 256, 128, 8, 4, 0), (256, 128, 128, 8, 3, 0),
+                     (64, 128, 128, 4, 4, 0), (64, 64, 128, 4, 4, 0)]
 
 
 def int8_gemm(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None, bias: Tensor | None,

@@ -165,6 +165,30 @@ def set_execution_mode(model: nn.Module, mode: str) -> int:
     return len(layers)
 
 
+def concat_out_features(layers: list[QuantLinear]) -> QuantLinear:
+    """One QuantLinear computing the given layers side by side: y = [y_1 | y_2 | …] (serving engines' merged
+    QKV / gate-up projections: one kernel per shared input instead of one per projection).
+
+    Affine storage is per output row (each row's codes, scales and zero-points depend on that row alone), so
+    concatenating the buffers along the rows is exact: the merged layer holds the same bytes and computes the
+    same values. The layers must agree in format, bits, group size, symmetry, in_features, act_bits and
+    compute dtype; the merged layer takes the first one's execution mode."""
+    first = layers[0]
+    if first.fmt != "affine":
+        raise ValueError(f"concat_out_features merges affine integer layers, got format {first.fmt!r}")
+    for other in layers[1:]:
+        same = (other.fmt, other.meta, other.in_features, other.act_bits, other.compute_dtype)
+        want = (first.fmt, first.meta, first.in_features, first.act_bits, first.compute_dtype)
+        if same != want:
+            raise ValueError(f"concat_out_features: layers differ — (fmt, meta, in_features, act_bits, dtype) {same} vs {want}")
+    if len({layer.bias is None for layer in layers}) > 1:
+        raise ValueError("concat_out_features: either every layer has a bias or none")
+    tensors = {name: torch.cat([getattr(layer, name) for layer in layers], dim=0) for name in ("qweight", "scale", "zero")}
+    bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
+    return QuantLinear(first.in_features, sum(layer.out_features for layer in layers), first.fmt, first.meta, tensors,
+                       bias=bias, act_bits=first.act_bits, mode=first.mode, compute_dtype=first.compute_dtype)
+
+
 def forward_fake(layer: QuantLinear, x: Tensor) -> Tensor:
     if layer._cached_weight is None or layer._cached_weight.dtype != x.dtype:
         layer._cached_weight = layer.dequantized_weight(x.dtype)

@@ -1,0 +1,52 @@
+"""The e2e benchmark's own layer functions compute what the HF Qwen3 forward computes (tiny random model, CPU):
+prefill, merged projections, and the static-cache decode step, in bf16-free float32 and with quantized layers."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from qwenquant.bench import e2e  # noqa: E402
+from qwenquant.numerics import QuantSpec  # noqa: E402
+
+
+def tiny_model():
+    cfg = transformers.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=256,
+                                   rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    return transformers.Qwen3ForCausalLM(cfg).eval()
+
+
+def decode_logits(model, ids):
+    torch.manual_seed(1)  # the same random static cache for both layouts
+    dec = e2e.StaticDecoder(model, ids.shape[0], ctx=16, device="cpu")
+    dec.ids = ids[:, -1:]
+    return dec.step()
+
+
+@torch.no_grad()
+def test_prefill_and_decode_match_hf_and_merged_layout():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 11))
+    ref = model(ids, use_cache=False).logits[:, -1:]
+    ours = e2e.prefill_logits(model, ids)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    step = decode_logits(model, ids)
+
+    originals = [getattr(p, n).weight.detach().clone() for p, n in e2e.decoder_linears(model)]
+    e2e.merge_projections(model)
+    assert hasattr(model.model.layers[0].self_attn, "qkv_proj") and not hasattr(model.model.layers[0].mlp, "up_proj")
+    torch.testing.assert_close(e2e.prefill_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode_logits(model, ids), step, rtol=1e-4, atol=1e-4)
+
+    # quantized: merged QuantLinears (quantized per projection, then joined) = the separate ones
+    spec = QuantSpec(4, 32, False)
+    e2e.quantize_model(model, originals, spec, "fake")
+    merged_q = e2e.prefill_logits(model, ids)
+    assert len(e2e.projection_modules(model)) == 4 * 2
+    sep = tiny_model()
+    e2e.quantize_model(sep, originals, spec, "fake")
+    assert len(e2e.projection_modules(sep)) == 7 * 2
+    torch.testing.assert_close(merged_q, e2e.prefill_logits(sep, ids), rtol=1e-4, atol=1e-4)
+    assert e2e.linear_bytes(model) == e2e.linear_bytes(sep) > 0
