@@ -44,12 +44,13 @@ def stage_gemm(models) -> None:
 
 
 def summary_gemm(res) -> str:
-    rows = [r for r in res["results"] if r["model"] == "qwen3-8b"]
+    model = res["results"][0]["model"]  # the first model's table (qwen3-8b or qwen3-8b-merged)
+    rows = [r for r in res["results"] if r["model"] == model]
     modes = sorted({r["mode"] for r in rows}, key=list(dict.fromkeys(r["mode"] for r in rows)).index)
     lines = [f"ceilings: copy {res['ceilings']['copy_bytes_per_s']/1e12:.2f} TB/s, bf16 {res['ceilings']['bf16_flops_per_s']/1e12:.0f} TF/s, "
              f"fp8 {res['ceilings']['fp8_rowwise_flops_per_s']/1e12:.0f}, int8 {res['ceilings']['int8_ops_per_s']/1e12:.0f} TOP/s"]
     for proj in dict.fromkeys(r["proj"] for r in rows):
-        lines.append(f"-- qwen3-8b {proj}: speedup vs bf16 (frac of floor)")
+        lines.append(f"-- {model} {proj}: speedup vs bf16 (frac of floor)")
         lines.append("mode".ljust(26) + "".join(f"{m:>12}" for m in sorted({r['m'] for r in rows})))
         for mode in modes:
             d = {r["m"]: r for r in rows if r["proj"] == proj and r["mode"] == mode}

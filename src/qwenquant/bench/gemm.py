@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 MODEL_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
     "qwen3-0.6b": {"q": (2048, 1024), "k|v": (1024, 1024), "o": (1024, 2048), "gate|up": (3072, 1024), "down": (1024, 3072)},
     "qwen3-8b": {"q": (4096, 4096), "k|v": (1024, 4096), "o": (4096, 4096), "gate|up": (12288, 4096), "down": (4096, 12288)},
+    # the same layer as serving engines run it: [q|k|v] and [gate|up] merged (bench.e2e.merge_projections)
+    "qwen3-8b-merged": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)},
     "qwen3-32b": {"q": (8192, 5120), "k|v": (1024, 5120), "o": (5120, 8192), "gate|up": (25600, 5120), "down": (5120, 25600)},
     "qwen3-30b-a3b": {"q": (4096, 2048), "k|v": (512, 2048), "o": (2048, 4096), "expert gate|up": (768, 2048), "expert down": (2048, 768)},
 }
@@ -235,7 +237,7 @@ def run(models=("qwen3-8b",), rows=ROWS, modes: list[str] | None = None, ceil: d
     sel = {k: v for k, v in MODES.items() if modes is None or k in modes or k == "bf16"}
     out = []
     for model in models:
-        r = rows if model == "qwen3-8b" else other_rows
+        r = rows if model.startswith("qwen3-8b") else other_rows
         for proj, (n, k) in MODEL_SHAPES[model].items():
             log.info("gemm %s %s %dx%d", model, proj, n, k)
             out += bench_shape(model, proj, n, k, r, sel, ceil)

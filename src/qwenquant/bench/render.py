@@ -9,7 +9,8 @@ import os
 
 # decoder-layer multiplicity of each projection (k/v and gate/up occur twice); for the MoE model the
 # "layer" is its attention plus ONE expert (a token visits 8 of 128; per-expert rows depend on routing)
-LAYER_COUNT = {"q": 1, "k|v": 2, "o": 1, "gate|up": 2, "down": 1, "expert gate|up": 2, "expert down": 1}
+LAYER_COUNT = {"q": 1, "k|v": 2, "o": 1, "gate|up": 2, "down": 1, "expert gate|up": 2, "expert down": 1,
+               "qkv": 1, "gate_up": 1}  # qwen3-8b-merged: [q|k|v] and [gate|up] as single projections
 IDEAL_W4 = 16 / 4.1875  # bf16 bytes / W4 g128 bytes (codes + fp16 scale + uint8 zero per 128)
 
 
@@ -32,7 +33,9 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
         env, c = g["env"], g["ceilings"]
         models = list(dict.fromkeys(r["model"] for r in g["results"]))
         for model in models:
-            what = "attention + one expert's linears" if "a3b" in model else "sum of its 7 linears"
+            what = ("attention + one expert's linears" if "a3b" in model else
+                    "merged [q|k|v] + o + [gate|up] + down, as serving engines run it" if model.endswith("-merged")
+                    else "sum of its 7 linears")
             lines += [f"## Per-GEMM, {model} decoder layer ({what}), {env.get('gpu')} — `{g['_file']}`", "",
                       f"{env.get('gpu')}, driver {env.get('driver')}, torch {env['torch']}, Triton {env['triton']}, "
                       f"commit `{env['commit']}`, {env['date']}. Measured ceilings: copy {c['copy_bytes_per_s']/1e12:.2f} TB/s, "
@@ -46,7 +49,7 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
             lines.append("|---|" + "---|" * len(rows))
             for mode in modes:
                 lines.append(f"| {mode} | " + " | ".join(f"{t[('bf16', m)] / t[(mode, m)]:.2f}" if (mode, m) in t else "–" for m in rows) + " |")
-            if model == "qwen3-8b":
+            if model.startswith("qwen3-8b"):
                 lines += ["", "Per projection, fraction of the floor max(bytes/bandwidth, flops/peak) reached at M=1 and M=4096:", "",
                           "| mode | proj | N×K | M=1 ms | frac | M=4096 ms | frac |", "|---|---|---|---|---|---|---|"]
                 by = {(r["mode"], r["proj"], r["m"]): r for r in g["results"] if r["model"] == model}

@@ -8,7 +8,7 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="GEMM / end-to-end speed per execution mode against bf16 (GPU); report")
     p.add_argument("what", choices=("gemm", "e2e", "report"))
-    p.add_argument("--models", default="qwen3-8b", help="gemm: comma-separated of qwen3-0.6b,qwen3-8b,qwen3-32b,qwen3-30b-a3b")
+    p.add_argument("--models", default="qwen3-8b", help="gemm: comma-separated of qwen3-0.6b,qwen3-8b,qwen3-8b-merged,qwen3-32b,qwen3-30b-a3b")
     p.add_argument("--modes", default=None, help="gemm: comma-separated mode names (default: all)")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--results", default="benchmarks/results", help="report: folder of result JSON")
