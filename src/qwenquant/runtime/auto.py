@@ -12,8 +12,8 @@ tensor-core paths (``native`` int8 and fp8) join, since per-token activation qua
 already part of the model's numerics.
 
 No bf16 copy of the weight is kept: memory is the storage bytes plus the repacked copies ``fused``
-builds for its kernels (tinygemm and k-tiled, ≈ 0.8x bf16 bytes for Qwen3-8B W4 g128 with both;
-``fused.FUSED_COPIES`` chooses) plus one transient [N, K] bf16 buffer while a dequant matmul runs. The price: where both candidates are
+builds for its kernels (by default the k-tiled one: ≈ 0.53x bf16 bytes for Qwen3-8B W4 g128 in all,
+≈ 0.8x with tinygemm's too; ``fused.FUSED_COPIES`` chooses) plus one transient [N, K] bf16 buffer while a dequant matmul runs. The price: where both candidates are
 slower than bf16 (mid-size M, where the fused GEMM trails cuBLAS and the unpack is not yet
 amortized) auto is slower than bf16 too — the benchmark reports it as measured.
 """

@@ -5,8 +5,9 @@ zero-point is read either way). Candidates per M bucket, timed once per (bits, g
 bucket) by ``TUNER`` and the fastest kept:
 
 * M ≤ 4: the FFMA GEMV kernels (``gemv2`` where its tile fits K and the group, else ``gemv``);
-* M ≤ 16, 4-bit, bf16: torch's tinygemm (``aten._weight_int4pack_mm``; a repacked copy of the
-  weight is built once per layer, see ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100;
+* M ≤ 16, 4-bit, bf16, when ``QWENQUANT_FUSED_COPIES`` includes it (not by default): torch's tinygemm
+  (``aten._weight_int4pack_mm``; a repacked copy of the weight is built once per layer, see
+  ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100, a few % ahead of ktiled on q/o-sized shapes;
 * M > 1, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
   GEMM on a k-tile-interleaved repack of the weight (and its scales), built once per layer; small-M
   and large-M tile tables;
@@ -36,9 +37,12 @@ from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("fused")
 # Which repacked copies fused mode may build beside the checkpoint tensors: each buys speed with memory
-# (Qwen3-8B decoder linears: checkpoint 0.26x bf16 bytes, + tinygemm 0.53x, + ktiled 0.78x). Set
-# QWENQUANT_FUSED_COPIES=none (or a comma list) before the first forward to trade speed for memory.
-_copies_env = os.environ.get("QWENQUANT_FUSED_COPIES", "tinygemm,ktiled")
+# (Qwen3-8B decoder linears: checkpoint 0.26x bf16 bytes, + ktiled 0.53x, + tinygemm 0.79x). Set
+# QWENQUANT_FUSED_COPIES=none|ktiled|tinygemm,ktiled before the first forward. Default: the k-tiled copy only.
+# Measured end to end on an H100 (Qwen3-8B W4 g128, merged projections, benchmarks/results/
+# e2e_qwen3-8b-merged*_h100.json): decode batch 1 1.98x bf16 with both copies, 1.94x k-tiled only, 1.30x none;
+# batch 8-128 equal with and without tinygemm — 2 % at batch 1 is not worth a quarter of bf16's bytes.
+_copies_env = os.environ.get("QWENQUANT_FUSED_COPIES", "ktiled")
 FUSED_COPIES: set[str] = set() if _copies_env.strip() in ("", "none") else {c.strip() for c in _copies_env.split(",")}
 if not FUSED_COPIES <= {"tinygemm", "ktiled"}:
     raise ValueError(f"QWENQUANT_FUSED_COPIES={_copies_env!r}: expected 'none' or a comma list of tinygemm, ktiled")
