@@ -6,7 +6,7 @@ For each mode (bf16, then ``E2E_PROFILE_MODES``, default ``w4g128-fused``) and b
 default 1; ``E2E_PROFILE_SEPARATE=1``: the HF layout's seven projections instead of merged qkv / gate_up) the
 compiled decode step of ``bench.e2e`` is captured in a CUDA graph, replayed a few times under
 ``torch.profiler`` and its kernels grouped into classes (W4 GEMM, bf16 GEMM = lm_head, attention, the
-compiled elementwise regions, memsets/copies). ``step_ms`` is the graph-replay median; ``kernel_ms`` the
+compiled elementwise regions, memsets/copies). ``step_ms`` is the e2e benchmark's graph-replay median (``e2e._graph_ms``); ``kernel_ms`` the
 sum of kernel durations per step; the difference is the time between kernels (launch gaps inside the
 graph, dependencies). Random weights of the published shape, as in the e2e benchmark.
 """
@@ -47,8 +47,7 @@ def classify(name: str) -> str:
 
 
 def profile_step(step, replays: int = REPLAYS) -> dict:
-    step()
-    torch.cuda.synchronize()
+    step_ms = e2e._graph_ms(step)  # the e2e benchmark's own timing of the step (warm-up + graph replay median)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -60,14 +59,6 @@ def profile_step(step, replays: int = REPLAYS) -> dict:
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * 20)]
-    ts = []
-    for i in range(20):
-        ev[2 * i].record()
-        g.replay()
-        ev[2 * i + 1].record()
-    torch.cuda.synchronize()
-    ts = sorted(ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(20))
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(replays):
@@ -85,7 +76,7 @@ def profile_step(step, replays: int = REPLAYS) -> dict:
         c[1] += us / replays / 1e3
     top = sorted(((us / replays / 1e3, n / replays, name) for name, (n, us) in by_name.items()), reverse=True)[:40]
     kernel_ms = sum(v[1] for v in by_class.values())
-    return {"step_ms": ts[len(ts) // 2], "kernel_ms": kernel_ms, "kernels_per_step": sum(v[0] for v in by_class.values()),
+    return {"step_ms": step_ms, "kernel_ms": kernel_ms, "kernels_per_step": sum(v[0] for v in by_class.values()),
             "by_class": {k: {"kernels": v[0], "ms": v[1]} for k, v in sorted(by_class.items(), key=lambda kv: -kv[1][1])},
             "top": [{"ms": ms, "per_step": n, "name": name[:160]} for ms, n, name in top]}
 

@@ -1,5 +1,5 @@
 """The e2e benchmark's own layer functions compute what the HF Qwen3 forward computes (tiny random model, CPU):
-prefill, merged projections, and the static-cache decode step, in bf16-free float32 and with quantized layers."""
+prefill, merged projections, and the static-cache decode step, in float32 and with quantized layers."""
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ QuantLinear mode; attention is SDPA over the static cache with a position mask.
 
 Projections: by default merged as serving engines run them — [q | k | v] and [gate | up] as one GEMM each
 (``merge_projections``), for bf16 and every quantized mode alike; ``run(merged=False)`` keeps the HF
-layout's seven projections (the layout of results before commit 929da17's successor).
+layout's seven projections (the only layout of the e2e results before commit 1eaa505).
 
 Quantization: RTN (min-max) into QuantLinear for every decoder-layer linear; embeddings and
 lm_head stay bf16 (as in every W4 checkpoint format we know).
@@ -66,7 +66,7 @@ def build_model(n_layers: int = 36):
 
 
 def decoder_linears(model) -> list[tuple[nn.Module, str]]:
-    """(parent, name) of the 7 projections per layer in the HF (unmerged) layout, in ``PROJ_ORDER``."""
+    """(parent, name) of the 7 projections per layer in the HF (unmerged) layout: q, k, v, o, gate, up, down."""
     out = []
     for layer in model.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
@@ -83,6 +83,8 @@ def projection_modules(model) -> list[nn.Module]:
 def _concat(mods: list[nn.Module]) -> nn.Module:
     if isinstance(mods[0], QuantLinear):
         return concat_out_features(mods)
+    if any(m.bias is not None for m in mods):
+        raise ValueError("merge_projections: Qwen3's projections have no bias; got a biased nn.Linear")
     w = torch.cat([m.weight.detach() for m in mods])
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     lin.weight = nn.Parameter(w, requires_grad=False)
@@ -120,7 +122,6 @@ def quantize_model(model, originals: list[torch.Tensor], spec: QuantSpec, mode: 
         else:
             for (parent, name), q in zip(slots[i * per_layer:(i + 1) * per_layer], ql):
                 setattr(parent, name, q)
-        del ql
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

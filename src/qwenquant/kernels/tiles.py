@@ -1,7 +1,17 @@
 """Tile scheduling shared by the Triton GEMM kernels."""
 
+import torch
 import triton
 import triton.language as tl
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device, for grids sized per SM (persistent / stream-K); 1 elsewhere,
+    so under Triton's CPU interpreter a handful of programs walks many tiles and the loops are exercised."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from torch import Tensor
 
-from qwenquant.kernels.tiles import grouped_tile
+from qwenquant.kernels.tiles import grouped_tile, sm_count
 from qwenquant.numerics.activation import quantize_per_token
 
 FP8_MAX = 448.0
@@ -116,8 +116,9 @@ def _int8_gemm_tma_kernel(q_desc, w_desc, sx_ptr, qsum_ptr, sw_ptr, zc_ptr, b_pt
                           BK: tl.constexpr, GROUP_M: tl.constexpr):
     """The same GEMM with the operand tiles fetched by the Hopper TMA engine (tensor descriptors: one
     instruction per [BM, BK] / [BN, BK] tile instead of per-thread address arithmetic and cp.async, rows past
-    M/N zero-filled by the hardware) and a persistent grid: each program walks tiles pid, pid + P, … in
-    grouped order, so a wave never ends half-empty."""
+    M/N zero-filled by the hardware) and a persistent grid: P programs stay resident and walk tiles
+    pid, pid + P, … in grouped order (no block scheduling between tiles; the epilogue of one tile overlaps
+    the next one's first loads)."""
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         pid_m, pid_n = grouped_tile(tile, M, N, BM, BN, GROUP_M)
@@ -177,7 +178,7 @@ def int8_gemm_quantized(q: Tensor, sx: Tensor, qsum: Tensor, w_int8: Tensor, w_s
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        programs = min(tiles, tma * _sm_count(q.device))
+        programs = min(tiles, tma * sm_count(q.device))
         q_desc = TensorDescriptor.from_tensor(q, [bm, bk])
         w_desc = TensorDescriptor.from_tensor(w_int8, [bn, bk])
         _int8_gemm_tma_kernel[(programs,)](q_desc, w_desc, sx, qsum, w_scale, zc, b, y, m, n, k, y.stride(0), **flags)
@@ -185,12 +186,6 @@ def int8_gemm_quantized(q: Tensor, sx: Tensor, qsum: Tensor, w_int8: Tensor, w_s
         _int8_gemm_kernel[(tiles,)](q, w_int8, sx, qsum, w_scale, zc, b, y, m, n, k, q.stride(0), w_int8.stride(0),
                                     y.stride(0), **flags)
     return y
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # Triton's interpreter: any small count exercises the persistent loop
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def int8_matmul(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwenquant.kernels.tiles import grouped_tile, tile_ranges
+from qwenquant.kernels.tiles import grouped_tile, sm_count, tile_ranges
 from qwenquant.numerics.packing import pack, unpack
 
 SUB = 32  # columns per shifted slice = depth of each tl.dot
@@ -411,7 +411,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
             raise ValueError("the stream-K schedule runs the scale-after K loop only (scale_after=True, bits 2 or 4)")
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         steps = k // t  # K steps per tile
-        progs = min(tiles * steps, streamk * _sm_count(x2.device))
+        progs = min(tiles * steps, streamk * sm_count(x2.device))
         if progs * tiles * steps >= 2**31:  # the kernel splits the units as pid * total // programs in int32
             raise ValueError(f"stream-K with {progs} programs over {tiles * steps} units overflows int32 indexing; use "
                              "fewer programs per SM, larger tiles, or split-K")
@@ -434,15 +434,6 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
         LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages,
     )
     return y
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter then runs ``streamk``
-    programs, enough to make runs straddle tiles in the CPU tests)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _WORKSPACES: dict[str, tuple[Tensor, Tensor]] = {}
