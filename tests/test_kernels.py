@@ -83,6 +83,8 @@ def untuned(monkeypatch):
 def test_fused_matches_reference(bits, group, sym, n, k, untuned):
     from qwenquant.kernels import wq_matmul as K
 
+    from qwenquant.kernels import wq_ktiled as KT
+
     layer = make_layer(n, k, bits, group, sym, seed=n + k + bits, device="cuda", bias=True)
     layer.mode = "fused"
     wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k)
@@ -92,6 +94,9 @@ def test_fused_matches_reference(bits, group, sym, n, k, untuned):
         y = layer(x)
         assert y.shape == (m, n) and y.dtype == torch.bfloat16
         assert rel_err(y, ref) < 1e-2, (m, rel_err(y, ref))
+    # one resident layout: k-tiled where its kernels take the shape, else the checkpoint's (no copy either way)
+    tiled = KT.ktiled_ok(bits, k if group is None else group, n, k)
+    assert layer.layout == ("ktiled" if tiled else "checkpoint") and layer.resident_bytes == layer.storage_bytes
 
 
 @pytest.mark.gpu
@@ -121,6 +126,9 @@ def test_every_kernel_config_matches_reference(bits, group):
             assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
             assert any(c[0] == "ktiled" for c in configs.values()) == kt
             assert any(c[0] == "gemm_wa" for c in configs.values()) == (not kt and 4 < m <= 64)
+            # a k-tiled layer holds no checkpoint tensors: its own GEMV at M = 1, no checkpoint-layout kernel
+            assert any(c[0] == "ktiled_gemv" for c in configs.values()) == (kt and m == 1)
+            assert any(c[0] in ("gemv", "gemv2", "gemm") for c in configs.values()) == (not kt)
             for name, (kind, cfg) in configs.items():
                 y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, ops)
                 assert rel_err(y, ref) < 1e-2, (name, m)
@@ -150,6 +158,61 @@ def test_dequant_kernel_is_exact(bits, group, sym):
     w = K.dequantize(layer.qweight, layer.scale, layer.zero, bits, g, k, torch.bfloat16)
     ref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).to(torch.bfloat16)
     assert torch.equal(w, ref)
+    from qwenquant.kernels import wq_ktiled as KT
+
+    kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
+    assert torch.equal(KT.dequantize_ktiled(kt.words, kt.sz, bits, g, k, torch.bfloat16), ref)
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_and_auto_hold_the_weight_once_and_save_the_checkpoint(untuned):
+    """Requirement: the bytes on the GPU match the bit-width plus metadata. fused converts the storage in place
+    (allocated memory grows by the sz/scale difference only, not by a copy), auto's unpack path reads the k-tiled
+    words, and state_dict() still yields the checkpoint tensors. Untuned: timing would allocate its L2-flush buffer."""
+    n, k = 4096, 4096
+    for mode in ("fused", "auto"):
+        layer = make_layer(n, k, 4, 128, False, seed=5, device="cuda")
+        state = {name: t.clone() for name, t in layer.state_dict().items()}
+        x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+        layer.mode = "fake"
+        y_fake = layer(x)
+        layer.mode = mode
+        ckpt = layer.storage_bytes
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = layer(x)
+        del y
+        torch.cuda.synchronize()
+        grown = torch.cuda.memory_allocated() - before
+        assert layer.layout == "ktiled" and not hasattr(layer, "qweight")
+        assert layer.storage_bytes == ckpt + n * (k // 128)  # 4 bytes per (group, row) instead of 3
+        assert grown < 0.05 * ckpt, (mode, grown, ckpt)  # a second copy would be ~ckpt
+        after = layer.state_dict()
+        assert all(torch.equal(after[name], state[name]) for name in state)
+        if mode == "auto":  # the storage-only candidate on the k-tiled words: exactly fake's weight
+            from qwenquant.runtime.quant_linear import forward_dequant
+
+            assert torch.equal(forward_dequant(layer, x), y_fake)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("sym", [True, False])
+def test_native_int8_reads_the_storage_in_place(sym):
+    """native int8 holds the codes as signed bytes (the int8 layout) and reads them without a copy: only the fp32
+    per-row scale (and zero correction) is extra; outputs equal the copy path auto uses."""
+    from qwenquant.runtime import native
+
+    n, k = 384, 1024
+    layer = make_layer(n, k, 8, None, sym, seed=9, device="cuda", bias=True)
+    x = torch.randn(5, k, device="cuda", dtype=torch.bfloat16)
+    y_copy = native.forward_native(layer, x)  # mode "fake": a copy of the operand
+    layer.mode = "native"
+    y = layer(x)
+    assert layer.layout == "int8" and torch.equal(y, y_copy)
+    extra_rows = 4 if sym else 8
+    assert layer.resident_bytes == layer.storage_bytes + n * extra_rows
 
 
 @pytest.mark.gpu

@@ -44,6 +44,11 @@ SCRIPT = textwrap.dedent(
         qw, s, z = t["qweight"], t["scale"], t["zero"]
         w = K.reference_dequantize(qw, s, z, bits, k)  # [n, k] fp32
         note("dequantize", K.dequantize(qw, s, z, bits, g, k, torch.float32), w)
+        if KT.ktiled_ok(bits, g, n, k):
+            kt = KT.KTiledWeight.from_checkpoint(qw, s, z, bits, k)
+            wk = KT.dequantize_ktiled(kt.words, kt.sz, bits, g, k, torch.float32)
+            assert torch.equal(wk, w), "k-tiled unpack differs from the checkpoint reference"
+            note("dequantize_ktiled", wk, w)
         for m in (1, 3, 16, 20):
             x = torch.randn(m, k).half()
             ref = x.double() @ w.double().T
@@ -54,6 +59,9 @@ SCRIPT = textwrap.dedent(
             note("gemm", K.gemm(x, qw, s, z, bits, g, bm=16, bn=32, bk=64), ref)
             if KT.ktiled_ok(bits, g, n, k):
                 kt = KT.KTiledWeight.from_checkpoint(qw, s, z, bits, k)
+                if m == 1:  # batch-1 GEMV on the k-tiled words; 4 splits of 1024 columns: some programs get none
+                    for bn, split in ((16, 1), (32, 2), (16, 4)):
+                        note("ktiled_gemv", KT.ktiled_gemv(x, kt.words, kt.sz, bits, g, bn=bn, split_k=split), ref)
                 for wa, split in ((True, 1), (True, 2), (False, 1)):
                     y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split)
                     note("ktiled", y, ref)
@@ -79,6 +87,26 @@ SCRIPT = textwrap.dedent(
         for progs in (2, 7):
             y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, group, bm=16, bn=16, scale_after=True, streamk=progs)
             note("ktiled_streamk", y, x.double() @ w.double().T)
+        x1 = x[:1]  # masked rows in the GEMV too (N = 40, BN = 16 and 32)
+        for bn, split in ((16, 1), (32, 2)):
+            note("ktiled_gemv", KT.ktiled_gemv(x1, kt.words, kt.sz, bits, group, bn=bn, split_k=split), x1.double() @ w.double().T)
+    # fused mode's plumbing on a layer that holds only the k-tiled layout (the tuner takes each bucket's first
+    # candidate: no timing on a CPU): checkpoint buffers gone, the same outputs, state_dict rebuilt exactly
+    from qwenquant.runtime import fused
+    from qwenquant.runtime.quant_linear import QuantLinear
+
+    fused.TUNER.fixed = True
+    qw_ = quantize_weight(torch.randn(48, 512), QuantSpec(4, 128, False))
+    layer = QuantLinear.from_weight(qw_, compute_dtype=torch.float16)
+    before = {k_: v.clone() for k_, v in layer.state_dict().items()}
+    ops = fused._operands(layer, 4, 128)
+    assert layer.layout == "ktiled" and not hasattr(layer, "qweight") and ops.ktiled is not None and ops.tiny is None
+    w = qw_.dequantize(torch.float32)
+    for m in (1, 3, 20, 70):
+        x = torch.randn(m, 512).half()
+        note("fused_ktiled_layer", fused.fused_matmul(x, None, None, None, 4, 128, ops), x.double() @ w.double().T)
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k_], before[k_]) for k_ in before)
     from qwenquant.kernels import w8a8
     from qwenquant.numerics.activation import quantize_per_token
 
@@ -104,8 +132,8 @@ def test_kernels_match_reference_under_the_interpreter():
     import json
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(worst) == {"dequantize", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after", "ktiled_streamk",
-                          "int8_gemm", "int8_gemm_tma"}
+    assert set(worst) == {"dequantize", "dequantize_ktiled", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after",
+                          "ktiled_streamk", "ktiled_gemv", "fused_ktiled_layer", "int8_gemm", "int8_gemm_tma"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst
 

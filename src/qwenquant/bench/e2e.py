@@ -240,10 +240,15 @@ def _graph_ms(fn) -> float:
 
 
 def linear_bytes(model) -> int:
-    """Bytes the decoder projections hold on the device: weights or storage buffers plus any operand a mode
-    built beside them (native's int8 copy, fused's repacked copies)."""
-    return sum(sum(t.numel() * t.element_size() for t in mod.buffers()) + sum(p.numel() * p.element_size() for p in mod.parameters())
-               + getattr(getattr(mod, "_cached_weight", None), "nbytes", 0) for mod in projection_modules(model))
+    """Bytes the decoder projections hold on the device: bf16 weights, or a QuantLinear's resident storage plus any
+    operand its mode built beside it (fp8's e4m3 copy, tinygemm's copy; ``QuantLinear.resident_bytes``)."""
+    def one(mod) -> int:
+        bias = 0 if getattr(mod, "bias", None) is None else mod.bias.numel() * mod.bias.element_size()
+        if isinstance(mod, QuantLinear):
+            return mod.resident_bytes + bias
+        return sum(p.numel() * p.element_size() for p in mod.parameters()) + sum(b.numel() * b.element_size() for b in mod.buffers())
+
+    return sum(one(mod) for mod in projection_modules(model))
 
 
 @torch.no_grad()

@@ -130,8 +130,7 @@ def _bytes(obj) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, QuantLinear):
-        extra = obj._cached_weight
-        return obj.storage_bytes + (getattr(extra, "nbytes", 0) if extra is not None and not isinstance(extra, torch.Tensor) else 0)
+        return obj.resident_bytes
     if hasattr(obj, "nbytes"):  # prepared operand objects (tinygemm's) say their own size
         return obj.nbytes
     return sum(_bytes(t) for t in obj if isinstance(t, torch.Tensor))

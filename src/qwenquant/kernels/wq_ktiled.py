@@ -5,7 +5,8 @@ CPW *adjacent* columns, so unpacking a [BN, BKW] word tile gives [BN, BKW, CPW] 
 as [BN, BKW·CPW]: a reshape that Triton lowers to a register/shared-memory shuffle every K step.
 That shuffle is what held ``gemm``/``gemm_wa`` to 0.2-0.6x bf16 on an H100.
 
-The k-tiled layout (built once per layer from the checkpoint tensors, ``pack_ktiled``) cuts K into
+The k-tiled layout (``numerics/ktiled.py``; a fused layer's storage is converted to it in place at its first
+forward, ``runtime/layouts.py``) cuts K into
 tiles of T = CPW·SUB columns. Word j of tile b of row n holds the codes of columns
 
     b·T + t·SUB + j,   t = 0 … CPW-1,   code t at bits [t·bits, (t+1)·bits)
@@ -50,6 +51,9 @@ quantization) but fills the SMs where split-K cannot: k/v at M = 128 runs 13.1 i
 Requirements: bits ∈ {2, 4, 8}; K a multiple of T (128 for 8-bit, 256 for 4-bit, 512 for 2-bit);
 group size a multiple of SUB dividing K that either divides T or is a multiple of it (32/64/128/… or
 per-channel); N a multiple of 8.
+Also on this layout: ``ktiled_gemv`` (batch 1 on the CUDA cores, split-K) and ``dequantize_ktiled`` (the whole
+weight to bf16 in one pass, for unpack + cuBLAS), so a layer that holds only k-tiled words lacks no path.
+
 Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_ktiled`` inverts the repack).
 
 Tried and dropped (commit ef9ec26, results/ktiled_pairs_h100.json): bf16x2 pairs with the *scale* applied in
@@ -68,52 +72,12 @@ import triton.language as tl
 from torch import Tensor
 
 from qwenquant.kernels.tiles import grouped_tile, sm_count, tile_ranges
-from qwenquant.numerics.packing import pack, unpack
+from qwenquant.numerics.ktiled import (  # noqa: F401 — the layout is re-exported: callers read it as KT.*
+    SUB, ktiled_ok, pack_ktiled, pack_ktiled_scales, tile_columns, unpack_ktiled, unpack_ktiled_scales)
 
-SUB = 32  # columns per shifted slice = depth of each tl.dot
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 SCALE_AFTER_BITS = (2, 4)  # codes + zero point small enough that 128 + code is exact in bf16
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
-
-
-def tile_columns(bits: int) -> int:
-    """T: columns per interleave tile (CPW codes per word × SUB words)."""
-    return (32 // bits) * SUB
-
-
-def ktiled_ok(bits: int, group: int, n: int, k: int) -> bool:
-    """Can the k-tiled GEMM run this weight?"""
-    t = tile_columns(bits)
-    # a group either splits a tile into whole groups or spans whole tiles (e.g. 96 on 256-column tiles does neither)
-    nested = t % group == 0 or group % t == 0
-    return bits in (2, 4, 8) and k % t == 0 and group % SUB == 0 and k % group == 0 and n % 8 == 0 and nested
-
-
-# --- the repack (plain torch, any device) ------------------------------------------------
-
-
-def pack_ktiled(qweight: Tensor, bits: int, k: int) -> Tensor:
-    """Checkpoint bytes [N, K·bits/8] -> k-tiled words [N, K/CPW] int32 (see module docstring)."""
-    cpw, t = 32 // bits, tile_columns(bits)
-    if k % t:
-        raise ValueError(f"k-tiled layout needs in_features divisible by {t} for {bits}-bit, got {k}")
-    codes = unpack(qweight, bits, k).to(torch.int64)  # [N, K]
-    n = codes.shape[0]
-    c = codes.reshape(n, k // t, cpw, SUB)  # column b·T + t·SUB + j  ->  [n, b, t, j]
-    shifts = (torch.arange(cpw, device=codes.device) * bits).reshape(1, 1, cpw, 1)
-    words = (c << shifts).sum(2)  # [N, K/T, SUB], each < 2**32
-    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement for int32
-    return words.to(torch.int32).reshape(n, k // cpw)
-
-
-def unpack_ktiled(words: Tensor, bits: int, k: int) -> Tensor:
-    """Inverse of ``pack_ktiled``: k-tiled words -> checkpoint bytes [N, K·bits/8] uint8."""
-    cpw, t = 32 // bits, tile_columns(bits)
-    n = words.shape[0]
-    w = words.to(torch.int64).reshape(n, k // t, 1, SUB) & 0xFFFFFFFF
-    shifts = (torch.arange(cpw, device=words.device) * bits).reshape(1, 1, cpw, 1)
-    codes = ((w >> shifts) & ((1 << bits) - 1)).reshape(n, k)
-    return pack(codes.to(torch.uint8), bits)
 
 
 # --- the kernel -------------------------------------------------------------------------
@@ -343,25 +307,6 @@ def _ktiled_scale_after_loop(acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_
     return acc
 
 
-def pack_ktiled_scales(scale: Tensor, zero: Tensor) -> Tensor:
-    """Checkpoint scale [N, K/G] fp16 and zero [N, K/G] uint8 -> [K/G, N] int32, group-major, each
-    ``fp16 bits << 16 | zero``: one aligned 4-byte word per (group, row), contiguous over rows, so the
-    kernel's per-group load is a vector Triton can copy ahead asynchronously (same 4 bytes the fp16 +
-    uint8 pair would occupy padded)."""
-    if scale.dtype != torch.float16 or zero.dtype != torch.uint8 or scale.shape != zero.shape:
-        raise ValueError(f"expected fp16 scale and uint8 zero of one shape, got {scale.dtype} {tuple(scale.shape)}, "
-                         f"{zero.dtype} {tuple(zero.shape)}")
-    bits16 = scale.view(torch.int16).to(torch.int32) & 0xFFFF
-    return ((bits16 << 16) | zero.to(torch.int32)).T.contiguous()
-
-
-def unpack_ktiled_scales(sz: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse of ``pack_ktiled_scales``: (scale [N, K/G] fp16, zero [N, K/G] uint8)."""
-    t = sz.T
-    scale = ((t >> 16) & 0xFFFF).to(torch.int16).view(torch.float16)
-    return scale.contiguous(), (t & 0xFF).to(torch.uint8).contiguous()
-
-
 @dataclass
 class KTiledWeight:
     """A weight in the k-tiled layout: words [N, K/CPW] int32 (``pack_ktiled``) and sz [K/G, N] int32
@@ -379,6 +324,25 @@ class KTiledWeight:
         return self.words.nbytes + self.sz.nbytes
 
 
+def _check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int) -> None:
+    """The k-tiled kernels' shared input checks (a clear error instead of a wrong or faulting kernel)."""
+    m, k = x2.shape
+    n = words.shape[0]
+    t = tile_columns(bits)
+    if not ktiled_ok(bits, group, n, k):
+        raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
+                         f"(needs K % {t} == 0, group % {SUB} == 0, group dividing or a multiple of {t}); use the "
+                         "checkpoint-layout kernels")
+    if m * x2.stride(0) >= 2**31 or n * words.shape[1] >= 2**31:
+        raise ValueError(f"k-tiled GEMM indexes with int32 offsets: x [{m}, {k}] or words [{n}, {words.shape[1]}] is too "
+                         "large; split the rows into chunks")
+    if not (words.is_contiguous() and sz.is_contiguous()):
+        raise ValueError("k-tiled words and sz must be contiguous (as pack_ktiled / pack_ktiled_scales return them)")
+    if sz.shape != (k // group, n) or sz.dtype != torch.int32:
+        raise ValueError(f"sz must be [K/G, N] = [{k // group}, {n}] int32 from pack_ktiled_scales, got "
+                         f"{sz.dtype} {tuple(sz.shape)}")
+
+
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
                 num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, streamk: int = 0,
@@ -390,20 +354,9 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
-    if not ktiled_ok(bits, group, n, k):
-        raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
-                         f"(needs K % {t} == 0, group % {SUB} == 0, group dividing or a multiple of {t}); use the "
-                         "checkpoint-layout kernels")
+    _check_operands(x2, words, sz, bits, group)
     if scale_after and bits not in SCALE_AFTER_BITS:
         raise ValueError(f"scale_after needs bits in {SCALE_AFTER_BITS} (code + magic exact in a 16-bit float), got {bits}")
-    if m * x2.stride(0) >= 2**31 or n * words.shape[1] >= 2**31:
-        raise ValueError(f"k-tiled GEMM indexes with int32 offsets: x [{m}, {k}] or words [{n}, {words.shape[1]}] is too "
-                         "large; split the rows into chunks")
-    if not (words.is_contiguous() and sz.is_contiguous()):
-        raise ValueError("k-tiled words and sz must be contiguous (as pack_ktiled / pack_ktiled_scales return them)")
-    if sz.shape != (k // group, n) or sz.dtype != torch.int32:
-        raise ValueError(f"sz must be [K/G, N] = [{k // group}, {n}] int32 from pack_ktiled_scales, got "
-                         f"{sz.dtype} {tuple(sz.shape)}")
     if streamk < 0 or (streamk and split_k != 1):
         raise ValueError(f"streamk is programs per SM (>= 0) and replaces split-K: got streamk={streamk}, split_k={split_k}")
     if streamk:
@@ -434,6 +387,128 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
         LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages,
     )
     return y
+
+
+# --- batch 1 and whole-weight unpack on the same layout -----------------------------------------
+
+
+@triton.jit
+def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
+                        GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr,
+                        SPLITS: tl.constexpr, LOP3: tl.constexpr):
+    """y[0, :] = x[0, :] · Ŵᵀ for one row of x (decode at batch 1) on the CUDA cores: BN rows per program,
+    one k-tile (T columns) per step. Field t of each word, (w & mask << sh) | 2**23 read as a float, is
+    2**23 + code·2**sh (one LOP3); minus 2**23 it is exact, and one FFMA with x·2**-sh adds code·x. Each
+    fold span (a group, or a tile when groups span tiles) then adds scale·(Σ code·x - zero·Σ x) once per row."""
+    CPW: tl.constexpr = 32 // BITS
+    T: tl.constexpr = CPW * SUBK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per fold span
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    KW = tl.multiple_of(K // CPW, SUBK)
+    rn = pid * BN + tl.arange(0, BN)
+    rn_c = tl.where(rn < N, rn, 0)  # clamped rows: loads need no mask, the store masks them
+    rs = tl.arange(0, SUBK)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(k_start, k_end, T):
+        w = tl.load(w_ptr + rn_c[:, None] * KW + (tl.multiple_of(k0 // CPW, SUBK) + rs)[None, :])  # [BN, SUBK] int32
+        w_hi = w >> 16  # fields ending above bit 23 are read from here
+        for t in tl.static_range(CPW):
+            if t % FOLD == 0:  # a fold span starts: its group's scale and zero, fresh partial sums
+                sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
+                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                z = (sz & 0xFFFF).to(tl.float32)
+                part = tl.zeros([BN, SUBK], dtype=tl.float32)
+                xsum = tl.zeros([SUBK], dtype=tl.float32)
+            if t * BITS + BITS <= 23:
+                sh = t * BITS
+                src = w
+            else:
+                sh = t * BITS - 16
+                src = w_hi
+            if LOP3:
+                bits_f = tl.inline_asm_elementwise(
+                    "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                    [src, tl.full(src.shape, MASK << sh, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
+                    dtype=tl.int32, is_pure=True, pack=1)
+            else:  # Triton's interpreter runs no PTX
+                bits_f = (src & (MASK << sh)) | MAGIC
+            x = tl.load(x_ptr + k0 + t * SUBK + rs).to(tl.float32)  # [SUBK]
+            part += (bits_f.to(tl.float32, bitcast=True) - 8388608.0) * (x * (1.0 / (1 << sh)))[None, :]
+            xsum += x
+            if t % FOLD == FOLD - 1:
+                acc += s * (tl.sum(part, axis=1) - z * tl.sum(xsum, axis=0))
+    if SPLITS == 1:
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:
+        _add_partial(acc, y_ptr, ws_ptr, cnt_ptr + pid, rn, rn < N, 1, SPLITS)
+
+
+def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 32, split_k: int = 1,
+                num_warps: int = 4, num_stages: int = 3) -> Tensor:
+    """x2 [1, K] bf16/fp16 (one row: decode at batch 1) with the k-tiled weight -> y [1, N] in x's dtype. At
+    batch 1 the tensor-core GEMM wastes 15 of its 16 MMA rows and its pipeline's latency shows on small
+    weights (1024 x 1024: 4.9 us vs 3.0 for the checkpoint-layout GEMV on an H100); this kernel is the
+    CUDA-core path on the k-tiled layout, so a layer holding only that layout keeps a fast batch-1 kernel."""
+    m, k = x2.shape
+    n = words.shape[0]
+    if m != 1:
+        raise ValueError(f"ktiled_gemv takes one row of x, got {m}; use ktiled_gemm")
+    _check_operands(x2, words, sz, bits, group)
+    t = tile_columns(bits)
+    per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
+    grid_k = triton.cdiv(k, per_split)
+    y = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
+    tiles = triton.cdiv(n, bn)
+    ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, n, tiles)
+    _ktiled_gemv_kernel[(tiles, grid_k)](
+        x2, words, sz, y, ws, cnt, n, k, per_split, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, SPLITS=grid_k,
+        LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+    )
+    return y
+
+
+@triton.jit
+def _ktiled_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, BITS: tl.constexpr,
+                           SUBK: tl.constexpr, BN: tl.constexpr):
+    """One k-tile of BN rows -> Ŵ = (code - zero)·scale in fp32, rounded once to out's dtype."""
+    CPW: tl.constexpr = 32 // BITS
+    T: tl.constexpr = CPW * SUBK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)  # k-tile
+    rn = pid_n * BN + tl.arange(0, BN)
+    rs = tl.arange(0, SUBK)
+    nmask = rn < N
+    w = tl.load(w_ptr + rn[:, None] * (K // CPW) + (b * SUBK + rs)[None, :], mask=nmask[:, None], other=0)
+    for t in tl.static_range(CPW):
+        col0 = b * T + t * SUBK
+        if t == 0 or (t * SUBK) % GROUP == 0:
+            sz = tl.load(sz_ptr + (col0 // GROUP) * N + rn, mask=nmask, other=0)
+            s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            z = (sz & 0xFFFF).to(tl.float32)
+        code = ((w >> (t * BITS)) & MASK).to(tl.float32)
+        wt = (code - z[:, None]) * s[:, None]
+        tl.store(out_ptr + rn[:, None] * K + (col0 + rs)[None, :], wt.to(out_ptr.dtype.element_ty), mask=nmask[:, None])
+
+
+def dequantize_ktiled(words: Tensor, sz: Tensor, bits: int, group: int, k: int,
+                      dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """[N, K] Ŵ in ``dtype`` from the k-tiled layout, in one pass (packed words in, 2 bytes per weight out): the
+    storage-only path (``dequant`` / ``auto``'s unpack + cuBLAS) for a layer held k-tiled. The same values as
+    ``wq_matmul.dequantize`` on the checkpoint tensors."""
+    n = words.shape[0]
+    if not ktiled_ok(bits, group, n, k) or words.shape != (n, k * bits // 32) or sz.shape != (k // group, n):
+        raise ValueError(f"dequantize_ktiled: words {tuple(words.shape)} / sz {tuple(sz.shape)} are not a k-tiled "
+                         f"{bits}-bit weight of in_features={k}, group={group}")
+    out = torch.empty((n, k), device=words.device, dtype=dtype)
+    bn = 64
+    _ktiled_dequant_kernel[(triton.cdiv(n, bn), k // tile_columns(bits))](
+        words, sz, out, n, k, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, num_warps=4)
+    return out
 
 
 _WORKSPACES: dict[str, tuple[Tensor, Tensor]] = {}

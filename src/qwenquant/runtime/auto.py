@@ -11,11 +11,13 @@ When the layer was quantized with ``act_bits=8`` and holds 8-bit per-channel wei
 tensor-core paths (``native`` int8 and fp8) join, since per-token activation quantization is then
 already part of the model's numerics.
 
-No bf16 copy of the weight is kept: memory is the storage bytes plus the repacked copies ``fused``
-builds for its kernels (by default the k-tiled one: ≈ 0.53x bf16 bytes for Qwen3-8B W4 g128 in all,
-≈ 0.8x with tinygemm's too; ``fused.FUSED_COPIES`` chooses) plus one transient [N, K] bf16 buffer while a dequant matmul runs. The price: where both candidates are
-slower than bf16 (mid-size M, where the fused GEMM trails cuBLAS and the unpack is not yet
-amortized) auto is slower than bf16 too — the benchmark reports it as measured.
+No bf16 copy of the weight is kept: the layer holds fused's layout (by default the k-tiled one, converted
+in place at the first forward: ≈ 0.27x bf16 bytes for Qwen3-8B W4 g128; ``fused.FUSED_COPIES`` chooses),
+the unpack reads that layout (``wq_ktiled.dequantize_ktiled``), and one transient [N, K] bf16 buffer lives
+while a dequant matmul runs. W8A8 layers add native's operand as a copy (int8 codes or e4m3: 1 byte per
+weight). The price: where both candidates are slower than bf16 (mid-size M, where the fused GEMM trails
+cuBLAS and the unpack is not yet amortized) auto is slower than bf16 too — the benchmark reports it as
+measured.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _candidates(layer, x: Tensor) -> dict:
 
 
 def forward_auto(layer, x: Tensor) -> Tensor:
-    fused.check_layer(layer, x)
+    bits, group = fused.check_layer(layer, x)
+    fused._operands(layer, bits, group)  # the resident layout first, so every candidate reads the same storage
     rows = x.numel() // layer.in_features
     m = layer.meta
     key = (m["bits"], m["group_size"], m["symmetric"], layer.act_bits, layer.out_features, layer.in_features,

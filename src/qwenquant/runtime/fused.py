@@ -1,25 +1,30 @@
 """``fused`` execution mode: kernels that read the packed weight and dequantize in registers.
 
 W2/W4/W8 A16, any group size that is a multiple of 32 (or per-channel), symmetric or not (the
-zero-point is read either way). Candidates per M bucket, timed once per (bits, group, N, K, M
-bucket) by ``TUNER`` and the fastest kept:
+zero-point is read either way).
 
-* M ≤ 4: the FFMA GEMV kernels (``gemv2`` where its tile fits K and the group, else ``gemv``);
-* M ≤ 16, 4-bit, bf16, when ``QWENQUANT_FUSED_COPIES`` includes it (not by default): torch's tinygemm
-  (``aten._weight_int4pack_mm``; a repacked copy of the weight is built once per layer, see
-  ``TinyGemmOperands``) — 2.3-2.6x bf16 at M = 1 on an H100, a few % ahead of ktiled on q/o-sized shapes;
-* M > 1, K a multiple of the interleave tile: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core
-  GEMM on a k-tile-interleaved repack of the weight (and its scales), built once per layer; small-M
-  and large-M tile tables;
-* M > 4 where ktiled does not serve (K not a multiple of its tile, or the copy disabled): the
-  checkpoint-layout tensor-core GEMMs, ``gemm_wa`` (dequantized weight as the register A operand) and
-  ``gemm`` (weight as B), ``kernels/wq_matmul.py`` explains both (≈ 0.2x bf16 at M > 64).
+Memory: one layout, held once. At its first fused forward a layer whose shape the k-tiled kernels take
+(K a multiple of the interleave tile: every Qwen3 projection) converts its storage *in place* to the
+k-tiled layout (``runtime/layouts.py``, ``numerics/ktiled.py``): the same bits permuted, 0.266x bf16
+bytes at W4 g128 instead of the checkpoint's 0.262x; ``state_dict()`` still yields the checkpoint
+tensors, rebuilt exactly. Other layers keep the checkpoint layout and its kernels.
+
+Candidates per M bucket, timed once per (bits, group, N, K, M bucket) by ``TUNER``, the fastest kept.
+On a k-tiled layer:
+
+* M = 1: ``ktiled_gemv`` (CUDA cores, split-K) and the GEMM's small tiles;
+* 1 < M ≤ 64: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core GEMM on the k-tiled words, small-M
+  tiles (split-K, stream-K, scale applied after the MMA); M > 64: its large tiles;
+* M ≤ 16, 4-bit, bf16, only when ``QWENQUANT_FUSED_COPIES`` has ``tinygemm``: torch's tinygemm
+  (``aten._weight_int4pack_mm``) on a repacked *copy* (``TinyGemmOperands``, + 0.26x bf16 bytes) — a few
+  % ahead of ktiled on q/o-sized shapes at M ≤ 2 on an H100.
+
+On a checkpoint-layout layer (K not a multiple of the tile, or ``QWENQUANT_FUSED_COPIES=none``): the FFMA
+GEMV kernels at M ≤ 4 (``gemv2`` where its tile fits K and the group, else ``gemv``) and the checkpoint-
+layout tensor-core GEMMs ``gemm_wa`` / ``gemm`` above (``kernels/wq_matmul.py``, ≈ 0.2x bf16 at M > 64).
 
 At M >= 128 even ktiled trails cuBLAS bf16 (0.5-0.7x on gate/up): ``auto`` then compares it with
 unpack + cuBLAS. Ratios on an H100 (Qwen3-8B, W4 g128): BENCHMARKS.md.
-
-The checkpoint layout is read as it is (no copy) by the GEMV and checkpoint-layout GEMM kernels;
-tinygemm and ktiled read repacked copies (``FusedOperands``, counted in the layer's bytes).
 """
 
 from __future__ import annotations
@@ -36,12 +41,12 @@ from qwenquant.kernels import wq_matmul as K
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("fused")
-# Which repacked copies fused mode may build beside the checkpoint tensors: each buys speed with memory
-# (Qwen3-8B decoder linears: checkpoint 0.26x bf16 bytes, + ktiled 0.53x, + tinygemm 0.79x). Set
-# QWENQUANT_FUSED_COPIES=none|ktiled|tinygemm,ktiled before the first forward. Default: the k-tiled copy only.
-# Measured end to end on an H100 (Qwen3-8B W4 g128, merged projections, benchmarks/results/
-# e2e_qwen3-8b-merged*_h100.json): decode batch 1 1.98x bf16 with both copies, 1.94x k-tiled only, 1.30x none;
-# batch 8-128 equal with and without tinygemm — 2 % at batch 1 is not worth a quarter of bf16's bytes.
+# How fused mode holds a weight, set before the first forward: QWENQUANT_FUSED_COPIES=ktiled (default: the k-tiled
+# layout *replaces* the checkpoint layout on the device, 0.27x bf16 bytes for Qwen3-8B's decoder linears),
+# tinygemm,ktiled (plus tinygemm's copy: 0.53x), none (the checkpoint layout and its kernels: 0.26x).
+# Measured end to end on an H100 (Qwen3-8B W4 g128, merged projections, benchmarks/results/e2e_qwen3-8b-merged*_h100
+# .json): decode batch 1 1.98x bf16 with tinygemm's copy beside a k-tiled copy, 1.94x k-tiled only, 1.30x
+# checkpoint layout only; batch 8-128 equal with and without tinygemm.
 _copies_env = os.environ.get("QWENQUANT_FUSED_COPIES", "ktiled")
 FUSED_COPIES: set[str] = set() if _copies_env.strip() in ("", "none") else {c.strip() for c in _copies_env.split(",")}
 if not FUSED_COPIES <= {"tinygemm", "ktiled"}:
@@ -76,6 +81,9 @@ KTILED_SMALL = [(128, 4, 3, 4, False, True), (128, 4, 3, 8, True, True), (64, 4,
                 (128, 8, 3, 4, True, True), (64, 4, 3, 1, True, True), (128, 4, 3, 4, True, False), (32, 2, 3, 4, True, True),
                 (64, 4, 3, 8, True, True)]
 KTILED_SMALL_MAX_M = 64
+# ktiled_gemv (CUDA cores, batch 1): (BN rows, split-K, warps); small weights want many programs (split-K)
+KTILED_GEMV = [(16, 1, 4), (32, 1, 4), (64, 1, 4), (16, 2, 4), (32, 2, 4), (16, 4, 4), (32, 4, 4), (64, 4, 4),
+               (16, 8, 4), (32, 8, 4)]
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
 # stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
 # (BN, warps, stages, programs) for M <= 64 and (BM, BN, warps, stages, programs) for 64 < M <= 256. On the H100 grid
@@ -116,14 +124,12 @@ class TinyGemmOperands:
 
 @dataclass
 class FusedOperands:
-    """The repacked copies a layer's fused kernels read besides its checkpoint tensors (built lazily)."""
+    """What a layer's fused kernels read besides the checkpoint tensors: the k-tiled words and scales (views of
+    the layer's own buffers once it holds the ``ktiled`` layout — not a copy) and tinygemm's repacked copy
+    (only when ``FUSED_COPIES`` asks for it). ``QuantLinear.resident_bytes`` counts each storage once."""
 
     tiny: TinyGemmOperands | None = None
     ktiled: KT.KTiledWeight | None = None  # kernels/wq_ktiled.py
-
-    @property
-    def nbytes(self) -> int:
-        return (0 if self.tiny is None else self.tiny.nbytes) + (0 if self.ktiled is None else self.ktiled.nbytes)
 
 
 def tinygemm_ok(bits: int, group: int, n: int, k: int) -> bool:
@@ -141,16 +147,22 @@ def tinygemm_operands(qweight: Tensor, scale: Tensor, zero: Tensor, group: int) 
     return TinyGemmOperands(packed, sz, group)
 
 
-def _operands(layer, bits: int, group: int, m: int) -> FusedOperands:
-    """The layer's repacked copies that can serve m rows, built on first need and kept."""
-    ops = layer._cached_weight
-    if not isinstance(ops, FusedOperands):
-        ops = layer._cached_weight = FusedOperands()
+def _operands(layer, bits: int, group: int) -> FusedOperands:
+    """The operands of the layer's fused kernels, built at its first fused forward and kept: the layer's storage
+    is converted in place to the k-tiled layout (where the shape allows and ``FUSED_COPIES`` has ``ktiled``),
+    and tinygemm's copy is built beside it when ``FUSED_COPIES`` has ``tinygemm``."""
+    ops = layer._cache.get("fused")
+    if ops is not None:
+        return ops
     n, k = layer.out_features, layer.in_features
-    if ops.tiny is None and "tinygemm" in FUSED_COPIES and m <= TINYGEMM_MAX_M and tinygemm_ok(bits, group, n, k):
-        ops.tiny = tinygemm_operands(layer.qweight, layer.scale, layer.zero, group)
-    if ops.ktiled is None and "ktiled" in FUSED_COPIES and KT.ktiled_ok(bits, group, n, k):
-        ops.ktiled = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
+    tiny = None
+    if "tinygemm" in FUSED_COPIES and tinygemm_ok(bits, group, n, k):
+        t = layer.checkpoint_tensors()
+        tiny = tinygemm_operands(t["qweight"], t["scale"], t["zero"], group)
+    if "ktiled" in FUSED_COPIES and KT.ktiled_ok(bits, group, n, k):
+        layer.set_layout("ktiled")  # replaces the checkpoint buffers (and clears the layer's cache)
+    ktiled = KT.KTiledWeight(layer.words, layer.sz) if layer.layout == "ktiled" else None
+    ops = layer._cache["fused"] = FusedOperands(tiny=tiny, ktiled=ktiled)
     return ops
 
 
@@ -172,12 +184,11 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
     """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled", config) for the kernels that can serve
     m rows. Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
-    triton_cfgs = _triton_configs(m, k, group, bits)
-    if ktiled:
-        extra.update(_ktiled_configs(m, bits))
-        # ktiled beat the checkpoint-layout GEMMs at every measured shape and M (up to 3x at M >= 128)
-        triton_cfgs = {n: c for n, c in triton_cfgs.items() if c[0] not in ("gemm", "gemm_wa")}
-    return {**extra, **triton_cfgs}
+    if ktiled:  # the layer holds the k-tiled layout only: its kernels (they beat the checkpoint-layout GEMMs at
+        # every measured shape and M, up to 3x at M >= 128; the GEMV below stands in for the checkpoint one at M = 1)
+        gemv = {f"ktiled gemv bn{bn} sk{sk} w{w}": ("ktiled_gemv", (bn, sk, w)) for bn, sk, w in KTILED_GEMV} if m == 1 else {}
+        return {**extra, **gemv, **_ktiled_configs(m, bits)}
+    return {**extra, **_triton_configs(m, k, group, bits)}
 
 
 def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
@@ -235,6 +246,8 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         return torch.ops.aten._weight_int4pack_mm(x2, tiny.packed, tiny.group, tiny.scale_zero)
     if kind == "ktiled":
         return KT.ktiled_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
+    if kind == "ktiled_gemv":
+        return KT.ktiled_gemv(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "gemv2":
         return K.gemv2(x2, qw, s, z, bits, group, *cfg)
     if kind == "gemv":
@@ -244,14 +257,18 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
     return K.gemm(x2, qw, s, z, bits, group, *cfg)
 
 
-def fused_matmul(x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int,
+def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | None, bits: int, group: int,
                  ops: FusedOperands | None = None) -> Tensor:
-    """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape. The repacked copies in ``ops`` add
-    their kernels: tinygemm (x bf16 only, its one activation dtype) and ktiled."""
+    """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape. ``qw, s, z`` are the checkpoint tensors, or
+    None when the layer holds only the k-tiled layout (``ops.ktiled``); ``ops`` adds the kernels on the
+    repacked layouts: tinygemm (x bf16 only, its one activation dtype) and ktiled."""
     m, k = x2.shape
     use_tiny = ops is not None and ops.tiny is not None and x2.dtype == torch.bfloat16
     use_kt = ops is not None and ops.ktiled is not None
-    key = (bits, group, qw.shape[0], k, m_bucket(m), x2.dtype, use_tiny, use_kt)
+    if qw is None and not use_kt:
+        raise ValueError("fused_matmul needs the checkpoint tensors or the k-tiled operands")
+    n = qw.shape[0] if qw is not None else ops.ktiled.words.shape[0]
+    key = (bits, group, n, k, m_bucket(m), x2.dtype, use_tiny, use_kt)
     configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny, ktiled=use_kt)
     hit = TUNER.choices.get(key)
     if hit is None:
@@ -267,8 +284,11 @@ def forward_fused(layer, x: Tensor) -> Tensor:
     x2 = x.reshape(-1, layer.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    ops = _operands(layer, bits, group, x2.shape[0])
-    y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group, ops)
+    ops = _operands(layer, bits, group)
+    if layer.layout == "checkpoint":
+        y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group, ops)
+    else:  # k-tiled: only the kernels on that layout
+        y = fused_matmul(x2, None, None, None, bits, group, ops)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)

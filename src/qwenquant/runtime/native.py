@@ -10,9 +10,10 @@ is no longer bit-identical to the stored one). Activations are quantized per tok
 int8 runs either ``torch._int_mm`` (cuBLASLt) plus an epilogue pass, or a Triton int8 GEMM with the
 scales fused into its epilogue, whichever ``TUNER`` measured faster for the shape and M bucket.
 
-Memory: the int8 / e4m3 operand is built at first use and cached on the layer beside the storage
-buffers (``N·K`` bytes more per layer; cuBLASLt wants signed int8, the storage holds uint8 codes).
-Benchmarks report that copy.
+Memory: int8 converts the layer's storage in place to signed codes (the ``int8`` layout of
+``runtime/layouts.py``, exact: code - 128 is the code with its top bit flipped) and reads it as it is —
+one byte per weight, as stored. fp8's e4m3 operand is a copy beside the codes (``N·K`` bytes more per
+layer); ``resident_bytes`` and the benchmarks count it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from qwenquant.kernels import w8a8
+from qwenquant.runtime import layouts
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("native-int8")
@@ -58,20 +60,29 @@ def check_layer(layer, x: Tensor) -> None:
 
 
 def prepare(layer, fp8: bool) -> NativeWeight:
-    """Build (once, cached on the layer until its mode or device changes) the tensor-core operand."""
-    cached = layer._cached_weight
-    if isinstance(cached, NativeWeight) and (cached.w.dtype == torch.float8_e4m3fn) == fp8:
+    """The tensor-core operand, built once and cached on the layer until its mode, layout or device changes.
+
+    int8: in ``native`` mode the layer's storage itself is converted to the ``int8`` layout (codes - 128 as
+    signed bytes, ``runtime/layouts.py``) and the operand is a view of it — no second copy; only the fp32
+    per-row scale and zero correction (8 bytes per row) are extra. Under ``auto`` the fused candidate holds the
+    weight k-tiled, and the int8 operand is then a copy. fp8: the weight re-rounded to e4m3 is always a copy
+    (1 byte per weight beside the 8-bit codes): it is not the checkpoint's bits."""
+    key = "native-fp8" if fp8 else "native-int8"
+    cached = layer._cache.get(key)
+    if cached is not None:
         return cached
     if fp8:
         w, sw = w8a8.weight_to_fp8(layer.dequantized_weight(torch.float32))
         nw = NativeWeight(w, sw, None)
     else:
-        codes = layer.qweight  # 8-bit storage is the codes themselves, [N, K] uint8
-        w = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
-        zero = layer.zero[:, 0].float()
+        if layer.mode.startswith("native"):
+            layer.set_layout("int8")
+        t = layer.storage_tensors() if layer.layout == "int8" else layouts.get_layout("int8").from_checkpoint(
+            layer.checkpoint_tensors(), 8, layer.in_features)
+        zero = t["zero"][:, 0].float()
         zc = None if bool((zero == 128).all()) else (zero - 128).contiguous()
-        nw = NativeWeight(w, layer.scale[:, 0].float().contiguous(), zc)
-    layer._cached_weight = nw
+        nw = NativeWeight(t["codes_s8"], t["scale"][:, 0].float().contiguous(), zc)
+    layer._cache[key] = nw
     return nw
 
 

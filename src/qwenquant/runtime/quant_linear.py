@@ -1,9 +1,12 @@
 """QuantLinear: a linear layer whose weight is stored quantized, run in a named execution mode.
 
 Storage is always the real packed format (``numerics.affine.affine_to_tensors`` for integer
-weights, ``BinarizedWeight.to_tensors`` for BiLLM): the module's buffers *are* the checkpoint
-tensors, so ``state_dict()`` is what is saved and the bytes in memory match the bit-width plus
-metadata. How a forward uses them is the execution mode, chosen by name:
+weights, ``BinarizedWeight.to_tensors`` for BiLLM), held once: the module's buffers are the
+checkpoint tensors, or — after a GPU mode's first forward — the same bits in the layout that mode's
+kernels read (``runtime/layouts.py``: ``ktiled`` for fused/auto, ``int8`` for native int8), converted in
+place and exactly. ``state_dict()`` always yields the checkpoint tensors, and the bytes in memory
+match the bit-width plus metadata (``resident_bytes`` counts them, with any extra operand a mode
+caches). How a forward uses them is the execution mode, chosen by name:
 
 | mode      | what happens at each forward                                             | where    |
 |-----------|--------------------------------------------------------------------------|----------|
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from qwenquant.numerics.activation import check_act_bits, fake_quantize_per_token
 from qwenquant.numerics.affine import QuantizedWeight, QuantSpec, affine_from_tensors, affine_to_tensors
+from qwenquant.runtime.layouts import get_layout
 
 # mode name -> "module:function"; a function takes (QuantLinear, x) and returns y. Imported lazily
 # so that CPU users never import Triton.
@@ -91,7 +95,10 @@ class QuantLinear(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._cached_weight: Tensor | None = None
+        self.layout = "checkpoint"  # which arrangement of the weight's bits the buffers hold (runtime/layouts.py)
+        # what the current mode built from the storage and keeps (fake: the float weight; fused: tinygemm's copy;
+        # native: its operand), keyed by the mode's name; cleared when the mode, layout or device changes
+        self._cache: dict[str, object] = {}
         self._forward: Callable | None = None
         self.mode = mode
 
@@ -106,8 +113,62 @@ class QuantLinear(nn.Module):
     # --- the weight ---------------------------------------------------------------------
     def weight_object(self):
         """Rebuild the method's weight object (QuantizedWeight / BinarizedWeight) from the buffers."""
-        tensors = {n: b for n, b in self.named_buffers(recurse=False) if n != "bias" and b is not None}
-        return WEIGHT_FORMATS[self.fmt][1](tensors, (self.out_features, self.in_features), self.meta)
+        return WEIGHT_FORMATS[self.fmt][1](self.checkpoint_tensors(), (self.out_features, self.in_features), self.meta)
+
+    def storage_tensors(self) -> dict[str, Tensor]:
+        """The weight's buffers as they are resident now (names depend on ``layout``)."""
+        return {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """The checkpoint tensors (qweight, scale, zero for affine weights), rebuilt exactly if another layout
+        is resident (a transient copy then)."""
+        tensors = self.storage_tensors()
+        if self.layout == "checkpoint":
+            return tensors
+        return get_layout(self.layout).to_checkpoint(tensors, self.meta["bits"], self.in_features)
+
+    def set_layout(self, layout: str) -> None:
+        """Hold the weight in ``layout`` (``runtime/layouts.py``), replacing the resident buffers in place: the
+        old arrangement is freed, never kept beside the new one. Exact both ways."""
+        if layout == self.layout:
+            return
+        target = get_layout(layout)
+        if self.fmt != "affine":
+            raise ValueError(f"layout {layout!r} holds affine integer weights; this layer's format is {self.fmt!r}")
+        tensors = self.checkpoint_tensors()
+        new = target.from_checkpoint(tensors, self.meta["bits"], self.in_features)
+        bias = self._buffers.pop("bias")
+        for name in list(self.storage_tensors()):
+            del self._buffers[name]
+        for name in target.buffers:  # storage first, then bias: the checkpoint's state_dict order
+            self.register_buffer(name, new[name])
+        self.register_buffer("bias", bias)
+        self.layout = layout
+        self._cache = {}
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds for its weight now: the resident storage plus whatever the current mode
+        cached from it (a float weight, a repacked copy), each tensor storage counted once (a cached view of
+        a buffer costs nothing)."""
+        seen: dict[tuple, int] = {}
+        for t in [*self.storage_tensors().values(), *_tensors_in(self._cache)]:
+            st = t.untyped_storage()
+            seen[(t.device.type, st.data_ptr())] = st.nbytes()
+        return sum(seen.values())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Always the checkpoint tensors, whichever layout is resident: what is saved loads anywhere."""
+        if self.layout == "checkpoint":
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self.checkpoint_tensors().items():
+            destination[prefix + name] = t
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.set_layout("checkpoint")  # the state dict holds checkpoint tensors; a GPU mode converts again
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """[out, in] in ``dtype`` (default: compute dtype), freshly unpacked."""
@@ -116,7 +177,8 @@ class QuantLinear(nn.Module):
 
     @property
     def storage_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n != "bias" and b is not None)
+        """Bytes of the resident weight buffers (the checkpoint's, or the same bits in another layout)."""
+        return sum(b.numel() * b.element_size() for b in self.storage_tensors().values())
 
     # --- execution ----------------------------------------------------------------------
     @property
@@ -125,9 +187,12 @@ class QuantLinear(nn.Module):
 
     @mode.setter
     def mode(self, mode: str) -> None:
+        """Choose the execution mode. The weight returns to the checkpoint layout; a GPU mode converts it to the
+        layout its kernels read at its first forward."""
         self._forward = _resolve_mode(mode)
         self._mode = mode
-        self._cached_weight = None
+        self.set_layout("checkpoint")
+        self._cache = {}
 
     def forward(self, x: Tensor) -> Tensor:
         # native modes quantize activations per token themselves, as integers: no float round trip first
@@ -142,10 +207,10 @@ class QuantLinear(nn.Module):
         """.to()/.cuda() move the storage but never change its dtypes.
 
         ``model.to(torch.bfloat16)`` must not round the fp16 scales (that would change the
-        weights); only the device follows. The cached float weight is dropped.
+        weights); only the device follows. What the mode cached is dropped.
         """
-        self._cached_weight = None
-        storage = {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
+        self._cache = {}
+        storage = self.storage_tensors()
         result = super()._apply(fn, *args, **kwargs)
         for name, before in storage.items():
             after = self._buffers[name]
@@ -154,7 +219,8 @@ class QuantLinear(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, meta={self.meta}, act_bits={self.act_bits}, mode={self.mode}"
+        return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, meta={self.meta}, act_bits={self.act_bits}, "
+                f"mode={self.mode}, layout={self.layout}")
 
 
 def set_execution_mode(model: nn.Module, mode: str) -> int:
@@ -183,16 +249,18 @@ def concat_out_features(layers: list[QuantLinear]) -> QuantLinear:
             raise ValueError(f"concat_out_features: layers differ — (fmt, meta, in_features, act_bits, dtype) {same} vs {want}")
     if len({layer.bias is None for layer in layers}) > 1:
         raise ValueError("concat_out_features: either every layer has a bias or none")
-    tensors = {name: torch.cat([getattr(layer, name) for layer in layers], dim=0) for name in ("qweight", "scale", "zero")}
+    parts = [layer.checkpoint_tensors() for layer in layers]
+    tensors = {name: torch.cat([p[name] for p in parts], dim=0) for name in ("qweight", "scale", "zero")}
     bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
     return QuantLinear(first.in_features, sum(layer.out_features for layer in layers), first.fmt, first.meta, tensors,
                        bias=bias, act_bits=first.act_bits, mode=first.mode, compute_dtype=first.compute_dtype)
 
 
 def forward_fake(layer: QuantLinear, x: Tensor) -> Tensor:
-    if layer._cached_weight is None or layer._cached_weight.dtype != x.dtype:
-        layer._cached_weight = layer.dequantized_weight(x.dtype)
-    return F.linear(x, layer._cached_weight, None if layer.bias is None else layer.bias.to(x.dtype))
+    w = layer._cache.get("fake")
+    if w is None or w.dtype != x.dtype:
+        w = layer._cache["fake"] = layer.dequantized_weight(x.dtype)
+    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
 
 
 def forward_dequant(layer: QuantLinear, x: Tensor) -> Tensor:
@@ -201,19 +269,37 @@ def forward_dequant(layer: QuantLinear, x: Tensor) -> Tensor:
     On a GPU, affine 2/4/8-bit weights unpack in one Triton pass (packed bytes in, 2 bytes per
     weight out: what a well-made storage-only runtime does); elsewhere with torch ops. The same
     values either way: (code - zero)·scale in fp32, rounded once to x's dtype."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
     if x.is_cuda and layer.fmt == "affine":
         from qwenquant.kernels import wq_matmul as K
 
         bits, group = layer.meta["bits"], layer.meta["group_size"] or layer.in_features
+        if layer.layout == "ktiled":  # auto mode, whose fused candidate holds the weight k-tiled
+            from qwenquant.kernels import wq_ktiled as KT
+
+            w = KT.dequantize_ktiled(layer.words, layer.sz, bits, group, layer.in_features, x.dtype)
+            return F.linear(x, w, bias)
         try:
             K.check_supported(bits, group, layer.out_features, layer.in_features)
         except ValueError:
             pass
         else:
-            w = K.dequantize(layer.qweight, layer.scale, layer.zero, bits, group, layer.in_features, x.dtype)
-            return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
+            if layer.layout == "checkpoint":
+                w = K.dequantize(layer.qweight, layer.scale, layer.zero, bits, group, layer.in_features, x.dtype)
+                return F.linear(x, w, bias)
     w = layer.dequantized_weight(x.dtype)  # the whole weight, every call: storage-only
-    return F.linear(x, w, None if layer.bias is None else layer.bias.to(x.dtype))
+    return F.linear(x, w, bias)
+
+
+def _tensors_in(obj) -> list[Tensor]:
+    """Every tensor inside a mode's cache entry (tensors, dataclasses and dicts of them, nested)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v)]
+    if hasattr(obj, "__dataclass_fields__"):
+        return [t for f in obj.__dataclass_fields__ for t in _tensors_in(getattr(obj, f))]
+    return []
 
 
 # --- weight formats: fmt -> (to_storage, from_storage) --------------------------------------

@@ -32,7 +32,7 @@ class Tuner:
     def pick(self, key: Hashable, candidates: dict[str, Callable[[], object]], rep_ms: int = 15) -> str:
         if key in self.choices:
             return self.choices[key][0]
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 f"{self.name}: no tuned choice for {key} and a CUDA graph is being captured; "
                 "run the model eagerly once at this batch size before capturing"
