@@ -60,8 +60,9 @@ SCRIPT = textwrap.dedent(
             if KT.ktiled_ok(bits, g, n, k):
                 kt = KT.KTiledWeight.from_checkpoint(qw, s, z, bits, k)
                 if m == 1:  # batch-1 GEMV on the k-tiled words; 4 splits of 1024 columns: some programs get none
-                    for bn, split in ((16, 1), (32, 2), (16, 4)):
-                        note("ktiled_gemv", KT.ktiled_gemv(x, kt.words, kt.sz, bits, g, bn=bn, split_k=split), ref)
+                    for bn, bt, split in ((16, 1, 1), (32, 2, 2), (16, 4, 4), (8, 4, 1)):
+                        note("ktiled_gemv", KT.ktiled_gemv(x, kt.words, kt.sz, bits, g, bn=bn, tiles_per_step=bt,
+                                                           split_k=split), ref)
                 for wa, split in ((True, 1), (True, 2), (False, 1)):
                     y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split)
                     note("ktiled", y, ref)
@@ -88,8 +89,9 @@ SCRIPT = textwrap.dedent(
             y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, group, bm=16, bn=16, scale_after=True, streamk=progs)
             note("ktiled_streamk", y, x.double() @ w.double().T)
         x1 = x[:1]  # masked rows in the GEMV too (N = 40, BN = 16 and 32)
-        for bn, split in ((16, 1), (32, 2)):
-            note("ktiled_gemv", KT.ktiled_gemv(x1, kt.words, kt.sz, bits, group, bn=bn, split_k=split), x1.double() @ w.double().T)
+        for bn, bt, split in ((16, 1, 1), (32, 2, 2), (16, 4, 1)):  # 4 tiles per step over 2-4 tiles: masked tiles
+            note("ktiled_gemv", KT.ktiled_gemv(x1, kt.words, kt.sz, bits, group, bn=bn, tiles_per_step=bt, split_k=split),
+                 x1.double() @ w.double().T)
     # fused mode's plumbing on a layer that holds only the k-tiled layout (the tuner takes each bucket's first
     # candidate: no timing on a CPU): checkpoint buffers gone, the same outputs, state_dict rebuilt exactly
     from qwenquant.runtime import fused

@@ -395,11 +395,13 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
 @triton.jit
 def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
                         GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr,
-                        SPLITS: tl.constexpr, LOP3: tl.constexpr):
-    """y[0, :] = x[0, :] · Ŵᵀ for one row of x (decode at batch 1) on the CUDA cores: BN rows per program,
-    one k-tile (T columns) per step. Field t of each word, (w & mask << sh) | 2**23 read as a float, is
+                        BT: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr):
+    """y[0, :] = x[0, :] · Ŵᵀ for one row of x (decode at batch 1) on the CUDA cores: BN rows per program, BT
+    k-tiles per step, loaded as one [BN, BT, SUBK] block so that a small weight is a step or two of wide loads,
+    not a chain of dependent ones. Field t of each word, (w & mask << sh) | 2**23 read as a float, is
     2**23 + code·2**sh (one LOP3); minus 2**23 it is exact, and one FFMA with x·2**-sh adds code·x. Each
-    fold span (a group, or a tile when groups span tiles) then adds scale·(Σ code·x - zero·Σ x) once per row."""
+    fold span (a group, or a tile when groups span tiles) then adds scale·(Σ code·x - zero·Σ x) per row and tile.
+    Tiles past the program's K range load as zero words with x = 0 and scale 0: they add nothing."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -408,21 +410,26 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
     pid_k = tl.program_id(1)
     KW = tl.multiple_of(K // CPW, SUBK)
     rn = pid * BN + tl.arange(0, BN)
-    rn_c = tl.where(rn < N, rn, 0)  # clamped rows: loads need no mask, the store masks them
+    rn_c = tl.where(rn < N, rn, 0)  # clamped rows: loads need no row mask, the store masks them
+    rb = tl.arange(0, BT)
     rs = tl.arange(0, SUBK)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(k_start, k_end, T):
-        w = tl.load(w_ptr + rn_c[:, None] * KW + (tl.multiple_of(k0 // CPW, SUBK) + rs)[None, :])  # [BN, SUBK] int32
+    acc = tl.zeros([BN, BT], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BT * T):
+        tile0 = k0 + rb * T  # [BT] first column of each tile
+        live = tile0 < k_end
+        w = tl.load(w_ptr + rn_c[:, None, None] * KW + (tile0 // CPW)[None, :, None] + rs[None, None, :],
+                    mask=live[None, :, None], other=0)  # [BN, BT, SUBK] int32
         w_hi = w >> 16  # fields ending above bit 23 are read from here
         for t in tl.static_range(CPW):
+            col = tile0 + t * SUBK  # [BT] first column of slice t in each tile
             if t % FOLD == 0:  # a fold span starts: its group's scale and zero, fresh partial sums
-                sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
+                sz = tl.load(sz_ptr + (col // GROUP)[None, :] * N + rn_c[:, None], mask=live[None, :], other=0)  # [BN, BT]
                 s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
                 z = (sz & 0xFFFF).to(tl.float32)
-                part = tl.zeros([BN, SUBK], dtype=tl.float32)
-                xsum = tl.zeros([SUBK], dtype=tl.float32)
+                part = tl.zeros([BN, BT, SUBK], dtype=tl.float32)
+                xsum = tl.zeros([BT, SUBK], dtype=tl.float32)
             if t * BITS + BITS <= 23:
                 sh = t * BITS
                 src = w
@@ -436,27 +443,31 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
                     dtype=tl.int32, is_pure=True, pack=1)
             else:  # Triton's interpreter runs no PTX
                 bits_f = (src & (MASK << sh)) | MAGIC
-            x = tl.load(x_ptr + k0 + t * SUBK + rs).to(tl.float32)  # [SUBK]
-            part += (bits_f.to(tl.float32, bitcast=True) - 8388608.0) * (x * (1.0 / (1 << sh)))[None, :]
+            x = tl.load(x_ptr + col[:, None] + rs[None, :], mask=live[:, None], other=0.0).to(tl.float32)  # [BT, SUBK]
+            part += (bits_f.to(tl.float32, bitcast=True) - 8388608.0) * (x * (1.0 / (1 << sh)))[None, :, :]
             xsum += x
             if t % FOLD == FOLD - 1:
-                acc += s * (tl.sum(part, axis=1) - z * tl.sum(xsum, axis=0))
+                acc += s * (tl.sum(part, axis=2) - z * tl.sum(xsum, axis=1)[None, :])
+    y = tl.sum(acc, axis=1)  # [BN]
     if SPLITS == 1:
-        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
     else:
-        _add_partial(acc, y_ptr, ws_ptr, cnt_ptr + pid, rn, rn < N, 1, SPLITS)
+        _add_partial(y, y_ptr, ws_ptr, cnt_ptr + pid, rn, rn < N, 1, SPLITS)
 
 
-def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 32, split_k: int = 1,
-                num_warps: int = 4, num_stages: int = 3) -> Tensor:
+def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, tiles_per_step: int = 2,
+                split_k: int = 1, num_warps: int = 4, num_stages: int = 2) -> Tensor:
     """x2 [1, K] bf16/fp16 (one row: decode at batch 1) with the k-tiled weight -> y [1, N] in x's dtype. At
     batch 1 the tensor-core GEMM wastes 15 of its 16 MMA rows and its pipeline's latency shows on small
-    weights (1024 x 1024: 4.9 us vs 3.0 for the checkpoint-layout GEMV on an H100); this kernel is the
-    CUDA-core path on the k-tiled layout, so a layer holding only that layout keeps a fast batch-1 kernel."""
+    weights (1024 x 1024: ≈ 5 us vs 3.0 for the checkpoint-layout GEMV on an H100); this kernel is the
+    CUDA-core path on the k-tiled layout, so a layer holding only that layout keeps a batch-1 kernel of its
+    own. ``tiles_per_step`` k-tiles (T columns each) per program and step; ``split_k`` programs share K."""
     m, k = x2.shape
     n = words.shape[0]
     if m != 1:
         raise ValueError(f"ktiled_gemv takes one row of x, got {m}; use ktiled_gemm")
+    if tiles_per_step < 1 or tiles_per_step & (tiles_per_step - 1):
+        raise ValueError(f"tiles_per_step must be a power of two, got {tiles_per_step}")
     _check_operands(x2, words, sz, bits, group)
     t = tile_columns(bits)
     per_split = triton.cdiv(triton.cdiv(k, split_k), t) * t
@@ -465,8 +476,8 @@ def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     tiles = triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, n, tiles)
     _ktiled_gemv_kernel[(tiles, grid_k)](
-        x2, words, sz, y, ws, cnt, n, k, per_split, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, SPLITS=grid_k,
-        LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        x2, words, sz, y, ws, cnt, n, k, per_split, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BT=tiles_per_step,
+        SPLITS=grid_k, LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 
