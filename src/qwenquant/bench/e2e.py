@@ -312,7 +312,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         tuning = {t.name: t.table() for t in (fused.TUNER, auto.TUNER, native.TUNER)}
         doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
-               "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none",
+               "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:
             with open(out_path, "w") as f:

@@ -240,5 +240,6 @@ def run(models=("qwen3-8b",), rows=ROWS, modes: list[str] | None = None, ceil: d
         for proj, (n, k) in MODEL_SHAPES[model].items():
             log.info("gemm %s %s %dx%d", model, proj, n, k)
             out += bench_shape(model, proj, n, k, r, sel, ceil)
-    return {"kind": "gemm", "env": environment(), "ceilings": ceil, "results": [asdict(x) for x in out],
+    return {"kind": "gemm", "env": environment(), "ceilings": ceil, "fused_weights": fused.describe_weights(),
+            "results": [asdict(x) for x in out],
             "tuning": {"fused": fused.TUNER.table(), "auto": auto.TUNER.table()}}

@@ -22,6 +22,15 @@ def _layer_times(g: dict, model: str) -> dict:
     return t
 
 
+def _fused_weights(doc: dict) -> str:
+    """How fused mode held its weights in a result file: recorded since c899505 (``fused_weights``); before it,
+    every repacked layout was a copy beside the checkpoint tensors (``fused_copies``, both copies before 7fa7611)."""
+    if "fused_weights" in doc:
+        return doc["fused_weights"]
+    copies = doc.get("fused_copies", "ktiled,tinygemm")
+    return "checkpoint layout" + ("" if copies == "none" else f" + copies: {copies}")
+
+
 def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md") -> dict:
     gemm_paths = sorted(glob.glob(os.path.join(results_dir, "gemm*.json")), key=lambda p: (len(p), p))
     gemms = [dict(json.load(open(p)), _file=os.path.basename(p)) for p in gemm_paths]
@@ -37,6 +46,7 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                     "merged [q|k|v] + o + [gate|up] + down, as serving engines run it" if model.endswith("-merged")
                     else "sum of its 7 linears")
             lines += [f"## Per-GEMM, {model} decoder layer ({what}), {env.get('gpu')} — `{g['_file']}`", "",
+                      f"fused holds: {_fused_weights(g)}. "
                       f"{env.get('gpu')}, driver {env.get('driver')}, torch {env['torch']}, Triton {env['triton']}, "
                       f"commit `{env['commit']}`, {env['date']}. Measured ceilings: copy {c['copy_bytes_per_s']/1e12:.2f} TB/s, "
                       f"bf16 {c['bf16_flops_per_s']/1e12:.0f} TFLOP/s, fp8 (row-wise) {c['fp8_rowwise_flops_per_s']/1e12:.0f}, "
@@ -69,7 +79,7 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
     for e in e2es:
         env = e["env"]
         layout = e.get("projections", "separate q, k, v, o, gate, up, down")  # files before the merge have no field
-        copies = f", fused copies: {e.get('fused_copies', 'ktiled,tinygemm')}"  # files before the field had both
+        copies = f", fused holds: {_fused_weights(e)}"
         lines += ["", f"## End to end: {e['model']}, projections {layout}{copies}, {env.get('gpu')} — `{e['_file']}`", "",
                   f"torch {env['torch']}, Triton {env['triton']}, commit `{env['commit']}`, {env['date']}. Prefill: 2048 tokens, "
                   f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions, CUDA-graph replay"

@@ -51,6 +51,14 @@ _copies_env = os.environ.get("QWENQUANT_FUSED_COPIES", "ktiled")
 FUSED_COPIES: set[str] = set() if _copies_env.strip() in ("", "none") else {c.strip() for c in _copies_env.split(",")}
 if not FUSED_COPIES <= {"tinygemm", "ktiled"}:
     raise ValueError(f"QWENQUANT_FUSED_COPIES={_copies_env!r}: expected 'none' or a comma list of tinygemm, ktiled")
+
+
+def describe_weights() -> str:
+    """How fused mode holds a weight under the current ``FUSED_COPIES`` (benchmark files record it)."""
+    held = "k-tiled layout in place of the checkpoint's" if "ktiled" in FUSED_COPIES else "checkpoint layout"
+    return held + (" + tinygemm's copy" if "tinygemm" in FUSED_COPIES else "")
+
+
 # torch's tinygemm (tensor-core, int4) wins at M <= 8 on an H100 and falls off fast after
 # (benchmarks/results/w4_session_h100_run1.json: 2.3-2.6x bf16 at M=1, ~1.1x at 8, 0.7x at 16)
 TINYGEMM_MAX_M = 16
