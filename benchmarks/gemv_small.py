@@ -1,0 +1,70 @@
+"""Batch-1 kernels on small weights (Qwen3-0.6B, 30B-A3B experts), on the GPU: the k-tiled GEMV's variants against
+the checkpoint-layout GEMV and the k-tiled GEMM's best small tile, with the tuner's cold-L2 timer.
+
+    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/gemv_small.py   # -> $OUT/gemv_small.json
+
+Why: holding only the k-tiled layout (session 8) cost these shapes their 3.0 µs checkpoint GEMV; the k-tiled kernels
+sat at ≈ 4.6 µs. Each variant is checked against the float64 reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import torch
+
+from qwenquant.bench.hw import environment
+from qwenquant.kernels import wq_ktiled as KT
+from qwenquant.kernels import wq_matmul as K
+from qwenquant.numerics import QuantSpec, quantize_weight
+from qwenquant.numerics.affine import affine_to_tensors
+from qwenquant.runtime import fused
+from qwenquant.runtime.tuning import _time_cold
+
+SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (768, 2048), (2048, 768), (4096, 4096)]
+
+
+def main() -> None:
+    out = os.environ.get("OUT", "runs")
+    rows = []
+    for n, k in SHAPES:
+        t = affine_to_tensors(quantize_weight(torch.randn(n, k, device="cuda") * 0.02, QuantSpec(4, 128, False)))
+        qw, s, z = t["qweight"], t["scale"], t["zero"]
+        kt = KT.KTiledWeight.from_checkpoint(qw, s, z, 4, k)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ K.reference_dequantize(qw, s, z, 4, k).double().T
+        wb = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+        cands = {"bf16": lambda: x @ wb.T}
+        for c in fused.GEMV2_CONFIGS:
+            if K.gemv2_ok(4, 128, k, c[1]):
+                cands[f"ckpt gemv2 {c}"] = lambda c=c: K.gemv2(x, qw, s, z, 4, 128, *c)
+        for name, (kind, cfg) in fused._ktiled_configs(16, 4).items():
+            cands[name] = lambda cfg=cfg: KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *cfg)
+        for bn, bt, sk, w, st in itertools.product((4, 8, 16), (2, 4), (1, 4), (1, 2, 4), (1, 2)):
+            if (st == 2 and w != 4) or (sk > 1 and k // 256 < sk):
+                continue
+            cands[f"ktiled gemv bn{bn} bt{bt} sk{sk} w{w} s{st}"] = (
+                lambda a=(bn, bt, sk, w, st): KT.ktiled_gemv(x, kt.words, kt.sz, 4, 128, bn=a[0], tiles_per_step=a[1],
+                                                             split_k=a[2], num_warps=a[3], num_stages=a[4]))
+        times = {}
+        for name, fn in cands.items():
+            try:
+                y = fn()
+                if name != "bf16":
+                    err = float((y.double() - ref).norm() / ref.norm())
+                    assert err < 1e-2, (name, err)
+                times[name] = _time_cold(fn, 10) * 1e3
+            except Exception as e:  # noqa: BLE001 — a variant that does not compile is reported, not fatal
+                times[name] = repr(e)[:200]
+        ok = {a: b for a, b in times.items() if isinstance(b, float)}
+        best = sorted(ok.items(), key=lambda p: p[1])[:6]
+        print(n, k, "bf16 %.2f" % ok["bf16"], [(a, round(b, 2)) for a, b in best], flush=True)
+        rows.append({"n": n, "k": k, "us": times})
+    with open(os.path.join(out, "gemv_small.json"), "w") as f:
+        json.dump({"kind": "gemv_small", "env": environment(), "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
