@@ -397,39 +397,41 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
                         GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr,
                         BT: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr):
     """y[0, :] = x[0, :] · Ŵᵀ for one row of x (decode at batch 1) on the CUDA cores: BN rows per program, BT
-    k-tiles per step, loaded as one [BN, BT, SUBK] block so that a small weight is a step or two of wide loads,
-    not a chain of dependent ones. Field t of each word, (w & mask << sh) | 2**23 read as a float, is
-    2**23 + code·2**sh (one LOP3); minus 2**23 it is exact, and one FFMA with x·2**-sh adds code·x. Each
-    fold span (a group, or a tile when groups span tiles) then adds scale·(Σ code·x - zero·Σ x) per row and tile.
-    Tiles past the program's K range load as zero words with x = 0 and scale 0: they add nothing."""
+    k-tiles (BT·SUBK words per row) per step, one [BN, BT·SUBK] word load. Every tensor keeps the words' 2-D
+    shape — x, the scale and the zero are loaded per word column, straight into the words' register layout (the
+    same address for several threads is an L1 hit) — so the loop has no layout conversion and no reduction: it
+    is one LOP3, one FADD and one FFMA per code plus, per fold span (a group, or a tile when groups span tiles),
+    acc += scale·(Σ code·x - zero·Σ x) per word column; the columns are summed once at the end.
+    Field t of a word, (w & mask << sh) | 2**23 read as a float, is 2**23 + code·2**sh; minus 2**23 it is exact,
+    times x·2**-sh it is code·x. Tiles past the program's K range load as zero words with x = 0: they add nothing."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
     MASK: tl.constexpr = (1 << BITS) - 1
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per fold span
+    BKW: tl.constexpr = BT * SUBK
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     KW = tl.multiple_of(K // CPW, SUBK)
     rn = pid * BN + tl.arange(0, BN)
     rn_c = tl.where(rn < N, rn, 0)  # clamped rows: loads need no row mask, the store masks them
-    rb = tl.arange(0, BT)
-    rs = tl.arange(0, SUBK)
+    rkw = tl.arange(0, BKW)  # word column within a step: tile rkw // SUBK, word rkw % SUBK
+    col0 = (rkw // SUBK) * T + rkw % SUBK  # the column field 0 of each word holds, relative to the step's start
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros([BN, BT], dtype=tl.float32)
+    acc = tl.zeros([BN, BKW], dtype=tl.float32)
     for k0 in range(k_start, k_end, BT * T):
-        tile0 = k0 + rb * T  # [BT] first column of each tile
-        live = tile0 < k_end
-        w = tl.load(w_ptr + rn_c[:, None, None] * KW + (tile0 // CPW)[None, :, None] + rs[None, None, :],
-                    mask=live[None, :, None], other=0)  # [BN, BT, SUBK] int32
+        live = k0 + (rkw // SUBK) * T < k_end  # [BKW] tiles inside this program's K range
+        w = tl.load(w_ptr + rn_c[:, None] * KW + (tl.multiple_of(k0 // CPW, SUBK) + rkw)[None, :],
+                    mask=live[None, :], other=0)  # [BN, BKW] int32
         w_hi = w >> 16  # fields ending above bit 23 are read from here
         for t in tl.static_range(CPW):
-            col = tile0 + t * SUBK  # [BT] first column of slice t in each tile
+            col = k0 + col0 + t * SUBK  # [BKW] the column of field t
             if t % FOLD == 0:  # a fold span starts: its group's scale and zero, fresh partial sums
-                sz = tl.load(sz_ptr + (col // GROUP)[None, :] * N + rn_c[:, None], mask=live[None, :], other=0)  # [BN, BT]
-                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                sz = tl.load(sz_ptr + (col // GROUP)[None, :] * N + rn_c[:, None], mask=live[None, :], other=0)
+                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # [BN, BKW]
                 z = (sz & 0xFFFF).to(tl.float32)
-                part = tl.zeros([BN, BT, SUBK], dtype=tl.float32)
-                xsum = tl.zeros([BT, SUBK], dtype=tl.float32)
+                part = tl.zeros([BN, BKW], dtype=tl.float32)
+                xsum = tl.zeros([BKW], dtype=tl.float32)
             if t * BITS + BITS <= 23:
                 sh = t * BITS
                 src = w
@@ -443,11 +445,11 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
                     dtype=tl.int32, is_pure=True, pack=1)
             else:  # Triton's interpreter runs no PTX
                 bits_f = (src & (MASK << sh)) | MAGIC
-            x = tl.load(x_ptr + col[:, None] + rs[None, :], mask=live[:, None], other=0.0).to(tl.float32)  # [BT, SUBK]
-            part += (bits_f.to(tl.float32, bitcast=True) - 8388608.0) * (x * (1.0 / (1 << sh)))[None, :, :]
+            x = tl.load(x_ptr + col, mask=live, other=0.0).to(tl.float32)  # [BKW]
+            part += (bits_f.to(tl.float32, bitcast=True) - 8388608.0) * (x * (1.0 / (1 << sh)))[None, :]
             xsum += x
             if t % FOLD == FOLD - 1:
-                acc += s * (tl.sum(part, axis=2) - z * tl.sum(xsum, axis=1)[None, :])
+                acc += s * (part - z * xsum[None, :])
     y = tl.sum(acc, axis=1)  # [BN]
     if SPLITS == 1:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
