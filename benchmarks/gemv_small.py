@@ -23,6 +23,9 @@ from qwenquant.numerics.affine import affine_to_tensors
 from qwenquant.runtime import fused
 from qwenquant.runtime.tuning import _time_cold
 
+# the k-tiled GEMV grid (environment overrides: comma lists); the first trial (e64f529) found 1 warp, 4 rows, 4 tiles
+GEMV_BN, GEMV_BT, GEMV_SPLITS, GEMV_WARPS = ([int(v) for v in os.environ.get(name, default).split(",")] for name, default in (
+    ("GEMV_BN", "2,4,8"), ("GEMV_BT", "4,8"), ("GEMV_SPLITS", "1,2,4"), ("GEMV_WARPS", "1,2")))
 SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (768, 2048), (2048, 768), (4096, 4096)]
 
 
@@ -42,8 +45,8 @@ def main() -> None:
                 cands[f"ckpt gemv2 {c}"] = lambda c=c: K.gemv2(x, qw, s, z, 4, 128, *c)
         for name, (kind, cfg) in fused._ktiled_configs(16, 4).items():
             cands[name] = lambda cfg=cfg: KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *cfg)
-        for bn, bt, sk, w, st in itertools.product((4, 8, 16), (2, 4), (1, 4), (1, 2, 4), (1, 2)):
-            if (st == 2 and w != 4) or (sk > 1 and k // 256 < sk):
+        for bn, bt, sk, w, st in itertools.product(GEMV_BN, GEMV_BT, GEMV_SPLITS, GEMV_WARPS, (1,)):
+            if sk > 1 and k // 256 < sk:
                 continue
             cands[f"ktiled gemv bn{bn} bt{bt} sk{sk} w{w} s{st}"] = (
                 lambda a=(bn, bt, sk, w, st): KT.ktiled_gemv(x, kt.words, kt.sz, 4, 128, bn=a[0], tiles_per_step=a[1],
