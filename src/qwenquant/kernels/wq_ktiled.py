@@ -457,13 +457,14 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
         _add_partial(y, y_ptr, ws_ptr, cnt_ptr + pid, rn, rn < N, 1, SPLITS)
 
 
-def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, tiles_per_step: int = 2,
-                split_k: int = 1, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 4, tiles_per_step: int = 4,
+                split_k: int = 1, num_warps: int = 1, num_stages: int = 1) -> Tensor:
     """x2 [1, K] bf16/fp16 (one row: decode at batch 1) with the k-tiled weight -> y [1, N] in x's dtype. At
     batch 1 the tensor-core GEMM wastes 15 of its 16 MMA rows and its pipeline's latency shows on small
-    weights (1024 x 1024: ≈ 5 us vs 3.0 for the checkpoint-layout GEMV on an H100); this kernel is the
-    CUDA-core path on the k-tiled layout, so a layer holding only that layout keeps a batch-1 kernel of its
-    own. ``tiles_per_step`` k-tiles (T columns each) per program and step; ``split_k`` programs share K."""
+    weights (1024 x 1024: 4.7 us); this kernel is the CUDA-core path on the k-tiled layout, so a layer holding only
+    that layout keeps a batch-1 kernel of its own (3.3 us there on an H100, the checkpoint-layout GEMV 3.0;
+    benchmarks/gemv_small.py). ``tiles_per_step`` k-tiles (T columns each) per program and step; ``split_k``
+    programs share K."""
     m, k = x2.shape
     n = words.shape[0]
     if m != 1:

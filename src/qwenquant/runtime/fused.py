@@ -89,10 +89,11 @@ KTILED_SMALL = [(128, 4, 3, 4, False, True), (128, 4, 3, 8, True, True), (64, 4,
                 (128, 8, 3, 4, True, True), (64, 4, 3, 1, True, True), (128, 4, 3, 4, True, False), (32, 2, 3, 4, True, True),
                 (64, 4, 3, 8, True, True)]
 KTILED_SMALL_MAX_M = 64
-# ktiled_gemv (CUDA cores, batch 1): (BN rows, k-tiles per step, split-K, warps); small weights want many programs
-# and wide steps (a 1024 x 1024 weight is 4 k-tiles), big ones go to the GEMM's small tiles anyway
-KTILED_GEMV = [(8, 4, 1, 4), (16, 4, 1, 4), (16, 2, 1, 4), (8, 2, 2, 4), (16, 2, 2, 4), (16, 4, 2, 4), (8, 4, 4, 4),
-               (16, 2, 4, 4), (32, 2, 4, 4), (16, 1, 8, 4)]
+# ktiled_gemv (CUDA cores, batch 1): (BN rows, k-tiles per step, split-K, warps, stages). Few rows and one or two
+# warps per program, many programs: the winners of benchmarks/gemv_small.py on 0.6B / 30B-A3B shapes (H100,
+# results/gemv_small_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
+KTILED_GEMV = [(2, 4, 1, 1, 1), (4, 4, 1, 1, 1), (2, 8, 1, 2, 1), (4, 8, 1, 2, 1), (2, 8, 1, 1, 1), (8, 8, 1, 2, 1),
+               (4, 4, 4, 1, 1), (2, 4, 4, 1, 1), (4, 8, 2, 2, 1)]
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
 # stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
 # (BN, warps, stages, programs) for M <= 64 and (BM, BN, warps, stages, programs) for 64 < M <= 256. On the H100 grid
@@ -195,8 +196,8 @@ def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, 
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
     if ktiled:  # the layer holds the k-tiled layout only: its kernels (they beat the checkpoint-layout GEMMs at
         # every measured shape and M, up to 3x at M >= 128; the GEMV below stands in for the checkpoint one at M = 1)
-        gemv = {f"ktiled gemv bn{bn} bt{bt} sk{sk} w{w}": ("ktiled_gemv", (bn, bt, sk, w))
-                for bn, bt, sk, w in KTILED_GEMV} if m == 1 else {}
+        gemv = {f"ktiled gemv bn{bn} bt{bt} sk{sk} w{w} s{st}": ("ktiled_gemv", (bn, bt, sk, w, st))
+                for bn, bt, sk, w, st in KTILED_GEMV} if m == 1 else {}
         return {**extra, **gemv, **_ktiled_configs(m, bits)}
     return {**extra, **_triton_configs(m, k, group, bits)}
 
