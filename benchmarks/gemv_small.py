@@ -2,6 +2,7 @@
 the checkpoint-layout GEMV and the k-tiled GEMM's best small tile, with the tuner's cold-L2 timer.
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/gemv_small.py   # -> $OUT/gemv_small.json
+    # committed as results/batch1_small_weights_h100.json (gemv*.json is gemv_session.py's format)
 
 Why: holding only the k-tiled layout (session 8) cost these shapes their 3.0 µs checkpoint GEMV; the k-tiled kernels
 sat at ≈ 4.6 µs. Each variant is checked against the float64 reference before it is timed.

@@ -91,7 +91,7 @@ KTILED_SMALL = [(128, 4, 3, 4, False, True), (128, 4, 3, 8, True, True), (64, 4,
 KTILED_SMALL_MAX_M = 64
 # ktiled_gemv (CUDA cores, batch 1): (BN rows, k-tiles per step, split-K, warps, stages). Few rows and one or two
 # warps per program, many programs: the winners of benchmarks/gemv_small.py on 0.6B / 30B-A3B shapes (H100,
-# results/gemv_small_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
+# results/batch1_small_weights_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
 KTILED_GEMV = [(2, 4, 1, 1, 1), (4, 4, 1, 1, 1), (2, 8, 1, 2, 1), (4, 8, 1, 2, 1), (2, 8, 1, 1, 1), (8, 8, 1, 2, 1),
                (4, 4, 4, 1, 1), (2, 4, 4, 1, 1), (4, 8, 2, 2, 1)]
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
