@@ -27,7 +27,11 @@ from qwenquant.runtime.tuning import _time_cold
 # the k-tiled GEMV grid (environment overrides: comma lists); the first trial (e64f529) found 1 warp, 4 rows, 4 tiles
 GEMV_BN, GEMV_BT, GEMV_SPLITS, GEMV_WARPS = ([int(v) for v in os.environ.get(name, default).split(",")] for name, default in (
     ("GEMV_BN", "2,4,8"), ("GEMV_BT", "4,8"), ("GEMV_SPLITS", "1,2,4"), ("GEMV_WARPS", "1,2")))
-SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (768, 2048), (2048, 768), (4096, 4096)]
+SHAPES = [tuple(int(v) for v in nk.split("x")) for nk in os.environ.get(
+    "GEMV_SHAPES", "1024x1024,3072x1024,1024x3072,768x2048,2048x768,4096x4096").split(",")]
+# GEMV_GEMM_GRID=1 adds a wider grid of the k-tiled GEMM's batch-1 tiles (BM = 16): BN x split-K x warps x stages,
+# and stream-K with 1-4 programs per SM — for the mid-size weights (Qwen3-8B o / qkv) where the GEMM, not the GEMV, wins
+GEMM_GRID = os.environ.get("GEMV_GEMM_GRID") == "1"
 
 
 def main() -> None:
@@ -46,6 +50,14 @@ def main() -> None:
                 cands[f"ckpt gemv2 {c}"] = lambda c=c: K.gemv2(x, qw, s, z, 4, 128, *c)
         for name, (kind, cfg) in fused._ktiled_configs(16, 4).items():
             cands[name] = lambda cfg=cfg: KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *cfg)
+        if GEMM_GRID:  # (bm, bn, w_as_a, split_k, warps, stages, scale_after, streamk)
+            for bn, sk, w, st, wa in itertools.product((32, 64, 128), (2, 4, 8, 16), (2, 4), (3, 4), (True, False)):
+                if k // 256 >= sk and not (bn == 32 and w == 4):
+                    cands[f"grid ktiled {'A' if wa else 'B'} bn{bn} sk{sk} w{w} s{st}"] = (
+                        lambda c=(16, bn, wa, sk, w, st, True, 0): KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *c))
+            for bn, p in itertools.product((64, 128), (1, 2, 3, 4)):
+                cands[f"grid ktiled A bn{bn} streamk{p}"] = (
+                    lambda c=(16, bn, True, 1, 4, 3, True, p): KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *c))
         for bn, bt, sk, w, st in itertools.product(GEMV_BN, GEMV_BT, GEMV_SPLITS, GEMV_WARPS, (1,)):
             if sk > 1 and k // 256 < sk:
                 continue
