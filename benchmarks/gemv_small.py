@@ -51,7 +51,7 @@ def main() -> None:
         for name, (kind, cfg) in fused._ktiled_configs(16, 4).items():
             cands[name] = lambda cfg=cfg: KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *cfg)
         if GEMM_GRID:  # (bm, bn, w_as_a, split_k, warps, stages, scale_after, streamk)
-            for bn, sk, w, st, wa in itertools.product((32, 64, 128), (2, 4, 8, 16), (2, 4), (3, 4), (True, False)):
+            for bn, sk, w, st, wa in itertools.product((32, 64, 128), (2, 4, 8, 16), (2, 4), (3,), (True, False)):
                 if k // 256 >= sk and not (bn == 32 and w == 4):
                     cands[f"grid ktiled {'A' if wa else 'B'} bn{bn} sk{sk} w{w} s{st}"] = (
                         lambda c=(16, bn, wa, sk, w, st, True, 0): KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *c))
