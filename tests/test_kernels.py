@@ -271,6 +271,27 @@ def test_auto_matches_reference_and_records_choice():
 
 @pytest.mark.gpu
 @cuda
+def test_auto_on_w8a8_runs_int8_or_fused_and_keeps_only_what_it_runs():
+    """Tuned for real: at each M auto picks fused (k-tiled words), dequant or native int8 — never fp8 (another
+    model) — and keeps native's int8 copy only while some bucket of the shape runs it."""
+    from qwenquant.kernels import w8a8
+    from qwenquant.runtime import auto
+
+    n, k = 1024, 2048
+    layer = make_layer(n, k, 8, None, False, seed=13, device="cuda", act_bits=8)
+    layer.mode = "auto"
+    for m in (1, 2048):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(layer(x), w8a8.reference_w8a8(x, layer.dequantized_weight(torch.float32), False)) < 2e-2
+    picks = {key[6]: c for key, (c, _) in auto.TUNER.choices.items() if key[4:6] == (n, k) and key[3] == 8}
+    assert set(picks) == {1, 2048} and "native-fp8" not in picks.values()
+    assert layer.layout == "ktiled"
+    copy = n * k + n * 8 if "native-int8" in picks.values() else 0  # int8 codes + fp32 scale and zero correction
+    assert layer.resident_bytes == layer.storage_bytes + copy, (picks, layer.resident_bytes, layer.storage_bytes)
+
+
+@pytest.mark.gpu
+@cuda
 def test_unsupported_formats_raise_naming_alternatives():
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     l4 = make_layer(64, 256, 4, 128, False, device="cuda")

@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent(
             note("gemm", K.gemm(x, qw, s, z, bits, g, bm=16, bn=32, bk=64), ref)
             if KT.ktiled_ok(bits, g, n, k):
                 kt = KT.KTiledWeight.from_checkpoint(qw, s, z, bits, k)
-                if m == 1:  # batch-1 GEMV on the k-tiled words; 4 splits of 1024 columns: some programs get none
+                if m == 1:  # batch-1 GEMV on the k-tiled words; 4 tiles per step over fewer live tiles: masked tiles
                     for bn, bt, split in ((16, 1, 1), (32, 2, 2), (16, 4, 4), (8, 4, 1)):
                         note("ktiled_gemv", KT.ktiled_gemv(x, kt.words, kt.sz, bits, g, bn=bn, tiles_per_step=bt,
                                                            split_k=split), ref)

@@ -110,3 +110,50 @@ def test_a_model_held_ktiled_saves_the_checkpoint_tensors():
         m.set_layout("ktiled")
     got = model.state_dict()
     assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_loading_new_values_drops_what_a_mode_built_from_the_old_ones():
+    a, b = make_layer(16, 256, 4, 64, False, seed=0), make_layer(16, 256, 4, 64, False, seed=1)
+    x = torch.randn(2, 256)
+    a(x)  # fake mode caches a's float weight
+    a.load_state_dict(b.state_dict())
+    assert torch.equal(a(x), b(x))
+
+
+def test_a_layer_held_ktiled_moves_and_copies_as_it_is():
+    import copy
+
+    layer = make_layer(24, 512, 4, 128, False)
+    want = {n: t.clone() for n, t in layer.state_dict().items()}
+    layer.set_layout("ktiled")
+    for other in (copy.deepcopy(layer), layer.to(torch.float64)):  # .to(dtype) must not touch packed storage
+        assert other.layout == "ktiled" and other.words.dtype == torch.int32 and other.sz.dtype == torch.int32
+        assert all(torch.equal(t, want[n]) for n, t in other.state_dict().items())
+
+
+def test_auto_keeps_no_native_operand_it_does_not_run():
+    """W8A8 under auto: the k-tiled words are the storage; native int8's operand is a copy, dropped when no M bucket
+    picked it (CPU: the conversion and the bookkeeping, without the GPU timing)."""
+    from qwenquant.runtime import fused, native
+
+    w = torch.randn(32, 256) * 0.05
+    layer = QuantLinear.from_weight(quantize_weight(w, QuantSpec(8, None, True)), act_bits=8, compute_dtype=torch.float32)
+    layer.mode = "auto"
+    fused._operands(layer, 8, 256)
+    native.prepare(layer, fp8=False)  # what timing the int8 candidate leaves behind: a copy (layout stays k-tiled)
+    assert layer.layout == "ktiled" and layer.resident_bytes == layer.storage_bytes + 32 * 256 + 32 * 4
+    from qwenquant.runtime import auto
+
+    key = (8, None, True, 8, 32, 256, 1, torch.float32)
+    saved = dict(auto.TUNER.choices)
+    try:
+        auto.TUNER.choices[(*key[:6], 4096, key[7])] = ("native-int8", {})  # another bucket of this shape runs it
+        auto.TUNER.choices[key] = ("fused", {})
+        auto.drop_unused_native(layer, key)
+        assert "native-int8" in layer._cache
+        del auto.TUNER.choices[(*key[:6], 4096, key[7])]
+        auto.drop_unused_native(layer, key)
+        assert "native-int8" not in layer._cache and layer.resident_bytes == layer.storage_bytes
+    finally:
+        auto.TUNER.choices.clear()
+        auto.TUNER.choices.update(saved)

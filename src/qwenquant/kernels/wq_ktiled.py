@@ -515,9 +515,12 @@ def dequantize_ktiled(words: Tensor, sz: Tensor, bits: int, group: int, k: int,
     storage-only path (``dequant`` / ``auto``'s unpack + cuBLAS) for a layer held k-tiled. The same values as
     ``wq_matmul.dequantize`` on the checkpoint tensors."""
     n = words.shape[0]
-    if not ktiled_ok(bits, group, n, k) or words.shape != (n, k * bits // 32) or sz.shape != (k // group, n):
-        raise ValueError(f"dequantize_ktiled: words {tuple(words.shape)} / sz {tuple(sz.shape)} are not a k-tiled "
-                         f"{bits}-bit weight of in_features={k}, group={group}")
+    if (not ktiled_ok(bits, group, n, k) or words.shape != (n, k * bits // 32) or sz.shape != (k // group, n)
+            or words.dtype != torch.int32 or sz.dtype != torch.int32 or not (words.is_contiguous() and sz.is_contiguous())):
+        raise ValueError(f"dequantize_ktiled: words {words.dtype} {tuple(words.shape)} / sz {sz.dtype} {tuple(sz.shape)} "
+                         f"are not a contiguous k-tiled {bits}-bit weight of in_features={k}, group={group}")
+    if n * k >= 2**31:
+        raise ValueError(f"dequantize_ktiled indexes the [{n}, {k}] output with int32 offsets; split the rows")
     out = torch.empty((n, k), device=words.device, dtype=dtype)
     bn = 64
     _ktiled_dequant_kernel[(triton.cdiv(n, bn), k // tile_columns(bits))](

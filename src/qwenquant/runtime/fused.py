@@ -157,22 +157,22 @@ def tinygemm_operands(qweight: Tensor, scale: Tensor, zero: Tensor, group: int) 
     return TinyGemmOperands(packed, sz, group)
 
 
-def _operands(layer, bits: int, group: int) -> FusedOperands:
+def _operands(layer, bits: int, group: int, m: int | None = None) -> FusedOperands:
     """The operands of the layer's fused kernels, built at its first fused forward and kept: the layer's storage
     is converted in place to the k-tiled layout (where the shape allows and ``FUSED_COPIES`` has ``ktiled``),
-    and tinygemm's copy is built beside it when ``FUSED_COPIES`` has ``tinygemm``."""
+    and tinygemm's copy is built beside it at the first call with ``m`` ≤ TINYGEMM_MAX_M rows when
+    ``FUSED_COPIES`` has ``tinygemm`` (a prefill-only layer never pays for it)."""
     ops = layer._cache.get("fused")
-    if ops is not None:
-        return ops
     n, k = layer.out_features, layer.in_features
-    tiny = None
-    if "tinygemm" in FUSED_COPIES and tinygemm_ok(bits, group, n, k):
-        t = layer.checkpoint_tensors()
-        tiny = tinygemm_operands(t["qweight"], t["scale"], t["zero"], group)
-    if "ktiled" in FUSED_COPIES and KT.ktiled_ok(bits, group, n, k):
-        layer.set_layout("ktiled")  # replaces the checkpoint buffers (and clears the layer's cache)
-    ktiled = KT.KTiledWeight(layer.words, layer.sz) if layer.layout == "ktiled" else None
-    ops = layer._cache["fused"] = FusedOperands(tiny=tiny, ktiled=ktiled)
+    if ops is None:
+        if "ktiled" in FUSED_COPIES and KT.ktiled_ok(bits, group, n, k):
+            layer.set_layout("ktiled")  # replaces the checkpoint buffers (and clears the layer's cache)
+        ktiled = KT.KTiledWeight(layer.words, layer.sz) if layer.layout == "ktiled" else None
+        ops = layer._cache["fused"] = FusedOperands(ktiled=ktiled)
+    if (ops.tiny is None and m is not None and m <= TINYGEMM_MAX_M and "tinygemm" in FUSED_COPIES
+            and tinygemm_ok(bits, group, n, k)):
+        t = layer.checkpoint_tensors()  # rebuilt from the k-tiled words if those are resident (transient)
+        ops.tiny = tinygemm_operands(t["qweight"], t["scale"], t["zero"], group)
     return ops
 
 
@@ -295,7 +295,7 @@ def forward_fused(layer, x: Tensor) -> Tensor:
     x2 = x.reshape(-1, layer.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    ops = _operands(layer, bits, group)
+    ops = _operands(layer, bits, group, x2.shape[0])
     if layer.layout == "checkpoint":
         y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group, ops)
     else:  # k-tiled: only the kernels on that layout

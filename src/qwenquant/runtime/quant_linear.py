@@ -158,7 +158,9 @@ class QuantLinear(nn.Module):
         return sum(seen.values())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """Always the checkpoint tensors, whichever layout is resident: what is saved loads anywhere."""
+        """Always the checkpoint tensors, whichever layout is resident: what is saved loads anywhere. From another
+        layout they are rebuilt (new tensors, on the layer's device: saving a model held k-tiled on a nearly full
+        GPU needs room for one checkpoint-sized copy of every layer; move it to the CPU first if it does not fit)."""
         if self.layout == "checkpoint":
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, t in self.checkpoint_tensors().items():
@@ -168,6 +170,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.set_layout("checkpoint")  # the state dict holds checkpoint tensors; a GPU mode converts again
+        self._cache = {}  # whatever a mode built from the old values (set_layout clears it only when it converts)
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
