@@ -84,6 +84,29 @@ MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field 
 
 
 @triton.jit
+def _field_magic(w, w_hi, T_IDX: tl.constexpr, BITS: tl.constexpr, LOP3: tl.constexpr):
+    """Field ``T_IDX`` of each int32 word, not shifted down: the float 2**23 + code·2**sh, where the field sits at bit
+    sh = T_IDX·BITS of ``w`` — or, for fields ending above bit 23, at T_IDX·BITS - 16 of ``w_hi = w >> 16`` (the
+    callers compute the same sh). One LOP3 on the GPU, ``(src & mask << sh) | 2**23``; ptxas splits the
+    two-immediate C form in two. Triton's interpreter runs no PTX: there the same bits in two operations."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if T_IDX * BITS + BITS <= 23:
+        SH: tl.constexpr = T_IDX * BITS
+        src = w
+    else:
+        SH: tl.constexpr = T_IDX * BITS - 16
+        src = w_hi
+    if LOP3:
+        bits_f = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+            [src, tl.full(src.shape, MASK << SH, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
+            dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bits_f = (src & (MASK << SH)) | MAGIC
+    return bits_f.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _ktiled_gemm_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, k_per_split,
@@ -93,7 +116,6 @@ def _ktiled_gemm_kernel(
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
@@ -127,20 +149,8 @@ def _ktiled_gemm_kernel(
                 # the field is not shifted down: one LOP3 gives the float 2**23 + code·2**SH, and the power of two
                 # moves into the per-row constants, (code - zero)·scale = (f - (2**23 + zero·2**SH))·(scale·2**-SH)
                 # (both steps exact up to the one rounding of the product: the same fp32 value as unshifted)
-                if t * BITS + BITS <= 23:
-                    sh = t * BITS
-                    src = w
-                else:
-                    sh = t * BITS - 16
-                    src = w_hi
-                if LOP3:  # one instruction: (src & mask) | magic (ptxas splits the two-immediate form in two)
-                    bits_f = tl.inline_asm_elementwise(
-                        "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                        [src, tl.full(src.shape, MASK << sh, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
-                        dtype=tl.int32, is_pure=True, pack=1)
-                else:  # Triton's interpreter runs no PTX: the same bits in two operations
-                    bits_f = (src & (MASK << sh)) | MAGIC
-                f = bits_f.to(tl.float32, bitcast=True)  # 2**23 + code·2**sh
+                sh = t * BITS if t * BITS + BITS <= 23 else t * BITS - 16  # the field's place in w or w_hi
+                f = _field_magic(w, w_hi, t, BITS, LOP3)  # 2**23 + code·2**sh
                 zb_t = (zb - 8388608.0) * (1 << sh) + 8388608.0  # 2**23 + zero·2**SH, exact
                 s_t = s * (1.0 / (1 << sh))
                 x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
@@ -406,7 +416,6 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
     times x·2**-sh it is code·x. Tiles past the program's K range load as zero words with x = 0: they add nothing."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
-    MASK: tl.constexpr = (1 << BITS) - 1
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per fold span
     BKW: tl.constexpr = BT * SUBK
     pid = tl.program_id(0)
@@ -432,21 +441,10 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
                 z = (sz & 0xFFFF).to(tl.float32)
                 part = tl.zeros([BN, BKW], dtype=tl.float32)
                 xsum = tl.zeros([BKW], dtype=tl.float32)
-            if t * BITS + BITS <= 23:
-                sh = t * BITS
-                src = w
-            else:
-                sh = t * BITS - 16
-                src = w_hi
-            if LOP3:
-                bits_f = tl.inline_asm_elementwise(
-                    "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                    [src, tl.full(src.shape, MASK << sh, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
-                    dtype=tl.int32, is_pure=True, pack=1)
-            else:  # Triton's interpreter runs no PTX
-                bits_f = (src & (MASK << sh)) | MAGIC
+            sh = t * BITS if t * BITS + BITS <= 23 else t * BITS - 16  # the field's place in w or w_hi
+            f = _field_magic(w, w_hi, t, BITS, LOP3)  # 2**23 + code·2**sh
             x = tl.load(x_ptr + col, mask=live, other=0.0).to(tl.float32)  # [BKW]
-            part += (bits_f.to(tl.float32, bitcast=True) - 8388608.0) * (x * (1.0 / (1 << sh)))[None, :]
+            part += (f - 8388608.0) * (x * (1.0 / (1 << sh)))[None, :]
             xsum += x
             if t % FOLD == FOLD - 1:
                 acc += s * (part - z * xsum[None, :])
