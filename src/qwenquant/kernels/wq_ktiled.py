@@ -64,7 +64,6 @@ variant above is the version that keeps fp32 accuracy and pays off (session 5, b
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -73,7 +72,7 @@ from torch import Tensor
 
 from qwenquant.kernels.tiles import grouped_tile, sm_count, tile_ranges
 from qwenquant.numerics.ktiled import (  # noqa: F401 — the layout is re-exported: callers read it as KT.*
-    SUB, ktiled_ok, pack_ktiled, pack_ktiled_scales, tile_columns, unpack_ktiled, unpack_ktiled_scales)
+    SUB, KTiledWeight, ktiled_ok, pack_ktiled, pack_ktiled_scales, tile_columns, unpack_ktiled, unpack_ktiled_scales)
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 SCALE_AFTER_BITS = (2, 4)  # codes + zero point small enough that 128 + code is exact in bf16
@@ -315,23 +314,6 @@ def _ktiled_scale_after_loop(acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_
                 if t % FOLD == FOLD - 1:
                     acc += part * s[None, :]
     return acc
-
-
-@dataclass
-class KTiledWeight:
-    """A weight in the k-tiled layout: words [N, K/CPW] int32 (``pack_ktiled``) and sz [K/G, N] int32
-    (``pack_ktiled_scales``). 0.5 byte per weight at 4-bit plus 4 bytes per (group, row)."""
-
-    words: Tensor
-    sz: Tensor
-
-    @classmethod
-    def from_checkpoint(cls, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, k: int) -> "KTiledWeight":
-        return cls(pack_ktiled(qweight, bits, k), pack_ktiled_scales(scale, zero))
-
-    @property
-    def nbytes(self) -> int:
-        return self.words.nbytes + self.sz.nbytes
 
 
 def _check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int) -> None:

@@ -18,6 +18,8 @@ importing Triton, and a k-tiled layer's ``state_dict()`` is rebuilt in the check
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -82,3 +84,21 @@ def unpack_ktiled_scales(sz: Tensor) -> tuple[Tensor, Tensor]:
     t = sz.T
     scale = ((t >> 16) & 0xFFFF).to(torch.int16).view(torch.float16)
     return scale.contiguous(), (t & 0xFF).to(torch.uint8).contiguous()
+
+
+@dataclass
+class KTiledWeight:
+    """A weight in the k-tiled layout: words [N, K/CPW] int32 (``pack_ktiled``) and sz [K/G, N] int32
+    (``pack_ktiled_scales``). 0.5 byte per weight at 4-bit plus 4 bytes per (group, row)."""
+
+    words: Tensor
+    sz: Tensor
+
+    @classmethod
+    def from_checkpoint(cls, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, k: int) -> "KTiledWeight":
+        return cls(pack_ktiled(qweight, bits, k), pack_ktiled_scales(scale, zero))
+
+    def to_checkpoint(self, bits: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(qweight, scale, zero) exactly as the checkpoint holds them."""
+        scale, zero = unpack_ktiled_scales(self.sz)
+        return unpack_ktiled(self.words, bits, k), scale, zero

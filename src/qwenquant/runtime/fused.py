@@ -296,10 +296,9 @@ def forward_fused(layer, x: Tensor) -> Tensor:
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     ops = _operands(layer, bits, group, x2.shape[0])
-    if layer.layout == "checkpoint":
-        y = fused_matmul(x2, layer.qweight, layer.scale, layer.zero, bits, group, ops)
-    else:  # k-tiled: only the kernels on that layout
-        y = fused_matmul(x2, None, None, None, bits, group, ops)
+    # a k-tiled layer has no checkpoint tensors: only the kernels on its layout (ops.ktiled) run
+    ckpt = (layer.qweight, layer.scale, layer.zero) if layer.layout == "checkpoint" else (None, None, None)
+    y = fused_matmul(x2, *ckpt, bits, group, ops)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)

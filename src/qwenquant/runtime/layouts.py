@@ -41,12 +41,12 @@ class Layout:
 
 
 def _ktiled_from(t: dict[str, Tensor], bits: int, k: int) -> dict[str, Tensor]:
-    return {"words": KT.pack_ktiled(t["qweight"], bits, k), "sz": KT.pack_ktiled_scales(t["scale"], t["zero"])}
+    kt = KT.KTiledWeight.from_checkpoint(t["qweight"], t["scale"], t["zero"], bits, k)
+    return {"words": kt.words, "sz": kt.sz}
 
 
 def _ktiled_to(t: dict[str, Tensor], bits: int, k: int) -> dict[str, Tensor]:
-    scale, zero = KT.unpack_ktiled_scales(t["sz"])
-    return {"qweight": KT.unpack_ktiled(t["words"], bits, k), "scale": scale, "zero": zero}
+    return dict(zip(CHECKPOINT_BUFFERS, KT.KTiledWeight(t["words"], t["sz"]).to_checkpoint(bits, k)))
 
 
 def _int8_from(t: dict[str, Tensor], bits: int, k: int) -> dict[str, Tensor]:

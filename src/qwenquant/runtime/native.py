@@ -36,10 +36,6 @@ class NativeWeight:
     w_scale: Tensor           # int8: [N] fp32; fp8: [1, N] fp32
     zero_corr: Tensor | None  # [N] fp32 (zero - 128), None when symmetric (all zero-points 128)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w, self.w_scale, self.zero_corr) if t is not None)
-
 
 def check_layer(layer, x: Tensor) -> None:
     if layer.fmt != "affine" or layer.meta["bits"] != 8:

@@ -282,12 +282,12 @@ def forward_dequant(layer: QuantLinear, x: Tensor) -> Tensor:
 
             w = KT.dequantize_ktiled(layer.words, layer.sz, bits, group, layer.in_features, x.dtype)
             return F.linear(x, w, bias)
-        try:
-            K.check_supported(bits, group, layer.out_features, layer.in_features)
-        except ValueError:
-            pass
-        else:
-            if layer.layout == "checkpoint":
+        if layer.layout == "checkpoint":
+            try:
+                K.check_supported(bits, group, layer.out_features, layer.in_features)
+            except ValueError:
+                pass  # a width or group the unpack kernel lacks: torch below
+            else:
                 w = K.dequantize(layer.qweight, layer.scale, layer.zero, bits, group, layer.in_features, x.dtype)
                 return F.linear(x, w, bias)
     w = layer.dequantized_weight(x.dtype)  # the whole weight, every call: storage-only
