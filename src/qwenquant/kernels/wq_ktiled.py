@@ -70,11 +70,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwenquant.kernels.overlap import pdl_ok, prefetch_l2, prefetch_ok, release_dependents, wait_for_producer
 from qwenquant.kernels.tiles import grouped_tile, sm_count, tile_ranges
 from qwenquant.numerics.ktiled import (  # noqa: F401 — the layout is re-exported: callers read it as KT.*
     SUB, KTiledWeight, ktiled_ok, pack_ktiled, pack_ktiled_scales, tile_columns, unpack_ktiled, unpack_ktiled_scales)
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
+# Overlap with the previous kernel (kernels/overlap.py): k-tiles of words (T columns each) every program asks L2
+# for before it waits on the previous kernel; 0 = no prefetch. Programmatic dependent launch follows pdl_ok().
+PREFETCH_TILES = int(os.environ.get("QWENQUANT_PREFETCH_TILES", "0"))
 SCALE_AFTER_BITS = (2, 4)  # codes + zero point small enough that 128 + code is exact in bf16
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
 
@@ -106,12 +110,32 @@ def _field_magic(w, w_hi, T_IDX: tl.constexpr, BITS: tl.constexpr, LOP3: tl.cons
 
 
 @triton.jit
+def _overlap_prologue(w_ptr, sz_ptr, rn_c, n0, N, KW, k_start, k_end, GROUP: tl.constexpr, CPW: tl.constexpr,
+                      T: tl.constexpr, BN: tl.constexpr, PREFETCH: tl.constexpr, SZ_GROUPS: tl.constexpr,
+                      PDL: tl.constexpr, TRIGGER: tl.constexpr):
+    """Before a program's K loop (``kernels/overlap.py``): ask L2 for its first PREFETCH k-tiles of words (one
+    bulk prefetch per row) and their groups' scales (one per group row, SZ_GROUPS >= the groups they span),
+    then wait for the previous kernel; TRIGGER 1 releases the next kernel right away."""
+    if PREFETCH > 0:
+        pf_end = tl.minimum(k_start + PREFETCH * T, k_end)
+        prefetch_l2(w_ptr + rn_c * KW + k_start // CPW, (pf_end - k_start) // CPW * 4)  # rows 128-byte aligned
+        g = tl.minimum(k_start // GROUP + tl.arange(0, SZ_GROUPS), (pf_end - 1) // GROUP)  # [SZ_GROUPS]
+        lo = n0 // 4 * 4  # the [BN] columns of sz rounded out to 16-byte ends (N is a multiple of 8)
+        hi = (tl.minimum(n0 + BN, N) + 3) // 4 * 4
+        prefetch_l2(sz_ptr + g * N + lo, (hi - lo) * 4)
+    wait_for_producer(PDL)
+    if TRIGGER == 1:
+        release_dependents(PDL)
+
+
+@triton.jit
 def _ktiled_gemm_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, k_per_split,
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr, LOP3: tl.constexpr,
-    SCALE_AFTER: tl.constexpr = False,
+    SCALE_AFTER: tl.constexpr = False, PREFETCH: tl.constexpr = 0, SZ_GROUPS: tl.constexpr = 1,
+    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -123,6 +147,8 @@ def _ktiled_gemm_kernel(
     rs = tl.arange(0, SUBK)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _overlap_prologue(w_ptr, sz_ptr, rn_c, pid_n * BN, N, KW, k_start, k_end, GROUP, CPW, T, BN, PREFETCH, SZ_GROUPS,
+                      PDL, TRIGGER)
     if W_AS_A:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
@@ -159,6 +185,8 @@ def _ktiled_gemm_kernel(
                     acc = tl.dot(wt, tl.trans(x), acc)
                 else:
                     acc = tl.dot(x, tl.trans(wt), acc)
+    if TRIGGER == 2:
+        release_dependents(PDL)
     y_off, ymask = _output_tile(rm, m_mask, rn, N, stride_ym, W_AS_A)
     if SPLITS == 1:
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ymask)
@@ -335,14 +363,32 @@ def _check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int
                          f"{sz.dtype} {tuple(sz.shape)}")
 
 
+
+def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool | None, trigger: int) -> tuple[dict, dict]:
+    """(constexprs, launch options) of the overlap prologue for one launch: PREFETCH k-tiles (default
+    ``PREFETCH_TILES``; none where the bulk prefetch cannot compile), SZ_GROUPS (a power of two >= the scale
+    groups those tiles span from a tile-aligned start), PDL and TRIGGER, and ``launch_pdl`` when PDL is on."""
+    prefetch = PREFETCH_TILES if prefetch is None else prefetch
+    if prefetch < 0 or trigger not in (0, 1, 2):
+        raise ValueError(f"prefetch is k-tiles (>= 0) and trigger 0 (never), 1 (after the wait) or 2 (after the K loop); "
+                         f"got prefetch={prefetch}, trigger={trigger}")
+    if not prefetch_ok(device):
+        prefetch = 0
+    pdl = pdl_ok(device) if pdl is None else (pdl and pdl_ok(device))
+    cols = prefetch * tile_columns(bits)
+    groups = cols // group if group <= tile_columns(bits) else -(-cols // group) + 1
+    consts = dict(PREFETCH=prefetch, SZ_GROUPS=triton.next_power_of_2(max(1, groups)), PDL=pdl, TRIGGER=trigger)
+    return consts, ({"launch_pdl": True} if pdl else {})
+
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
                 num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, streamk: int = 0,
-                group_m: int = 8) -> Tensor:
+                group_m: int = 8, prefetch: int | None = None, pdl: bool | None = None, trigger: int = 2) -> Tensor:
     """x2 [M, K] bf16/fp16, words [N, K/CPW] int32 from ``pack_ktiled``, sz [K/G, N] int32 from
     ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
     fp32 buffer. ``streamk`` > 0 (scale-after only) launches ``streamk`` programs per SM on the stream-K
-    schedule instead (``split_k`` must then stay 1)."""
+    schedule instead (``split_k`` must then stay 1). ``prefetch`` / ``pdl`` / ``trigger``: the overlap with the
+    previous and next kernel (``_overlap_args``, ``kernels/overlap.py``; split-K and plain schedules)."""
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
@@ -373,10 +419,11 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, m * n, tiles)
+    consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger)
     _ktiled_gemm_kernel[(tiles, grid_k)](
         x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
-        LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages,
+        LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages, **consts, **launch,
     )
     return y
 
@@ -387,7 +434,8 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
 @triton.jit
 def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
                         GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr,
-                        BT: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr):
+                        BT: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                        SZ_GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2):
     """y[0, :] = x[0, :] · Ŵᵀ for one row of x (decode at batch 1) on the CUDA cores: BN rows per program, BT
     k-tiles (BT·SUBK words per row) per step, one [BN, BT·SUBK] word load. Every tensor keeps the words' 2-D
     shape — x, the scale and the zero are loaded per word column, straight into the words' register layout (the
@@ -409,6 +457,8 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
     col0 = (rkw // SUBK) * T + rkw % SUBK  # the column field 0 of each word holds, relative to the step's start
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _overlap_prologue(w_ptr, sz_ptr, rn_c, pid * BN, N, KW, k_start, k_end, GROUP, CPW, T, BN, PREFETCH, SZ_GROUPS,
+                      PDL, TRIGGER)
     acc = tl.zeros([BN, BKW], dtype=tl.float32)
     for k0 in range(k_start, k_end, BT * T):
         live = k0 + (rkw // SUBK) * T < k_end  # [BKW] tiles inside this program's K range
@@ -430,6 +480,8 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
             xsum += x
             if t % FOLD == FOLD - 1:
                 acc += s * (part - z * xsum[None, :])
+    if TRIGGER == 2:
+        release_dependents(PDL)
     y = tl.sum(acc, axis=1)  # [BN]
     if SPLITS == 1:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -438,7 +490,8 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
 
 
 def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 4, tiles_per_step: int = 4,
-                split_k: int = 1, num_warps: int = 1, num_stages: int = 1) -> Tensor:
+                split_k: int = 1, num_warps: int = 1, num_stages: int = 1, prefetch: int | None = None,
+                pdl: bool | None = None, trigger: int = 2) -> Tensor:
     """x2 [1, K] bf16/fp16 (one row: decode at batch 1) with the k-tiled weight -> y [1, N] in x's dtype. At
     batch 1 the tensor-core GEMM wastes 15 of its 16 MMA rows and its pipeline's latency shows on small
     weights (1024 x 1024: 4.7 us); this kernel is the CUDA-core path on the k-tiled layout, so a layer holding only
@@ -458,9 +511,10 @@ def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     y = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
     tiles = triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, n, tiles)
+    consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger)
     _ktiled_gemv_kernel[(tiles, grid_k)](
         x2, words, sz, y, ws, cnt, n, k, per_split, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BT=tiles_per_step,
-        SPLITS=grid_k, LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        SPLITS=grid_k, LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages, **consts, **launch,
     )
     return y
 

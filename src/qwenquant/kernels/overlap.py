@@ -1,0 +1,86 @@
+"""Overlap of one kernel's start with the previous kernel's end: weight prefetch + programmatic dependent launch.
+
+Why. At decode (M = 1) a W4 projection of Qwen3-8B reads 9-53 MB in 9-25 us on an H100, and ≈ 4-7 us of each
+is not streaming: the launch, the first loads' DRAM latency before any data arrives, the split-K epilogue's
+atomics and the last program's tail (benchmarks/NOTES.md, sessions 7-8: every tile shape plateaued at ≈ 9 us
+on 4096 x 4096, where the bytes alone take 3 us). cuBLAS's bf16 GEMV pays the same, but on 4x the bytes.
+
+What. The *weights* of the next projection do not depend on the kernel before it; only x does. With
+Hopper's programmatic dependent launch (PDL: the kernel is launched with ``launch_pdl=True``, which CUDA-graph
+capture keeps as a programmatic edge) the next kernel's programs may start while the previous kernel is
+still finishing. Each program then
+
+1. asks L2 for the first ``PREFETCH`` K steps of its weight rows and their scales
+   (``cp.async.bulk.prefetch.L2``: one instruction per row, no registers, no data dependency),
+2. waits for the previous kernel (``griddepcontrol.wait``: all its writes visible),
+3. runs its K loop as before — x is read only after the wait, and nothing is written before it (the
+   caching allocator may hand this kernel an output buffer the previous one was still reading, and
+   split-K shares one fp32 workspace between consecutive kernels),
+4. signals its dependents (``griddepcontrol.launch_dependents``) once its K loop is done (``TRIGGER`` 2) or
+   right after its wait (``TRIGGER`` 1), so the *next* kernel can begin prefetching during this one's
+   epilogue.
+
+An L2 prefetch is a hint, never a read of stale data into registers: a weight written by the kernel just
+before (a layout conversion) is read by the loop after the wait, from L2, the point of coherence.
+Without PDL (an older GPU, the CPU interpreter, ``QWENQUANT_PDL=0``) ``griddepcontrol`` is a no-op and the
+prefetch still deepens the loads in flight at the kernel's start.
+
+torch.compile's own kernels join in with ``TORCHINDUCTOR_ENABLE_PDL=1`` (``torch._inductor.config.triton.
+enable_pdl``): they wait before their first load and release their dependents right after it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_env = os.environ.get("QWENQUANT_PDL", "1").strip()
+if _env not in ("0", "1"):
+    raise ValueError(f"QWENQUANT_PDL={_env!r}: expected 0 (launch kernels in stream order) or 1 (programmatic "
+                     "dependent launch on Hopper and newer)")
+PDL_ENABLED = _env == "1"
+
+
+def pdl_ok(device) -> bool:
+    """Whether kernels on ``device`` are launched with programmatic dependent launch: a CUDA device of compute
+    capability 9.0 or newer, compiled code (not Triton's interpreter) and ``QWENQUANT_PDL`` not 0."""
+    device = torch.device(device)
+    if not PDL_ENABLED or _INTERPRETED or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def prefetch_ok(device) -> bool:
+    """Whether the L2 bulk prefetch may be compiled in (sm_90+: ``cp.async.bulk.prefetch``; no PTX in the
+    interpreter)."""
+    device = torch.device(device)
+    return not _INTERPRETED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def prefetch_l2(ptrs, nbytes):
+    """Ask L2 for ``nbytes`` (a multiple of 16, 16-byte aligned start) at each pointer of ``ptrs``: one
+    ``cp.async.bulk.prefetch.L2.global`` per element (duplicated elements of a replicated layout repeat a hint,
+    harmlessly). No result, no ordering: a hint the memory system may drop."""
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+        [ptrs.to(tl.int64), nbytes + tl.zeros(ptrs.shape, tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def wait_for_producer(PDL: tl.constexpr):
+    """Block until the kernel this one depends on has finished and its writes are visible (no-op without PDL)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    """Let the next kernel in the stream start its programs (those that do not fit yet queue for an SM)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
