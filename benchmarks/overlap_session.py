@@ -64,7 +64,7 @@ def check() -> dict:
     n = 4096
     layers = [_weight(n, n, seed)[0] for seed in range(6)]
     out = []
-    for m in (1, 16, 5):
+    for m in [int(v) for v in os.environ.get("OVERLAP_CHECK_ROWS", "1,16,5").split(",")]:
         x0 = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
         cfgs = [("gemm", c) for c in GEMM_CFGS[(n, n)]] + ([("gemv", c) for c in GEMV_CFGS] if m == 1 else [])
         for kind, cfg in cfgs:
@@ -85,7 +85,7 @@ def check() -> dict:
                 with torch.cuda.graph(g):
                     y = chain(pf, pdl, trig)
                 worst = 0.0
-                for _ in range(20):
+                for _ in range(int(os.environ.get("OVERLAP_REPLAYS", "20"))):
                     g.replay()
                     torch.cuda.synchronize()
                     worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
@@ -95,6 +95,31 @@ def check() -> dict:
                 del g
     bad = [r for r in out if not r["rel_diff"] < 2e-2]
     return {"cases": out, "failures": bad}
+
+
+def ptx() -> dict:
+    """Where the compiler put griddepcontrol.wait / launch_dependents relative to the first global loads, per
+    compiled k-tiled kernel (a load above the wait reads the previous kernel's output too early)."""
+    n = 4096
+    kt = _weight(n, n)[0]
+    x = torch.randn(5, n, device="cuda", dtype=torch.bfloat16)
+    for cfg in GEMM_CFGS[(n, n)]:
+        for trig in (1, 2):
+            KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *cfg, prefetch=0, pdl=True, trigger=trig)
+    out = []
+    for dev_cache in KT._ktiled_gemm_kernel.device_caches.values():
+        for key, ck in dev_cache[0].items():
+            src = ck.asm.get("ptx", "")
+            if "griddepcontrol" not in src:
+                continue
+            lines = [ln.strip() for ln in src.splitlines()]
+            idx = {name: [i for i, ln in enumerate(lines) if name in ln][:3]
+                   for name in ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "cp.async", "ld.global",
+                                "bar.sync", "atom.")}
+            sass = ck.asm.get("sass", "")
+            out.append({"key": str(key)[:400], "ptx_line_of": idx})
+            print("ptx", idx, flush=True)
+    return {"kernels": out}
 
 
 def _chain_ms(fns) -> float:
@@ -193,7 +218,7 @@ def main() -> None:
     doc = {"kind": "overlap", "env": environment()}
     for stage in sys.argv[1:] or ["check", "gemm"]:
         t = time.time()
-        doc[stage] = {"check": check, "gemm": gemm, "e2e": e2e}[stage]()
+        doc[stage] = {"check": check, "gemm": gemm, "e2e": e2e, "ptx": ptx}[stage]()
         doc[stage + "_s"] = time.time() - t
         with open(os.path.join(OUT, f"overlap_{'_'.join(sys.argv[1:]) or 'check_gemm'}.json"), "w") as f:
             json.dump(doc, f, indent=1, default=str)

@@ -43,6 +43,8 @@ if _env not in ("0", "1"):
     raise ValueError(f"QWENQUANT_PDL={_env!r}: expected 0 (launch kernels in stream order) or 1 (programmatic "
                      "dependent launch on Hopper and newer)")
 PDL_ENABLED = _env == "1"
+# experiment switch (session 9): 0 drops the barrier after the wait, to show the race it prevents
+PDL_BARRIER: tl.constexpr = tl.constexpr(os.environ.get("QWENQUANT_PDL_BARRIER", "1") == "1")
 
 
 def pdl_ok(device) -> bool:
@@ -74,9 +76,16 @@ def prefetch_l2(ptrs, nbytes):
 
 @triton.jit
 def wait_for_producer(PDL: tl.constexpr):
-    """Block until the kernel this one depends on has finished and its writes are visible (no-op without PDL)."""
+    """Block until the kernel this one depends on has finished and its writes are visible (no-op without PDL).
+
+    The barrier after the wait pins every later load below it: Triton's ``gdc_wait`` is a side-effecting asm
+    statement without a memory clobber, so the compiler may schedule plain loads above it, and without the
+    barrier a chain of split-K kernels read stale inputs (``benchmarks/overlap_session.py check``, session 9:
+    3-7 % errors at M = 5 on the weight-as-A tiles)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if PDL_BARRIER:
+            tl.debug_barrier()
 
 
 @triton.jit
