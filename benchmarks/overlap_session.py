@@ -36,6 +36,8 @@ SPEC = QuantSpec(4, 128, False)
 # (prefetch k-tiles, PDL, trigger): 0 never, 1 after the wait, 2 after the K loop
 VARIANTS = [(0, False, 2), (0, True, 2), (2, True, 2), (4, True, 2), (8, True, 2), (4, True, 1), (4, False, 2),
             (16, True, 2)]
+if os.environ.get("OVERLAP_VARIANTS"):  # e.g. "0,1,2;0,1,0" (prefetch, pdl, trigger)
+    VARIANTS = [(int(a), bool(int(b)), int(c)) for a, b, c in (v.split(",") for v in os.environ["OVERLAP_VARIANTS"].split(";"))]
 # ktiled_gemm(*cfg): (bm, bn, w_as_a, split_k, warps, stages, scale_after, streamk) — the batch-1 winners and runners-up
 # of results/gemm_qwen3-8b-merged-resident_h100.json's tuning table
 GEMM_CFGS = {
@@ -66,11 +68,16 @@ def check() -> dict:
     out = []
     for m in [int(v) for v in os.environ.get("OVERLAP_CHECK_ROWS", "1,16,5").split(",")]:
         x0 = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        cfgs = [("gemm", c) for c in GEMM_CFGS[(n, n)]] + ([("gemv", c) for c in GEMV_CFGS] if m == 1 else [])
+        cfgs = [("gemm", c) for c in GEMM_CFGS[(n, n)] + [(16, 64, True, 1, 4, 3, True, 0)]] + (
+            [("gemv", c) for c in GEMV_CFGS] if m == 1 else [])
+        keep = os.environ.get("OVERLAP_KEEP") == "1"  # keep every intermediate alive: no buffer reuse inside the chain
         for kind, cfg in cfgs:
             def chain(pf, pdl, trig, kind=kind, cfg=cfg):
                 h = x0
+                kept = []
                 for kt in layers:
+                    if keep:
+                        kept.append(h)
                     if kind == "gemm":
                         h = KT.ktiled_gemm(h, kt.words, kt.sz, 4, 128, *cfg, prefetch=pf, pdl=pdl, trigger=trig)
                     else:
@@ -89,7 +96,8 @@ def check() -> dict:
                     g.replay()
                     torch.cuda.synchronize()
                     worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
-                res = {"m": m, "kind": kind, "cfg": list(cfg), "prefetch": pf, "pdl": pdl, "trigger": trig, "rel_diff": worst}
+                res = {"m": m, "kind": kind, "cfg": list(cfg), "prefetch": pf, "pdl": pdl, "trigger": trig, "keep": keep,
+                       "rel_diff": worst}
                 out.append(res)
                 print("check", res, flush=True)
                 del g
