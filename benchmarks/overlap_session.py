@@ -2,7 +2,7 @@
 the GPU: correctness in a dependent chain, then per-projection timings with and without it.
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/overlap_session.py check gemm   # -> $OUT/overlap_*.json
-    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/overlap_session.py e2e          # decode step, 4 ways
+    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/overlap_session.py e2e          # decode step, 2 x 3 ways
 
 ``check``: a chain of square W4 layers where each kernel reads the previous one's output (x -> y1 -> y2 …), with
 split-K tiles that share one fp32 workspace, captured in a CUDA graph with every overlap variant and compared with
@@ -10,8 +10,8 @@ the same chain run eagerly without it — a missing wait would read a stale x or
 ``gemm``: each Qwen3-8B merged projection (and three Qwen3-0.6B ones) at M = 1 and 16, copies back to back in one
 CUDA graph (as ``qwenquant bench gemm`` times them: the weights overflow L2), for the fused table's best batch-1
 tiles × (prefetch k-tiles, PDL, trigger); bf16 cuBLAS the same way.
-``e2e``: the Qwen3-8B decode step (``bench.e2e``, merged projections, b = 1 and 8) for bf16 and W4 fused with our
-PDL off/on × torch.compile's (``TORCHINDUCTOR_ENABLE_PDL``) off/on.
+``e2e``: the Qwen3-8B decode step (``bench.e2e``, merged projections, b = 1 and 8) for bf16 and W4 fused, torch.compile's
+PDL (``TORCHINDUCTOR_ENABLE_PDL``) off/on × ours off / PDL / PDL + prefetch (fused only).
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ def gemm() -> list[dict]:
 
 
 def e2e() -> dict:
-    """The decode step, four ways: bf16 and W4 fused, torch.compile's PDL off/on, ours off/on (fused only)."""
+    """The decode step: bf16 and W4 fused with torch.compile's PDL off/on, and for fused our overlap three ways
+    (off; PDL; PDL + prefetch of OVERLAP_E2E_PREFETCH k-tiles). Compiled once per (model, inductor flag, batch)."""
     import torch._dynamo
     import torch._inductor.config as icfg
 
@@ -191,34 +192,32 @@ def e2e() -> dict:
     E.merge_projections(model)
     torch.cuda.empty_cache()
     res = {"inductor_has_enable_pdl": has_pdl, "rows": []}
+    pf = int(os.environ.get("OVERLAP_E2E_PREFETCH", "4"))
+    ours = [("off", False, 0), ("pdl", True, 0), (f"pdl+pf{pf}", True, pf)]
 
-    def step_ms(label, b, inductor_pdl):
-        if has_pdl:
-            icfg.triton.enable_pdl = inductor_pdl
-        torch._dynamo.reset()
-        E._compiled_layer_step = None
-        dec = E.StaticDecoder(model, b, compiled=True)
-        ms = E._graph_ms(dec.step)
-        row = {"mode": label, "batch": b, "inductor_pdl": inductor_pdl, "ours_pdl": overlap.PDL_ENABLED,
-               "prefetch": KT.PREFETCH_TILES, "step_ms": ms}
-        res["rows"].append(row)
-        print("e2e", row, flush=True)
-        del dec
-        torch.cuda.empty_cache()
+    def steps(label, variants):
+        for ind in ((False, True) if has_pdl else (False,)):
+            if has_pdl:
+                icfg.triton.enable_pdl = ind
+            torch._dynamo.reset()
+            E._compiled_layer_step = None
+            for b in (1, 8):
+                dec = E.StaticDecoder(model, b, compiled=True)
+                for name, pdl, prefetch in variants:
+                    overlap.PDL_ENABLED, KT.PREFETCH_TILES = pdl, prefetch
+                    ms = E._graph_ms(dec.step)
+                    row = {"mode": label, "batch": b, "inductor_pdl": ind, "ours": name, "step_ms": ms, "tok_s": b / ms * 1e3}
+                    res["rows"].append(row)
+                    print("e2e", row, flush=True)
+                del dec
+                torch.cuda.empty_cache()
 
-    for b in (1, 8):
-        for ind in (False, True):
-            step_ms("bf16", b, ind)
+    steps("bf16", ours[:1])
     t = time.time()
     E.quantize_model(model, originals, SPEC, "fused")
     print("quantized in %.0fs" % (time.time() - t), flush=True)
-    for pf in [int(v) for v in os.environ.get("OVERLAP_E2E_PREFETCH", "0,4").split(",")]:
-        for ours in (False, True):
-            overlap.PDL_ENABLED = ours
-            KT.PREFETCH_TILES = pf
-            for b in (1, 8):
-                for ind in (False, True):
-                    step_ms("w4g128-fused", b, ind)
+    steps("w4g128-fused", ours)
+    overlap.PDL_ENABLED, KT.PREFETCH_TILES = True, 0
     return res
 
 

@@ -16,9 +16,15 @@ still finishing. Each program then
 3. runs its K loop as before — x is read only after the wait, and nothing is written before it (the
    caching allocator may hand this kernel an output buffer the previous one was still reading, and
    split-K shares one fp32 workspace between consecutive kernels),
-4. signals its dependents (``griddepcontrol.launch_dependents``) once its K loop is done (``TRIGGER`` 2) or
-   right after its wait (``TRIGGER`` 1), so the *next* kernel can begin prefetching during this one's
-   epilogue.
+4. signals its dependents (``griddepcontrol.launch_dependents``) right after its wait (``TRIGGER`` 1, the
+   default), so the next kernel's programs can take free SM slots, prefetch and park at their own wait while
+   this one runs.
+
+``TRIGGER`` 2 (release after the K loop, before the epilogue) is *not* safe with split-K, and we do not know why:
+chained split-K kernels at M = 3 and 5 came out 3-11 % wrong in 1 of 4 CUDA-graph replays or more, while the same
+chains with TRIGGER 1, with TRIGGER 0 (no explicit release: implicitly at exit), with every intermediate kept
+alive (no buffer reuse), and without split-K all matched the eager chain to bf16 rounding
+(``benchmarks/overlap_session.py check``, session 9; NOTES.md). It stays selectable for that experiment only.
 
 An L2 prefetch is a hint, never a read of stale data into registers: a weight written by the kernel just
 before (a layout conversion) is read by the loop after the wait, from L2, the point of coherence.
@@ -43,8 +49,6 @@ if _env not in ("0", "1"):
     raise ValueError(f"QWENQUANT_PDL={_env!r}: expected 0 (launch kernels in stream order) or 1 (programmatic "
                      "dependent launch on Hopper and newer)")
 PDL_ENABLED = _env == "1"
-# experiment switch (session 9): 0 drops the barrier after the wait, to show the race it prevents
-PDL_BARRIER: tl.constexpr = tl.constexpr(os.environ.get("QWENQUANT_PDL_BARRIER", "1") == "1")
 
 
 def pdl_ok(device) -> bool:
@@ -77,15 +81,9 @@ def prefetch_l2(ptrs, nbytes):
 @triton.jit
 def wait_for_producer(PDL: tl.constexpr):
     """Block until the kernel this one depends on has finished and its writes are visible (no-op without PDL).
-
-    The barrier after the wait pins every later load below it: Triton's ``gdc_wait`` is a side-effecting asm
-    statement without a memory clobber, so the compiler may schedule plain loads above it, and without the
-    barrier a chain of split-K kernels read stale inputs (``benchmarks/overlap_session.py check``, session 9:
-    3-7 % errors at M = 5 on the weight-as-A tiles)."""
+    The compiled PTX has it ahead of every global load and store of the kernel (``overlap_session.py ptx``)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        if PDL_BARRIER:
-            tl.debug_barrier()
 
 
 @triton.jit

@@ -79,6 +79,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpr
 # Overlap with the previous kernel (kernels/overlap.py): k-tiles of words (T columns each) every program asks L2
 # for before it waits on the previous kernel; 0 = no prefetch. Programmatic dependent launch follows pdl_ok().
 PREFETCH_TILES = int(os.environ.get("QWENQUANT_PREFETCH_TILES", "0"))
+PDL_TRIGGER = 1  # release the next kernel right after the wait (2 races with split-K: kernels/overlap.py)
 SCALE_AFTER_BITS = (2, 4)  # codes + zero point small enough that 128 + code is exact in bf16
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
 
@@ -364,11 +365,13 @@ def _check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int
 
 
 
-def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool | None, trigger: int) -> tuple[dict, dict]:
+def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool | None,
+                  trigger: int | None) -> tuple[dict, dict]:
     """(constexprs, launch options) of the overlap prologue for one launch: PREFETCH k-tiles (default
     ``PREFETCH_TILES``; none where the bulk prefetch cannot compile), SZ_GROUPS (a power of two >= the scale
     groups those tiles span from a tile-aligned start), PDL and TRIGGER, and ``launch_pdl`` when PDL is on."""
     prefetch = PREFETCH_TILES if prefetch is None else prefetch
+    trigger = PDL_TRIGGER if trigger is None else trigger
     if prefetch < 0 or trigger not in (0, 1, 2):
         raise ValueError(f"prefetch is k-tiles (>= 0) and trigger 0 (never), 1 (after the wait) or 2 (after the K loop); "
                          f"got prefetch={prefetch}, trigger={trigger}")
@@ -383,7 +386,7 @@ def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
                 num_warps: int = 4, num_stages: int = 3, scale_after: bool = False, streamk: int = 0,
-                group_m: int = 8, prefetch: int | None = None, pdl: bool | None = None, trigger: int = 2) -> Tensor:
+                group_m: int = 8, prefetch: int | None = None, pdl: bool | None = None, trigger: int | None = None) -> Tensor:
     """x2 [M, K] bf16/fp16, words [N, K/CPW] int32 from ``pack_ktiled``, sz [K/G, N] int32 from
     ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
     fp32 buffer. ``streamk`` > 0 (scale-after only) launches ``streamk`` programs per SM on the stream-K
@@ -491,7 +494,7 @@ def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_pe
 
 def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 4, tiles_per_step: int = 4,
                 split_k: int = 1, num_warps: int = 1, num_stages: int = 1, prefetch: int | None = None,
-                pdl: bool | None = None, trigger: int = 2) -> Tensor:
+                pdl: bool | None = None, trigger: int | None = None) -> Tensor:
     """x2 [1, K] bf16/fp16 (one row: decode at batch 1) with the k-tiled weight -> y [1, N] in x's dtype. At
     batch 1 the tensor-core GEMM wastes 15 of its 16 MMA rows and its pipeline's latency shows on small
     weights (1024 x 1024: 4.7 us); this kernel is the CUDA-core path on the k-tiled layout, so a layer holding only
