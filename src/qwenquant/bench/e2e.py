@@ -284,14 +284,25 @@ def measure(model, label: str) -> dict:
     return res
 
 
-def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True) -> dict:
+def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
+        pdl: bool = False) -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
-    separate projections of the HF layout."""
+    separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
+    kernels (``torch._inductor.config.triton.enable_pdl``) and the k-tiled W4 kernels (``kernels/overlap.py``)."""
     import json
 
     from qwenquant.bench.hw import environment
+    from qwenquant.kernels import overlap
     from qwenquant.runtime import auto, fused, native
+
+    if pdl:
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            raise ValueError(f"e2e.run(pdl=True) needs torch.compile's enable_pdl (torch {torch.__version__} lacks it)")
+        inductor_config.triton.enable_pdl = True
+        overlap.PDL_ENABLED = True
 
     model = build_model(n_layers)
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in decoder_linears(model)]
@@ -313,6 +324,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
+               "pdl": overlap.PDL_ENABLED,
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:
             with open(out_path, "w") as f:

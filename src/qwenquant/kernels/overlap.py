@@ -28,8 +28,21 @@ alive (no buffer reuse), and without split-K all matched the eager chain to bf16
 
 An L2 prefetch is a hint, never a read of stale data into registers: a weight written by the kernel just
 before (a layout conversion) is read by the loop after the wait, from L2, the point of coherence.
-Without PDL (an older GPU, the CPU interpreter, ``QWENQUANT_PDL=0``) ``griddepcontrol`` is a no-op and the
-prefetch still deepens the loads in flight at the kernel's start.
+Without PDL (the default, an older GPU, the CPU interpreter) ``griddepcontrol`` is a no-op and the prefetch
+only deepens the loads in flight at the kernel's start — which measured slower, so it is off too
+(``wq_ktiled.PREFETCH_TILES`` = 0).
+
+Measured on an H100 (session 9, ``benchmarks/overlap_session.py``, results/overlap_*_h100.json):
+
+* Qwen3-8B merged projections at M = 1, copies back to back in a CUDA graph: qkv 10.7 → 10.3 us, o 8.6 → 8.0-8.3,
+  gate_up 25.5 → 25.2, down 15.2 → 14.1-14.4 (best variant per shape); the layer 2.49x → 2.57x bf16. Qwen3-0.6B
+  projections (batch-1 GEMV) gain most: qkv 3.9 → 3.3 us, o 3.2 → 2.5, gate_up 4.9 → 3.7.
+* The Qwen3-8B decode step (``bench.e2e``, b = 1): 3.52 → 3.41 ms with torch.compile's PDL on (bf16 6.63 ms: 1.94x),
+  but 3.57 → 3.71 ms with it off; prefetching 2 k-tiles on top made both slower.
+* Why batch 1 stays short of 3.0x on Qwen3-8B (4 kernels per layer): over the four projections cuBLAS's bf16 time
+  fits t = 4.65 us + bytes / 2.95 TB/s, ours t = 5.4 us + bytes / 2.66 TB/s (4.9 us with PDL). A W4 kernel as
+  good as cuBLAS in both terms would reach 2.80x on the layer; the fixed ≈ 5 us per kernel is not launch latency
+  (PDL, which hides the launch and the first loads behind the previous kernel, removed ≈ 0.5 us of it).
 
 torch.compile's own kernels join in with ``TORCHINDUCTOR_ENABLE_PDL=1`` (``torch._inductor.config.triton.
 enable_pdl``): they wait before their first load and release their dependents right after it.
@@ -44,18 +57,21 @@ import triton
 import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_env = os.environ.get("QWENQUANT_PDL", "1").strip()
+# Off by default: on an H100 it bought the Qwen3-8B decode step 3 % only when torch.compile's kernels take part
+# (TORCHINDUCTOR_ENABLE_PDL=1) and cost 4 % when they do not (torch's default); see the numbers below.
+_env = os.environ.get("QWENQUANT_PDL", "0").strip()
 if _env not in ("0", "1"):
     raise ValueError(f"QWENQUANT_PDL={_env!r}: expected 0 (launch kernels in stream order) or 1 (programmatic "
                      "dependent launch on Hopper and newer)")
 PDL_ENABLED = _env == "1"
 
 
-def pdl_ok(device) -> bool:
-    """Whether kernels on ``device`` are launched with programmatic dependent launch: a CUDA device of compute
-    capability 9.0 or newer, compiled code (not Triton's interpreter) and ``QWENQUANT_PDL`` not 0."""
+def pdl_ok(device, requested: bool | None = None) -> bool:
+    """Whether a kernel on ``device`` is launched with programmatic dependent launch: ``requested`` (default
+    ``PDL_ENABLED``, i.e. ``QWENQUANT_PDL=1``) and a CUDA device of compute capability 9.0 or newer running compiled
+    code (not Triton's interpreter)."""
     device = torch.device(device)
-    if not PDL_ENABLED or _INTERPRETED or device.type != "cuda":
+    if not (PDL_ENABLED if requested is None else requested) or _INTERPRETED or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 

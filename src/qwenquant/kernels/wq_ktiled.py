@@ -365,6 +365,15 @@ def _check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int
 
 
 
+def _prefetch_groups(bits: int, group: int, prefetch: int) -> int:
+    """A power of two >= the scale groups that ``prefetch`` k-tiles starting at a tile boundary can touch: the tiles'
+    columns over the group size where groups divide a tile, one more where a group spans several tiles (the start
+    may fall inside one)."""
+    cols = prefetch * tile_columns(bits)
+    groups = cols // group if group <= tile_columns(bits) else -(-cols // group) + 1
+    return triton.next_power_of_2(max(1, groups))
+
+
 def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool | None,
                   trigger: int | None) -> tuple[dict, dict]:
     """(constexprs, launch options) of the overlap prologue for one launch: PREFETCH k-tiles (default
@@ -377,10 +386,8 @@ def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool
                          f"got prefetch={prefetch}, trigger={trigger}")
     if not prefetch_ok(device):
         prefetch = 0
-    pdl = pdl_ok(device) if pdl is None else (pdl and pdl_ok(device))
-    cols = prefetch * tile_columns(bits)
-    groups = cols // group if group <= tile_columns(bits) else -(-cols // group) + 1
-    consts = dict(PREFETCH=prefetch, SZ_GROUPS=triton.next_power_of_2(max(1, groups)), PDL=pdl, TRIGGER=trigger)
+    pdl = pdl_ok(device, pdl)
+    consts = dict(PREFETCH=prefetch, SZ_GROUPS=_prefetch_groups(bits, group, prefetch), PDL=pdl, TRIGGER=trigger)
     return consts, ({"launch_pdl": True} if pdl else {})
 
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
