@@ -230,6 +230,7 @@ def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mo
 def run(models=("qwen3-8b",), rows=ROWS, modes: list[str] | None = None, ceil: dict | None = None,
         other_rows=(1, 16, 256, 4096)) -> dict:
     from qwenquant.bench.hw import ceilings, environment
+    from qwenquant.kernels import overlap
     from qwenquant.runtime import auto, fused
 
     ceil = ceil or ceilings()
@@ -241,5 +242,6 @@ def run(models=("qwen3-8b",), rows=ROWS, modes: list[str] | None = None, ceil: d
             log.info("gemm %s %s %dx%d", model, proj, n, k)
             out += bench_shape(model, proj, n, k, r, sel, ceil)
     return {"kind": "gemm", "env": environment(), "ceilings": ceil, "fused_weights": fused.describe_weights(),
+            "pdl": overlap.PDL_ENABLED,
             "results": [asdict(x) for x in out],
             "tuning": {"fused": fused.TUNER.table(), "auto": auto.TUNER.table()}}

@@ -46,7 +46,8 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                     "merged [q|k|v] + o + [gate|up] + down, as serving engines run it" if model.endswith("-merged")
                     else "sum of its 7 linears")
             lines += [f"## Per-GEMM, {model} decoder layer ({what}), {env.get('gpu')} — `{g['_file']}`", "",
-                      f"fused holds: {_fused_weights(g)}. "
+                      f"fused holds: {_fused_weights(g)}"
+                      + ("; W4 kernels launched with programmatic dependent launch" if g.get("pdl") else "") + ". "
                       f"{env.get('gpu')}, driver {env.get('driver')}, torch {env['torch']}, Triton {env['triton']}, "
                       f"commit `{env['commit']}`, {env['date']}. Measured ceilings: copy {c['copy_bytes_per_s']/1e12:.2f} TB/s, "
                       f"bf16 {c['bf16_flops_per_s']/1e12:.0f} TFLOP/s, fp8 (row-wise) {c['fp8_rowwise_flops_per_s']/1e12:.0f}, "
