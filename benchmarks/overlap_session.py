@@ -221,11 +221,101 @@ def e2e() -> dict:
     return res
 
 
+# trigger policies (PDL_TRIGGER_WHOLE, PDL_TRIGGER_SPLIT); None = PDL off
+POLICIES = {"off": None, "t0": (0, 0), "t1": (1, 1), "whole2-split1": (2, 1), "whole2-split0": (2, 0)}
+
+
+def _set_policy(policy) -> None:
+    overlap.PDL_ENABLED = policy is not None
+    if policy is not None:
+        KT.PDL_TRIGGER_WHOLE, KT.PDL_TRIGGER_SPLIT = policy
+
+
+def policy() -> dict:
+    """The library's tuned batch-1 / 16 tiles (first of GEMM_CFGS) and the small-weight GEMVs under each trigger policy:
+    dependent chains checked against stream order (M = 3, 5, 30 replays), then copies back to back timed; then the
+    8B decode step (torch.compile's PDL on) per policy."""
+    out = {"check": [], "gemm": [], "e2e": []}
+    n = 4096
+    layers = [_weight(n, n, seed)[0] for seed in range(6)]
+    for m in (3, 5):
+        x0 = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        for cfg in [(16, 128, False, 4, 4, 3, True, 0), (16, 64, True, 4, 4, 3, True, 0), (16, 64, True, 1, 4, 3, True, 0)]:
+            def chain(cfg=cfg):
+                h = x0
+                for kt in layers:
+                    h = KT.ktiled_gemm(h, kt.words, kt.sz, 4, 128, *cfg)
+                return h
+            _set_policy(None)
+            ref = chain().float()
+            for name, pol in POLICIES.items():
+                _set_policy(pol)
+                chain()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    y = chain()
+                worst = 0.0
+                for _ in range(30):
+                    g.replay()
+                    torch.cuda.synchronize()
+                    worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
+                out["check"].append({"m": m, "cfg": list(cfg), "policy": name, "rel_diff": worst})
+                del g
+    print("policy check worst per policy:", {p: max(r["rel_diff"] for r in out["check"] if r["policy"] == p) for p in POLICIES}, flush=True)
+    for n, k, label in SHAPES:
+        kts = [_weight(n, k, seed)[0] for seed in range(max(2, min(32, -(-L2_OVERFLOW_BYTES // (n * k // 2)))))]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cands = {}
+            if (n, k) in GEMM_CFGS:
+                cfg = GEMM_CFGS[(n, k)][0]
+                cands["tuned"] = [lambda kt=kt: KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *cfg) for kt in kts]
+            elif m == 1:
+                for c in GEMV_CFGS[:3]:
+                    cands[f"gemv {c}"] = [lambda kt=kt, c=c: KT.ktiled_gemv(x, kt.words, kt.sz, 4, 128, *c) for kt in kts]
+            for cname, fns in cands.items():
+                row = {"shape": label, "m": m, "kernel": cname, "us": {}}
+                for name, pol in POLICIES.items():
+                    _set_policy(pol)
+                    for f in fns:
+                        f()
+                    row["us"][name] = _chain_ms(fns) * 1e3
+                out["gemm"].append(row)
+                print(label, m, cname, {a: round(b, 2) for a, b in row["us"].items()}, flush=True)
+        del kts
+        torch.cuda.empty_cache()
+    import torch._dynamo
+    import torch._inductor.config as icfg
+
+    from qwenquant.bench import e2e as E
+
+    model = E.build_model()
+    originals = [getattr(p, nm).weight.detach().to("cpu") for p, nm in E.decoder_linears(model)]
+    E.merge_projections(model)
+    icfg.triton.enable_pdl = True
+    torch._dynamo.reset()
+    E._compiled_layer_step = None
+    for label, pols in (("bf16", {"off": None}), ("w4g128-fused", POLICIES)):
+        if label != "bf16":
+            E.quantize_model(model, originals, SPEC, "fused")
+            torch._dynamo.reset()
+            E._compiled_layer_step = None
+        for b in (1, 8):
+            dec = E.StaticDecoder(model, b, compiled=True)
+            for name, pol in pols.items():
+                _set_policy(pol)
+                ms = E._graph_ms(dec.step)
+                out["e2e"].append({"mode": label, "batch": b, "policy": name, "step_ms": ms})
+                print("e2e", label, b, name, round(ms, 3), flush=True)
+            del dec
+    return out
+
+
 def main() -> None:
     doc = {"kind": "overlap", "env": environment()}
     for stage in sys.argv[1:] or ["check", "gemm"]:
         t = time.time()
-        doc[stage] = {"check": check, "gemm": gemm, "e2e": e2e, "ptx": ptx}[stage]()
+        doc[stage] = {"check": check, "gemm": gemm, "e2e": e2e, "ptx": ptx, "policy": policy}[stage]()
         doc[stage + "_s"] = time.time() - t
         with open(os.path.join(OUT, f"overlap_{'_'.join(sys.argv[1:]) or 'check_gemm'}.json"), "w") as f:
             json.dump(doc, f, indent=1, default=str)

@@ -13,14 +13,14 @@ from qwenquant.kernels import wq_ktiled as KT  # noqa: E402
 def test_overlap_is_off_without_a_hopper_gpu():
     assert not overlap.pdl_ok("cpu", True)
     assert not overlap.prefetch_ok("cpu")
-    consts, launch = KT._overlap_args(torch.device("cpu"), 4, 128, prefetch=4, pdl=True, trigger=1)
+    consts, launch = KT._overlap_args(torch.device("cpu"), 4, 128, prefetch=4, pdl=True, trigger=1, split=False)
     assert consts["PREFETCH"] == 0 and consts["PDL"] is False and launch == {}
 
 
 @pytest.mark.parametrize("prefetch,trigger", [(-1, 1), (2, 3)])
 def test_bad_overlap_arguments_name_the_value(prefetch, trigger):
     with pytest.raises(ValueError, match=f"prefetch={prefetch}, trigger={trigger}"):
-        KT._overlap_args(torch.device("cpu"), 4, 128, prefetch=prefetch, pdl=None, trigger=trigger)
+        KT._overlap_args(torch.device("cpu"), 4, 128, prefetch=prefetch, pdl=None, trigger=trigger, split=True)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -79,7 +79,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpr
 # Overlap with the previous kernel (kernels/overlap.py): k-tiles of words (T columns each) every program asks L2
 # for before it waits on the previous kernel; 0 = no prefetch. Programmatic dependent launch follows pdl_ok().
 PREFETCH_TILES = int(os.environ.get("QWENQUANT_PREFETCH_TILES", "0"))
-PDL_TRIGGER = 1  # release the next kernel right after the wait (2 races with split-K: kernels/overlap.py)
+# where a PDL-launched program releases the next kernel (kernels/overlap.py): 0 at exit, 1 right after its wait, 2 after
+# its K loop; split-K kernels (a shared workspace) and whole-K ones separately — 2 raced with split-K (session 9)
+PDL_TRIGGER_SPLIT = 1
+PDL_TRIGGER_WHOLE = 1
 SCALE_AFTER_BITS = (2, 4)  # codes + zero point small enough that 128 + code is exact in bf16
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
 
@@ -136,7 +139,7 @@ def _ktiled_gemm_kernel(
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr, LOP3: tl.constexpr,
     SCALE_AFTER: tl.constexpr = False, PREFETCH: tl.constexpr = 0, SZ_GROUPS: tl.constexpr = 1,
-    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2,
+    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 1,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -375,12 +378,13 @@ def _prefetch_groups(bits: int, group: int, prefetch: int) -> int:
 
 
 def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool | None,
-                  trigger: int | None) -> tuple[dict, dict]:
+                  trigger: int | None, split: bool) -> tuple[dict, dict]:
     """(constexprs, launch options) of the overlap prologue for one launch: PREFETCH k-tiles (default
     ``PREFETCH_TILES``; none where the bulk prefetch cannot compile), SZ_GROUPS (a power of two >= the scale
     groups those tiles span from a tile-aligned start), PDL and TRIGGER, and ``launch_pdl`` when PDL is on."""
     prefetch = PREFETCH_TILES if prefetch is None else prefetch
-    trigger = PDL_TRIGGER if trigger is None else trigger
+    if trigger is None:
+        trigger = PDL_TRIGGER_SPLIT if split else PDL_TRIGGER_WHOLE
     if prefetch < 0 or trigger not in (0, 1, 2):
         raise ValueError(f"prefetch is k-tiles (>= 0) and trigger 0 (never), 1 (after the wait) or 2 (after the K loop); "
                          f"got prefetch={prefetch}, trigger={trigger}")
@@ -429,7 +433,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, m * n, tiles)
-    consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger)
+    consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger, grid_k > 1)
     _ktiled_gemm_kernel[(tiles, grid_k)](
         x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
@@ -445,7 +449,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
 def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
                         GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr,
                         BT: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                        SZ_GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 2):
+                        SZ_GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 1):
     """y[0, :] = x[0, :] · Ŵᵀ for one row of x (decode at batch 1) on the CUDA cores: BN rows per program, BT
     k-tiles (BT·SUBK words per row) per step, one [BN, BT·SUBK] word load. Every tensor keeps the words' 2-D
     shape — x, the scale and the zero are loaded per word column, straight into the words' register layout (the
@@ -521,7 +525,7 @@ def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     y = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
     tiles = triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, n, tiles)
-    consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger)
+    consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger, grid_k > 1)
     _ktiled_gemv_kernel[(tiles, grid_k)](
         x2, words, sz, y, ws, cnt, n, k, per_split, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BT=tiles_per_step,
         SPLITS=grid_k, LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages, **consts, **launch,
