@@ -284,8 +284,8 @@ def policy() -> dict:
                 print(label, m, cname, {a: round(b, 2) for a, b in row["us"].items()}, flush=True)
         del kts
         torch.cuda.empty_cache()
-    import torch._dynamo
     import torch._inductor.config as icfg
+    from torch import _dynamo
 
     from qwenquant.bench import e2e as E
 
@@ -293,12 +293,12 @@ def policy() -> dict:
     originals = [getattr(p, nm).weight.detach().to("cpu") for p, nm in E.decoder_linears(model)]
     E.merge_projections(model)
     icfg.triton.enable_pdl = True
-    torch._dynamo.reset()
+    _dynamo.reset()
     E._compiled_layer_step = None
     for label, pols in (("bf16", {"off": None}), ("w4g128-fused", POLICIES)):
         if label != "bf16":
             E.quantize_model(model, originals, SPEC, "fused")
-            torch._dynamo.reset()
+            _dynamo.reset()
             E._compiled_layer_step = None
         for b in (1, 8):
             dec = E.StaticDecoder(model, b, compiled=True)
