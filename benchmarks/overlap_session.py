@@ -32,8 +32,10 @@ from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.numerics.affine import affine_to_tensors
 
 OUT = os.environ.get("OUT", "runs")
+DEFAULTS = (overlap.PDL_ENABLED, KT.PREFETCH_TILES)
+KT.ALLOW_SPLIT_TRIGGER2 = True  # this script reproduces the trigger-2 race on purpose (check / gemm stages)
 SPEC = QuantSpec(4, 128, False)
-# (prefetch k-tiles, PDL, trigger): 0 never, 1 after the wait, 2 after the K loop
+# (prefetch k-tiles, PDL, trigger): 0 at exit, 1 after the wait, 2 after the K loop
 VARIANTS = [(0, False, 2), (0, True, 2), (2, True, 2), (4, True, 2), (8, True, 2), (4, True, 1), (4, False, 2),
             (16, True, 2)]
 if os.environ.get("OVERLAP_VARIANTS"):  # e.g. "0,1,2;0,1,0" (prefetch, pdl, trigger)
@@ -86,7 +88,6 @@ def check() -> dict:
                 return h
             ref = chain(0, False, 2).float()
             for pf, pdl, trig in VARIANTS:
-                res = {}
                 chain(pf, pdl, trig)  # compile outside the capture
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
@@ -124,7 +125,6 @@ def ptx() -> dict:
             idx = {name: [i for i, ln in enumerate(lines) if name in ln][:3]
                    for name in ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "cp.async", "ld.global",
                                 "bar.sync", "atom.")}
-            sass = ck.asm.get("sass", "")
             out.append({"key": str(key)[:400], "ptx_line_of": idx})
             print("ptx", idx, flush=True)
     return {"kernels": out}
@@ -217,7 +217,9 @@ def e2e() -> dict:
     E.quantize_model(model, originals, SPEC, "fused")
     print("quantized in %.0fs" % (time.time() - t), flush=True)
     steps("w4g128-fused", ours)
-    overlap.PDL_ENABLED, KT.PREFETCH_TILES = False, 0  # the library defaults
+    overlap.PDL_ENABLED, KT.PREFETCH_TILES = DEFAULTS  # back to the environment's settings
+    if has_pdl:
+        icfg.triton.enable_pdl = False
     return res
 
 
@@ -308,6 +310,10 @@ def policy() -> dict:
                 out["e2e"].append({"mode": label, "batch": b, "policy": name, "step_ms": ms})
                 print("e2e", label, b, name, round(ms, 3), flush=True)
             del dec
+    _set_policy(None)
+    overlap.PDL_ENABLED, KT.PREFETCH_TILES = DEFAULTS
+    KT.PDL_TRIGGER_WHOLE = KT.PDL_TRIGGER_SPLIT = 0
+    icfg.triton.enable_pdl = False
     return out
 
 

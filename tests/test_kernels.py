@@ -412,3 +412,8 @@ def test_pdl_chain_of_dependent_kernels_matches_stream_order(prefetch):
                 # split-K adds in any order: a few bf16 roundings apart over six layers, never a stale input
                 assert rel_err(y, ref) < 1e-2, (m, rel_err(y, ref))
             del g
+    # PDL really was on: the compiled kernels wait on their producer and were built for a PDL launch
+    compiled = [ck for kernel in (KT._ktiled_gemm_kernel, KT._ktiled_gemv_kernel)
+                for cache in kernel.device_caches.values() for ck in cache[0].values()]
+    with_pdl = [ck for ck in compiled if getattr(ck.metadata, "launch_pdl", False)]
+    assert with_pdl and all("griddepcontrol.wait" in ck.asm["ptx"] for ck in with_pdl)

@@ -10,11 +10,21 @@ from qwenquant.kernels import overlap  # noqa: E402
 from qwenquant.kernels import wq_ktiled as KT  # noqa: E402
 
 
-def test_overlap_is_off_without_a_hopper_gpu():
+def test_overlap_is_off_by_default_and_without_a_hopper_gpu(monkeypatch):
+    import os
+
+    if "QWENQUANT_PDL" not in os.environ:
+        assert overlap.PDL_ENABLED is False
+    if "QWENQUANT_PREFETCH_TILES" not in os.environ:
+        assert KT.PREFETCH_TILES == 0
+    assert KT.PDL_TRIGGER_SPLIT in (0, 1) and KT.PDL_TRIGGER_WHOLE in (0, 1, 2)
     assert not overlap.pdl_ok("cpu", True)
     assert not overlap.prefetch_ok("cpu")
     consts, launch = KT._overlap_args(torch.device("cpu"), 4, 128, prefetch=4, pdl=True, trigger=1, split=False)
     assert consts["PREFETCH"] == 0 and consts["PDL"] is False and launch == {}
+    # under Triton's interpreter nothing that compiles inline PTX is switched on, whatever the device
+    monkeypatch.setattr(overlap, "_INTERPRETED", True)
+    assert not overlap.pdl_ok("cuda", True) and not overlap.prefetch_ok("cuda")
 
 
 @pytest.mark.parametrize("prefetch,trigger", [(-1, 1), (2, 3)])

@@ -239,6 +239,13 @@ def _graph_ms(fn) -> float:
     return time_graph(fn)
 
 
+def _inductor_pdl() -> bool:
+    """Whether torch.compile emits programmatic dependent launch (its ``triton.enable_pdl``; absent in older torch)."""
+    import torch._inductor.config as inductor_config
+
+    return bool(getattr(inductor_config.triton, "enable_pdl", False))
+
+
 def linear_bytes(model) -> int:
     """Bytes the decoder projections hold on the device: bf16 weights, or a QuantLinear's resident storage plus any
     operand its mode built beside it (fp8's e4m3 copy, tinygemm's copy; ``QuantLinear.resident_bytes``)."""
@@ -289,7 +296,8 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
-    kernels (``torch._inductor.config.triton.enable_pdl``) and the k-tiled W4 kernels (``kernels/overlap.py``)."""
+    kernels (``torch._inductor.config.triton.enable_pdl``) and the k-tiled W4 kernels (``kernels/overlap.py``); both
+    switches stay on for the rest of the process, and the compiled decode step is rebuilt under them."""
     import json
 
     from qwenquant.bench.hw import environment
@@ -303,6 +311,11 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
             raise ValueError(f"e2e.run(pdl=True) needs torch.compile's enable_pdl (torch {torch.__version__} lacks it)")
         inductor_config.triton.enable_pdl = True
         overlap.PDL_ENABLED = True
+        global _compiled_layer_step
+        _compiled_layer_step = None  # compiled (if ever) without PDL: compile again under the new switch
+        from torch import _dynamo
+
+        _dynamo.reset()
 
     model = build_model(n_layers)
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in decoder_linears(model)]
@@ -324,7 +337,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
-               "pdl": overlap.PDL_ENABLED,
+               "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(),
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:
             with open(out_path, "w") as f:

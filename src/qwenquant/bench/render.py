@@ -80,8 +80,9 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
     for e in e2es:
         env = e["env"]
         layout = e.get("projections", "separate q, k, v, o, gate, up, down")  # files before the merge have no field
+        pdl = [who for who, on in (("torch.compile's kernels", e.get("inductor_pdl", e.get("pdl"))), ("the W4 kernels", e.get("pdl"))) if on]
         copies = f", fused holds: {_fused_weights(e)}" + (
-            ", programmatic dependent launch on (torch.compile's kernels and the W4 kernels, every mode)" if e.get("pdl") else "")
+            f", programmatic dependent launch for {' and '.join(pdl)} (every mode)" if pdl else "")
         lines += ["", f"## End to end: {e['model']}, projections {layout}{copies}, {env.get('gpu')} — `{e['_file']}`", "",
                   f"torch {env['torch']}, Triton {env['triton']}, commit `{env['commit']}`, {env['date']}. Prefill: 2048 tokens, "
                   f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions, CUDA-graph replay"

@@ -78,11 +78,16 @@ from qwenquant.numerics.ktiled import (  # noqa: F401 — the layout is re-expor
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 # Overlap with the previous kernel (kernels/overlap.py): k-tiles of words (T columns each) every program asks L2
 # for before it waits on the previous kernel; 0 = no prefetch. Programmatic dependent launch follows pdl_ok().
-PREFETCH_TILES = int(os.environ.get("QWENQUANT_PREFETCH_TILES", "0"))
+_pf_env = os.environ.get("QWENQUANT_PREFETCH_TILES", "0").strip()
+if not _pf_env.isdigit():
+    raise ValueError(f"QWENQUANT_PREFETCH_TILES={_pf_env!r}: expected a number of k-tiles >= 0 (0: no L2 prefetch)")
+PREFETCH_TILES = int(_pf_env)
 # where a PDL-launched program releases the next kernel (kernels/overlap.py): 0 at exit, 1 right after its wait, 2 after
-# its K loop; split-K kernels (a shared workspace) and whole-K ones separately — 2 raced with split-K (session 9)
-PDL_TRIGGER_SPLIT = 1
-PDL_TRIGGER_WHOLE = 1
+# its K loop; split-K kernels (a shared workspace) and whole-K ones separately — 2 raced with split-K (session 9).
+# 0 for both: never slower than stream order in session 9's chains, and within 1.2 % of the best policy end to end
+PDL_TRIGGER_SPLIT = 0
+PDL_TRIGGER_WHOLE = 0
+ALLOW_SPLIT_TRIGGER2 = False  # only benchmarks/overlap_session.py's race experiment sets it
 SCALE_AFTER_BITS = (2, 4)  # codes + zero point small enough that 128 + code is exact in bf16
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float32 2**23; OR-ing a field < 2**23 gives 2**23 + field
 
@@ -139,7 +144,7 @@ def _ktiled_gemm_kernel(
     GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
     W_AS_A: tl.constexpr, SPLITS: tl.constexpr, GROUP_M: tl.constexpr, LOP3: tl.constexpr,
     SCALE_AFTER: tl.constexpr = False, PREFETCH: tl.constexpr = 0, SZ_GROUPS: tl.constexpr = 1,
-    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 1,
+    PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 0,
 ):
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
@@ -381,13 +386,16 @@ def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool
                   trigger: int | None, split: bool) -> tuple[dict, dict]:
     """(constexprs, launch options) of the overlap prologue for one launch: PREFETCH k-tiles (default
     ``PREFETCH_TILES``; none where the bulk prefetch cannot compile), SZ_GROUPS (a power of two >= the scale
-    groups those tiles span from a tile-aligned start), PDL and TRIGGER, and ``launch_pdl`` when PDL is on."""
+    groups those tiles span from a tile-aligned start), PDL, TRIGGER (default ``PDL_TRIGGER_SPLIT`` or
+    ``PDL_TRIGGER_WHOLE`` by ``split``; 2 is refused on a split-K launch) and ``launch_pdl`` when PDL is on."""
     prefetch = PREFETCH_TILES if prefetch is None else prefetch
     if trigger is None:
         trigger = PDL_TRIGGER_SPLIT if split else PDL_TRIGGER_WHOLE
     if prefetch < 0 or trigger not in (0, 1, 2):
-        raise ValueError(f"prefetch is k-tiles (>= 0) and trigger 0 (never), 1 (after the wait) or 2 (after the K loop); "
+        raise ValueError(f"prefetch is k-tiles (>= 0) and trigger 0 (at exit), 1 (after the wait) or 2 (after the K loop); "
                          f"got prefetch={prefetch}, trigger={trigger}")
+    if split and trigger == 2 and pdl_ok(device, pdl) and not ALLOW_SPLIT_TRIGGER2:
+        raise ValueError("trigger=2 (release after the K loop) races with split-K (kernels/overlap.py); use 0 or 1")
     if not prefetch_ok(device):
         prefetch = 0
     pdl = pdl_ok(device, pdl)
@@ -402,7 +410,8 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     ``pack_ktiled_scales`` -> y [M, N] in x's dtype. ``split_k`` > 1 splits K over programs adding into an
     fp32 buffer. ``streamk`` > 0 (scale-after only) launches ``streamk`` programs per SM on the stream-K
     schedule instead (``split_k`` must then stay 1). ``prefetch`` / ``pdl`` / ``trigger``: the overlap with the
-    previous and next kernel (``_overlap_args``, ``kernels/overlap.py``; split-K and plain schedules)."""
+    previous and next kernel (``_overlap_args``, ``kernels/overlap.py``) — split-K and plain schedules only: a
+    stream-K launch keeps stream order and ignores them."""
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
@@ -449,7 +458,7 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
 def _ktiled_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
                         GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr,
                         BT: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                        SZ_GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 1):
+                        SZ_GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False, TRIGGER: tl.constexpr = 0):
     """y[0, :] = x[0, :] · Ŵᵀ for one row of x (decode at batch 1) on the CUDA cores: BN rows per program, BT
     k-tiles (BT·SUBK words per row) per step, one [BN, BT·SUBK] word load. Every tensor keeps the words' 2-D
     shape — x, the scale and the zero are loaded per word column, straight into the words' register layout (the
