@@ -36,8 +36,9 @@ enable_pdl``): they wait before their first load and release their dependents ri
 Measured on an H100 (session 9, ``benchmarks/overlap_session.py``; results/overlap_*_h100.json):
 
 * Off by default, because it pays only among kernels that use it: the Qwen3-8B decode step (b = 1, torch.compile's
-  PDL on for bf16 and W4 alike) went 3.52 → 3.42 ms with TRIGGER 0 (bf16 6.72 ms: 1.91x → 1.97x) — with TRIGGER 1
-  and torch.compile's PDL *off* it went 3.57 → 3.71 ms. ``QWENQUANT_PDL=1`` with ``TORCHINDUCTOR_ENABLE_PDL=1``
+  PDL on for bf16 and W4 alike) went 3.52 → 3.42 ms with TRIGGER 0 in one run (bf16 6.72 ms: 1.91x → 1.97x), while
+  the full rerun (``e2e.run(pdl=True)``) gave 1.91x, as without PDL: a 0-3 % effect, inside run-to-run noise. With
+  TRIGGER 1 and torch.compile's PDL *off* it went 3.57 → 3.71 ms. ``QWENQUANT_PDL=1`` with ``TORCHINDUCTOR_ENABLE_PDL=1``
   turns it on; ``bench.e2e.run(pdl=True)`` does both for every mode.
 * Qwen3-8B merged projections at M = 1, the tuned tiles, copies back to back in a CUDA graph (``bench gemm``'s
   timing), TRIGGER 0: qkv 10.8 → 10.2 us, o 8.7 → 8.5, gate_up 25.6 → 25.3, down 15.2 → 14.7; the layer 60.3 →
