@@ -1,0 +1,83 @@
+"""Decode attention of the e2e benchmark's step, on the GPU: what the masked SDPA over the static cache costs per layer,
+and what reading only the filled positions would cost — the same math (the mask drops exactly those positions).
+
+    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/decode_attention.py   # -> $OUT/decode_attention.json
+
+Why: the session-8 profile put 0.48 ms of the 3.6 ms W4 decode step (b = 1) in attention, ≈ 13 µs per layer for
+≈ 2 MB of K/V — the same in bf16 and W4, so it dilutes every ratio. Each variant is checked against the masked
+step in fp32 before it is timed (CUDA-graph replay, ``bench.gemm.time_graph``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from qwenquant.bench.e2e import CTX, QWEN3_8B
+from qwenquant.bench.gemm import time_graph
+from qwenquant.bench.hw import environment
+
+
+def main() -> None:
+    out = os.environ.get("OUT", "runs")
+    hq, hkv, d = QWEN3_8B["num_attention_heads"], QWEN3_8B["num_key_value_heads"], QWEN3_8B["head_dim"]
+    pos = CTX // 2  # as bench.e2e.StaticDecoder: attend over positions 0 … pos
+    rows = []
+    for b in (1, 8, 32):
+        kc = torch.randn(b, hkv, CTX, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, 1, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        p = torch.tensor([pos], device="cuda")
+        mask = (torch.arange(CTX, device="cuda") <= p).view(1, 1, 1, -1)
+
+        def masked():  # the benchmark's step today
+            kc.index_copy_(2, p, k)
+            vc.index_copy_(2, p, v)
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+
+        def filled(backend=None):
+            kc.index_copy_(2, p, k)
+            vc.index_copy_(2, p, v)
+            ks, vs = kc[:, :, :pos + 1], vc[:, :, :pos + 1]
+            if backend is None:
+                return F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
+
+        def filled_repeat():  # GQA by repeating K/V heads (what older flash paths need)
+            kc.index_copy_(2, p, k)
+            vc.index_copy_(2, p, v)
+            ks = kc[:, :, :pos + 1].repeat_interleave(hq // hkv, dim=1)
+            vs = vc[:, :, :pos + 1].repeat_interleave(hq // hkv, dim=1)
+            return F.scaled_dot_product_attention(q, ks, vs)
+
+        ref = masked().float()
+        cands = {"masked (today)": masked, "filled, default backend": filled,
+                 "filled, flash": lambda: filled(SDPBackend.FLASH_ATTENTION),
+                 "filled, efficient": lambda: filled(SDPBackend.EFFICIENT_ATTENTION),
+                 "filled, cudnn": lambda: filled(SDPBackend.CUDNN_ATTENTION),
+                 "filled, repeat kv + default": filled_repeat}
+        res = {"batch": b, "us": {}, "err": {}}
+        for name, fn in cands.items():
+            try:
+                err = float((fn().float() - ref).norm() / ref.norm())
+                res["err"][name] = err
+                if not err < 2e-2:
+                    raise AssertionError(f"rel err {err}")
+                res["us"][name] = time_graph(fn) * 1e3
+            except Exception as e:  # noqa: BLE001 — a backend that refuses the shape is reported
+                res["us"][name] = repr(e)[:200]
+        print(b, {a: (round(t, 2) if isinstance(t, float) else t[:60]) for a, t in res["us"].items()}, flush=True)
+        rows.append(res)
+    with open(os.path.join(out, "decode_attention.json"), "w") as f:
+        json.dump({"kind": "decode_attention", "env": environment(), "ctx": CTX, "pos": pos, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
