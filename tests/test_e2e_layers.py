@@ -18,11 +18,22 @@ def tiny_model():
     return transformers.Qwen3ForCausalLM(cfg).eval()
 
 
-def decode_logits(model, ids):
+def decode_logits(model, ids, attend="filled"):
     torch.manual_seed(1)  # the same random static cache for both layouts
-    dec = e2e.StaticDecoder(model, ids.shape[0], ctx=16, device="cpu")
+    dec = e2e.StaticDecoder(model, ids.shape[0], ctx=16, device="cpu", attend=attend)
     dec.ids = ids[:, -1:]
     return dec.step()
+
+
+@torch.no_grad()
+def test_decode_reading_the_filled_positions_equals_the_masked_cache():
+    """The e2e step's attention over positions 0 … pos only is the masked attention over the whole cache."""
+    model = tiny_model()
+    ids = torch.randint(0, 97, (3, 5))
+    torch.testing.assert_close(decode_logits(model, ids, "filled"), decode_logits(model, ids, "masked"),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attend='window'"):
+        e2e.StaticDecoder(model, 1, ctx=16, device="cpu", attend="window")
 
 
 @torch.no_grad()

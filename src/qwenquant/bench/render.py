@@ -85,7 +85,8 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
             f", programmatic dependent launch for {' and '.join(pdl)} (every mode)" if pdl else "")
         lines += ["", f"## End to end: {e['model']}, projections {layout}{copies}, {env.get('gpu')} — `{e['_file']}`", "",
                   f"torch {env['torch']}, Triton {env['triton']}, commit `{env['commit']}`, {env['date']}. Prefill: 2048 tokens, "
-                  f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions, CUDA-graph replay"
+                  f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions "
+                  f"(attention: {e.get('attention', 'SDPA over the whole cache under a position mask')}), CUDA-graph replay"
                   + (", each layer's elementwise work fused by torch.compile; `b1 eager` is the same step with eager "
                      "modules (one kernel per op)" if any("step_ms_eager" in r["decode"]["1"] for r in e["results"]) else "")
                   + ".", "",
