@@ -181,7 +181,7 @@ def gemm() -> list[dict]:
 def e2e() -> dict:
     """The decode step: bf16 and W4 fused with torch.compile's PDL off/on, and for fused our overlap three ways
     (off; PDL; PDL + prefetch of OVERLAP_E2E_PREFETCH k-tiles). Compiled once per (model, inductor flag, batch)."""
-    import torch._dynamo
+    from torch import _dynamo
     import torch._inductor.config as icfg
 
     from qwenquant.bench import e2e as E
@@ -199,7 +199,7 @@ def e2e() -> dict:
         for ind in ((False, True) if has_pdl else (False,)):
             if has_pdl:
                 icfg.triton.enable_pdl = ind
-            torch._dynamo.reset()
+            _dynamo.reset()
             E._compiled_layer_step = None
             for b in (1, 8):
                 dec = E.StaticDecoder(model, b, compiled=True)

@@ -23,7 +23,7 @@ def test_overlap_is_off_by_default_and_without_a_hopper_gpu(monkeypatch):
     consts, launch = KT._overlap_args(torch.device("cpu"), 4, 128, prefetch=4, pdl=True, trigger=1, split=False)
     assert consts["PREFETCH"] == 0 and consts["PDL"] is False and launch == {}
     # under Triton's interpreter nothing that compiles inline PTX is switched on, whatever the device
-    monkeypatch.setattr(overlap, "_INTERPRETED", True)
+    monkeypatch.setattr(overlap, "INTERPRETED", True)
     assert not overlap.pdl_ok("cuda", True) and not overlap.prefetch_ok("cuda")
 
 

@@ -240,7 +240,7 @@ class StaticDecoder:
         m, b = self.m.model, self.b
         h = m.embed_tokens(self.ids)
         cos, sin = m.rotary_emb(h, self.pos.view(1, 1).expand(b, 1))
-        mask = (self.ar <= self.pos).view(1, 1, 1, -1)
+        mask = None if self.filled else (self.ar <= self.pos).view(1, 1, 1, -1)  # only the masked attention reads it
         for i, layer in enumerate(m.layers):
             h = self.layer_fn(layer, h, self.kc[i], self.vc[i], self.pos, cos, sin, mask, self.rope, self.filled)
         return self.m.lm_head(m.norm(h))

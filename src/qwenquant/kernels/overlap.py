@@ -53,15 +53,14 @@ Measured on an H100 (session 9, ``benchmarks/overlap_session.py``; results/overl
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-import functools
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 # Off by default (the measurements in the module docstring): QWENQUANT_PDL=1 turns it on
 _env = os.environ.get("QWENQUANT_PDL", "0").strip()
 if _env not in ("0", "1"):
@@ -79,7 +78,7 @@ def pdl_ok(device, requested: bool | None = None) -> bool:
     """Whether a kernel on ``device`` is launched with programmatic dependent launch: ``requested`` (default
     ``PDL_ENABLED``, i.e. ``QWENQUANT_PDL=1``) and a CUDA device of compute capability 9.0 or newer running compiled
     code (not Triton's interpreter)."""
-    if not (PDL_ENABLED if requested is None else requested) or _INTERPRETED:
+    if not (PDL_ENABLED if requested is None else requested) or INTERPRETED:
         return False
     return _hopper_or_newer(torch.device(device))
 
@@ -87,7 +86,7 @@ def pdl_ok(device, requested: bool | None = None) -> bool:
 def prefetch_ok(device) -> bool:
     """Whether the L2 bulk prefetch may be compiled in (sm_90+: ``cp.async.bulk.prefetch``; no PTX in the
     interpreter)."""
-    return not _INTERPRETED and _hopper_or_newer(torch.device(device))
+    return not INTERPRETED and _hopper_or_newer(torch.device(device))
 
 
 @triton.jit

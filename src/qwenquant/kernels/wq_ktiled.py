@@ -70,12 +70,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED  # no inline PTX under Triton's interpreter
 from qwenquant.kernels.overlap import pdl_ok, prefetch_l2, prefetch_ok, release_dependents, wait_for_producer
 from qwenquant.kernels.tiles import grouped_tile, sm_count, tile_ranges
 from qwenquant.numerics.ktiled import (  # noqa: F401 — the layout is re-exported: callers read it as KT.*
     SUB, KTiledWeight, ktiled_ok, pack_ktiled, pack_ktiled_scales, tile_columns, unpack_ktiled, unpack_ktiled_scales)
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no inline PTX
 # Overlap with the previous kernel (kernels/overlap.py): k-tiles of words (T columns each) every program asks L2
 # for before it waits on the previous kernel; 0 = no prefetch. Programmatic dependent launch follows pdl_ok().
 _pf_env = os.environ.get("QWENQUANT_PREFETCH_TILES", "0").strip()
@@ -372,7 +372,6 @@ def _check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int
                          f"{sz.dtype} {tuple(sz.shape)}")
 
 
-
 def _prefetch_groups(bits: int, group: int, prefetch: int) -> int:
     """A power of two >= the scale groups that ``prefetch`` k-tiles starting at a tile boundary can touch: the tiles'
     columns over the group size where groups divide a tile, one more where a group spans several tiles (the start
@@ -394,13 +393,14 @@ def _overlap_args(device, bits: int, group: int, prefetch: int | None, pdl: bool
     if prefetch < 0 or trigger not in (0, 1, 2):
         raise ValueError(f"prefetch is k-tiles (>= 0) and trigger 0 (at exit), 1 (after the wait) or 2 (after the K loop); "
                          f"got prefetch={prefetch}, trigger={trigger}")
-    if split and trigger == 2 and pdl_ok(device, pdl) and not ALLOW_SPLIT_TRIGGER2:
+    pdl = pdl_ok(device, pdl)
+    if split and trigger == 2 and pdl and not ALLOW_SPLIT_TRIGGER2:
         raise ValueError("trigger=2 (release after the K loop) races with split-K (kernels/overlap.py); use 0 or 1")
     if not prefetch_ok(device):
         prefetch = 0
-    pdl = pdl_ok(device, pdl)
     consts = dict(PREFETCH=prefetch, SZ_GROUPS=_prefetch_groups(bits, group, prefetch), PDL=pdl, TRIGGER=trigger)
     return consts, ({"launch_pdl": True} if pdl else {})
+
 
 def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                 bm: int = 16, bn: int = 64, w_as_a: bool = True, split_k: int = 1,
