@@ -14,7 +14,9 @@ On a k-tiled layer:
 
 * M = 1: ``ktiled_gemv`` (CUDA cores, split-K) and the GEMM's small tiles;
 * 1 < M ≤ 64: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core GEMM on the k-tiled words, small-M
-  tiles (split-K, stream-K, scale applied after the MMA); M > 64: its large tiles;
+  tiles (split-K, stream-K, scale applied after the MMA); M > 64: its large tiles and, on Hopper, ``wgmma``
+  (``kernels/wq_wgmma.py``, Gluon: the dequantization of the next K slice runs under the wgmma in flight;
+  1.2-1.5x the large k-tiled tiles at M >= 256 on an H100);
 * M ≤ 16, 4-bit, bf16, only when ``QWENQUANT_FUSED_COPIES`` has ``tinygemm``: torch's tinygemm
   (``aten._weight_int4pack_mm``) on a repacked *copy* (``TinyGemmOperands``, + 0.26x bf16 bytes) — a few
   % ahead of ktiled on q/o-sized shapes at M ≤ 2 on an H100.
@@ -38,6 +40,7 @@ from torch import Tensor
 
 from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.kernels import wq_matmul as K
+from qwenquant.kernels import wq_wgmma as W
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("fused")
@@ -230,7 +233,16 @@ def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
     if bits == 4 and m <= KTILED_SPLIT_MAX_M:
         out.update({f"ktiled A bm{bm} bn{bn} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
                     for bm, bn, w, st, p in KTILED_STREAMK_LARGE})
+    if wgmma_available():  # Hopper: the Gluon GEMM that dequantizes under the wgmma in flight (kernels/wq_wgmma.py)
+        out.update({"wgmma bn{} bm{} w{} s{} sps{}".format(*cfg): ("wgmma", cfg) for cfg in W.CONFIGS})
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def wgmma_available() -> bool:
+    """Whether the current CUDA device runs ``wq_wgmma`` (Gluon present, an sm_90 GPU). Its shape rules are the
+    k-tiled layout's, which a layer offered these tables already meets."""
+    return torch.cuda.is_available() and W.wgmma_ok(torch.device("cuda", torch.cuda.current_device()), 4, 128, 8, 256)
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
@@ -257,6 +269,8 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         return torch.ops.aten._weight_int4pack_mm(x2, tiny.packed, tiny.group, tiny.scale_zero)
     if kind == "ktiled":
         return KT.ktiled_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
+    if kind == "wgmma":
+        return W.wgmma_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "ktiled_gemv":
         return KT.ktiled_gemv(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "gemv2":

@@ -1,0 +1,233 @@
+"""W4A16 (and W2/W8) GEMM for prefill-sized M on Hopper: the dequantization overlapped with the MMA in flight.
+
+Why this kernel exists. ``wq_ktiled``'s large tiles reach only ≈ 0.55 of the tensor-core floor at M >= 256
+(benchmarks/NOTES.md, session 8 item 8): Triton's pipeliner waits on every wgmma whose A operand comes from
+registers, so each K step the same warps first dequantize (≈ 0.7 µs of issue per SM) and then wait for the
+MMA (≈ 1.4 µs): the two take turns. Gluon (``triton.experimental.gluon``, shipped with Triton 3.6) lets the
+kernel say what the pipeliner would not:
+
+    for each 32-column slice i of K:
+        Ŵ_i = dequantize(words)            # CUDA cores, while wgmma(i-1) runs on the tensor cores
+        wgmma(Ŵ_i [regs], xᵀ_i [smem]) async
+        wait until <= 1 wgmma is in flight  # wgmma(i-1) done: its x slot and Ŵ_{i-1}'s registers are free
+        TMA x slice i-1+STAGES into that slot
+
+so the CUDA-core work hides under the tensor-core work instead of adding to it.
+
+Layout: the k-tiled words of ``wq_ktiled`` (int32 [N, K/CPW]; word j of k-tile b of row n holds the codes of
+columns b·T + t·32 + j, t = 0 … CPW-1, code t at bits [t·bits, (t+1)·bits)), the scale/zero words
+int32 [K/group, N] (fp16 scale bits << 16 | zero). One [BN, 32] word load per k-tile feeds CPW slices:
+slice t is ``(w >> t·bits) & mask``, already the MMA's K slice. The words are loaded straight into the wgmma
+A-operand register layout, one k-tile ahead.
+
+Orientation: yᵀ[BN, BM] = Ŵ[BN, K] · xᵀ[K, BM]. The weight is wgmma's A operand (registers, 64 rows per
+warpgroup); the rows of x are wgmma's N (BM <= 256), staged by TMA into a ring of STAGES [BM, 32] slots.
+
+Dequantization (scale before the MMA, exact): the field is OR-ed into the float 2**23 in place —
+``(w & (mask << sh)) | 0x4B000000`` is 2**23 + code·2**sh — then one FADD of -(2**23 + zero·2**sh) and one FMUL
+by scale·2**-sh (both per row) give (code - zero)·scale in fp32, rounded once to x's dtype: bit-equal to
+``wq_matmul.reference_dequantize``. Fields ending above bit 23 are taken from ``w >> 16``.
+
+Requirements: an sm_90 GPU (wgmma, TMA); x bf16 or fp16, contiguous, M >= 1; bits ∈ {2, 4, 8}; K a multiple of
+the k-tile T (``wq_ktiled.tile_columns``); group a multiple of 32 dividing K; N a multiple of 8.
+Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``wq_ktiled.unpack_ktiled`` inverts the repack).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+try:  # Gluon ships with Triton >= 3.5; the kernel is only built where it is available
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    GLUON = True
+except ImportError:  # pragma: no cover — an older Triton: wgmma_ok() says False
+    GLUON = False
+
+from qwenquant.numerics.ktiled import SUB, ktiled_ok, tile_columns
+
+# (bn, bm, warps, stages, slices per stage) the tuner may offer: bn = 64 rows per warpgroup × warpgroups; bm <= 256
+# (wgmma's N); a stage is SPS [bm, 32] x slices under one mbarrier, shared memory = stages·SPS·bm·64 bytes
+CONFIGS = ((128, 256, 8, 3, 4), (128, 256, 8, 4, 2), (128, 256, 8, 6, 1), (64, 256, 4, 4, 2), (64, 128, 4, 4, 2),
+           (128, 128, 8, 4, 2))
+SMEM_BYTES = 200 * 1024  # the x ring's budget (an H100 gives a program 227 KB; the epilogue's shuffle needs some)
+MIN_M = 64  # below this the k-tiled split-K / GEMV kernels are the right tool (bm is wgmma's N: 128 or 256 rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def wgmma_ok(device: torch.device | str, bits: int, group: int, n: int, k: int) -> bool:
+    """Whether this kernel can run the shape on ``device``: Gluon present, a Hopper (sm_90) GPU, and the
+    k-tiled layout's constraints."""
+    device = torch.device(device)
+    if not GLUON or device.type != "cuda" or not _sm90(device.index if device.index is not None else 0):
+        return False
+    return ktiled_ok(bits, group, n, k) and group % SUB == 0
+
+
+if GLUON:
+
+    @gluon.constexpr_function
+    def _store_layout(bn, num_warps):
+        """A blocked layout over the [BN, BM] output tile with 8 consecutive rows of N per thread: y is [M, N]
+        row-major, so N is the contiguous direction of the store (16-byte vectors)."""
+        tn = min(32, bn // 8)
+        return gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[tn, 32 // tn],
+                                warps_per_cta=[1, num_warps], order=[0, 1])
+
+    @gluon.jit
+    def _dequant_slice(words, hi, zr, sr, T_IDX: gl.constexpr, BITS: gl.constexpr, DTYPE: gl.constexpr):
+        """Slice T_IDX of a [BN, 32] word tile -> (code - zero)·scale in DTYPE, in the words' layout. ``hi`` is
+        ``words >> 16`` (fields ending above bit 23); ``zr``/``sr`` the per-row zero and scale in fp32."""
+        MASK: gl.constexpr = (1 << BITS) - 1
+        if T_IDX * BITS + BITS <= 23:
+            SH: gl.constexpr = T_IDX * BITS
+            f = (words & (MASK << SH)) | 0x4B000000
+        else:
+            SH: gl.constexpr = T_IDX * BITS - 16
+            f = (hi & (MASK << SH)) | 0x4B000000
+        zf = 8388608.0 + zr * (1 << SH)  # 2**23 + zero·2**sh: exact (fields < 2**23)
+        sf = sr * (1.0 / (1 << SH))  # scale·2**-sh: exact
+        return ((f.to(gl.float32, bitcast=True) - zf[:, None]) * sf[:, None]).to(DTYPE)
+
+    @gluon.jit
+    def _wgmma_w_as_a_kernel(x_desc, w_ptr, sz_ptr, y_ptr, M, N, K,
+                             BITS: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                             SPS: gl.constexpr, num_warps: gl.constexpr):
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        SUBK: gl.constexpr = x_desc.block_type.shape[1]  # 32 columns of K per slice (one wgmma of depth 32)
+        DTYPE: gl.constexpr = x_desc.dtype
+        CPW: gl.constexpr = 32 // BITS  # codes per int32 word = slices per k-tile
+        T: gl.constexpr = CPW * SUBK  # columns per k-tile
+        STAGE_BYTES: gl.constexpr = SPS * x_desc.block_type.nbytes
+
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        rows_a: gl.constexpr = gl.SliceLayout(1, a_layout)
+
+        # output tile (m fastest: the programs sharing a weight tile run together, so it is read from DRAM once)
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BM)
+        off_m = (pid % num_m) * BM
+        n0 = (pid // num_m) * BN
+        kw = K // CPW  # words per row
+        n_stages = K // (SPS * SUBK)
+        n_tiles = K // T
+
+        rn = n0 + gl.arange(0, BN, layout=rows_a)
+        rn_c = gl.where(rn < N, rn, 0)  # rows past N read row 0 (their outputs are not stored)
+        rw = gl.arange(0, SUBK, layout=gl.SliceLayout(0, a_layout))
+        w_ptrs = w_ptr + rn_c[:, None] * kw + rw[None, :]  # [BN, 32] words of k-tile 0
+
+        # x ring: STAGES stages of SPS [BM, 32] slices, one mbarrier per stage (one CTA barrier per refill, so
+        # several slices per stage keep the warps from meeting every slice); stages 0 … STAGES-2 in flight first
+        xs = gl.allocate_shared_memory(DTYPE, [STAGES * SPS, BM, SUBK], x_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
+        for s in gl.static_range(STAGES - 1):
+            mbarrier.expect(bars.index(s), STAGE_BYTES, pred=s < n_stages)
+            for u in gl.static_range(SPS):
+                tma.async_copy_global_to_shared(x_desc, [off_m, (s * SPS + u) * SUBK], bars.index(s),
+                                                xs.index(s * SPS + u), pred=s < n_stages)
+
+        acc = gl.zeros([BN, BM], gl.float32, acc_layout)
+        a_prev = gl.zeros([BN, SUBK], DTYPE, a_layout)  # the A operand of the wgmma in flight (kept alive)
+        words_next = gl.load(w_ptrs)
+        zr = gl.zeros([BN], gl.float32, rows_a)
+        sr = gl.zeros([BN], gl.float32, rows_a)
+        for b in range(n_tiles):
+            words = words_next
+            words_next = gl.load(w_ptrs + (b + 1) * SUBK, mask=(b + 1 < n_tiles) & (rn_c[:, None] >= 0), other=0)
+            hi = words >> 16
+            for t in gl.static_range(CPW):
+                if t == 0 or (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
+                    sz = gl.load(sz_ptr + ((b * T + t * SUBK) // GROUP) * N + rn_c)
+                    sr = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+                    zr = (sz & 0xFFFF).to(gl.float32)
+                a = _dequant_slice(words, hi, zr, sr, t, BITS, DTYPE)
+                st = (b * CPW + t) // SPS  # stage of this slice (SPS divides CPW: t % SPS is its place in it)
+                slot = st % STAGES
+                if t % SPS == 0:
+                    mbarrier.wait(bars.index(slot), phase=(st // STAGES) & 1)
+                acc = warpgroup_mma(a, xs.index(slot * SPS + t % SPS).permute((1, 0)), acc, is_async=True)
+                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+                a_prev = a
+                if t % SPS == 0:  # the wgmma before this one finished stage st-1: its slot takes stage st-1+STAGES
+                    nxt = st + STAGES - 1
+                    nslot = nxt % STAGES
+                    mbarrier.expect(bars.index(nslot), STAGE_BYTES, pred=nxt < n_stages)
+                    for u in gl.static_range(SPS):
+                        tma.async_copy_global_to_shared(x_desc, [off_m, (nxt * SPS + u) * SUBK], bars.index(nslot),
+                                                        xs.index(nslot * SPS + u), pred=nxt < n_stages)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
+
+        # epilogue: yᵀ tile -> y[M, N], N contiguous
+        out_layout: gl.constexpr = _store_layout(BN, num_warps)
+        out = gl.convert_layout(acc.to(DTYPE), out_layout)
+        on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out_layout))
+        om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
+        gl.store(y_ptr + om[None, :].to(gl.int64) * N + on[:, None], out, mask=(on[:, None] < N) & (om[None, :] < M))
+
+
+def check_config(bits: int, bn: int, bm: int, num_warps: int, stages: int, sps: int) -> None:
+    """Refuse a tile the kernel cannot build: bn = 16·num_warps (64 weight rows per warpgroup of 4 warps), bm one of
+    wgmma's N sizes used here, sps dividing the slices of a k-tile, the x ring within ``SMEM_BYTES``."""
+    cpw = 32 // bits if bits in (2, 4, 8) else None
+    if (cpw is None or num_warps not in (4, 8) or bn != 16 * num_warps or bm not in (64, 128, 192, 256) or stages < 2
+            or sps < 1 or cpw % sps or stages * sps * bm * SUB * 2 > SMEM_BYTES):
+        raise ValueError(f"wgmma_gemm: bits={bits}, bn={bn}, num_warps={num_warps}, bm={bm}, stages={stages}, sps={sps}: "
+                         f"expected bits in 2/4/8, num_warps 4 or 8 with bn = 16·num_warps, bm in 64/128/192/256, "
+                         f"stages >= 2, sps dividing {cpw} (32-column slices per {bits}-bit k-tile) and "
+                         f"stages·sps·bm·64 <= {SMEM_BYTES} bytes of shared memory")
+
+
+def check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int) -> None:
+    """Refuse what the kernel cannot run, naming the value and what was expected."""
+    if x2.dim() != 2 or x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
+        raise ValueError(f"wgmma_gemm: x must be a contiguous 2-D bf16/fp16 tensor, got {x2.dtype} {tuple(x2.shape)}")
+    m, k = x2.shape
+    n = words.shape[0]
+    if not wgmma_ok(x2.device, bits, group, n, k):
+        raise ValueError(f"wgmma_gemm: {bits}-bit, group {group}, N={n}, K={k} on {x2.device} is not supported "
+                         f"(needs Gluon, an sm_90 GPU, K a multiple of {tile_columns(bits) if bits in (2, 4, 8) else '?'} "
+                         "and a group that is a multiple of 32 dividing K); use ktiled_gemm or dequant + matmul")
+    if words.shape != (n, k * bits // 32) or sz.shape != (k // group, n) or words.dtype != torch.int32 \
+            or sz.dtype != torch.int32 or not (words.is_contiguous() and sz.is_contiguous()):
+        raise ValueError(f"wgmma_gemm: words {words.dtype} {tuple(words.shape)} / sz {sz.dtype} {tuple(sz.shape)} "
+                         f"are not a contiguous k-tiled {bits}-bit weight of in_features={k}, group={group}")
+    if words.device != x2.device or sz.device != x2.device:
+        raise ValueError(f"wgmma_gemm: x on {x2.device}, words on {words.device}, sz on {sz.device}")
+
+
+def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
+               bn: int = 128, bm: int = 256, num_warps: int = 8, stages: int = 4, sps: int = 2) -> Tensor:
+    """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words, on Hopper's tensor cores with the dequantization
+    overlapped (module docstring). ``bn`` weight rows (64 per warpgroup: bn = 16·num_warps), ``bm`` rows of x
+    (wgmma's N, <= 256), ``stages`` stages of ``sps`` 32-column x slices in flight."""
+    check_config(bits, bn, bm, num_warps, stages, sps)
+    check_operands(x2, words, sz, bits, group)
+    m, k = x2.shape
+    n = words.shape[0]
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if m < bm:  # TMA boxes no taller than the tensor: pad x with zero rows (their outputs are not stored)
+        x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
+    gl_dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype)
+    x_desc = TensorDescriptor(x2, [x2.shape[0], k], [k, 1], [bm, SUB], layout)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), )
+    _wgmma_w_as_a_kernel[grid](x_desc, words, sz, y, m, n, k, BITS=bits, GROUP=group, BN=bn, STAGES=stages, SPS=sps,
+                               num_warps=num_warps)
+    return y

@@ -1,0 +1,62 @@
+"""The Hopper GEMM of ``kernels/wq_wgmma.py`` (Gluon): refused clearly where it cannot run; on an H100 equal to the
+plain-torch reference on fresh random inputs (every config, bit width 2/4/8, tails of every tile, bf16 and fp16)."""
+
+import pytest
+import torch
+
+from qwenquant.kernels import wq_wgmma as W
+from qwenquant.runtime import fused
+
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and fused.wgmma_available()), reason="needs an sm_90 GPU")
+
+
+def test_every_offered_config_is_buildable_for_every_width():
+    for bits in (2, 4, 8):
+        for cfg in W.CONFIGS:
+            W.check_config(bits, *cfg)
+
+
+@pytest.mark.parametrize("bad", [dict(bits=3), dict(bn=96), dict(num_warps=2, bn=32), dict(bm=512), dict(stages=1),
+                                 dict(sps=3), dict(stages=8, sps=8)])
+def test_bad_tile_names_the_value(bad):
+    args = dict(bits=4, bn=128, bm=256, num_warps=8, stages=4, sps=2) | bad
+    with pytest.raises(ValueError, match="wgmma_gemm: bits="):
+        W.check_config(**args)
+
+
+def test_not_offered_or_run_without_a_hopper_gpu():
+    if fused.wgmma_available():
+        pytest.skip("this machine has a Hopper GPU")
+    assert not W.wgmma_ok("cpu", 4, 128, 4096, 4096)
+    assert not any(kind == "wgmma" for kind, _ in fused._ktiled_configs(1024, 4).values())
+    x = torch.randn(256, 1024, dtype=torch.bfloat16)
+    words = torch.zeros(64, 128, dtype=torch.int32)
+    sz = torch.zeros(8, 64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="sm_90 GPU.*ktiled_gemm or dequant"):
+        W.wgmma_gemm(x, words, sz, 4, 128)
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (4, 32, True), (4, None, False), (8, None, True),
+                                            (8, 128, False), (2, 64, False)])
+def test_wgmma_matches_reference(bits, group, sym):
+    from qwenquant.kernels import wq_ktiled as KT
+    from qwenquant.kernels import wq_matmul as K
+    from tests.test_kernels import make_layer, rel_err
+
+    n, k = 200, 1024  # N not a multiple of either tile height
+    layer = make_layer(n, k, bits, group, sym, seed=bits + k, device="cuda")
+    g = k if group is None else group
+    kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
+    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).double()
+    for dtype in (torch.bfloat16, torch.float16):
+        for m in (1, 130, 300):  # below every bm (padded), and tails of bm = 128 and 256
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = x.double() @ wref.T
+            cublas = rel_err(torch.nn.functional.linear(x, wref.to(dtype)), ref)
+            for cfg in W.CONFIGS:
+                y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg)
+                assert y.shape == (m, n) and y.dtype == dtype
+                # the same exact Ŵ as cuBLAS gets; only the fp32 summation order differs
+                assert rel_err(y, ref) < 2 * cublas + 1e-4, (cfg, m, dtype, rel_err(y, ref), cublas)
