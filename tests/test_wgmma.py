@@ -36,6 +36,24 @@ def test_not_offered_or_run_without_a_hopper_gpu():
         W.wgmma_gemm(x, words, sz, 4, 128)
 
 
+@pytest.mark.parametrize("bits,group,cfg", [(4, 128, 0), (4, 32, 4), (8, 4096, 4), (2, 64, 1)])
+def test_kernel_builds_for_an_h100_here_with_the_wgmma_left_in_flight(bits, group, cfg):
+    """No GPU needed: Triton's wheel compiles the Gluon kernel to sm_90a (ptxas included). The PTX must issue
+    wgmma asynchronously and wait with one still in flight (the overlap the kernel exists for), and the x ring
+    must fit the shared memory the tile rules allow."""
+    import re
+
+    config = W.CONFIGS[cfg]
+    c = W.compile_for_sm90(bits, group, config)
+    ptx = c.asm["ptx"]
+    # the K loop unrolls one k-tile: 32/bits slices of 32 columns, each two k16 wgmma instructions
+    assert ptx.count("wgmma.mma_async") == 2 * (32 // bits)
+    waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
+    assert waits == {"0", "1"}, waits  # 1: the previous slice's wgmma retired, this one still running; 0: the end
+    bn, bm, _, stages, sps = config
+    assert stages * sps * bm * 64 <= c.metadata.shared <= 227 * 1024
+
+
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (4, 32, True), (4, None, False), (8, None, True),

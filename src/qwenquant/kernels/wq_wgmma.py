@@ -231,3 +231,29 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     _wgmma_w_as_a_kernel[grid](x_desc, words, sz, y, m, n, k, BITS=bits, GROUP=group, BN=bn, STAGES=stages, SPS=sps,
                                num_warps=num_warps)
     return y
+
+
+def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: torch.dtype = torch.bfloat16,
+                     n: int = 4096, k: int = 4096):
+    """Compile the kernel for an H100 (sm_90a) on any machine, GPU or not: the Triton wheel carries ptxas. Returns
+    Triton's compiled kernel (``.asm['ptx' | 'cubin']``, ``.metadata.shared``) — what ``benchmarks/sass_wgmma.py``
+    reads and the CPU tests check (it builds, and the wgmma is issued asynchronously), without a GPU call.
+    ``n``/``k`` matter only through Triton's divisibility specialization."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    if not GLUON:
+        raise RuntimeError("Gluon is not available in this Triton: the wgmma kernel cannot be built")
+    bn, bm, num_warps, stages, sps = config
+    check_config(bits, bn, bm, num_warps, stages, sps)
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    x = torch.empty(bm, k, dtype=dtype)  # a host tensor stands in for x: only its dtype, shape and alignment count
+    desc = TensorDescriptor(x, [bm, k], [k, 1], [bm, SUB], gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype))
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    sig = {"x_desc": mangle_type(desc), "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "M": "i32", "N": "i32",
+           "K": "i32", "BITS": "constexpr", "GROUP": "constexpr", "BN": "constexpr", "STAGES": "constexpr",
+           "SPS": "constexpr", "num_warps": "constexpr"}
+    consts = {"BITS": bits, "GROUP": group, "BN": bn, "STAGES": stages, "SPS": sps, "num_warps": num_warps}
+    src = GluonASTSource(_wgmma_w_as_a_kernel, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
