@@ -4,8 +4,9 @@ plain-torch reference on fresh random inputs (every config, bit width 2/4/8, tai
 import pytest
 import torch
 
-from qwenquant.kernels import wq_wgmma as W
-from qwenquant.runtime import fused
+pytest.importorskip("triton")  # the GPU kernels' extra; without it the CPU install has no fused path at all
+from qwenquant.kernels import wq_wgmma as W  # noqa: E402
+from qwenquant.runtime import fused  # noqa: E402
 
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and fused.wgmma_available()), reason="needs an sm_90 GPU")
 
@@ -36,6 +37,7 @@ def test_not_offered_or_run_without_a_hopper_gpu():
         W.wgmma_gemm(x, words, sz, 4, 128)
 
 
+@pytest.mark.skipif(not W.GLUON, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("bits,group,cfg", [(4, 128, 0), (4, 32, 4), (8, 4096, 4), (2, 64, 1)])
 def test_kernel_builds_for_an_h100_here_with_the_wgmma_left_in_flight(bits, group, cfg):
     """No GPU needed: Triton's wheel compiles the Gluon kernel to sm_90a (ptxas included). The PTX must issue
@@ -52,6 +54,19 @@ def test_kernel_builds_for_an_h100_here_with_the_wgmma_left_in_flight(bits, grou
     assert waits == {"0", "1"}, waits  # 1: the previous slice's wgmma retired, this one still running; 0: the end
     bn, bm, _, stages, sps = config
     assert stages * sps * bm * 64 <= c.metadata.shared <= 227 * 1024
+    # an x slot is refilled only after a CTA barrier that follows the wait: wait(1) retires this warpgroup's
+    # wgmmas only, and the other warpgroup may still be reading the slot
+    waited = barrier = False
+    refills = 0
+    for line in ptx.splitlines():
+        if "wgmma.wait_group.sync.aligned 1" in line:
+            waited, barrier = True, False
+        elif "bar.sync" in line or "barrier.sync" in line:
+            barrier = True
+        elif "cp.async.bulk.tensor" in line and waited:
+            refills += 1
+            assert barrier, "a TMA refill without a CTA barrier after the wgmma wait"
+    assert refills >= sps
 
 
 @pytest.mark.gpu
@@ -80,3 +95,28 @@ def test_wgmma_matches_reference(bits, group, sym):
                 assert y.shape == (m, n) and y.dtype == dtype
                 # the same exact Ŵ as cuBLAS gets; only the fp32 summation order differs
                 assert rel_err(y, ref) < 2 * cublas + 1e-4, (cfg, m, dtype, rel_err(y, ref), cublas)
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 64), (2, 64)])
+def test_wgmma_reads_every_weight_exactly(bits, group):
+    """x with one 1 per row picks one column of Ŵ per output row: the fp32 sum is exact, so y equals Ŵ rounded to
+    bf16 bit for bit — the dequantization, every x slot / stage and the stores, with no tolerance. K is a single
+    k-tile (fewer stages than the ring preloads) and a longer one."""
+    from qwenquant.kernels import wq_ktiled as KT
+    from qwenquant.kernels import wq_matmul as K
+    from tests.test_kernels import make_layer
+
+    for k in (KT.tile_columns(bits), 2048):
+        n = 136
+        layer = make_layer(n, k, bits, group, False, seed=k + bits, device="cuda")
+        kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
+        w = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).to(torch.bfloat16)  # [N, K]
+        m = 300
+        cols = torch.randint(0, k, (m,), generator=torch.Generator().manual_seed(k)).cuda()
+        x = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
+        x[torch.arange(m, device="cuda"), cols] = 1
+        for cfg in W.CONFIGS:
+            y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, *cfg)
+            assert torch.equal(y, w[:, cols].T), (k, cfg)

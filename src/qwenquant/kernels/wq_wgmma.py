@@ -57,7 +57,6 @@ from qwenquant.numerics.ktiled import SUB, ktiled_ok, tile_columns
 CONFIGS = ((128, 256, 8, 3, 4), (128, 256, 8, 4, 2), (128, 256, 8, 6, 1), (64, 256, 4, 4, 2), (64, 128, 4, 4, 2),
            (128, 128, 8, 4, 2))
 SMEM_BYTES = 200 * 1024  # the x ring's budget (an H100 gives a program 227 KB; the epilogue's shuffle needs some)
-MIN_M = 64  # below this the k-tiled split-K / GEMV kernels are the right tool (bm is wgmma's N: 128 or 256 rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,8 +128,9 @@ if GLUON:
         rw = gl.arange(0, SUBK, layout=gl.SliceLayout(0, a_layout))
         w_ptrs = w_ptr + rn_c[:, None] * kw + rw[None, :]  # [BN, 32] words of k-tile 0
 
-        # x ring: STAGES stages of SPS [BM, 32] slices, one mbarrier per stage (one CTA barrier per refill, so
-        # several slices per stage keep the warps from meeting every slice); stages 0 … STAGES-2 in flight first
+        # x ring: STAGES stages of SPS [BM, 32] slices, one mbarrier per stage; the warps of the program meet (CTA
+        # barriers: the explicit one below, and the ones Triton adds around each TMA copy) only when a stage is
+        # refilled, so several slices per stage let them run apart in between; stages 0 … STAGES-2 in flight first
         xs = gl.allocate_shared_memory(DTYPE, [STAGES * SPS, BM, SUBK], x_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -164,6 +164,8 @@ if GLUON:
                 acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
                 a_prev = a
                 if t % SPS == 0:  # the wgmma before this one finished stage st-1: its slot takes stage st-1+STAGES
+                    # ... once *both* warpgroups have retired it: wait(1) above covers only this warpgroup's wgmmas
+                    gl.thread_barrier()
                     nxt = st + STAGES - 1
                     nslot = nxt % STAGES
                     mbarrier.expect(bars.index(nslot), STAGE_BYTES, pred=nxt < n_stages)
@@ -197,7 +199,8 @@ def check_config(bits: int, bn: int, bm: int, num_warps: int, stages: int, sps: 
 def check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int) -> None:
     """Refuse what the kernel cannot run, naming the value and what was expected."""
     if x2.dim() != 2 or x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
-        raise ValueError(f"wgmma_gemm: x must be a contiguous 2-D bf16/fp16 tensor, got {x2.dtype} {tuple(x2.shape)}")
+        raise ValueError(f"wgmma_gemm: x must be a contiguous 2-D bf16/fp16 tensor, got {x2.dtype} {tuple(x2.shape)}"
+                         f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
     m, k = x2.shape
     n = words.shape[0]
     if not wgmma_ok(x2.device, bits, group, n, k):
@@ -224,6 +227,8 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m < bm:  # TMA boxes no taller than the tensor: pad x with zero rows (their outputs are not stored)
         x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
+    elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset): copy
+        x2 = x2.clone()
     gl_dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype)
     x_desc = TensorDescriptor(x2, [x2.shape[0], k], [k, 1], [bm, SUB], layout)
