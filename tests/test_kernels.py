@@ -122,7 +122,7 @@ def test_every_kernel_config_matches_reference(bits, group):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ wref.double().T
         for kt in (True, False):  # with the k-tiled copy, and without (K not a multiple of its tile)
-            configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok, ktiled=kt)
+            configs = fused._configs(m, k, group, bits, tinygemm=tiny_ok, ktiled=kt, wgmma=kt and fused.wgmma_available())
             assert ("tinygemm" in configs) == (tiny_ok and m <= fused.TINYGEMM_MAX_M)
             assert any(c[0] == "ktiled" for c in configs.values()) == kt
             assert any(c[0] == "gemm_wa" for c in configs.values()) == (not kt and 4 < m <= 64)

@@ -25,11 +25,19 @@ def test_bad_tile_names_the_value(bad):
         W.check_config(**args)
 
 
-def test_not_offered_or_run_without_a_hopper_gpu():
+def test_offered_only_where_the_device_runs_it():
+    assert not fused.wgmma_on(torch.device("cpu")) and not W.wgmma_ok("cpu", 4, 128, 4096, 4096)
+    for m in (128, 1024):
+        assert not any(kind == "wgmma" for kind, _ in fused._ktiled_configs(m, 4).values())
+        offered = [cfg for kind, cfg in fused._configs(m, 4096, 128, 4, ktiled=True, wgmma=True).values() if kind == "wgmma"]
+        assert offered == list(W.CONFIGS)
+    # small M keeps the split-K / GEMV tiles only
+    assert not any(kind == "wgmma" for kind, _ in fused._configs(64, 4096, 128, 4, ktiled=True, wgmma=True).values())
+
+
+def test_not_run_without_a_hopper_gpu():
     if fused.wgmma_available():
         pytest.skip("this machine has a Hopper GPU")
-    assert not W.wgmma_ok("cpu", 4, 128, 4096, 4096)
-    assert not any(kind == "wgmma" for kind, _ in fused._ktiled_configs(1024, 4).values())
     x = torch.randn(256, 1024, dtype=torch.bfloat16)
     words = torch.zeros(64, 128, dtype=torch.int32)
     sz = torch.zeros(8, 64, dtype=torch.int32)

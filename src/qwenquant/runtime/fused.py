@@ -193,19 +193,21 @@ def check_layer(layer, x: Tensor) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, ktiled: bool = False) -> dict[str, tuple]:
-    """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled", config) for the kernels that can serve
-    m rows. Depends on m only through its bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
+def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, ktiled: bool = False,
+             wgmma: bool = False) -> dict[str, tuple]:
+    """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled"|"ktiled_gemv"|"wgmma", config) for the kernels
+    that can serve m rows (``wgmma``: the device runs ``wq_wgmma``, see ``wgmma_on``). Depends on m only through its
+    bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
     if ktiled:  # the layer holds the k-tiled layout only: its kernels (they beat the checkpoint-layout GEMMs at
         # every measured shape and M, up to 3x at M >= 128; the GEMV below stands in for the checkpoint one at M = 1)
         gemv = {f"ktiled gemv bn{bn} bt{bt} sk{sk} w{w} s{st}": ("ktiled_gemv", (bn, bt, sk, w, st))
                 for bn, bt, sk, w, st in KTILED_GEMV} if m == 1 else {}
-        return {**extra, **gemv, **_ktiled_configs(m, bits)}
+        return {**extra, **gemv, **_ktiled_configs(m, bits, wgmma)}
     return {**extra, **_triton_configs(m, k, group, bits)}
 
 
-def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
+def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tuple]:
     """name -> ("ktiled", (bm, bn, w_as_a, split_k, warps, stages, scale_after, streamk)) for an M bucket.
     Small-M tiles apply the scale after the MMA where the bit width allows (2/4-bit, ``wq_ktiled`` explains);
     ``streamk`` > 0 selects the stream-K schedule with that many programs per SM (4-bit only: the width the
@@ -233,16 +235,22 @@ def _ktiled_configs(m: int, bits: int = 4) -> dict[str, tuple]:
     if bits == 4 and m <= KTILED_SPLIT_MAX_M:
         out.update({f"ktiled A bm{bm} bn{bn} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
                     for bm, bn, w, st, p in KTILED_STREAMK_LARGE})
-    if wgmma_available():  # Hopper: the Gluon GEMM that dequantizes under the wgmma in flight (kernels/wq_wgmma.py)
+    if wgmma:  # Hopper: the Gluon GEMM that dequantizes under the wgmma in flight (kernels/wq_wgmma.py)
         out.update({"wgmma bn{} bm{} w{} s{} sps{}".format(*cfg): ("wgmma", cfg) for cfg in W.CONFIGS})
     return out
 
 
 @functools.lru_cache(maxsize=None)
+def wgmma_on(device: torch.device) -> bool:
+    """Whether ``device`` runs ``wq_wgmma`` (Gluon present, an sm_90 GPU). Its shape rules are the k-tiled layout's,
+    which a layer offered the k-tiled tables already meets. Per device: the tuner's key carries it, so a machine
+    with several GPU kinds never reuses a Hopper choice elsewhere."""
+    return W.wgmma_ok(device, 4, 128, 8, 256)
+
+
 def wgmma_available() -> bool:
-    """Whether the current CUDA device runs ``wq_wgmma`` (Gluon present, an sm_90 GPU). Its shape rules are the
-    k-tiled layout's, which a layer offered these tables already meets."""
-    return torch.cuda.is_available() and W.wgmma_ok(torch.device("cuda", torch.cuda.current_device()), 4, 128, 8, 256)
+    """``wgmma_on`` for the current CUDA device (False without one)."""
+    return torch.cuda.is_available() and wgmma_on(torch.device("cuda", torch.cuda.current_device()))
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
@@ -293,8 +301,9 @@ def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | No
     if qw is None and not use_kt:
         raise ValueError("fused_matmul needs the checkpoint tensors or the k-tiled operands")
     n = qw.shape[0] if qw is not None else ops.ktiled.words.shape[0]
-    key = (bits, group, n, k, m_bucket(m), x2.dtype, use_tiny, use_kt)
-    configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny, ktiled=use_kt)
+    use_wg = use_kt and wgmma_on(x2.device)
+    key = (bits, group, n, k, m_bucket(m), x2.dtype, use_tiny, use_kt, use_wg)
+    configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny, ktiled=use_kt, wgmma=use_wg)
     hit = TUNER.choices.get(key)
     if hit is None:
         cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, ops)) for name, kc in configs.items()}
