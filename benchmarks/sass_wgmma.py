@@ -9,6 +9,7 @@ left in flight while the next slice is dequantized.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -49,7 +50,7 @@ def main(argv):
         print("   ", s["counts"])
         # the steady-state loop: the run-length sequence after the first wgmma
         first = s["sequence"].index("HGMMA") if "HGMMA" in s["sequence"] else 0
-        runs = [(op, len(list(g))) for op, g in __import__("itertools").groupby(s["sequence"][first:first + 60])]
+        runs = [(op, len(list(g))) for op, g in itertools.groupby(s["sequence"][first:first + 60])]
         print("    loop:", " ".join(f"{op}×{n}" if n > 1 else op for op, n in runs))
 
 

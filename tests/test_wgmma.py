@@ -26,7 +26,7 @@ def test_bad_tile_names_the_value(bad):
 
 
 def test_offered_only_where_the_device_runs_it():
-    assert not fused.wgmma_on(torch.device("cpu")) and not W.wgmma_ok("cpu", 4, 128, 4096, 4096)
+    assert not W.runs_on(torch.device("cpu")) and not W.wgmma_ok("cpu", 4, 128, 4096, 4096)
     for m in (128, 1024):
         assert not any(kind == "wgmma" for kind, _ in fused._ktiled_configs(m, 4).values())
         offered = [cfg for kind, cfg in fused._configs(m, 4096, 128, 4, ktiled=True, wgmma=True).values() if kind == "wgmma"]

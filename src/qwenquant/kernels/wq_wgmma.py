@@ -9,8 +9,8 @@ kernel say what the pipeliner would not:
     for each 32-column slice i of K:
         Ŵ_i = dequantize(words)            # CUDA cores, while wgmma(i-1) runs on the tensor cores
         wgmma(Ŵ_i [regs], xᵀ_i [smem]) async
-        wait until <= 1 wgmma is in flight  # wgmma(i-1) done: its x slot and Ŵ_{i-1}'s registers are free
-        TMA x slice i-1+STAGES into that slot
+        wait until <= 1 wgmma is in flight  # wgmma(i-1) done: Ŵ_{i-1}'s registers are free
+        if i starts a stage: CTA barrier, then TMA the next stage of x into the stage wgmma(i-1) finished
 
 so the CUDA-core work hides under the tensor-core work instead of adding to it.
 
@@ -21,7 +21,8 @@ slice t is ``(w >> t·bits) & mask``, already the MMA's K slice. The words are l
 A-operand register layout, one k-tile ahead.
 
 Orientation: yᵀ[BN, BM] = Ŵ[BN, K] · xᵀ[K, BM]. The weight is wgmma's A operand (registers, 64 rows per
-warpgroup); the rows of x are wgmma's N (BM <= 256), staged by TMA into a ring of STAGES [BM, 32] slots.
+warpgroup); the rows of x are wgmma's N (BM <= 256), staged by TMA into a ring of STAGES stages of SPS [BM, 32]
+slices, one mbarrier per stage.
 
 Dequantization (scale before the MMA, exact): the field is OR-ed into the float 2**23 in place —
 ``(w & (mask << sh)) | 0x4B000000`` is 2**23 + code·2**sh — then one FADD of -(2**23 + zero·2**sh) and one FMUL
@@ -60,17 +61,18 @@ SMEM_BYTES = 200 * 1024  # the x ring's budget (an H100 gives a program 227 KB; 
 
 
 @functools.lru_cache(maxsize=None)
-def _sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
+def runs_on(device: torch.device | str) -> bool:
+    """Whether this kernel runs on ``device`` at all: Gluon present and a Hopper (sm_90) GPU. Per device, so a machine
+    with several GPU kinds asks for each (``fused`` puts the answer in its tuner key)."""
+    device = torch.device(device)
+    if not GLUON or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9  # index None: the current device
 
 
 def wgmma_ok(device: torch.device | str, bits: int, group: int, n: int, k: int) -> bool:
-    """Whether this kernel can run the shape on ``device``: Gluon present, a Hopper (sm_90) GPU, and the
-    k-tiled layout's constraints."""
-    device = torch.device(device)
-    if not GLUON or device.type != "cuda" or not _sm90(device.index if device.index is not None else 0):
-        return False
-    return ktiled_ok(bits, group, n, k) and group % SUB == 0
+    """Whether this kernel can run the shape on ``device``: ``runs_on`` and the k-tiled layout's constraints."""
+    return runs_on(device) and ktiled_ok(bits, group, n, k)
 
 
 if GLUON:
@@ -215,6 +217,13 @@ def check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int)
         raise ValueError(f"wgmma_gemm: x on {x2.device}, words on {words.device}, sz on {sz.device}")
 
 
+def _x_descriptor(x2: Tensor, bm: int):
+    """TMA descriptor of x [rows, K] read in [bm, 32] boxes into wgmma's shared-memory layout (64-byte swizzle)."""
+    gl_dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype)
+    return TensorDescriptor(x2, list(x2.shape), [x2.shape[1], 1], [bm, SUB], layout)
+
+
 def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                bn: int = 128, bm: int = 256, num_warps: int = 8, stages: int = 4, sps: int = 2) -> Tensor:
     """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words, on Hopper's tensor cores with the dequantization
@@ -229,9 +238,7 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
         x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
     elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset): copy
         x2 = x2.clone()
-    gl_dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype)
-    x_desc = TensorDescriptor(x2, [x2.shape[0], k], [k, 1], [bm, SUB], layout)
+    x_desc = _x_descriptor(x2, bm)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), )
     _wgmma_w_as_a_kernel[grid](x_desc, words, sz, y, m, n, k, BITS=bits, GROUP=group, BN=bn, STAGES=stages, SPS=sps,
                                num_warps=num_warps)
@@ -252,9 +259,8 @@ def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: t
         raise RuntimeError("Gluon is not available in this Triton: the wgmma kernel cannot be built")
     bn, bm, num_warps, stages, sps = config
     check_config(bits, bn, bm, num_warps, stages, sps)
-    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    x = torch.empty(bm, k, dtype=dtype)  # a host tensor stands in for x: only its dtype, shape and alignment count
-    desc = TensorDescriptor(x, [bm, k], [k, 1], [bm, SUB], gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype))
+    # a host tensor stands in for x: only its dtype, shape and alignment count
+    desc = _x_descriptor(torch.empty(bm, k, dtype=dtype), bm)
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"x_desc": mangle_type(desc), "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "M": "i32", "N": "i32",
            "K": "i32", "BITS": "constexpr", "GROUP": "constexpr", "BN": "constexpr", "STAGES": "constexpr",

@@ -196,7 +196,7 @@ def check_layer(layer, x: Tensor) -> tuple[int, int]:
 def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, ktiled: bool = False,
              wgmma: bool = False) -> dict[str, tuple]:
     """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled"|"ktiled_gemv"|"wgmma", config) for the kernels
-    that can serve m rows (``wgmma``: the device runs ``wq_wgmma``, see ``wgmma_on``). Depends on m only through its
+    that can serve m rows (``wgmma``: the device runs ``wq_wgmma``, ``wq_wgmma.runs_on``). Depends on m only through its
     bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
     if ktiled:  # the layer holds the k-tiled layout only: its kernels (they beat the checkpoint-layout GEMMs at
@@ -240,17 +240,9 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def wgmma_on(device: torch.device) -> bool:
-    """Whether ``device`` runs ``wq_wgmma`` (Gluon present, an sm_90 GPU). Its shape rules are the k-tiled layout's,
-    which a layer offered the k-tiled tables already meets. Per device: the tuner's key carries it, so a machine
-    with several GPU kinds never reuses a Hopper choice elsewhere."""
-    return W.wgmma_ok(device, 4, 128, 8, 256)
-
-
 def wgmma_available() -> bool:
-    """``wgmma_on`` for the current CUDA device (False without one)."""
-    return torch.cuda.is_available() and wgmma_on(torch.device("cuda", torch.cuda.current_device()))
+    """Whether the current CUDA device runs ``wq_wgmma`` (False without one)."""
+    return torch.cuda.is_available() and W.runs_on(torch.device("cuda", torch.cuda.current_device()))
 
 
 def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
@@ -301,7 +293,7 @@ def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | No
     if qw is None and not use_kt:
         raise ValueError("fused_matmul needs the checkpoint tensors or the k-tiled operands")
     n = qw.shape[0] if qw is not None else ops.ktiled.words.shape[0]
-    use_wg = use_kt and wgmma_on(x2.device)
+    use_wg = use_kt and W.runs_on(x2.device)  # per device: in the key, so mixed GPUs never share a choice
     key = (bits, group, n, k, m_bucket(m), x2.dtype, use_tiny, use_kt, use_wg)
     configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny, ktiled=use_kt, wgmma=use_wg)
     hit = TUNER.choices.get(key)
