@@ -45,7 +45,7 @@ def main(argv):
     group = int(argv[1]) if len(argv) > 1 else 128
     for cfg in W.CONFIGS:
         s = summarize(bits, group, cfg)
-        print(f"bn{cfg[0]} bm{cfg[1]} w{cfg[2]} stages{cfg[3]} sps{cfg[4]}: {s['registers']} registers, "
+        print(f"bn{cfg[0]} bm{cfg[1]} w{cfg[2]} stages{cfg[3]} sps{cfg[4]} streamk{cfg[5]}: {s['registers']} registers, "
               f"{s['spill_bytes']} B spilled, {s['shared']} B shared, wgmma serialized: {s['serialized']}")
         print("   ", s["counts"])
         # the steady-state loop: the run-length sequence after the first wgmma

@@ -8,6 +8,8 @@ multiple of the tile, M from 1 to 1000 (tails of every tile); also against cuBLA
 ``time``: Qwen3-8B merged projections × M = 128 … 8192: cuBLAS bf16, the best of the k-tiled large tiles
 (``fused.KTILED_LARGE``), unpack + cuBLAS (``auto``'s other candidate), and each wgmma config; CUDA-graph replay
 (``bench.gemm.time_graph``), L2 not flushed (at these M the shapes are compute-bound; gate/up's weights exceed L2).
+Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``check`` also runs stream-K on 3 and 5
+programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction.
 ``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down).
 """
 
@@ -48,12 +50,14 @@ def smoke() -> list[dict]:
     x = torch.randn(128, 1024, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ wref.double().T
     out = []
-    for cfg in W.CONFIGS:
+    for cfg, programs in [(c, None) for c in W.CONFIGS] + [(W.CONFIGS[6], 3)]:
         t = time.time()
-        y = W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *cfg)
-        torch.cuda.synchronize()
-        out.append({"config": list(cfg), "rel_err": float((y.double() - ref).norm() / ref.norm()),
-                    "seconds": round(time.time() - t, 2)})
+        errs = []
+        for _ in range(2):  # twice: stream-K must leave its workspace and counters zeroed
+            y = W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *cfg, programs=programs)
+            torch.cuda.synchronize()
+            errs.append(float((y.double() - ref).norm() / ref.norm()))
+        out.append({"config": list(cfg), "programs": programs, "rel_err": errs, "seconds": round(time.time() - t, 2)})
         print("smoke", out[-1], file=sys.stderr, flush=True)
     return out
 
@@ -79,13 +83,13 @@ def check() -> list[dict]:
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     ref = x.double() @ wref.double().T
                     cublas = torch.nn.functional.linear(x, w_cast)
-                    for cfg in W.CONFIGS:
-                        y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg)
+                    for cfg, programs in [(c, None) for c in W.CONFIGS] + [(W.CONFIGS[6], 3), (W.CONFIGS[6], 5)]:
+                        y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg, programs=programs)
                         torch.cuda.synchronize()
                         err = float((y.double() - ref).norm() / ref.norm())
                         err_cublas = float((cublas.double() - ref).norm() / ref.norm())
                         out.append({"n": n, "k": k, "bits": bits, "group": g, "sym": sym, "dtype": str(dtype), "m": m,
-                                    "config": list(cfg), "rel_err": err, "rel_err_cublas": err_cublas,
+                                    "config": list(cfg), "programs": programs, "rel_err": err, "rel_err_cublas": err_cublas,
                                     "finite": bool(torch.isfinite(y).all()), "ok": err < 1e-2 and err < 3 * err_cublas + 1e-4})
                         print("check", out[-1], file=sys.stderr, flush=True)
     return out
@@ -107,8 +111,10 @@ def timings() -> list[dict]:
             for cfg_name, (kind, cfg) in fused._ktiled_configs(m, 4).items() if os.environ.get("WGMMA_KTILED", "1") == "1" else ():
                 cands[cfg_name] = lambda cfg=cfg: KT.ktiled_gemm(x, kt.words, kt.sz, 4, 128, *cfg)
             for cfg in W.CONFIGS:
-                cands["wgmma bn{} bm{} w{} s{} sps{}".format(*cfg)] = (
-                    lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c))
+                cands[fused.wgmma_name(cfg)] = lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c)
+            # the field extraction written in plain Gluon (two LOP3s per field) on the tile that wins most
+            cands[fused.wgmma_name(W.CONFIGS[1]) + " twolop3"] = (
+                lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *W.CONFIGS[1], lop3=False))
             for cname, fn in cands.items():
                 try:
                     fn()

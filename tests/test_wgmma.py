@@ -18,7 +18,7 @@ def test_every_offered_config_is_buildable_for_every_width():
 
 
 @pytest.mark.parametrize("bad", [dict(bits=3), dict(bn=96), dict(num_warps=2, bn=32), dict(bm=512), dict(stages=1),
-                                 dict(sps=3), dict(stages=8, sps=8)])
+                                 dict(sps=3), dict(stages=8, sps=8), dict(streamk=-1)])
 def test_bad_tile_names_the_value(bad):
     args = dict(bits=4, bn=128, bm=256, num_warps=8, stages=4, sps=2) | bad
     with pytest.raises(ValueError, match="wgmma_gemm: bits="):
@@ -46,21 +46,26 @@ def test_not_run_without_a_hopper_gpu():
 
 
 @pytest.mark.skipif(not W.GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("bits,group,cfg", [(4, 128, 0), (4, 32, 4), (8, 4096, 4), (2, 64, 1)])
+@pytest.mark.parametrize("bits,group,cfg", [(4, 128, 0), (4, 32, 4), (8, 4096, 4), (2, 64, 1), (4, 128, 6), (8, 128, 7)])
 def test_kernel_builds_for_an_h100_here_with_the_wgmma_left_in_flight(bits, group, cfg):
     """No GPU needed: Triton's wheel compiles the Gluon kernel to sm_90a (ptxas included). The PTX must issue
-    wgmma asynchronously and wait with one still in flight (the overlap the kernel exists for), and the x ring
-    must fit the shared memory the tile rules allow."""
+    wgmma asynchronously and wait with one still in flight (the overlap the kernel exists for), the x ring
+    must fit the shared memory the tile rules allow, the field extraction must be the one-LOP3 form, and the
+    stream-K variant must meet its partial tiles through fp32 atomics."""
     import re
 
     config = W.CONFIGS[cfg]
     c = W.compile_for_sm90(bits, group, config)
     ptx = c.asm["ptx"]
-    # the K loop unrolls one k-tile: 32/bits slices of 32 columns, each two k16 wgmma instructions
-    assert ptx.count("wgmma.mma_async") == 2 * (32 // bits)
+    streamk = config[5] > 0
+    # the K loop unrolls one k-tile: 32/bits slices of 32 columns, each two k16 wgmma instructions (stream-K: a
+    # copy for its whole tiles and one for its spans)
+    assert ptx.count("wgmma.mma_async") == 2 * (32 // bits) * (2 if streamk else 1)
+    assert ptx.count("lop3.b32") >= 32 // bits and "0xEA" in ptx
+    assert ("red.global" in ptx or "atom.global" in ptx) == streamk
     waits = set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
     assert waits == {"0", "1"}, waits  # 1: the previous slice's wgmma retired, this one still running; 0: the end
-    bn, bm, _, stages, sps = config
+    bn, bm, _, stages, sps, _ = config
     assert stages * sps * bm * 64 <= c.metadata.shared <= 227 * 1024
     # an x slot is refilled only after a CTA barrier that follows the wait: wait(1) retires this warpgroup's
     # wgmmas only, and the other warpgroup may still be reading the slot
@@ -107,6 +112,33 @@ def test_wgmma_matches_reference(bits, group, sym):
 
 @pytest.mark.gpu
 @hopper
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 64), (2, 128)])
+def test_wgmma_stream_k_schedule_matches_reference(bits, group):
+    """Every path of the hybrid stream-K schedule: grids that leave whole tiles first and then spans that start
+    and end inside tiles (3, 5, 7 programs over 16 tiles), a grid of one k-tile per program (the default on an
+    H100: 132 SMs > 128 units), and repeated calls (each leaves the workspace and counters zeroed)."""
+    from qwenquant.kernels import wq_ktiled as KT
+    from qwenquant.kernels import wq_matmul as K
+    from tests.test_kernels import make_layer, rel_err
+
+    n, m = 1000, 300  # 8 row tiles of 128 (the last partial) × 2 tiles of 256 x rows (the last partial)
+    k = 8 * KT.tile_columns(bits)
+    layer = make_layer(n, k, bits, group, False, seed=bits + 7, device="cuda")
+    kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
+    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).double()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ wref.T
+    cublas = rel_err(torch.nn.functional.linear(x, wref.to(torch.bfloat16)), ref)
+    whole = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, 128, 256, 8, 4, 2, 0)
+    for programs in (3, 5, 7, None):
+        for _ in range(2):
+            y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, 128, 256, 8, 4, 2, 1, programs=programs)
+            assert rel_err(y, ref) < 2 * cublas + 1e-4, (programs, rel_err(y, ref), cublas)
+            assert (y.float() - whole.float()).abs().max() <= 2e-2 * whole.float().abs().max()
+
+
+@pytest.mark.gpu
+@hopper
 @pytest.mark.parametrize("bits,group", [(4, 128), (8, 64), (2, 64)])
 def test_wgmma_reads_every_weight_exactly(bits, group):
     """x with one 1 per row picks one column of Ŵ per output row: the fp32 sum is exact, so y equals Ŵ rounded to
@@ -128,3 +160,6 @@ def test_wgmma_reads_every_weight_exactly(bits, group):
         for cfg in W.CONFIGS:
             y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, *cfg)
             assert torch.equal(y, w[:, cols].T), (k, cfg)
+        for programs in (3, 5):  # stream-K spans inside tiles: one nonzero term per output, so still exact
+            y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, 128, 256, 8, 4, 2, 1, programs=programs)
+            assert torch.equal(y, w[:, cols].T), (k, programs)

@@ -51,12 +51,16 @@ try:  # Gluon ships with Triton >= 3.5; the kernel is only built where it is ava
 except ImportError:  # pragma: no cover — an older Triton: wgmma_ok() says False
     GLUON = False
 
+from qwenquant.kernels.tiles import sm_count
+from qwenquant.kernels.wq_ktiled import split_k_workspace
 from qwenquant.numerics.ktiled import SUB, ktiled_ok, tile_columns
 
-# (bn, bm, warps, stages, slices per stage) the tuner may offer: bn = 64 rows per warpgroup × warpgroups; bm <= 256
-# (wgmma's N); a stage is SPS [bm, 32] x slices under one mbarrier, shared memory = stages·SPS·bm·64 bytes
-CONFIGS = ((128, 256, 8, 3, 4), (128, 256, 8, 4, 2), (128, 256, 8, 6, 1), (64, 256, 4, 4, 2), (64, 128, 4, 4, 2),
-           (128, 128, 8, 4, 2))
+# (bn, bm, warps, stages, slices per stage, stream-K programs per SM) the tuner may offer: bn = 64 rows per warpgroup
+# × warpgroups; bm <= 256 (wgmma's N); a stage is SPS [bm, 32] x slices under one mbarrier, shared memory =
+# stages·SPS·bm·64 bytes; stream-K 0 = one output tile per program, else that many programs per SM share the
+# (tile, k-tile) units evenly (what fills the SMs when the tiles do not: 32–96 tiles of 128 × 256 at M = 256–512)
+CONFIGS = ((128, 256, 8, 3, 4, 0), (128, 256, 8, 4, 2, 0), (128, 256, 8, 6, 1, 0), (64, 256, 4, 4, 2, 0),
+           (64, 128, 4, 4, 2, 0), (128, 128, 8, 4, 2, 0), (128, 256, 8, 4, 2, 1), (128, 128, 8, 4, 2, 1))
 SMEM_BYTES = 200 * 1024  # the x ring's budget (an H100 gives a program 227 KB; the epilogue's shuffle needs some)
 
 
@@ -86,49 +90,54 @@ if GLUON:
                                 warps_per_cta=[1, num_warps], order=[0, 1])
 
     @gluon.jit
-    def _dequant_slice(words, hi, zr, sr, T_IDX: gl.constexpr, BITS: gl.constexpr, DTYPE: gl.constexpr):
+    def _dequant_slice(words, hi, zr, sr, T_IDX: gl.constexpr, BITS: gl.constexpr, DTYPE: gl.constexpr,
+                       LOP3: gl.constexpr):
         """Slice T_IDX of a [BN, 32] word tile -> (code - zero)·scale in DTYPE, in the words' layout. ``hi`` is
-        ``words >> 16`` (fields ending above bit 23); ``zr``/``sr`` the per-row zero and scale in fp32."""
+        ``words >> 16`` (fields ending above bit 23); ``zr``/``sr`` the per-row zero and scale in fp32. LOP3: the
+        field and the exponent of 2**23 in one ``lop3.b32 … 0xEA`` ((a & b) | c, the two constants in registers
+        hoisted out of the loop); written in Gluon, ``(w & mask) | magic`` compiles to two LOP3s."""
         MASK: gl.constexpr = (1 << BITS) - 1
         if T_IDX * BITS + BITS <= 23:
             SH: gl.constexpr = T_IDX * BITS
-            f = (words & (MASK << SH)) | 0x4B000000
+            src = words
         else:
             SH: gl.constexpr = T_IDX * BITS - 16
-            f = (hi & (MASK << SH)) | 0x4B000000
+            src = hi
+        if LOP3:
+            f = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                          [src, gl.full_like(src, MASK << SH), gl.full_like(src, 0x4B000000)],
+                                          dtype=gl.int32, is_pure=True, pack=1)
+        else:
+            f = (src & (MASK << SH)) | 0x4B000000
         zf = 8388608.0 + zr * (1 << SH)  # 2**23 + zero·2**sh: exact (fields < 2**23)
         sf = sr * (1.0 / (1 << SH))  # scale·2**-sh: exact
         return ((f.to(gl.float32, bitcast=True) - zf[:, None]) * sf[:, None]).to(DTYPE)
 
     @gluon.jit
-    def _wgmma_w_as_a_kernel(x_desc, w_ptr, sz_ptr, y_ptr, M, N, K,
-                             BITS: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                             SPS: gl.constexpr, num_warps: gl.constexpr):
+    def _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, kt_lo, n_kt, BITS: gl.constexpr, GROUP: gl.constexpr,
+                    BN: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, LOP3: gl.constexpr):
+        """The fp32 [BN, BM] accumulator of output tile (rows n0…, x rows off_m…) over k-tiles [kt_lo, kt_lo + n_kt).
+
+        The x ring and its mbarriers live for this span only (allocated, initialized and invalidated here): a
+        stream-K program that runs several spans starts each with a fresh ring, and the epilogue's layout shuffle
+        may reuse the ring's shared memory."""
         BM: gl.constexpr = x_desc.block_type.shape[0]
         SUBK: gl.constexpr = x_desc.block_type.shape[1]  # 32 columns of K per slice (one wgmma of depth 32)
         DTYPE: gl.constexpr = x_desc.dtype
         CPW: gl.constexpr = 32 // BITS  # codes per int32 word = slices per k-tile
         T: gl.constexpr = CPW * SUBK  # columns per k-tile
         STAGE_BYTES: gl.constexpr = SPS * x_desc.block_type.nbytes
-
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                             instr_shape=[16, BM, 16])
+        acc_layout: gl.constexpr = _acc_layout(BM, gl.num_warps())
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         rows_a: gl.constexpr = gl.SliceLayout(1, a_layout)
 
-        # output tile (m fastest: the programs sharing a weight tile run together, so it is read from DRAM once)
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BM)
-        off_m = (pid % num_m) * BM
-        n0 = (pid // num_m) * BN
         kw = K // CPW  # words per row
-        n_stages = K // (SPS * SUBK)
-        n_tiles = K // T
-
+        n_stages = n_kt * (CPW // SPS)
+        col0 = kt_lo * T  # first column of the span
         rn = n0 + gl.arange(0, BN, layout=rows_a)
         rn_c = gl.where(rn < N, rn, 0)  # rows past N read row 0 (their outputs are not stored)
         rw = gl.arange(0, SUBK, layout=gl.SliceLayout(0, a_layout))
-        w_ptrs = w_ptr + rn_c[:, None] * kw + rw[None, :]  # [BN, 32] words of k-tile 0
+        w_ptrs = w_ptr + rn_c[:, None] * kw + kt_lo * SUBK + rw[None, :]  # [BN, 32] words of the span's k-tile 0
 
         # x ring: STAGES stages of SPS [BM, 32] slices, one mbarrier per stage; the warps of the program meet (CTA
         # barriers: the explicit one below, and the ones Triton adds around each TMA copy) only when a stage is
@@ -140,7 +149,7 @@ if GLUON:
         for s in gl.static_range(STAGES - 1):
             mbarrier.expect(bars.index(s), STAGE_BYTES, pred=s < n_stages)
             for u in gl.static_range(SPS):
-                tma.async_copy_global_to_shared(x_desc, [off_m, (s * SPS + u) * SUBK], bars.index(s),
+                tma.async_copy_global_to_shared(x_desc, [off_m, col0 + (s * SPS + u) * SUBK], bars.index(s),
                                                 xs.index(s * SPS + u), pred=s < n_stages)
 
         acc = gl.zeros([BN, BM], gl.float32, acc_layout)
@@ -148,16 +157,16 @@ if GLUON:
         words_next = gl.load(w_ptrs)
         zr = gl.zeros([BN], gl.float32, rows_a)
         sr = gl.zeros([BN], gl.float32, rows_a)
-        for b in range(n_tiles):
+        for b in range(n_kt):
             words = words_next
-            words_next = gl.load(w_ptrs + (b + 1) * SUBK, mask=(b + 1 < n_tiles) & (rn_c[:, None] >= 0), other=0)
+            words_next = gl.load(w_ptrs + (b + 1) * SUBK, mask=(b + 1 < n_kt) & (rn_c[:, None] >= 0), other=0)
             hi = words >> 16
             for t in gl.static_range(CPW):
                 if t == 0 or (t * SUBK) % GROUP == 0:  # a new scale group starts at this slice
-                    sz = gl.load(sz_ptr + ((b * T + t * SUBK) // GROUP) * N + rn_c)
+                    sz = gl.load(sz_ptr + ((col0 + b * T + t * SUBK) // GROUP) * N + rn_c)
                     sr = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
                     zr = (sz & 0xFFFF).to(gl.float32)
-                a = _dequant_slice(words, hi, zr, sr, t, BITS, DTYPE)
+                a = _dequant_slice(words, hi, zr, sr, t, BITS, DTYPE, LOP3)
                 st = (b * CPW + t) // SPS  # stage of this slice (SPS divides CPW: t % SPS is its place in it)
                 slot = st % STAGES
                 if t % SPS == 0:
@@ -172,30 +181,126 @@ if GLUON:
                     nslot = nxt % STAGES
                     mbarrier.expect(bars.index(nslot), STAGE_BYTES, pred=nxt < n_stages)
                     for u in gl.static_range(SPS):
-                        tma.async_copy_global_to_shared(x_desc, [off_m, (nxt * SPS + u) * SUBK], bars.index(nslot),
-                                                        xs.index(nslot * SPS + u), pred=nxt < n_stages)
+                        tma.async_copy_global_to_shared(x_desc, [off_m, col0 + (nxt * SPS + u) * SUBK],
+                                                        bars.index(nslot), xs.index(nslot * SPS + u),
+                                                        pred=nxt < n_stages)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        gl.thread_barrier()  # every warp is past its last mbarrier wait before the barriers go
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
+        return acc
 
-        # epilogue: yᵀ tile -> y[M, N], N contiguous
-        out_layout: gl.constexpr = _store_layout(BN, num_warps)
-        out = gl.convert_layout(acc.to(DTYPE), out_layout)
+    @gluon.constexpr_function
+    def _acc_layout(bm, num_warps):
+        """wgmma's accumulator over a [BN, BM] tile: 16 weight rows per warp, the x rows as the MMA's N."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, bm, 16])
+
+    @gluon.jit
+    def _store_tile(acc, y_ptr, M, N, off_m, n0, BN: gl.constexpr, BM: gl.constexpr):
+        """yᵀ tile (fp32, any layout) -> y[M, N] in y's dtype, N contiguous (16-byte stores)."""
+        out_layout: gl.constexpr = _store_layout(BN, gl.num_warps())
+        out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out_layout)
         on = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out_layout))
         om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
         gl.store(y_ptr + om[None, :].to(gl.int64) * N + on[:, None], out, mask=(on[:, None] < N) & (om[None, :] < M))
 
+    @gluon.jit
+    def _ws_offsets(BN: gl.constexpr, BM: gl.constexpr):
+        """[BN, BM] int32 offsets of a tile's partial sums in its private BN·BM-float region of the workspace, in the
+        accumulator layout and ordered like it: in wgmma's accumulator, warp w holds rows 16w + r + 8h (r = lane // 4,
+        h = 0/1) and columns 8j + 2(lane % 4) + e (e = 0/1). Offset = 64·WPT·(BM/8·h + j) + 64w + 8r + 2(lane % 4) + e,
+        WPT = BN/16 warps: one warp's 32 lanes × 2 columns are 64 consecutive floats for every (h, j) — each atomic
+        instruction covers whole 32-byte sectors, and the offsets are the same bijection for writer and reader."""
+        acc_layout: gl.constexpr = _acc_layout(BM, gl.num_warps())
+        WPT: gl.constexpr = BN // 16
+        rn = gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
+        rm = gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
+        a = (64 * WPT * (BM // 8)) * ((rn // 8) % 2) + ((rn // 16) * 8 + rn % 8) * 8
+        b = (64 * WPT) * (rm // 8) + rm % 8
+        return a[:, None] + b[None, :]
 
-def check_config(bits: int, bn: int, bm: int, num_warps: int, stages: int, sps: int) -> None:
+    @gluon.jit
+    def _add_partial(acc, y_ptr, ws_tile, cnt, M, N, off_m, n0, amount, total_count, BN: gl.constexpr,
+                     BM: gl.constexpr):
+        """A stream-K span's partial sums of one tile, met by the tile's other spans without extra launches
+        (``wq_ktiled._add_partial``'s protocol): added to the tile's zeroed fp32 region ``ws_tile`` (BN·BM floats),
+        the tile's counter ``cnt`` grows by the span's k-tiles ``amount``, and the program that brings it to
+        ``total_count`` writes y once and re-zeroes the region and the counter for the next call."""
+        off = _ws_offsets(BN, BM)
+        gl.atomic_add(ws_tile + off, acc, sem="relaxed")
+        gl.thread_barrier()  # every thread's partial sums are issued before the release below
+        done = gl.atomic_add(cnt, amount, sem="acq_rel") + amount
+        if done == total_count:
+            total = gl.load(ws_tile + off, cache_modifier=".cg")
+            gl.store(ws_tile + off, gl.zeros_like(total))
+            gl.atomic_xchg(cnt, 0)
+            _store_tile(total, y_ptr, M, N, off_m, n0, BN, BM)
+
+    @gluon.jit
+    def _whole_tile(tile, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS: gl.constexpr, GROUP: gl.constexpr,
+                    BN: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, LOP3: gl.constexpr):
+        """Output tile ``tile`` (m fastest: the programs sharing a weight tile run together and read it from DRAM
+        once) over all of K, stored."""
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[1]
+        off_m = (tile % num_m) * BM
+        n0 = (tile // num_m) * BN
+        acc = _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, 0, K // T, BITS, GROUP, BN, STAGES, SPS, LOP3)
+        _store_tile(acc, y_ptr, M, N, off_m, n0, BN, BM)
+
+    @gluon.jit
+    def _wgmma_w_as_a_kernel(x_desc, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
+                             BITS: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                             SPS: gl.constexpr, STREAMK: gl.constexpr, LOP3: gl.constexpr):
+        """One output tile per program (STREAMK False), or the hybrid stream-K schedule on a grid of P programs
+        (a few per SM): whole tiles round-robin while at least two waves of tiles remain, then the last 1–2 waves'
+        (tile, k-tile) units split evenly, each program a contiguous run — every SM gets the same number of k-tiles
+        whatever the tile count. A run may start and end inside a tile; those spans meet in ``_add_partial``, in the
+        tile's region of the workspace (indexed from the first stream-K tile: at most 2P regions)."""
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[1]
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BM)
+        if STREAMK:
+            kt_per_tile = K // T
+            tiles = num_m * gl.cdiv(N, BN)
+            progs = gl.num_programs(0)
+            dp_tiles = gl.maximum(tiles // progs - 1, 0) * progs
+            for tile in range(pid, dp_tiles, progs):
+                _whole_tile(tile, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3)
+            total = (tiles - dp_tiles) * kt_per_tile
+            u = (pid * total) // progs  # this program's units [u, u_end); int32: the host keeps progs·total < 2**31
+            u_end = ((pid + 1) * total) // progs
+            while u < u_end:
+                sk_tile = u // kt_per_tile
+                kt_lo = u - sk_tile * kt_per_tile
+                n_kt = gl.minimum(kt_per_tile - kt_lo, u_end - u)
+                tile = dp_tiles + sk_tile
+                off_m = (tile % num_m) * BM
+                n0 = (tile // num_m) * BN
+                acc = _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, kt_lo, n_kt, BITS, GROUP, BN, STAGES,
+                                  SPS, LOP3)
+                if n_kt == kt_per_tile:
+                    _store_tile(acc, y_ptr, M, N, off_m, n0, BN, BM)
+                else:
+                    _add_partial(acc, y_ptr, ws_ptr + sk_tile * (BN * BM), cnt_ptr + sk_tile, M, N, off_m, n0, n_kt,
+                                 kt_per_tile, BN, BM)
+                u += n_kt
+        else:
+            _whole_tile(pid, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3)
+
+
+def check_config(bits: int, bn: int, bm: int, num_warps: int, stages: int, sps: int, streamk: int = 0) -> None:
     """Refuse a tile the kernel cannot build: bn = 16·num_warps (64 weight rows per warpgroup of 4 warps), bm one of
-    wgmma's N sizes used here, sps dividing the slices of a k-tile, the x ring within ``SMEM_BYTES``."""
+    wgmma's N sizes used here, sps dividing the slices of a k-tile, the x ring within ``SMEM_BYTES``, stream-K
+    programs per SM >= 0."""
     cpw = 32 // bits if bits in (2, 4, 8) else None
     if (cpw is None or num_warps not in (4, 8) or bn != 16 * num_warps or bm not in (64, 128, 192, 256) or stages < 2
-            or sps < 1 or cpw % sps or stages * sps * bm * SUB * 2 > SMEM_BYTES):
-        raise ValueError(f"wgmma_gemm: bits={bits}, bn={bn}, num_warps={num_warps}, bm={bm}, stages={stages}, sps={sps}: "
-                         f"expected bits in 2/4/8, num_warps 4 or 8 with bn = 16·num_warps, bm in 64/128/192/256, "
-                         f"stages >= 2, sps dividing {cpw} (32-column slices per {bits}-bit k-tile) and "
-                         f"stages·sps·bm·64 <= {SMEM_BYTES} bytes of shared memory")
+            or sps < 1 or cpw % sps or stages * sps * bm * SUB * 2 > SMEM_BYTES or streamk < 0):
+        raise ValueError(f"wgmma_gemm: bits={bits}, bn={bn}, num_warps={num_warps}, bm={bm}, stages={stages}, sps={sps}, "
+                         f"streamk={streamk}: expected bits in 2/4/8, num_warps 4 or 8 with bn = 16·num_warps, bm in "
+                         f"64/128/192/256, stages >= 2, sps dividing {cpw} (32-column slices per {bits}-bit k-tile), "
+                         f"stages·sps·bm·64 <= {SMEM_BYTES} bytes of shared memory and streamk >= 0 programs per SM")
 
 
 def check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int) -> None:
@@ -224,12 +329,17 @@ def _x_descriptor(x2: Tensor, bm: int):
     return TensorDescriptor(x2, list(x2.shape), [x2.shape[1], 1], [bm, SUB], layout)
 
 
-def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
-               bn: int = 128, bm: int = 256, num_warps: int = 8, stages: int = 4, sps: int = 2) -> Tensor:
+def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 128, bm: int = 256,
+               num_warps: int = 8, stages: int = 4, sps: int = 2, streamk: int = 0, lop3: bool = True,
+               programs: int | None = None) -> Tensor:
     """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words, on Hopper's tensor cores with the dequantization
     overlapped (module docstring). ``bn`` weight rows (64 per warpgroup: bn = 16·num_warps), ``bm`` rows of x
-    (wgmma's N, <= 256), ``stages`` stages of ``sps`` 32-column x slices in flight."""
-    check_config(bits, bn, bm, num_warps, stages, sps)
+    (wgmma's N, <= 256), ``stages`` stages of ``sps`` 32-column x slices in flight; ``streamk`` > 0: that many
+    programs per SM on the stream-K schedule (partial tiles meet in ``wq_ktiled.split_k_workspace``), 0: one
+    program per output tile. ``lop3=False`` builds the field extraction from plain Gluon (two LOP3s; comparison).
+    ``programs``: the stream-K grid instead of ``streamk`` × SMs (tests use small grids to reach every path of the
+    schedule: whole tiles first, then spans that start and end inside tiles)."""
+    check_config(bits, bn, bm, num_warps, stages, sps, streamk)
     check_operands(x2, words, sz, bits, group)
     m, k = x2.shape
     n = words.shape[0]
@@ -239,14 +349,23 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset): copy
         x2 = x2.clone()
     x_desc = _x_descriptor(x2, bm)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), )
-    _wgmma_w_as_a_kernel[grid](x_desc, words, sz, y, m, n, k, BITS=bits, GROUP=group, BN=bn, STAGES=stages, SPS=sps,
-                               num_warps=num_warps)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if streamk:  # the hybrid schedule of the kernel: the last 1-2 waves of tiles on the stream-K split
+        units = tiles * (k // tile_columns(bits))
+        grid = min(units, programs or streamk * sm_count(x2.device))
+        sk_tiles = tiles - max(tiles // grid - 1, 0) * grid
+        if grid * units >= 2**31:  # the kernel's unit split is int32
+            raise ValueError(f"wgmma_gemm: stream-K over M={m}, N={n}, K={k} overflows int32 indexing; use streamk=0")
+        ws, cnt = split_k_workspace(x2.device, sk_tiles * bn * bm, sk_tiles)
+    else:
+        grid, ws, cnt = tiles, y, y  # no partial tiles: the workspace pointers are never used
+    _wgmma_w_as_a_kernel[(grid, )](x_desc, words, sz, y, ws, cnt, m, n, k, BITS=bits, GROUP=group, BN=bn,
+                                   STAGES=stages, SPS=sps, STREAMK=bool(streamk), LOP3=lop3, num_warps=num_warps)
     return y
 
 
 def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: torch.dtype = torch.bfloat16,
-                     n: int = 4096, k: int = 4096):
+                     n: int = 4096, k: int = 4096, lop3: bool = True):
     """Compile the kernel for an H100 (sm_90a) on any machine, GPU or not: the Triton wheel carries ptxas. Returns
     Triton's compiled kernel (``.asm['ptx' | 'cubin']``, ``.metadata.shared``) — what ``benchmarks/sass_wgmma.py``
     reads and the CPU tests check (it builds, and the wgmma is issued asynchronously), without a GPU call.
@@ -257,14 +376,15 @@ def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: t
 
     if not GLUON:
         raise RuntimeError("Gluon is not available in this Triton: the wgmma kernel cannot be built")
-    bn, bm, num_warps, stages, sps = config
-    check_config(bits, bn, bm, num_warps, stages, sps)
+    bn, bm, num_warps, stages, sps, streamk = config
+    check_config(bits, bn, bm, num_warps, stages, sps, streamk)
     # a host tensor stands in for x: only its dtype, shape and alignment count
     desc = _x_descriptor(torch.empty(bm, k, dtype=dtype), bm)
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    sig = {"x_desc": mangle_type(desc), "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "M": "i32", "N": "i32",
-           "K": "i32", "BITS": "constexpr", "GROUP": "constexpr", "BN": "constexpr", "STAGES": "constexpr",
-           "SPS": "constexpr", "num_warps": "constexpr"}
-    consts = {"BITS": bits, "GROUP": group, "BN": bn, "STAGES": stages, "SPS": sps, "num_warps": num_warps}
+    sig = {"x_desc": mangle_type(desc), "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "ws_ptr": "*fp32",
+           "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "BITS": "constexpr", "GROUP": "constexpr",
+           "BN": "constexpr", "STAGES": "constexpr", "SPS": "constexpr", "STREAMK": "constexpr", "LOP3": "constexpr"}
+    consts = {"BITS": bits, "GROUP": group, "BN": bn, "STAGES": stages, "SPS": sps, "STREAMK": bool(streamk),
+              "LOP3": lop3}
     src = GluonASTSource(_wgmma_w_as_a_kernel, sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

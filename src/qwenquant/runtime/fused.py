@@ -236,8 +236,14 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
         out.update({f"ktiled A bm{bm} bn{bn} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
                     for bm, bn, w, st, p in KTILED_STREAMK_LARGE})
     if wgmma:  # Hopper: the Gluon GEMM that dequantizes under the wgmma in flight (kernels/wq_wgmma.py)
-        out.update({"wgmma bn{} bm{} w{} s{} sps{}".format(*cfg): ("wgmma", cfg) for cfg in W.CONFIGS})
+        out.update({wgmma_name(cfg): ("wgmma", cfg) for cfg in W.CONFIGS})
     return out
+
+
+def wgmma_name(cfg: tuple) -> str:
+    """The tuner's name of a ``wq_wgmma.CONFIGS`` entry (stream-K ones end in ``streamk<programs per SM>``)."""
+    bn, bm, w, st, sps, sk = cfg
+    return f"wgmma bn{bn} bm{bm} w{w} s{st} sps{sps}" + (f" streamk{sk}" if sk else "")
 
 
 def wgmma_available() -> bool:
