@@ -10,7 +10,8 @@ multiple of the tile, M from 1 to 1000 (tails of every tile); also against cuBLA
 (``bench.gemm.time_graph``), L2 not flushed (at these M the shapes are compute-bound; gate/up's weights exceed L2).
 Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``check`` also runs stream-K on 3 and 5
 programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction.
-``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down).
+``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down),
+WGMMA_ONLY (';'-separated substrings of the wgmma candidate names to time).
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def timings() -> list[dict]:
             # the field extraction written in plain Gluon (two LOP3s per field) on the tile that wins most
             cands[fused.wgmma_name(W.CONFIGS[1]) + " twolop3"] = (
                 lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *W.CONFIGS[1], lop3=False))
+            only = os.environ.get("WGMMA_ONLY")  # e.g. "streamk;s4 sps2": keep wgmma names containing one of these
+            if only:
+                cands = {c: f for c, f in cands.items()
+                         if not c.startswith("wgmma") or any(o in c for o in only.split(";"))}
             for cname, fn in cands.items():
                 try:
                     fn()
