@@ -205,41 +205,36 @@ if GLUON:
         gl.store(y_ptr + om[None, :].to(gl.int64) * N + on[:, None], out, mask=(on[:, None] < N) & (om[None, :] < M))
 
     @gluon.jit
-    def _store_partial(acc, slot_ptr, BN: gl.constexpr, BM: gl.constexpr):
-        """A span's fp32 partial sums of a tile -> its own slot of the workspace, [BM, BN] row-major (n fastest):
-        from the accumulator layout 8 lanes write 8 consecutive floats, whole 32-byte sectors. Plain stores (no
-        atomics: the slot is this span's alone)."""
+    def _ws_offsets(BN: gl.constexpr, BM: gl.constexpr):
+        """[BN, BM] int32 offsets of a tile's partial sums in its private BN·BM-float region of the workspace, in the
+        accumulator layout and ordered like it: in wgmma's accumulator, warp w holds rows 16w + r + 8h (r = lane // 4,
+        h = 0/1) and columns 8j + 2(lane % 4) + e (e = 0/1). Offset = 64·WPT·(BM/8·h + j) + 64w + 8r + 2(lane % 4) + e,
+        WPT = BN/16 warps: one warp's 32 lanes × 2 columns are 64 consecutive floats for every (h, j) — each atomic
+        instruction covers whole 32-byte sectors, and the offsets are the same bijection for writer and reader."""
         acc_layout: gl.constexpr = _acc_layout(BM, gl.num_warps())
+        WPT: gl.constexpr = BN // 16
         rn = gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
         rm = gl.arange(0, BM, layout=gl.SliceLayout(0, acc_layout))
-        gl.store(slot_ptr + rm[None, :] * BN + rn[:, None], acc)
+        a = (64 * WPT * (BM // 8)) * ((rn // 8) % 2) + ((rn // 16) * 8 + rn % 8) * 8
+        b = (64 * WPT) * (rm // 8) + rm % 8
+        return a[:, None] + b[None, :]
 
     @gluon.jit
-    def _reduce_partials(ws_ptr, y_ptr, M, N, off_m, n0, t0, kt_per_tile, total, progs, BN: gl.constexpr,
-                         BM: gl.constexpr):
-        """Sum a tile's partial slots and store y. The tile's units are [t0, t0 + kt_per_tile); program p's run starts
-        at u(p) = p·total // progs, so the programs holding them are p(t0) … p(t0 + kt_per_tile - 1) with
-        p(x) = ((x + 1)·progs - 1) // total, and p's span here sits in slot 2p if its run starts inside the tile
-        (u(p) >= t0), else 2p + 1 (the span its run ends with). Read from L2 (.cg) in chunks of BM/4 rows: 32 floats
-        per thread at a time, and y is stored 16 bytes per thread, N contiguous."""
-        RC: gl.constexpr = BM // 4
-        TN: gl.constexpr = BN // 8  # threads along N, 8 values each
-        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // TN, TN],
-                                                warps_per_cta=[gl.num_warps(), 1], order=[1, 0])
-        rm = gl.arange(0, RC, layout=gl.SliceLayout(1, layout))
-        rn = gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        offs = rm[:, None] * BN + rn[None, :]
-        p_lo = ((t0 + 1) * progs - 1) // total
-        p_hi = ((t0 + kt_per_tile) * progs - 1) // total
-        on = n0 + rn
-        for c in gl.static_range(4):
-            part = gl.zeros([RC, BN], gl.float32, layout)
-            for p in range(p_lo, p_hi + 1):
-                slot = 2 * p + ((p * total) // progs < t0).to(gl.int32)
-                part += gl.load(ws_ptr + slot * (BN * BM) + c * (RC * BN) + offs, cache_modifier=".cg")
-            om = off_m + c * RC + rm
-            gl.store(y_ptr + om[:, None].to(gl.int64) * N + on[None, :], part.to(y_ptr.dtype.element_ty),
-                     mask=(om[:, None] < M) & (on[None, :] < N))
+    def _add_partial(acc, y_ptr, ws_tile, cnt, M, N, off_m, n0, amount, total_count, BN: gl.constexpr,
+                     BM: gl.constexpr):
+        """A stream-K span's partial sums of one tile, met by the tile's other spans without extra launches
+        (``wq_ktiled._add_partial``'s protocol): added to the tile's zeroed fp32 region ``ws_tile`` (BN·BM floats),
+        the tile's counter ``cnt`` grows by the span's k-tiles ``amount``, and the program that brings it to
+        ``total_count`` writes y once and re-zeroes the region and the counter for the next call."""
+        off = _ws_offsets(BN, BM)
+        gl.atomic_add(ws_tile + off, acc, sem="relaxed")
+        gl.thread_barrier()  # every thread's partial sums are issued before the release below
+        done = gl.atomic_add(cnt, amount, sem="acq_rel") + amount
+        if done == total_count:
+            total = gl.load(ws_tile + off, cache_modifier=".cg")
+            gl.store(ws_tile + off, gl.zeros_like(total))
+            gl.atomic_xchg(cnt, 0)
+            _store_tile(total, y_ptr, M, N, off_m, n0, BN, BM)
 
     @gluon.jit
     def _whole_tile(tile, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS: gl.constexpr, GROUP: gl.constexpr,
@@ -260,9 +255,8 @@ if GLUON:
         """One output tile per program (STREAMK False), or the hybrid stream-K schedule on a grid of P programs
         (a few per SM): whole tiles round-robin while at least two waves of tiles remain, then the last 1–2 waves'
         (tile, k-tile) units split evenly, each program a contiguous run — every SM gets the same number of k-tiles
-        whatever the tile count. A run may start and end inside a tile: such a span stores its partial sums in its own
-        workspace slot (two per program), and the span that completes the tile's k-tile count (a per-tile counter)
-        sums the slots and stores y (``_reduce_partials``)."""
+        whatever the tile count. A run may start and end inside a tile; those spans meet in ``_add_partial``, in the
+        tile's region of the workspace (indexed from the first stream-K tile: at most 2P regions)."""
         BM: gl.constexpr = x_desc.block_type.shape[0]
         T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[1]
         pid = gl.program_id(0)
@@ -276,7 +270,6 @@ if GLUON:
                 _whole_tile(tile, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3)
             total = (tiles - dp_tiles) * kt_per_tile
             u = (pid * total) // progs  # this program's units [u, u_end); int32: the host keeps progs·total < 2**31
-            u_start = u
             u_end = ((pid + 1) * total) // progs
             while u < u_end:
                 sk_tile = u // kt_per_tile
@@ -289,15 +282,9 @@ if GLUON:
                                   SPS, LOP3)
                 if n_kt == kt_per_tile:
                     _store_tile(acc, y_ptr, M, N, off_m, n0, BN, BM)
-                else:  # a partial span: its own slot (a run has at most two: the one it starts with, 2·pid, and
-                    # the one it ends with, 2·pid + 1); the span that completes the tile's count sums them all
-                    _store_partial(acc, ws_ptr + (2 * pid + (u != u_start).to(gl.int32)) * (BN * BM), BN, BM)
-                    gl.thread_barrier()  # every thread's stores are issued before the release below
-                    done = gl.atomic_add(cnt_ptr + sk_tile, n_kt, sem="acq_rel") + n_kt
-                    if done == kt_per_tile:
-                        gl.atomic_xchg(cnt_ptr + sk_tile, 0)  # zero again for the next call
-                        _reduce_partials(ws_ptr, y_ptr, M, N, off_m, n0, sk_tile * kt_per_tile, kt_per_tile, total,
-                                         progs, BN, BM)
+                else:
+                    _add_partial(acc, y_ptr, ws_ptr + sk_tile * (BN * BM), cnt_ptr + sk_tile, M, N, off_m, n0, n_kt,
+                                 kt_per_tile, BN, BM)
                 u += n_kt
         else:
             _whole_tile(pid, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3)
@@ -369,7 +356,7 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
         sk_tiles = tiles - max(tiles // grid - 1, 0) * grid
         if grid * units >= 2**31:  # the kernel's unit split is int32
             raise ValueError(f"wgmma_gemm: stream-K over M={m}, N={n}, K={k} overflows int32 indexing; use streamk=0")
-        ws, cnt = split_k_workspace(x2.device, 2 * grid * bn * bm, sk_tiles)  # two partial slots per program
+        ws, cnt = split_k_workspace(x2.device, sk_tiles * bn * bm, sk_tiles)  # a zeroed region per stream-K tile
     else:
         grid, ws, cnt = tiles, y, y  # no partial tiles: the workspace pointers are never used
     _wgmma_w_as_a_kernel[(grid, )](x_desc, words, sz, y, ws, cnt, m, n, k, BITS=bits, GROUP=group, BN=bn,
