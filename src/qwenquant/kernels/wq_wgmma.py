@@ -29,6 +29,12 @@ Dequantization (scale before the MMA, exact): the field is OR-ed into the float 
 by scale·2**-sh (both per row) give (code - zero)·scale in fp32, rounded once to x's dtype: bit-equal to
 ``wq_matmul.reference_dequantize``. Fields ending above bit 23 are taken from ``w >> 16``.
 
+Schedules: one output tile per program, or (``streamk`` > 0) a hybrid stream-K grid of a few programs per SM
+that runs whole tiles while two waves remain and splits the last waves' k-tiles evenly; a tile split between
+programs is met in a zeroed fp32 workspace region (relaxed atomic adds, a per-tile counter, the span completing
+the count stores y and re-zeroes both) — what fills the SMs when 128 × 256 tiles are few (down at M = 256: 0.67×
+→ 0.95× bf16, benchmarks/NOTES.md session 11).
+
 Requirements: an sm_90 GPU (wgmma, TMA); x bf16 or fp16, contiguous, M >= 1; bits ∈ {2, 4, 8}; K a multiple of
 the k-tile T (``wq_ktiled.tile_columns``); group a multiple of 32 dividing K; N a multiple of 8.
 Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``wq_ktiled.unpack_ktiled`` inverts the repack).
@@ -331,19 +337,27 @@ def _x_descriptor(x2: Tensor, bm: int):
 
 def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 128, bm: int = 256,
                num_warps: int = 8, stages: int = 4, sps: int = 2, streamk: int = 0, lop3: bool = True,
-               programs: int | None = None) -> Tensor:
+               programs: int | None = None, out: Tensor | None = None) -> Tensor:
     """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words, on Hopper's tensor cores with the dequantization
     overlapped (module docstring). ``bn`` weight rows (64 per warpgroup: bn = 16·num_warps), ``bm`` rows of x
     (wgmma's N, <= 256), ``stages`` stages of ``sps`` 32-column x slices in flight; ``streamk`` > 0: that many
     programs per SM on the stream-K schedule (partial tiles meet in ``wq_ktiled.split_k_workspace``), 0: one
     program per output tile. ``lop3=False`` builds the field extraction from plain Gluon (two LOP3s; comparison).
     ``programs``: the stream-K grid instead of ``streamk`` × SMs (tests use small grids to reach every path of the
-    schedule: whole tiles first, then spans that start and end inside tiles)."""
+    schedule: whole tiles first, then spans that start and end inside tiles). ``out``: the [M, N] result tensor
+    (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN, so an output tile
+    the kernel failed to write cannot pass on a stale allocation."""
     check_config(bits, bn, bm, num_warps, stages, sps, streamk)
+    if programs is not None and (not streamk or programs < 1):
+        raise ValueError(f"wgmma_gemm: programs={programs} sets the stream-K grid: it needs streamk > 0 and programs >= 1")
     check_operands(x2, words, sz, bits, group)
     m, k = x2.shape
     n = words.shape[0]
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"wgmma_gemm: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
+                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
     if m < bm:  # TMA boxes no taller than the tensor: pad x with zero rows (their outputs are not stored)
         x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
     elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset): copy
@@ -352,11 +366,13 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if streamk:  # the hybrid schedule of the kernel: the last 1-2 waves of tiles on the stream-K split
         units = tiles * (k // tile_columns(bits))
-        grid = min(units, programs or streamk * sm_count(x2.device))
-        sk_tiles = tiles - max(tiles // grid - 1, 0) * grid
+        grid_cap = programs or streamk * sm_count(x2.device)
+        grid = min(units, grid_cap)
         if grid * units >= 2**31:  # the kernel's unit split is int32
             raise ValueError(f"wgmma_gemm: stream-K over M={m}, N={n}, K={k} overflows int32 indexing; use streamk=0")
-        ws, cnt = split_k_workspace(x2.device, sk_tiles * bn * bm, sk_tiles)  # a zeroed region per stream-K tile
+        # a zeroed region and counter per stream-K tile: fewer than 2·grid of them; sized for the grid cap, not M,
+        # so a CUDA graph captured at another M than the warm-up never needs the workspace to grow
+        ws, cnt = split_k_workspace(x2.device, 2 * grid_cap * bn * bm, 2 * grid_cap)
     else:
         grid, ws, cnt = tiles, y, y  # no partial tiles: the workspace pointers are never used
     _wgmma_w_as_a_kernel[(grid, )](x_desc, words, sz, y, ws, cnt, m, n, k, BITS=bits, GROUP=group, BN=bn,
