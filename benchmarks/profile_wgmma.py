@@ -1,0 +1,76 @@
+"""Hardware-counter profile of the Gluon wgmma GEMM (``kernels/wq_wgmma.py``) beside cuBLAS bf16, for ncu: where a
+stream-K span's overhead goes (benchmarks/NOTES.md session 11 item 3: ≈ 17–22 µs per program more than its k-tiles
+predict) and what holds the whole-tile kernel at ≈ 0.78 of the bf16 peak.
+
+    ncu --clock-control none --profile-from-start off --csv --page details \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section MemoryWorkloadAnalysis \
+        --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
+        env QWENQUANT_COMMIT=<full sha> PYTHONPATH=src python3 benchmarks/profile_wgmma.py > $OUT/ncu_wgmma.csv
+
+As ``profile_w4.py``: every case is compiled and run outside the profiled range, then run once between
+cudaProfilerStart/Stop, so the CSV has one launch per case in the order of ``$OUT/profile_wgmma_cases.json``.
+Random W4 g128 weights of the Qwen3-8B merged shapes. Counters describe the kernels; ncu serializes and replays,
+so its durations are not the timings of ``wgmma_session.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from qwenquant.bench.hw import environment
+from qwenquant.kernels import wq_ktiled as KT
+from qwenquant.kernels import wq_wgmma as W
+from qwenquant.numerics import QuantSpec, quantize_weight
+from qwenquant.runtime import fused
+from qwenquant.runtime.quant_linear import QuantLinear
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
+WHOLE = (128, 256, 8, 4, 2, 0)  # the whole-tile config the tuner takes at M >= 512
+STREAMK = (128, 256, 8, 4, 2, 1)
+# (proj, M, config or None for cuBLAS bf16): down at 256/512 is where stream-K wins (0.95× / 0.72× bf16) and o at 512
+# where it loses (0.55×); gate_up at 2048 shows the whole-tile kernel at full occupancy of the machine
+CASES = [("down", 256, None), ("down", 256, (64, 128, 4, 4, 2, 0)), ("down", 256, STREAMK),
+         ("down", 512, None), ("down", 512, STREAMK),
+         ("o", 512, None), ("o", 512, (128, 128, 8, 4, 2, 0)), ("o", 512, STREAMK),
+         ("gate_up", 2048, None), ("gate_up", 2048, WHOLE), ("gate_up", 2048, STREAMK)]
+
+
+def main():
+    torch.manual_seed(0)
+    weights = {}
+    order = []
+    for proj, m, cfg in CASES:
+        n, k = SHAPES[proj]
+        if proj not in weights:
+            w = torch.randn(n, k) * 0.05
+            layer = QuantLinear.from_weight(quantize_weight(w, QuantSpec(4, 128, False)), compute_dtype=torch.bfloat16)
+            layer = layer.to("cuda")
+            kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, 4, k)
+            weights[proj] = (kt, w.to("cuda", torch.bfloat16))
+        kt, w16 = weights[proj]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        if cfg is None:
+            run, label = (lambda: F.linear(x, w16)), f"bf16 {proj} M={m}"
+        else:
+            run, label = (lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *cfg)), f"{fused.wgmma_name(cfg)} {proj} M={m}"
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        order.append(label)
+        print("case", len(order), label, file=sys.stderr, flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "profile_wgmma_cases.json"), "w") as f:
+        json.dump({"env": environment(), "commit": os.environ.get("QWENQUANT_COMMIT", ""), "cases": order}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
