@@ -23,14 +23,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from qwenquant.bench.hw import environment
-from qwenquant.kernels import wq_ktiled as KT
-from qwenquant.kernels import wq_wgmma as W
-from qwenquant.numerics import QuantSpec, quantize_weight
-from qwenquant.runtime import fused
-from qwenquant.runtime.quant_linear import QuantLinear
+sys.path.insert(0, os.path.dirname(__file__))
+from wgmma_session import SHAPES, make  # noqa: E402
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
+from qwenquant.bench.hw import environment  # noqa: E402
+from qwenquant.kernels import wq_wgmma as W  # noqa: E402
+from qwenquant.runtime import fused  # noqa: E402
+
 WHOLE = (128, 256, 8, 4, 2, 0)  # the whole-tile config the tuner takes at M >= 512
 STREAMK = (128, 256, 8, 4, 2, 1)
 # (proj, M, config or None for cuBLAS bf16): down at 256/512 is where stream-K wins (0.95× / 0.72× bf16) and o at 512
@@ -42,17 +41,13 @@ CASES = [("down", 256, None), ("down", 256, (64, 128, 4, 4, 2, 0)), ("down", 256
 
 
 def main():
-    torch.manual_seed(0)
     weights = {}
     order = []
     for proj, m, cfg in CASES:
         n, k = SHAPES[proj]
         if proj not in weights:
-            w = torch.randn(n, k) * 0.05
-            layer = QuantLinear.from_weight(quantize_weight(w, QuantSpec(4, 128, False)), compute_dtype=torch.bfloat16)
-            layer = layer.to("cuda")
-            kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, 4, k)
-            weights[proj] = (kt, w.to("cuda", torch.bfloat16))
+            kt, wref = make(n, k, 4, 128, False, seed=1)  # wgmma_session's weights: k-tiled words and exact Ŵ
+            weights[proj] = (kt, wref.to(torch.bfloat16))
         kt, w16 = weights[proj]
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         if cfg is None:

@@ -35,7 +35,8 @@ def compile_ktiled(bm: int, bn: int, w_as_a: bool, splits: int, warps: int, stag
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "k_per_split": "i32"}
     const = {"GROUP": group, "BITS": bits, "SUBK": KT.SUB, "BN": bn, "BM": bm, "W_AS_A": w_as_a, "SPLITS": splits,
-             "GROUP_M": 8, "LOP3": True, "SCALE_AFTER": scale_after}
+             "GROUP_M": 8, "LOP3": True, "SCALE_AFTER": scale_after,
+             "PREFETCH": 0, "SZ_GROUPS": 1, "PDL": False, "TRIGGER": 0}  # the library's defaults (kernels/overlap.py)
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(fn=KT._ktiled_gemm_kernel, signature=sig, constexprs=const, attrs=attrs)

@@ -108,10 +108,9 @@ def _field_magic(w, w_hi, T_IDX: tl.constexpr, BITS: tl.constexpr, LOP3: tl.cons
     else:
         SH: tl.constexpr = T_IDX * BITS - 16
         src = w_hi
-    if LOP3:
+    if LOP3:  # the constants splat in src's shape (and layout: Gluon's wq_wgmma calls this too) by folded arithmetic
         bits_f = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-            [src, tl.full(src.shape, MASK << SH, tl.int32), tl.full(src.shape, MAGIC, tl.int32)],
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [src, (src & 0) | (MASK << SH), (src & 0) | MAGIC],
             dtype=tl.int32, is_pure=True, pack=1)
     else:
         bits_f = (src & (MASK << SH)) | MAGIC

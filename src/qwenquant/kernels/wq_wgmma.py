@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover — an older Triton: wgmma_ok() says Fal
     GLUON = False
 
 from qwenquant.kernels.tiles import sm_count
-from qwenquant.kernels.wq_ktiled import split_k_workspace
+from qwenquant.kernels.wq_ktiled import _field_magic, split_k_workspace
 from qwenquant.numerics.ktiled import SUB, ktiled_ok, tile_columns
 
 # (bn, bm, warps, stages, slices per stage, stream-K programs per SM) the tuner may offer: bn = 64 rows per warpgroup
@@ -102,22 +102,11 @@ if GLUON:
         ``words >> 16`` (fields ending above bit 23); ``zr``/``sr`` the per-row zero and scale in fp32. LOP3: the
         field and the exponent of 2**23 in one ``lop3.b32 … 0xEA`` ((a & b) | c, the two constants in registers
         hoisted out of the loop); written in Gluon, ``(w & mask) | magic`` compiles to two LOP3s."""
-        MASK: gl.constexpr = (1 << BITS) - 1
-        if T_IDX * BITS + BITS <= 23:
-            SH: gl.constexpr = T_IDX * BITS
-            src = words
-        else:
-            SH: gl.constexpr = T_IDX * BITS - 16
-            src = hi
-        if LOP3:
-            f = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
-                                          [src, gl.full_like(src, MASK << SH), gl.full_like(src, 0x4B000000)],
-                                          dtype=gl.int32, is_pure=True, pack=1)
-        else:
-            f = (src & (MASK << SH)) | 0x4B000000
+        f = _field_magic(words, hi, T_IDX, BITS, LOP3)  # wq_ktiled's: 2**23 + code·2**sh as fp32
+        SH: gl.constexpr = T_IDX * BITS if T_IDX * BITS + BITS <= 23 else T_IDX * BITS - 16
         zf = 8388608.0 + zr * (1 << SH)  # 2**23 + zero·2**sh: exact (fields < 2**23)
         sf = sr * (1.0 / (1 << SH))  # scale·2**-sh: exact
-        return ((f.to(gl.float32, bitcast=True) - zf[:, None]) * sf[:, None]).to(DTYPE)
+        return ((f - zf[:, None]) * sf[:, None]).to(DTYPE)
 
     @gluon.jit
     def _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, kt_lo, n_kt, BITS: gl.constexpr, GROUP: gl.constexpr,
