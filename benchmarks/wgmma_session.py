@@ -7,9 +7,10 @@ weight) on fresh random inputs: bit widths 2/4/8, groups 32-128 and per-channel,
 multiple of the tile, M from 1 to 1000 (tails of every tile); also against cuBLAS on the same Ŵ.
 ``time``: Qwen3-8B merged projections × M = 128 … 8192: cuBLAS bf16, the best of the k-tiled large tiles
 (``fused.KTILED_LARGE``), unpack + cuBLAS (``auto``'s other candidate), and each wgmma config; CUDA-graph replay
-(``bench.gemm.time_graph``), L2 not flushed (at these M the shapes are compute-bound; gate/up's weights exceed L2).
+(``bench.gemm.time_interleaved``: the candidates of one M in round-robin trials), L2 not flushed (at these M the shapes are compute-bound; gate/up's weights exceed L2).
 Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``check`` also runs stream-K on 3 and 5
-programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction.
+programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction and three tiles with
+each group's scales loaded just before use (``sz_ahead=False``, as before session 12).
 ``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down),
 WGMMA_ONLY (';'-separated substrings of the wgmma candidate names to time).
 """
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from qwenquant.bench.gemm import time_graph
+from qwenquant.bench.gemm import time_interleaved
 from qwenquant.bench.hw import environment
 from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.kernels import wq_matmul as K
@@ -116,17 +117,25 @@ def timings() -> list[dict]:
             # the field extraction written in plain Gluon (two LOP3s per field) on the tile that wins most
             cands[fused.wgmma_name(W.CONFIGS[1]) + " twolop3"] = (
                 lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *W.CONFIGS[1], lop3=False))
+            # each group's scales loaded right before its first slice (before session 12) on three tiles
+            for cfg in (W.CONFIGS[1], W.CONFIGS[5], W.CONFIGS[6]):
+                cands[fused.wgmma_name(cfg) + " szlate"] = (
+                    lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c, sz_ahead=False))
             only = os.environ.get("WGMMA_ONLY")  # e.g. "streamk;s4 sps2": keep wgmma names containing one of these
             if only:
                 cands = {c: f for c, f in cands.items()
                          if not c.startswith("wgmma") or any(o in c for o in only.split(";"))}
+            warm = {}
             for cname, fn in cands.items():
                 try:
                     fn()
                     torch.cuda.synchronize()
-                    rec["us"][cname] = round(1000 * time_graph(fn, min_ms=5.0, trials=3), 2)
+                    warm[cname] = fn
                 except Exception as e:  # a config that does not fit (shared memory, registers): recorded, skipped
                     rec["us"][cname] = f"error: {type(e).__name__}: {str(e)[:120]}"
+            # round-robin trials: clock drift over the candidates of one M lands on all of them alike
+            for cname, ms in time_interleaved(warm, min_ms=5.0, trials=5).items():
+                rec["us"][cname] = round(1000 * ms, 2)
             best_kt = min(((v, c) for c, v in rec["us"].items() if c.startswith("ktiled") and isinstance(v, float)),
                           default=(float("nan"), None))
             best_w = min((v, c) for c, v in rec["us"].items() if c.startswith("wgmma") and isinstance(v, float))

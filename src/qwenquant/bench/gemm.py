@@ -1,7 +1,7 @@
 """Per-GEMM benchmark: Qwen3 linear shapes × rows M × execution modes, against bf16 in the same run.
 
 Every timing is the median of CUDA-graph replays (launch overhead out, as in a graph-captured
-decoder) over R copies of the weight, R chosen so the copies overflow L2 (a weight that stays in
+decoder), the modes of one M timed round-robin (``time_interleaved``), over R copies of the weight, R chosen so the copies overflow L2 (a weight that stays in
 L2 would measure the cache, not HBM). Each result carries its floor, ``max(bytes / copy
 bandwidth, flops / matmul peak)``, with both ceilings measured in this run, and its ratio to bf16.
 """
@@ -142,38 +142,70 @@ def _read_bytes(obj) -> int:
     return obj.storage_bytes if isinstance(obj, QuantLinear) else _bytes(obj)
 
 
-def time_graph(fn: Callable[[], object], min_ms: float = 20.0, trials: int = 5) -> float:
-    """Median ms of one ``fn()`` replayed from a CUDA graph (fn must already be warm: tuned, compiled)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    g.replay()
-    b.record()
-    b.synchronize()
-    n = max(1, int(min_ms / max(a.elapsed_time(b), 1e-3)))
-    times = []
-    for _ in range(trials):
+class GraphTimer:
+    """``fn`` (already warm: tuned, compiled) captured once in a CUDA graph; each ``trial()`` replays it n times
+    back to back (n calibrated so a trial lasts at least ``min_ms``) and returns ms per call."""
+
+    def __init__(self, fn: Callable[[], object], min_ms: float = 20.0):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn()
+        self.graph.replay()
+        torch.cuda.synchronize()
+        self.n = 1
+        self.n = max(1, int(min_ms / max(self.trial(), 1e-3)))
+
+    def trial(self) -> float:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for _ in range(n):
-            g.replay()
+        for _ in range(self.n):
+            self.graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / n)
-    times.sort()
-    del g
-    return times[len(times) // 2]
+        return a.elapsed_time(b) / self.n
+
+
+def time_graph(fn: Callable[[], object], min_ms: float = 20.0, trials: int = 5) -> float:
+    """Median ms of one ``fn()`` replayed from a CUDA graph (fn must already be warm: tuned, compiled)."""
+    return time_interleaved({"fn": fn}, min_ms, trials)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], min_ms: float = 20.0, trials: int = 5) -> dict[str, float]:
+    """Median ms per call of each warm candidate, its trials taken round-robin with the others' (trial 1 of every
+    candidate, then trial 2 …): the clock drifts of a long run (boost, heating) land on every candidate alike instead
+    of on whichever was timed last, so ratios between them hold. Timing candidates one after the other moved the
+    same kernel's ratio to bf16 by ±10 % between runs (benchmarks/NOTES.md, session 11 item 8)."""
+    timers = {name: GraphTimer(fn, min_ms) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(trials):
+        for name, t in timers.items():
+            times[name].append(t.trial())
+    del timers
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def _prepare(name: str, mode: Mode, w_bf16: torch.Tensor, layers: dict) -> list | None:
+    """The copies of one mode's weight that a timing cycles through: enough to overflow L2 (each its own prepared
+    weight), or None where the mode cannot take this weight."""
+    base = w_bf16 if mode.weight is None else layers[mode.weight]
+    try:
+        obj0 = base if mode.prepare is None else mode.prepare(copy.deepcopy(base))
+    except (RuntimeError, ValueError) as e:
+        log.warning("%s %s: cannot prepare: %s", name, tuple(w_bf16.shape), e)
+        return None
+    reps = max(1, min(32, -(-L2_OVERFLOW_BYTES // max(1, _bytes(obj0)))))
+    return [obj0] + [(base.clone() if mode.weight is None else (copy.deepcopy(base) if mode.prepare is None else mode.prepare(copy.deepcopy(base))))
+                     for _ in range(reps - 1)]
 
 
 def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mode], ceil: dict, seed: int = 0) -> list[GemmResult]:
+    """Every mode at every M of one weight shape. Per M, all modes are warmed up (tuning, compilation) and checked
+    against the fp32 product first, then timed together (``time_interleaved``), bf16 among them."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(seed)
     w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.float32) * 0.02
@@ -183,47 +215,50 @@ def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mo
         if mode.weight is not None and mode.weight not in layers:
             layers[mode.weight] = QuantLinear.from_weight(quantize_weight(w, mode.weight), compute_dtype=torch.bfloat16)
     del w
+    copies = {name: c for name, mode in modes.items() if (c := _prepare(name, mode, w_bf16, layers)) is not None}
+    ref_ws = {spec: layer.dequantized_weight(torch.float32) for spec, layer in layers.items()}
     results: list[GemmResult] = []
-    bf16_ms: dict[int, float] = {}
-    for name, mode in modes.items():
-        base = w_bf16 if mode.weight is None else layers[mode.weight]
-        try:
-            obj0 = base if mode.prepare is None else mode.prepare(copy.deepcopy(base))
-        except (RuntimeError, ValueError) as e:
-            log.warning("%s %s: cannot prepare: %s", name, (n, k), e)
-            continue
-        # copies to overflow L2 (each copy its own prepared weight)
-        reps = max(1, min(32, -(-L2_OVERFLOW_BYTES // max(1, _bytes(obj0)))))
-        objs = [obj0] + [(base.clone() if mode.weight is None else (copy.deepcopy(base) if mode.prepare is None else mode.prepare(copy.deepcopy(base))))
-                         for _ in range(reps - 1)]
-        ref_w = None if mode.weight is None else layers[mode.weight].dequantized_weight(torch.float32)
-        for m in rows:
+    for m in rows:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        calls, errs = {}, {}
+        for name, objs in copies.items():
+            mode = modes[name]
             if mode.rows is not None and m not in mode.rows:
                 continue
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             try:
                 y = None
                 for o in objs:  # eager warm-up: tuning, compilation, native operand build
                     y = mode.call(o, x)
-                rw = w_bf16.float() if ref_w is None else ref_w
+                rw = w_bf16.float() if mode.weight is None else ref_ws[mode.weight]
                 ref = x.float() @ rw.T
-                err = float((y.float() - ref).norm() / ref.norm())
-                ms = time_graph(lambda: [mode.call(o, x) for o in objs]) / len(objs)
-                wbytes = _bytes(obj0)  # after the first call: includes operands a mode builds at first use
+                errs[name] = float((y.float() - ref).norm() / ref.norm())
+                calls[name] = (lambda mode=mode, objs=objs: [mode.call(o, x) for o in objs])
             except (RuntimeError, ValueError) as e:
                 log.warning("%s %s m=%d failed: %s", name, (n, k), m, str(e).splitlines()[0][:200])
-                continue
+        try:
+            ms_all = time_interleaved(calls)
+        except (RuntimeError, ValueError) as e:  # one capture failing: time the others one by one
+            log.warning("%s m=%d: interleaved timing failed (%s); timing modes one by one", (n, k), m, str(e)[:200])
+            ms_all = {}
+            for name, fn in calls.items():
+                try:
+                    ms_all[name] = time_graph(fn)
+                except (RuntimeError, ValueError) as e2:
+                    log.warning("%s %s m=%d failed: %s", name, (n, k), m, str(e2).splitlines()[0][:200])
+        for name, ms_copies in ms_all.items():
+            mode, objs = modes[name], copies[name]
+            ms = ms_copies / len(objs)
             flops = 2 * m * n * k
             peak = {"bf16": ceil["bf16_flops_per_s"], "int8": ceil["int8_ops_per_s"], "fp8": ceil["fp8_rowwise_flops_per_s"]}[mode.compute]
-            fbytes = _read_bytes(obj0)
+            fbytes = _read_bytes(objs[0])
             bytes_moved = fbytes + 2 * m * k + 2 * m * n
             floor = max(bytes_moved / ceil["copy_bytes_per_s"], flops / peak) * 1e3
-            if name == "bf16":
-                bf16_ms[m] = ms
-            results.append(GemmResult(model, proj, n, k, m, name, ms, wbytes, fbytes, floor, floor / ms,
-                                      bf16_ms[m] / ms if m in bf16_ms else None, err))
-        del objs, obj0
-        torch.cuda.empty_cache()
+            bf16 = ms_all["bf16"] / len(copies["bf16"]) if "bf16" in ms_all else None
+            results.append(GemmResult(model, proj, n, k, m, name, ms, _bytes(objs[0]), fbytes, floor, floor / ms,
+                                      bf16 / ms if bf16 else None, errs[name]))
+        del calls
+    del copies
+    torch.cuda.empty_cache()
     return results
 
 
