@@ -9,8 +9,9 @@ multiple of the tile, M from 1 to 1000 (tails of every tile); also against cuBLA
 (``fused.KTILED_LARGE``), unpack + cuBLAS (``auto``'s other candidate), and each wgmma config; CUDA-graph replay
 (``bench.gemm.time_interleaved``: the candidates of one M in round-robin trials), L2 not flushed (at these M the shapes are compute-bound; gate/up's weights exceed L2).
 Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``check`` also runs stream-K on 3 and 5
-programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction and three tiles with
-each group's scales loaded just before use (``sz_ahead=False``, as before session 12).
+programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction the winning tile with
+each group's scales loaded just before use (``sz_ahead=False``, as before session 12), and ``X3D_CONFIGS`` with one
+3-D TMA copy per ring stage (``x3d=True``; ``check`` runs them too).
 ``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down),
 WGMMA_ONLY (';'-separated substrings of the wgmma candidate names to time).
 """
@@ -33,6 +34,8 @@ from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime import fused
 from qwenquant.runtime.quant_linear import QuantLinear
 
+# tiles timed with the 3-D x descriptor: the offered 8-warp ones, bn 64 × bm 256, and a 6-stage ring of 2 slices
+X3D_CONFIGS = (W.CONFIGS[0], W.CONFIGS[1], W.CONFIGS[3], W.CONFIGS[6], (128, 256, 8, 6, 2, 0))
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
 
 
@@ -85,13 +88,14 @@ def check() -> list[dict]:
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     ref = x.double() @ wref.double().T
                     cublas = torch.nn.functional.linear(x, w_cast)
-                    for cfg, programs in [(c, None) for c in W.CONFIGS] + [(W.CONFIGS[6], 3), (W.CONFIGS[6], 5)]:
-                        y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg, programs=programs)
+                    for cfg, programs, x3d in ([(c, None, False) for c in W.CONFIGS] + [(c, None, True) for c in X3D_CONFIGS]
+                                               + [(W.CONFIGS[6], 3, False), (W.CONFIGS[6], 5, True)]):
+                        y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg, programs=programs, x3d=x3d)
                         torch.cuda.synchronize()
                         err = float((y.double() - ref).norm() / ref.norm())
                         err_cublas = float((cublas.double() - ref).norm() / ref.norm())
                         out.append({"n": n, "k": k, "bits": bits, "group": g, "sym": sym, "dtype": str(dtype), "m": m,
-                                    "config": list(cfg), "programs": programs, "rel_err": err, "rel_err_cublas": err_cublas,
+                                    "config": list(cfg), "programs": programs, "x3d": x3d, "rel_err": err, "rel_err_cublas": err_cublas,
                                     "finite": bool(torch.isfinite(y).all()), "ok": err < 1e-2 and err < 3 * err_cublas + 1e-4})
                         print("check", out[-1], file=sys.stderr, flush=True)
     return out
@@ -117,10 +121,13 @@ def timings() -> list[dict]:
             # the field extraction written in plain Gluon (two LOP3s per field) on the tile that wins most
             cands[fused.wgmma_name(W.CONFIGS[1]) + " twolop3"] = (
                 lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *W.CONFIGS[1], lop3=False))
-            # each group's scales loaded right before its first slice (before session 12) on three tiles
-            for cfg in (W.CONFIGS[1], W.CONFIGS[5], W.CONFIGS[6]):
-                cands[fused.wgmma_name(cfg) + " szlate"] = (
-                    lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c, sz_ahead=False))
+            # each group's scales loaded right before its first slice (before session 12) on the tile that wins most
+            cands[fused.wgmma_name(W.CONFIGS[1]) + " szlate"] = (
+                lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *W.CONFIGS[1], sz_ahead=False))
+            # one 3-D TMA copy per ring stage (fewer CTA barriers per refill), on the offered tiles and a deeper ring
+            for cfg in X3D_CONFIGS:
+                cands[fused.wgmma_name(cfg) + " x3d"] = (
+                    lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c, x3d=True))
             only = os.environ.get("WGMMA_ONLY")  # e.g. "streamk;s4 sps2": keep wgmma names containing one of these
             if only:
                 cands = {c: f for c, f in cands.items()

@@ -126,6 +126,10 @@ def test_wgmma_matches_reference(bits, group, sym):
             # the field extraction in plain Gluon (two LOP3s; benchmarks compare it) computes the same
             y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *W.CONFIGS[1], lop3=False, out=_nan_out(m, n, dtype))
             assert rel_err(y, ref) < 2 * cublas + 1e-4, ("two-LOP3", m, dtype, rel_err(y, ref), cublas)
+            # one 3-D TMA copy per stage: the same slices land in the same ring slots
+            for cfg in (W.CONFIGS[0], W.CONFIGS[1], W.CONFIGS[6]):
+                y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg, x3d=True, out=_nan_out(m, n, dtype))
+                assert rel_err(y, ref) < 2 * cublas + 1e-4, ("x3d", cfg, m, dtype, rel_err(y, ref), cublas)
             # each group's scales loaded right before its first slice (the comparison path) computes the same
             y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *W.CONFIGS[1], sz_ahead=False, out=_nan_out(m, n, dtype))
             assert rel_err(y, ref) < 2 * cublas + 1e-4, ("scales late", m, dtype, rel_err(y, ref), cublas)
@@ -149,13 +153,13 @@ def test_wgmma_stream_k_schedule_matches_reference(bits, group):
     kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
     wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).double()
     for programs in (3, 5, 7, None):
-        for _ in range(2):
+        for x3d in (False, True):  # twice (the second call must find the workspace zeroed), 2-D then 3-D x copies
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ wref.T
             cublas = rel_err(torch.nn.functional.linear(x, wref.to(torch.bfloat16)), ref)
             y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, 128, 256, 8, 4, 2, 1, programs=programs,
-                             out=_nan_out(m, n, torch.bfloat16))
-            assert rel_err(y, ref) < 2 * cublas + 1e-4, (programs, rel_err(y, ref), cublas)
+                             out=_nan_out(m, n, torch.bfloat16), x3d=x3d)
+            assert rel_err(y, ref) < 2 * cublas + 1e-4, (programs, x3d, rel_err(y, ref), cublas)
             ws, cnt = KT.split_k_workspace(x.device, 0, 0)
             assert not ws.any() and not cnt.any(), programs
 
@@ -181,8 +185,9 @@ def test_wgmma_reads_every_weight_exactly(bits, group):
         x = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
         x[torch.arange(m, device="cuda"), cols] = 1
         for cfg in W.CONFIGS:
-            y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, *cfg, out=_nan_out(m, n, torch.bfloat16))
-            assert torch.equal(y, w[:, cols].T), (k, cfg)
+            for x3d in (False, True):
+                y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, *cfg, x3d=x3d, out=_nan_out(m, n, torch.bfloat16))
+                assert torch.equal(y, w[:, cols].T), (k, cfg, x3d)
         for programs in (3, 5):  # stream-K spans inside tiles: one nonzero term per output, so still exact
             y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, 128, 256, 8, 4, 2, 1, programs=programs,
                              out=_nan_out(m, n, torch.bfloat16))

@@ -108,6 +108,27 @@ if GLUON:
         sf = sr * (1.0 / (1 << SH))  # scale·2**-sh: exact
         return ((f - zf[:, None]) * sf[:, None]).to(DTYPE)
 
+    @gluon.constexpr_function
+    def _slice_layout(bm, subk, dtype):
+        """wgmma's shared-memory layout of one [bm, 32] x slice (64-byte swizzle), what both descriptors write."""
+        return gl.NVMMASharedLayout.get_default_for([bm, subk], dtype)
+
+    @gluon.jit
+    def _load_stage(x_desc, bar, xs, slot, off_m, col, pred, SPS: gl.constexpr):
+        """TMA the SPS [BM, 32] x slices of one ring stage (columns col, col + 32, …) into ring slots slot·SPS …,
+        completing on ``bar``. A 3-D descriptor (``_x_descriptor(..., sps)``: x seen as [K/32, rows, 32]) moves the
+        stage as one [SPS, BM, 32] box — one copy, so one of the CTA barriers Triton puts around each copy, where
+        the 2-D descriptor needs SPS copies."""
+        SUBK: gl.constexpr = x_desc.block_type.shape[-1]
+        if len(x_desc.block_type.shape) == 3:  # the ring seen as [STAGES, SPS, BM, 32] in the descriptor's layout
+            BM: gl.constexpr = x_desc.block_type.shape[1]
+            ring = xs._reinterpret(x_desc.dtype, [xs.shape[0] // SPS, SPS, BM, SUBK], x_desc.layout)
+            tma.async_copy_global_to_shared(x_desc, [col // SUBK, off_m, 0], bar, ring.index(slot), pred=pred)
+        else:
+            for u in gl.static_range(SPS):
+                tma.async_copy_global_to_shared(x_desc, [off_m, col + u * SUBK], bar, xs.index(slot * SPS + u),
+                                                pred=pred)
+
     @gluon.jit
     def _load_groups(sz_ptr, N, rn_c, col, pred, NG: gl.constexpr, GSTEP: gl.constexpr, GROUP: gl.constexpr):
         """The scale/zero words ([BN] int32, rows ``rn_c``) of the NG groups starting at columns col, col + GSTEP, …
@@ -128,8 +149,8 @@ if GLUON:
         may reuse the ring's shared memory. SZ_AHEAD: the scale/zero words of k-tile b+1 are loaded with its weight
         words, a k-tile ahead of use; without it each group's load sits right before its first slice, and its L2
         latency stalls every warp (ncu on gate_up M = 2048: long-scoreboard 1.5 of 6.1 cycles per instruction)."""
-        BM: gl.constexpr = x_desc.block_type.shape[0]
-        SUBK: gl.constexpr = x_desc.block_type.shape[1]  # 32 columns of K per slice (one wgmma of depth 32)
+        BM: gl.constexpr = x_desc.block_type.shape[-2]
+        SUBK: gl.constexpr = x_desc.block_type.shape[-1]  # 32 columns of K per slice (one wgmma of depth 32)
         DTYPE: gl.constexpr = x_desc.dtype
         CPW: gl.constexpr = 32 // BITS  # codes per int32 word = slices per k-tile
         T: gl.constexpr = CPW * SUBK  # columns per k-tile
@@ -149,15 +170,13 @@ if GLUON:
         # x ring: STAGES stages of SPS [BM, 32] slices, one mbarrier per stage; the warps of the program meet (CTA
         # barriers: the explicit one below, and the ones Triton adds around each TMA copy) only when a stage is
         # refilled, so several slices per stage let them run apart in between; stages 0 … STAGES-2 in flight first
-        xs = gl.allocate_shared_memory(DTYPE, [STAGES * SPS, BM, SUBK], x_desc.layout)
+        xs = gl.allocate_shared_memory(DTYPE, [STAGES * SPS, BM, SUBK], _slice_layout(BM, SUBK, DTYPE))
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(bars.index(s), count=1)
         for s in gl.static_range(STAGES - 1):
             mbarrier.expect(bars.index(s), STAGE_BYTES, pred=s < n_stages)
-            for u in gl.static_range(SPS):
-                tma.async_copy_global_to_shared(x_desc, [off_m, col0 + (s * SPS + u) * SUBK], bars.index(s),
-                                                xs.index(s * SPS + u), pred=s < n_stages)
+            _load_stage(x_desc, bars.index(s), xs, s, off_m, col0 + s * SPS * SUBK, s < n_stages, SPS)
 
         acc = gl.zeros([BN, BM], gl.float32, acc_layout)
         a_prev = gl.zeros([BN, SUBK], DTYPE, a_layout)  # the A operand of the wgmma in flight (kept alive)
@@ -195,10 +214,8 @@ if GLUON:
                     nxt = st + STAGES - 1
                     nslot = nxt % STAGES
                     mbarrier.expect(bars.index(nslot), STAGE_BYTES, pred=nxt < n_stages)
-                    for u in gl.static_range(SPS):
-                        tma.async_copy_global_to_shared(x_desc, [off_m, col0 + (nxt * SPS + u) * SUBK],
-                                                        bars.index(nslot), xs.index(nslot * SPS + u),
-                                                        pred=nxt < n_stages)
+                    _load_stage(x_desc, bars.index(nslot), xs, nslot, off_m, col0 + nxt * SPS * SUBK, nxt < n_stages,
+                                SPS)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         gl.thread_barrier()  # every warp is past its last mbarrier wait before the barriers go
         for s in gl.static_range(STAGES):
@@ -257,8 +274,8 @@ if GLUON:
                     SZ_AHEAD: gl.constexpr):
         """Output tile ``tile`` (m fastest: the programs sharing a weight tile run together and read it from DRAM
         once) over all of K, stored."""
-        BM: gl.constexpr = x_desc.block_type.shape[0]
-        T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[1]
+        BM: gl.constexpr = x_desc.block_type.shape[-2]
+        T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[-1]
         off_m = (tile % num_m) * BM
         n0 = (tile // num_m) * BN
         acc = _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, 0, K // T, BITS, GROUP, BN, STAGES, SPS, LOP3,
@@ -274,8 +291,8 @@ if GLUON:
         (tile, k-tile) units split evenly, each program a contiguous run — every SM gets the same number of k-tiles
         whatever the tile count. A run may start and end inside a tile; those spans meet in ``_add_partial``, in the
         tile's region of the workspace (indexed from the first stream-K tile: at most 2P regions)."""
-        BM: gl.constexpr = x_desc.block_type.shape[0]
-        T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[1]
+        BM: gl.constexpr = x_desc.block_type.shape[-2]
+        T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[-1]
         pid = gl.program_id(0)
         num_m = gl.cdiv(M, BM)
         if STREAMK:
@@ -341,16 +358,23 @@ def check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int)
         raise ValueError(f"wgmma_gemm: x on {x2.device}, words on {words.device}, sz on {sz.device}")
 
 
-def _x_descriptor(x2: Tensor, bm: int):
-    """TMA descriptor of x [rows, K] read in [bm, 32] boxes into wgmma's shared-memory layout (64-byte swizzle)."""
+def _x_descriptor(x2: Tensor, bm: int, sps: int = 0):
+    """TMA descriptor of x [rows, K] read in [bm, 32] boxes into wgmma's shared-memory layout (64-byte swizzle);
+    ``sps`` > 0: x seen as [K/32, rows, 32] (strides 32, K, 1), read in [sps, bm, 32] boxes — one copy per ring
+    stage, landing as sps consecutive [bm, 32] slices in the same layout."""
     gl_dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    rows, k = x2.shape
+    if sps:
+        layout = gl.NVMMASharedLayout.get_default_for([sps, bm, SUB], gl_dtype)
+        return TensorDescriptor(x2, [k // SUB, rows, SUB], [SUB, k, 1], [sps, bm, SUB], layout)
     layout = gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype)
-    return TensorDescriptor(x2, list(x2.shape), [x2.shape[1], 1], [bm, SUB], layout)
+    return TensorDescriptor(x2, [rows, k], [k, 1], [bm, SUB], layout)
 
 
 def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 128, bm: int = 256,
                num_warps: int = 8, stages: int = 4, sps: int = 2, streamk: int = 0, lop3: bool = True,
-               programs: int | None = None, out: Tensor | None = None, sz_ahead: bool = True) -> Tensor:
+               programs: int | None = None, out: Tensor | None = None, sz_ahead: bool = True,
+               x3d: bool = False) -> Tensor:
     """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words, on Hopper's tensor cores with the dequantization
     overlapped (module docstring). ``bn`` weight rows (64 per warpgroup: bn = 16·num_warps), ``bm`` rows of x
     (wgmma's N, <= 256), ``stages`` stages of ``sps`` 32-column x slices in flight; ``streamk`` > 0: that many
@@ -360,7 +384,8 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
     schedule: whole tiles first, then spans that start and end inside tiles). ``out``: the [M, N] result tensor
     (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN, so an output tile
     the kernel failed to write cannot pass on a stale allocation. ``sz_ahead=False`` loads each group's scales
-    right before its first slice, as before session 12 (comparison)."""
+    right before its first slice, as before session 12 (comparison). ``x3d``: one 3-D TMA copy per ring stage
+    instead of ``sps`` 2-D ones."""
     check_config(bits, bn, bm, num_warps, stages, sps, streamk)
     if programs is not None and (not streamk or programs < 1):
         raise ValueError(f"wgmma_gemm: programs={programs} sets the stream-K grid: it needs streamk > 0 and programs >= 1")
@@ -376,7 +401,7 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
         x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
     elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset): copy
         x2 = x2.clone()
-    x_desc = _x_descriptor(x2, bm)
+    x_desc = _x_descriptor(x2, bm, sps if x3d else 0)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if streamk:  # the hybrid schedule of the kernel: the last 1-2 waves of tiles on the stream-K split
         units = tiles * (k // tile_columns(bits))
@@ -396,7 +421,8 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
 
 
 def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: torch.dtype = torch.bfloat16,
-                     m: int = 4096, n: int = 4096, k: int = 4096, lop3: bool = True, sz_ahead: bool = True):
+                     m: int = 4096, n: int = 4096, k: int = 4096, lop3: bool = True, sz_ahead: bool = True,
+                     x3d: bool = False):
     """Compile the kernel for an H100 (sm_90a) on any machine, GPU or not: the Triton wheel carries ptxas. Returns
     Triton's compiled kernel (``.asm['ptx' | 'cubin']``, ``.metadata.shared``) — what ``benchmarks/sass_wgmma.py``
     reads and the CPU tests check (it builds, and the wgmma is issued asynchronously), without a GPU call.
@@ -411,7 +437,7 @@ def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: t
     bn, bm, num_warps, stages, sps, streamk = config
     check_config(bits, bn, bm, num_warps, stages, sps, streamk)
     # a host tensor stands in for x: only its dtype, shape and alignment count
-    desc = _x_descriptor(torch.empty(bm, k, dtype=dtype), bm)
+    desc = _x_descriptor(torch.empty(bm, k, dtype=dtype), bm, sps if x3d else 0)
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"x_desc": mangle_type(desc), "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "BITS": "constexpr", "GROUP": "constexpr",
