@@ -61,6 +61,25 @@ def test_not_run_without_a_hopper_gpu():
 
 
 @pytest.mark.skipif(not W.GLUON, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("cfg", [0, 1, 6])
+def test_each_stage_expects_the_bytes_its_copies_bring(cfg):
+    """A ring stage's mbarrier completes only when the bytes it was told to expect have landed: with the 3-D x
+    descriptor one copy brings the whole stage, with the 2-D one each of SPS copies brings a slice. An expect that
+    counts more than the copies bring waits forever (a hang, not a wrong result: the first 3-D build expected SPS
+    stages' bytes). Checked in the PTX for both descriptors, no GPU needed."""
+    import re
+
+    bn, bm, warps, stages, sps, streamk = W.CONFIGS[cfg]
+    stage_bytes = sps * bm * 32 * 2  # bf16 x
+    for x3d, box_bytes, copies_per_stage in ((False, bm * 32 * 2, sps), (True, stage_bytes, 1)):
+        ptx = W.compile_for_sm90(4, 128, W.CONFIGS[cfg], x3d=x3d).asm["ptx"]
+        assert {int(b) for b in re.findall(r"expect_tx\S*\s[^;]*?(\d+);", ptx)} == {stage_bytes}, (x3d, cfg)
+        dims = set(re.findall(r"cp\.async\.bulk\.tensor\.(\d)d", ptx))
+        assert dims == {"3" if x3d else "2"}, (x3d, dims)
+        assert box_bytes * copies_per_stage == stage_bytes
+
+
+@pytest.mark.skipif(not W.GLUON, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("bits,group,cfg", [(4, 128, 0), (4, 32, 4), (8, 4096, 4), (2, 64, 1), (4, 128, 6), (8, 128, 7)])
 def test_kernel_builds_for_an_h100_here_with_the_wgmma_left_in_flight(bits, group, cfg):
     """No GPU needed: Triton's wheel compiles the Gluon kernel to sm_90a (ptxas included). The PTX must issue

@@ -154,7 +154,7 @@ if GLUON:
         DTYPE: gl.constexpr = x_desc.dtype
         CPW: gl.constexpr = 32 // BITS  # codes per int32 word = slices per k-tile
         T: gl.constexpr = CPW * SUBK  # columns per k-tile
-        STAGE_BYTES: gl.constexpr = SPS * x_desc.block_type.nbytes
+        STAGE_BYTES: gl.constexpr = SPS * BM * SUBK * DTYPE.primitive_bitwidth // 8  # the expect of one stage
         acc_layout: gl.constexpr = _acc_layout(BM, gl.num_warps())
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         rows_a: gl.constexpr = gl.SliceLayout(1, a_layout)
