@@ -374,7 +374,7 @@ def _x_descriptor(x2: Tensor, bm: int, sps: int = 0):
 def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 128, bm: int = 256,
                num_warps: int = 8, stages: int = 4, sps: int = 2, streamk: int = 0, lop3: bool = True,
                programs: int | None = None, out: Tensor | None = None, sz_ahead: bool = True,
-               x3d: bool = False) -> Tensor:
+               x3d: bool = True) -> Tensor:
     """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words, on Hopper's tensor cores with the dequantization
     overlapped (module docstring). ``bn`` weight rows (64 per warpgroup: bn = 16·num_warps), ``bm`` rows of x
     (wgmma's N, <= 256), ``stages`` stages of ``sps`` 32-column x slices in flight; ``streamk`` > 0: that many
@@ -422,7 +422,7 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
 
 def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: torch.dtype = torch.bfloat16,
                      m: int = 4096, n: int = 4096, k: int = 4096, lop3: bool = True, sz_ahead: bool = True,
-                     x3d: bool = False):
+                     x3d: bool = True):
     """Compile the kernel for an H100 (sm_90a) on any machine, GPU or not: the Triton wheel carries ptxas. Returns
     Triton's compiled kernel (``.asm['ptx' | 'cubin']``, ``.metadata.shared``) — what ``benchmarks/sass_wgmma.py``
     reads and the CPU tests check (it builds, and the wgmma is issued asynchronously), without a GPU call.
