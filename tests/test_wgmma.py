@@ -113,7 +113,7 @@ def test_kernel_builds_for_an_h100_here_with_the_wgmma_left_in_flight(bits, grou
         elif "cp.async.bulk.tensor" in line and waited:
             refills += 1
             assert barrier, "a TMA refill without a CTA barrier after the wgmma wait"
-    assert refills >= sps
+    assert refills >= (32 // bits) // sps  # at least each stage of one k-tile: one 3-D copy per stage
 
 
 @pytest.mark.gpu

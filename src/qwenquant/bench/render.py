@@ -51,7 +51,8 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                       f"{env.get('gpu')}, driver {env.get('driver')}, torch {env['torch']}, Triton {env['triton']}, "
                       f"commit `{env['commit']}`, {env['date']}. Measured ceilings: copy {c['copy_bytes_per_s']/1e12:.2f} TB/s, "
                       f"bf16 {c['bf16_flops_per_s']/1e12:.0f} TFLOP/s, fp8 (row-wise) {c['fp8_rowwise_flops_per_s']/1e12:.0f}, "
-                      f"int8 {c['int8_ops_per_s']/1e12:.0f} TOP/s. CUDA-graph replay, weights rotated beyond L2.", "",
+                      f"int8 {c['int8_ops_per_s']/1e12:.0f} TOP/s. CUDA-graph replay, weights rotated beyond L2"
+                      + ("; the modes of one M timed round-robin" if g.get("timing") == "round-robin" else "") + ".", "",
                       "Speedup vs bf16 in the same run (layer time bf16 / layer time mode):", ""]
             t = _layer_times(g, model)
             rows = sorted({m for (_, m) in t})
