@@ -11,7 +11,9 @@ multiple of the tile, M from 1 to 1000 (tails of every tile); also against cuBLA
 Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``check`` also runs stream-K on 3 and 5
 programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction the winning tile with
 each group's scales loaded just before use (``sz_ahead=False``, as before session 12), and ``X3D_CONFIGS`` with one
-3-D TMA copy per ring stage (``x3d=True``; ``check`` runs them too).
+3-D TMA copy per ring stage (``x3d=True``; ``check`` runs them too), and the experimental warp-specialized
+``wq_wgmma_ws`` tiles (``wgmma-ws …``; in ``check`` with ``programs`` = "ws"). WGMMA_ONLY="wgmma-ws" keeps only
+those among the wgmma candidates.
 ``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down),
 WGMMA_ONLY (';'-separated substrings of the wgmma candidate names to time).
 """
@@ -30,6 +32,7 @@ from qwenquant.bench.hw import environment
 from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.kernels import wq_matmul as K
 from qwenquant.kernels import wq_wgmma as W
+from qwenquant.kernels import wq_wgmma_ws as WS
 from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime import fused
 from qwenquant.runtime.quant_linear import QuantLinear
@@ -89,8 +92,12 @@ def check() -> list[dict]:
                     ref = x.double() @ wref.double().T
                     cublas = torch.nn.functional.linear(x, w_cast)
                     for cfg, programs, x3d in ([(c, None, False) for c in W.CONFIGS] + [(c, None, True) for c in X3D_CONFIGS]
-                                               + [(W.CONFIGS[6], 3, False), (W.CONFIGS[6], 5, True)]):
-                        y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg, programs=programs, x3d=x3d)
+                                               + [(W.CONFIGS[6], 3, False), (W.CONFIGS[6], 5, True)]
+                                               + [(c, "ws", True) for c in WS.CONFIGS]):
+                        if programs == "ws":  # the warp-specialized kernel's (bm, stages, sps) tiles
+                            y = WS.wgmma_ws_gemm(x, kt.words, kt.sz, bits, g, *cfg)
+                        else:
+                            y = W.wgmma_gemm(x, kt.words, kt.sz, bits, g, *cfg, programs=programs, x3d=x3d)
                         torch.cuda.synchronize()
                         err = float((y.double() - ref).norm() / ref.norm())
                         err_cublas = float((cublas.double() - ref).norm() / ref.norm())
@@ -128,6 +135,10 @@ def timings() -> list[dict]:
             for cfg in X3D_CONFIGS:
                 cands[fused.wgmma_name(cfg) + " x3d"] = (
                     lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c, x3d=True))
+            # the experimental warp-specialized kernel (producer warp for every TMA copy), each offered tile
+            for cfg in WS.CONFIGS:
+                cands["wgmma-ws bm{} s{} sps{}".format(*cfg)] = (
+                    lambda c=cfg: WS.wgmma_ws_gemm(x, kt.words, kt.sz, 4, 128, *c))
             only = os.environ.get("WGMMA_ONLY")  # e.g. "streamk;s4 sps2": keep wgmma names containing one of these
             if only:
                 cands = {c: f for c, f in cands.items()

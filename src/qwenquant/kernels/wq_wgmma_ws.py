@@ -1,0 +1,234 @@
+"""EXPERIMENTAL (session 12): built and checked offline for sm_90a — ptxas keeps one wgmma in flight, no
+serialization warning — but NOT YET RUN ON A GPU and not offered to the tuner. ``benchmarks/wgmma_smoke.py`` is its
+first GPU contact; the GPU tests in ``tests/test_wgmma.py`` then check it against the reference.
+
+``wq_wgmma``'s W4A16 (W2/W8) GEMM, warp-specialized: one producer warp issues every TMA copy — each k-tile's
+[128, 32] weight words into a word ring, then its x stages into the x ring — and the program's 8 warps (two
+warpgroups of 64 weight rows) only dequantize and issue wgmma.
+
+Why. In ``wq_wgmma`` the 8 warps refill the x ring themselves: per refill an explicit CTA barrier (both
+warpgroups must have retired the stage) plus the barriers Triton puts around each TMA copy, all on the path between
+one slice's wgmma and the next slice's dequantization; cutting them paid directly (benchmarks/NOTES.md, session 12
+item 4: +3–20 % from one 3-D copy per stage). Here the consumers never copy: per x stage they wait on its ``ready``
+mbarrier and, once their wgmmas retired the previous stage, arrive once on its ``empty`` one; per k-tile the same
+on the word ring. Gluon lowers each such wait / arrive in the 8-warp partition as one 256-thread named barrier;
+the producer warp's copies get warp-level barriers only. The words come through shared memory, not registers:
+``wq_wgmma`` prefetches them into registers one k-tile ahead (247 registers), and here the partition runs at 240.
+
+Layouts that did not build (offline, ptxas; benchmarks/NOTES.md session 12 item 10): each consumer warpgroup as its
+own 4-warp partition — ptxas serialized the wgmmas (C7512 / C7515), even for a trivial A operand, whenever a wgmma
+ran in a worker partition.
+
+Tile: 128 weight rows × BM rows of x (wgmma's N <= 256), one tile per program, all of K. Dequantization, x ring
+layout (3-D copies) and scales a k-tile ahead are ``wq_wgmma``'s. Registers: 9 warps launch as 3 warpgroups at
+168 per thread; ``setmaxnreg`` leaves the producer's warpgroup 24 and gives the consumers 240.
+
+Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors, as for ``wq_wgmma``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from qwenquant.kernels import wq_wgmma as W
+from qwenquant.numerics.ktiled import SUB
+
+if W.GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# (bm, x stages, slices per stage) offered to callers; shared memory = x ring stages·sps·bm·64 + word ring
+# WSTAGES·16 KB + the epilogue's layout shuffle
+CONFIGS = ((256, 3, 2), (256, 4, 2), (128, 4, 2))
+BN = 128  # weight rows per program: two consumer warpgroups × 64
+WSTAGES = 2  # [128, 32] int32 word tiles in flight (16 KB each)
+MAXNREG = 168  # 3 warpgroups × 128 threads × 168 <= 65536 registers at launch
+SMEM_BYTES = 227 * 1024
+
+if W.GLUON:
+
+    @gluon.jit
+    def _producer(x_desc, w_desc, xs, ws, ready, empty, wready, wempty, M, K, BITS: gl.constexpr,
+                  STAGES: gl.constexpr, SPS: gl.constexpr):
+        """One warp, in k-tile order: the tile's [128, 32] words into word slot b % WSTAGES, then the k-tile's x
+        stages into the x ring, each copy once the consumers released the slot's previous contents (``wempty`` /
+        ``empty``; a fresh mbarrier's parity-1 wait returns at once, so the first round goes out unasked). The
+        consumers read the words with ordinary shared loads, so a proxy fence orders those reads before the TMA
+        overwrites the slot."""
+        BM: gl.constexpr = x_desc.block_type.shape[-2]
+        SUBK: gl.constexpr = x_desc.block_type.shape[-1]
+        CPW: gl.constexpr = 32 // BITS
+        STAGE_BYTES: gl.constexpr = SPS * BM * SUBK * x_desc.dtype.primitive_bitwidth // 8
+        NWS: gl.constexpr = ws.shape[0]
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BM)
+        off_m = (pid % num_m) * BM
+        n0 = (pid // num_m) * w_desc.block_type.shape[0]
+        for b in range(K // (CPW * SUBK)):
+            wslot = b % NWS
+            mbarrier.wait(wempty.index(wslot), ((b // NWS) & 1) ^ 1)
+            fence_async_shared()
+            mbarrier.expect(wready.index(wslot), w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [n0, b * SUBK], wready.index(wslot), ws.index(wslot))
+            for u in gl.static_range(CPW // SPS):
+                s = b * (CPW // SPS) + u
+                slot = s % STAGES
+                mbarrier.wait(empty.index(slot), ((s // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), STAGE_BYTES)
+                W._load_stage(x_desc, ready.index(slot), xs, slot, off_m, s * SPS * SUBK, True, SPS)
+
+    @gluon.jit
+    def _consumer(x_desc, sz_ptr, y_ptr, M, N, K, xs, ws, ready, empty, wready, wempty, BITS: gl.constexpr,
+                  GROUP: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, LOP3: gl.constexpr):
+        """The program's 8 warps: its 128 weight rows over all of K, then stored. ``wq_wgmma._mma_k_span``'s loop
+        without the refills: per k-tile the words from the word ring (then released), per x stage a wait on
+        ``ready`` before its first slice, and the previous stage released on ``empty`` once the wgmmas retired it
+        (``wgmma_wait(1)`` in both warpgroups: Gluon puts a 256-thread barrier before the arrive)."""
+        BM: gl.constexpr = x_desc.block_type.shape[-2]
+        SUBK: gl.constexpr = x_desc.block_type.shape[-1]
+        DTYPE: gl.constexpr = x_desc.dtype
+        CPW: gl.constexpr = 32 // BITS
+        T: gl.constexpr = CPW * SUBK
+        ROWS: gl.constexpr = ws.shape[1]
+        NWS: gl.constexpr = ws.shape[0]
+        acc_layout: gl.constexpr = W._acc_layout(BM, gl.num_warps())
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        rows_a: gl.constexpr = gl.SliceLayout(1, a_layout)
+        GSTEP: gl.constexpr = GROUP if GROUP < T else T  # columns between scale groups within a k-tile
+
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BM)
+        off_m = (pid % num_m) * BM
+        n0 = (pid // num_m) * ROWS
+        n_kt = K // T
+        rn = n0 + gl.arange(0, ROWS, layout=rows_a)
+        rn_c = gl.where(rn < N, rn, 0)  # rows past N: their words arrive as zeros, their outputs are not stored
+
+        acc = gl.zeros([ROWS, BM], gl.float32, acc_layout)
+        a_prev = gl.zeros([ROWS, SUBK], DTYPE, a_layout)  # the A operand of the wgmma in flight (kept alive)
+        sz_next = W._load_groups(sz_ptr, N, rn_c, 0, True, T // GSTEP, GSTEP, GROUP)
+        zr = gl.zeros([ROWS], gl.float32, rows_a)
+        sr = gl.zeros([ROWS], gl.float32, rows_a)
+        for b in range(n_kt):
+            wslot = b % NWS
+            mbarrier.wait(wready.index(wslot), (b // NWS) & 1)
+            words = ws.index(wslot).load(a_layout)  # [128, 32] int32 straight into the wgmma A layout
+            mbarrier.arrive(wempty.index(wslot))
+            szs = sz_next
+            sz_next = W._load_groups(sz_ptr, N, rn_c, (b + 1) * T, b + 1 < n_kt, T // GSTEP, GSTEP, GROUP)
+            for t in gl.static_range(CPW):
+                if (t * SUBK) % GSTEP == 0:  # a new scale group starts at this slice
+                    sz = szs[(t * SUBK) // GSTEP]
+                    sr = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+                    zr = (sz & 0xFFFF).to(gl.float32)
+                # fields ending above bit 23 come from words >> 16, shifted per slice: a shifted copy kept for
+                # the whole k-tile would cost 16 registers more than the partition's 240
+                a = W._dequant_slice(words, words >> 16, zr, sr, t, BITS, DTYPE, LOP3)
+                st = (b * CPW + t) // SPS  # x stage of this slice
+                slot = st % STAGES
+                if t % SPS == 0:
+                    mbarrier.wait(ready.index(slot), (st // STAGES) & 1)
+                acc = warpgroup_mma(a, xs.index(slot * SPS + t % SPS).permute((1, 0)), acc, is_async=True)
+                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+                a_prev = a
+                if t % SPS == 0:  # the last wgmma on stage st-1 has retired (both warpgroups): release its slot
+                    mbarrier.arrive(empty.index((st + STAGES - 1) % STAGES), pred=st > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        W._store_tile(acc, y_ptr, M, N, off_m, n0, ROWS, BM)
+
+    @gluon.jit
+    def _wgmma_ws_kernel(x_desc, w_desc, sz_ptr, y_ptr, M, N, K, BITS: gl.constexpr, GROUP: gl.constexpr,
+                         STAGES: gl.constexpr, SPS: gl.constexpr, NWS: gl.constexpr, LOP3: gl.constexpr):
+        """One [128, BM] output tile per program: the consumers are the default partition (this kernel's 8
+        warps), the producer a 1-warp worker partition."""
+        BM: gl.constexpr = x_desc.block_type.shape[-2]
+        SUBK: gl.constexpr = x_desc.block_type.shape[-1]
+        xs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * SPS, BM, SUBK], W._slice_layout(BM, SUBK, x_desc.dtype))
+        ws = gl.allocate_shared_memory(gl.int32, [NWS] + w_desc.block_type.shape, w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        wready = gl.allocate_shared_memory(gl.int64, [NWS, 1], mbarrier.MBarrierLayout())
+        wempty = gl.allocate_shared_memory(gl.int64, [NWS, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        for s in gl.static_range(NWS):
+            mbarrier.init(wready.index(s), count=1)
+            mbarrier.init(wempty.index(s), count=1)
+        gl.warp_specialize([
+            (_consumer, (x_desc, sz_ptr, y_ptr, M, N, K, xs, ws, ready, empty, wready, wempty, BITS, GROUP, STAGES, SPS,
+                         LOP3)),
+            (_producer, (x_desc, w_desc, xs, ws, ready, empty, wready, wempty, M, K, BITS, STAGES, SPS)),
+        ], [1], [24])  # the producer warp's registers per thread; the consumers take the rest (240)
+
+
+def check_config(bits: int, bm: int, stages: int, sps: int) -> None:
+    """Refuse a tile this kernel cannot build, naming the value and what was expected."""
+    cpw = 32 // bits if bits in (2, 4, 8) else None
+    if (cpw is None or bm not in (64, 128, 192, 256) or stages < 2 or sps < 1 or cpw % sps
+            or stages * sps * bm * SUB * 2 + WSTAGES * BN * SUB * 4 + BN * bm * 2 > SMEM_BYTES):
+        raise ValueError(f"wgmma_ws_gemm: bits={bits}, bm={bm}, stages={stages}, sps={sps}: expected bits in 2/4/8, bm "
+                         f"in 64/128/192/256, stages >= 2, sps dividing {cpw} (32-column slices per {bits}-bit k-tile) "
+                         f"and the x ring, the word ring and the epilogue tile (stages·sps·bm·64 + "
+                         f"{WSTAGES * BN * SUB * 4} + 256·bm bytes) within {SMEM_BYTES}")
+
+
+def _w_descriptor(words: Tensor):
+    """TMA descriptor of the k-tiled words int32 [N, K/CPW] read in [128, 32] boxes — one k-tile of a program's
+    rows (rows past N arrive as zeros)."""
+    layout = gl.NVMMASharedLayout.get_default_for([BN, SUB], gl.int32)
+    return TensorDescriptor(words, list(words.shape), [words.shape[1], 1], [BN, SUB], layout)
+
+
+def wgmma_ws_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bm: int = 256, stages: int = 3,
+                  sps: int = 2, lop3: bool = True, out: Tensor | None = None) -> Tensor:
+    """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words — ``wq_wgmma.wgmma_gemm``'s operands and result — on the
+    warp-specialized kernel (module docstring). ``out``: a contiguous [M, N] tensor of x's dtype to write into."""
+    check_config(bits, bm, stages, sps)
+    W.check_operands(x2, words, sz, bits, group)
+    m, k = x2.shape
+    n = words.shape[0]
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"wgmma_ws_gemm: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
+                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
+    if m < bm:  # TMA boxes no taller than the tensor: zero rows, whose outputs are not stored
+        x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
+    elif x2.data_ptr() % 16:
+        x2 = x2.clone()
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, BN), )
+    _wgmma_ws_kernel[grid](W._x_descriptor(x2, bm, sps), _w_descriptor(words), sz, y, m, n, k, BITS=bits, GROUP=group,
+                           STAGES=stages, SPS=sps, NWS=WSTAGES, LOP3=lop3, num_warps=8, maxnreg=MAXNREG)
+    return y
+
+
+def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: torch.dtype = torch.bfloat16,
+                     m: int = 4096, n: int = 4096, k: int = 4096, lop3: bool = True):
+    """Compile for an H100 (sm_90a) on any machine, as ``wq_wgmma.compile_for_sm90`` does; returns the compiled
+    kernel (``.asm['ptx' | 'cubin']``, ``.metadata.shared``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    if not W.GLUON:
+        raise RuntimeError("Gluon is not available in this Triton: the wgmma kernel cannot be built")
+    bm, stages, sps = config
+    check_config(bits, bm, stages, sps)
+    xdesc = W._x_descriptor(torch.empty(bm, k, dtype=dtype), bm, sps)
+    wdesc = _w_descriptor(torch.empty(n, k * bits // 32, dtype=torch.int32))
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    sig = {"x_desc": mangle_type(xdesc), "w_desc": mangle_type(wdesc), "sz_ptr": "*i32", "y_ptr": ptr, "M": "i32",
+           "N": "i32", "K": "i32", "BITS": "constexpr", "GROUP": "constexpr", "STAGES": "constexpr",
+           "SPS": "constexpr", "NWS": "constexpr", "LOP3": "constexpr"}
+    consts = {"BITS": bits, "GROUP": group, "STAGES": stages, "SPS": sps, "NWS": WSTAGES, "LOP3": lop3}
+    names = list(sig)
+    aligned = ["sz_ptr", "y_ptr"] + [a for a, v in (("M", m), ("N", n), ("K", k)) if v % 16 == 0]
+    attrs = {(names.index(a), ): [["tt.divisibility", 16]] for a in aligned}
+    src = GluonASTSource(_wgmma_ws_kernel, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "maxnreg": MAXNREG})
