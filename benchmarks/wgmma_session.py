@@ -9,11 +9,10 @@ multiple of the tile, M from 1 to 1000 (tails of every tile); also against cuBLA
 (``fused.KTILED_LARGE``), unpack + cuBLAS (``auto``'s other candidate), and each wgmma config; CUDA-graph replay
 (``bench.gemm.time_interleaved``: the candidates of one M in round-robin trials), L2 not flushed (at these M the shapes are compute-bound; gate/up's weights exceed L2).
 Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``check`` also runs stream-K on 3 and 5
-programs, so spans start and end inside tiles), plus in ``time`` the best tile with the two-LOP3 field extraction the winning tile with
-each group's scales loaded just before use (``sz_ahead=False``, as before session 12), and ``X3D_CONFIGS`` with one
-3-D TMA copy per ring stage (``x3d=True``; ``check`` runs them too), and the experimental warp-specialized
-``wq_wgmma_ws`` tiles (``wgmma-ws …``; in ``check`` with ``programs`` = "ws"). WGMMA_ONLY="wgmma-ws" keeps only
-those among the wgmma candidates.
+programs, so spans start and end inside tiles). ``time`` adds the best tile with the two-LOP3 field extraction,
+``X3D_CONFIGS`` with SPS 2-D TMA copies per ring stage (`` 2d``, ``x3d=False``; the default is one 3-D copy;
+``check`` runs both) and the experimental warp-specialized ``wq_wgmma_ws`` tiles (``wgmma-ws …``; ``check`` runs
+them too). WGMMA_ONLY="wgmma-ws" keeps only those among the wgmma candidates.
 ``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down),
 WGMMA_ONLY (';'-separated substrings of the wgmma candidate names to time).
 """
@@ -37,7 +36,7 @@ from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime import fused
 from qwenquant.runtime.quant_linear import QuantLinear
 
-# tiles timed with the 3-D x descriptor: the offered 8-warp ones, bn 64 × bm 256, and a 6-stage ring of 2 slices
+# tiles timed (and checked) with both x descriptors: the offered 8-warp ones, bn 64 × bm 256, a 6-stage ring of 2 slices
 X3D_CONFIGS = (W.CONFIGS[0], W.CONFIGS[1], W.CONFIGS[3], W.CONFIGS[6], (128, 256, 8, 6, 2, 0))
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
 
@@ -128,13 +127,10 @@ def timings() -> list[dict]:
             # the field extraction written in plain Gluon (two LOP3s per field) on the tile that wins most
             cands[fused.wgmma_name(W.CONFIGS[1]) + " twolop3"] = (
                 lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *W.CONFIGS[1], lop3=False))
-            # each group's scales loaded right before its first slice (before session 12) on the tile that wins most
-            cands[fused.wgmma_name(W.CONFIGS[1]) + " szlate"] = (
-                lambda: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *W.CONFIGS[1], sz_ahead=False))
-            # one 3-D TMA copy per ring stage (fewer CTA barriers per refill), on the offered tiles and a deeper ring
+            # SPS 2-D TMA copies per ring stage (before session 12; the default is one 3-D copy), on some tiles
             for cfg in X3D_CONFIGS:
-                cands[fused.wgmma_name(cfg) + " x3d"] = (
-                    lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c, x3d=True))
+                cands[fused.wgmma_name(cfg) + " 2d"] = (
+                    lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c, x3d=False))
             # the experimental warp-specialized kernel (producer warp for every TMA copy), each offered tile
             for cfg in WS.CONFIGS:
                 cands["wgmma-ws bm{} s{} sps{}".format(*cfg)] = (

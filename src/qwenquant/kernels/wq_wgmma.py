@@ -140,15 +140,14 @@ if GLUON:
 
     @gluon.jit
     def _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, kt_lo, n_kt, BITS: gl.constexpr, GROUP: gl.constexpr,
-                    BN: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, LOP3: gl.constexpr,
-                    SZ_AHEAD: gl.constexpr):
+                    BN: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, LOP3: gl.constexpr):
         """The fp32 [BN, BM] accumulator of output tile (rows n0…, x rows off_m…) over k-tiles [kt_lo, kt_lo + n_kt).
 
         The x ring and its mbarriers live for this span only (allocated, initialized and invalidated here): a
         stream-K program that runs several spans starts each with a fresh ring, and the epilogue's layout shuffle
-        may reuse the ring's shared memory. SZ_AHEAD: the scale/zero words of k-tile b+1 are loaded with its weight
-        words, a k-tile ahead of use; without it each group's load sits right before its first slice, and its L2
-        latency stalls every warp (ncu on gate_up M = 2048: long-scoreboard 1.5 of 6.1 cycles per instruction)."""
+        may reuse the ring's shared memory. The scale/zero words of k-tile b+1 are loaded with its weight words, a
+        k-tile ahead of use: loaded right before each group's first slice, their L2 latency stalled every warp (ncu on
+        gate_up M = 2048: long-scoreboard 1.5 of 6.1 cycles per instruction; ahead: +3–8 %, NOTES session 12)."""
         BM: gl.constexpr = x_desc.block_type.shape[-2]
         SUBK: gl.constexpr = x_desc.block_type.shape[-1]  # 32 columns of K per slice (one wgmma of depth 32)
         DTYPE: gl.constexpr = x_desc.dtype
@@ -189,15 +188,11 @@ if GLUON:
             words = words_next
             words_next = gl.load(w_ptrs + (b + 1) * SUBK, mask=(b + 1 < n_kt) & (rn_c[:, None] >= 0), other=0)
             szs = sz_next
-            if SZ_AHEAD:
-                sz_next = _load_groups(sz_ptr, N, rn_c, col0 + (b + 1) * T, b + 1 < n_kt, T // GSTEP, GSTEP, GROUP)
+            sz_next = _load_groups(sz_ptr, N, rn_c, col0 + (b + 1) * T, b + 1 < n_kt, T // GSTEP, GSTEP, GROUP)
             hi = words >> 16
             for t in gl.static_range(CPW):
                 if (t * SUBK) % GSTEP == 0:  # a new scale group starts at this slice
-                    if SZ_AHEAD:
-                        sz = szs[(t * SUBK) // GSTEP]
-                    else:
-                        sz = gl.load(sz_ptr + ((col0 + b * T + t * SUBK) // GROUP) * N + rn_c)
+                    sz = szs[(t * SUBK) // GSTEP]
                     sr = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
                     zr = (sz & 0xFFFF).to(gl.float32)
                 a = _dequant_slice(words, hi, zr, sr, t, BITS, DTYPE, LOP3)
@@ -270,22 +265,20 @@ if GLUON:
 
     @gluon.jit
     def _whole_tile(tile, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS: gl.constexpr, GROUP: gl.constexpr,
-                    BN: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, LOP3: gl.constexpr,
-                    SZ_AHEAD: gl.constexpr):
+                    BN: gl.constexpr, STAGES: gl.constexpr, SPS: gl.constexpr, LOP3: gl.constexpr):
         """Output tile ``tile`` (m fastest: the programs sharing a weight tile run together and read it from DRAM
         once) over all of K, stored."""
         BM: gl.constexpr = x_desc.block_type.shape[-2]
         T: gl.constexpr = (32 // BITS) * x_desc.block_type.shape[-1]
         off_m = (tile % num_m) * BM
         n0 = (tile // num_m) * BN
-        acc = _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, 0, K // T, BITS, GROUP, BN, STAGES, SPS, LOP3,
-                          SZ_AHEAD)
+        acc = _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, 0, K // T, BITS, GROUP, BN, STAGES, SPS, LOP3)
         _store_tile(acc, y_ptr, M, N, off_m, n0, BN, BM)
 
     @gluon.jit
     def _wgmma_w_as_a_kernel(x_desc, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K,
                              BITS: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                             SPS: gl.constexpr, STREAMK: gl.constexpr, LOP3: gl.constexpr, SZ_AHEAD: gl.constexpr):
+                             SPS: gl.constexpr, STREAMK: gl.constexpr, LOP3: gl.constexpr):
         """One output tile per program (STREAMK False), or the hybrid stream-K schedule on a grid of P programs
         (a few per SM): whole tiles round-robin while at least two waves of tiles remain, then the last 1–2 waves'
         (tile, k-tile) units split evenly, each program a contiguous run — every SM gets the same number of k-tiles
@@ -301,8 +294,7 @@ if GLUON:
             progs = gl.num_programs(0)
             dp_tiles = gl.maximum(tiles // progs - 1, 0) * progs
             for tile in range(pid, dp_tiles, progs):
-                _whole_tile(tile, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3,
-                            SZ_AHEAD)
+                _whole_tile(tile, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3)
             total = (tiles - dp_tiles) * kt_per_tile
             u = (pid * total) // progs  # this program's units [u, u_end); int32: the host keeps progs·total < 2**31
             u_end = ((pid + 1) * total) // progs
@@ -314,7 +306,7 @@ if GLUON:
                 off_m = (tile % num_m) * BM
                 n0 = (tile // num_m) * BN
                 acc = _mma_k_span(x_desc, w_ptr, sz_ptr, N, K, off_m, n0, kt_lo, n_kt, BITS, GROUP, BN, STAGES,
-                                  SPS, LOP3, SZ_AHEAD)
+                                  SPS, LOP3)
                 if n_kt == kt_per_tile:
                     _store_tile(acc, y_ptr, M, N, off_m, n0, BN, BM)
                 else:
@@ -322,8 +314,7 @@ if GLUON:
                                  kt_per_tile, BN, BM)
                 u += n_kt
         else:
-            _whole_tile(pid, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3,
-                        SZ_AHEAD)
+            _whole_tile(pid, x_desc, w_ptr, sz_ptr, y_ptr, M, N, K, num_m, BITS, GROUP, BN, STAGES, SPS, LOP3)
 
 
 def check_config(bits: int, bn: int, bm: int, num_warps: int, stages: int, sps: int, streamk: int = 0) -> None:
@@ -373,8 +364,7 @@ def _x_descriptor(x2: Tensor, bm: int, sps: int = 0):
 
 def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 128, bm: int = 256,
                num_warps: int = 8, stages: int = 4, sps: int = 2, streamk: int = 0, lop3: bool = True,
-               programs: int | None = None, out: Tensor | None = None, sz_ahead: bool = True,
-               x3d: bool = True) -> Tensor:
+               programs: int | None = None, out: Tensor | None = None, x3d: bool = True) -> Tensor:
     """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words, on Hopper's tensor cores with the dequantization
     overlapped (module docstring). ``bn`` weight rows (64 per warpgroup: bn = 16·num_warps), ``bm`` rows of x
     (wgmma's N, <= 256), ``stages`` stages of ``sps`` 32-column x slices in flight; ``streamk`` > 0: that many
@@ -383,9 +373,8 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
     ``programs``: the stream-K grid instead of ``streamk`` × SMs (tests use small grids to reach every path of the
     schedule: whole tiles first, then spans that start and end inside tiles). ``out``: the [M, N] result tensor
     (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN, so an output tile
-    the kernel failed to write cannot pass on a stale allocation. ``sz_ahead=False`` loads each group's scales
-    right before its first slice, as before session 12 (comparison). ``x3d``: one 3-D TMA copy per ring stage
-    instead of ``sps`` 2-D ones."""
+    the kernel failed to write cannot pass on a stale allocation. ``x3d`` (default): one 3-D TMA copy per ring stage;
+    ``x3d=False``: ``sps`` 2-D copies, as before session 12 (comparison: 3–20 % slower on the 8-warp tiles)."""
     check_config(bits, bn, bm, num_warps, stages, sps, streamk)
     if programs is not None and (not streamk or programs < 1):
         raise ValueError(f"wgmma_gemm: programs={programs} sets the stream-K grid: it needs streamk > 0 and programs >= 1")
@@ -415,14 +404,12 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
     else:
         grid, ws, cnt = tiles, y, y  # no partial tiles: the workspace pointers are never used
     _wgmma_w_as_a_kernel[(grid, )](x_desc, words, sz, y, ws, cnt, m, n, k, BITS=bits, GROUP=group, BN=bn,
-                                   STAGES=stages, SPS=sps, STREAMK=bool(streamk), LOP3=lop3, SZ_AHEAD=sz_ahead,
-                                   num_warps=num_warps)
+                                   STAGES=stages, SPS=sps, STREAMK=bool(streamk), LOP3=lop3, num_warps=num_warps)
     return y
 
 
 def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: torch.dtype = torch.bfloat16,
-                     m: int = 4096, n: int = 4096, k: int = 4096, lop3: bool = True, sz_ahead: bool = True,
-                     x3d: bool = True):
+                     m: int = 4096, n: int = 4096, k: int = 4096, lop3: bool = True, x3d: bool = True):
     """Compile the kernel for an H100 (sm_90a) on any machine, GPU or not: the Triton wheel carries ptxas. Returns
     Triton's compiled kernel (``.asm['ptx' | 'cubin']``, ``.metadata.shared``) — what ``benchmarks/sass_wgmma.py``
     reads and the CPU tests check (it builds, and the wgmma is issued asynchronously), without a GPU call.
@@ -441,10 +428,9 @@ def compile_for_sm90(bits: int, group: int, config: tuple = CONFIGS[0], dtype: t
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"x_desc": mangle_type(desc), "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "BITS": "constexpr", "GROUP": "constexpr",
-           "BN": "constexpr", "STAGES": "constexpr", "SPS": "constexpr", "STREAMK": "constexpr", "LOP3": "constexpr",
-           "SZ_AHEAD": "constexpr"}
+           "BN": "constexpr", "STAGES": "constexpr", "SPS": "constexpr", "STREAMK": "constexpr", "LOP3": "constexpr"}
     consts = {"BITS": bits, "GROUP": group, "BN": bn, "STAGES": stages, "SPS": sps, "STREAMK": bool(streamk),
-              "LOP3": lop3, "SZ_AHEAD": sz_ahead}
+              "LOP3": lop3}
     names = list(sig)
     aligned = ["w_ptr", "sz_ptr", "y_ptr", "ws_ptr", "cnt_ptr"] + [a for a, v in (("M", m), ("N", n), ("K", k)) if v % 16 == 0]
     attrs = {(names.index(a), ): [["tt.divisibility", 16]] for a in aligned}
