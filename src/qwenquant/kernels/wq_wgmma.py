@@ -362,6 +362,22 @@ def _x_descriptor(x2: Tensor, bm: int, sps: int = 0):
     return TensorDescriptor(x2, [rows, k], [k, 1], [bm, SUB], layout)
 
 
+def result_and_tma_x(x2: Tensor, n: int, bm: int, out: Tensor | None, who: str) -> tuple[Tensor, Tensor]:
+    """The [M, N] result (``out`` checked, or a new tensor) and x as TMA may read it in [bm, 32] boxes: padded with
+    zero rows up to bm (their outputs are not stored), or copied when the base is not 16-byte aligned."""
+    m, k = x2.shape
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"{who}: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
+                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
+    if m < bm:  # TMA boxes no taller than the tensor
+        x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
+    elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset)
+        x2 = x2.clone()
+    return y, x2
+
+
 def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 128, bm: int = 256,
                num_warps: int = 8, stages: int = 4, sps: int = 2, streamk: int = 0, lop3: bool = True,
                programs: int | None = None, out: Tensor | None = None, x3d: bool = True) -> Tensor:
@@ -381,15 +397,7 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
     check_operands(x2, words, sz, bits, group)
     m, k = x2.shape
     n = words.shape[0]
-    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
-                            or not out.is_contiguous()):
-        raise ValueError(f"wgmma_gemm: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
-                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
-    if m < bm:  # TMA boxes no taller than the tensor: pad x with zero rows (their outputs are not stored)
-        x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
-    elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset): copy
-        x2 = x2.clone()
+    y, x2 = result_and_tma_x(x2, n, bm, out, "wgmma_gemm")
     x_desc = _x_descriptor(x2, bm, sps if x3d else 0)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if streamk:  # the hybrid schedule of the kernel: the last 1-2 waves of tiles on the stream-K split

@@ -193,15 +193,7 @@ def wgmma_ws_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, 
     W.check_operands(x2, words, sz, bits, group)
     m, k = x2.shape
     n = words.shape[0]
-    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
-                            or not out.is_contiguous()):
-        raise ValueError(f"wgmma_ws_gemm: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
-                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
-    if m < bm:  # TMA boxes no taller than the tensor: zero rows, whose outputs are not stored
-        x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
-    elif x2.data_ptr() % 16:
-        x2 = x2.clone()
+    y, x2 = W.result_and_tma_x(x2, n, bm, out, "wgmma_ws_gemm")
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, BN), )
     _wgmma_ws_kernel[grid](W._x_descriptor(x2, bm, sps), _w_descriptor(words), sz, y, m, n, k, BITS=bits, GROUP=group,
                            STAGES=stages, SPS=sps, NWS=WSTAGES, LOP3=lop3, num_warps=8, maxnreg=MAXNREG)
