@@ -1,8 +1,8 @@
 """Per-GEMM benchmark: Qwen3 linear shapes × rows M × execution modes, against bf16 in the same run.
 
 Every timing is the median of CUDA-graph replays (launch overhead out, as in a graph-captured
-decoder), the modes of one M timed round-robin (``time_interleaved``), over R copies of the weight, R chosen so the copies overflow L2 (a weight that stays in
-L2 would measure the cache, not HBM). Each result carries its floor, ``max(bytes / copy
+decoder), the modes of one M timed round-robin (``time_interleaved``), over R copies of the weight,
+R chosen so the copies overflow L2 (a weight that stays in L2 would measure the cache, not HBM). Each result carries its floor, ``max(bytes / copy
 bandwidth, flops / matmul peak)``, with both ceilings measured in this run, and its ratio to bf16.
 """
 
@@ -220,7 +220,7 @@ def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mo
     results: list[GemmResult] = []
     for m in rows:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        calls, errs = {}, {}
+        calls, errs, refs = {}, {}, {}  # refs: the fp32 product per weight (None: bf16), shared by its modes
         for name, objs in copies.items():
             mode = modes[name]
             if mode.rows is not None and m not in mode.rows:
@@ -229,8 +229,9 @@ def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mo
                 y = None
                 for o in objs:  # eager warm-up: tuning, compilation, native operand build
                     y = mode.call(o, x)
-                rw = w_bf16.float() if mode.weight is None else ref_ws[mode.weight]
-                ref = x.float() @ rw.T
+                if mode.weight not in refs:
+                    refs[mode.weight] = x.float() @ (w_bf16.float() if mode.weight is None else ref_ws[mode.weight]).T
+                ref = refs[mode.weight]
                 errs[name] = float((y.float() - ref).norm() / ref.norm())
                 calls[name] = (lambda mode=mode, objs=objs: [mode.call(o, x) for o in objs])
             except (RuntimeError, ValueError) as e:
@@ -256,7 +257,7 @@ def bench_shape(model: str, proj: str, n: int, k: int, rows, modes: dict[str, Mo
             bf16 = ms_all["bf16"] / len(copies["bf16"]) if "bf16" in ms_all else None
             results.append(GemmResult(model, proj, n, k, m, name, ms, _bytes(objs[0]), fbytes, floor, floor / ms,
                                       bf16 / ms if bf16 else None, errs[name]))
-        del calls
+        del calls, refs
     del copies
     torch.cuda.empty_cache()
     return results

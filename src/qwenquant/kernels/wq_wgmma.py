@@ -113,6 +113,13 @@ if GLUON:
         """wgmma's shared-memory layout of one [bm, 32] x slice (64-byte swizzle), what both descriptors write."""
         return gl.NVMMASharedLayout.get_default_for([bm, subk], dtype)
 
+    @gluon.constexpr_function
+    def _stage_bytes(x_desc, sps):
+        """Bytes one ring stage's mbarrier expects: SPS [BM, 32] x slices, whatever the descriptor's rank (a 3-D box
+        already holds the whole stage: expecting SPS boxes of it hangs the wait)."""
+        shape = x_desc.block_type.shape
+        return sps * shape[-2] * shape[-1] * x_desc.dtype.primitive_bitwidth // 8
+
     @gluon.jit
     def _load_stage(x_desc, bar, xs, slot, off_m, col, pred, SPS: gl.constexpr):
         """TMA the SPS [BM, 32] x slices of one ring stage (columns col, col + 32, …) into ring slots slot·SPS …,
@@ -128,6 +135,17 @@ if GLUON:
             for u in gl.static_range(SPS):
                 tma.async_copy_global_to_shared(x_desc, [off_m, col + u * SUBK], bar, xs.index(slot * SPS + u),
                                                 pred=pred)
+
+    @gluon.jit
+    def _slice_scales(szs, sr, zr, T_IDX: gl.constexpr, SUBK: gl.constexpr, GSTEP: gl.constexpr):
+        """Per-row scale and zero (fp32) for slice T_IDX of a k-tile: decoded from the k-tile's group words ``szs``
+        (``_load_groups``; fp16 scale bits << 16 | zero) where a scale group starts at this slice, else ``sr``/``zr``
+        as they were."""
+        if (T_IDX * SUBK) % GSTEP == 0:
+            sz = szs[(T_IDX * SUBK) // GSTEP]
+            sr = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+            zr = (sz & 0xFFFF).to(gl.float32)
+        return sr, zr
 
     @gluon.jit
     def _load_groups(sz_ptr, N, rn_c, col, pred, NG: gl.constexpr, GSTEP: gl.constexpr, GROUP: gl.constexpr):
@@ -153,7 +171,7 @@ if GLUON:
         DTYPE: gl.constexpr = x_desc.dtype
         CPW: gl.constexpr = 32 // BITS  # codes per int32 word = slices per k-tile
         T: gl.constexpr = CPW * SUBK  # columns per k-tile
-        STAGE_BYTES: gl.constexpr = SPS * BM * SUBK * DTYPE.primitive_bitwidth // 8  # the expect of one stage
+        STAGE_BYTES: gl.constexpr = _stage_bytes(x_desc, SPS)
         acc_layout: gl.constexpr = _acc_layout(BM, gl.num_warps())
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         rows_a: gl.constexpr = gl.SliceLayout(1, a_layout)
@@ -191,10 +209,7 @@ if GLUON:
             sz_next = _load_groups(sz_ptr, N, rn_c, col0 + (b + 1) * T, b + 1 < n_kt, T // GSTEP, GSTEP, GROUP)
             hi = words >> 16
             for t in gl.static_range(CPW):
-                if (t * SUBK) % GSTEP == 0:  # a new scale group starts at this slice
-                    sz = szs[(t * SUBK) // GSTEP]
-                    sr = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-                    zr = (sz & 0xFFFF).to(gl.float32)
+                sr, zr = _slice_scales(szs, sr, zr, t, SUBK, GSTEP)
                 a = _dequant_slice(words, hi, zr, sr, t, BITS, DTYPE, LOP3)
                 st = (b * CPW + t) // SPS  # stage of this slice (SPS divides CPW: t % SPS is its place in it)
                 slot = st % STAGES

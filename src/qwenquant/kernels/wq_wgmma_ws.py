@@ -63,7 +63,7 @@ if W.GLUON:
         BM: gl.constexpr = x_desc.block_type.shape[-2]
         SUBK: gl.constexpr = x_desc.block_type.shape[-1]
         CPW: gl.constexpr = 32 // BITS
-        STAGE_BYTES: gl.constexpr = SPS * BM * SUBK * x_desc.dtype.primitive_bitwidth // 8
+        STAGE_BYTES: gl.constexpr = W._stage_bytes(x_desc, SPS)
         NWS: gl.constexpr = ws.shape[0]
         pid = gl.program_id(0)
         num_m = gl.cdiv(M, BM)
@@ -122,10 +122,7 @@ if W.GLUON:
             szs = sz_next
             sz_next = W._load_groups(sz_ptr, N, rn_c, (b + 1) * T, b + 1 < n_kt, T // GSTEP, GSTEP, GROUP)
             for t in gl.static_range(CPW):
-                if (t * SUBK) % GSTEP == 0:  # a new scale group starts at this slice
-                    sz = szs[(t * SUBK) // GSTEP]
-                    sr = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-                    zr = (sz & 0xFFFF).to(gl.float32)
+                sr, zr = W._slice_scales(szs, sr, zr, t, SUBK, GSTEP)
                 # fields ending above bit 23 come from words >> 16, shifted per slice: a shifted copy kept for
                 # the whole k-tile would cost 16 registers more than the partition's 240
                 a = W._dequant_slice(words, words >> 16, zr, sr, t, BITS, DTYPE, LOP3)
