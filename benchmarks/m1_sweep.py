@@ -3,6 +3,7 @@ program (BN), warps, pipeline stages, split-K — beyond the tuner's table, time
 replays over copies that overflow L2, candidates round-robin), each checked against the fp64 product first.
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/m1_sweep.py     # -> $OUT/m1_sweep.json
+    M1_KIND=gemv ... benchmarks/m1_sweep.py                                    # -> $OUT/m1_sweep_gemv.json
 
 Why: ``benchmarks/read_floor.py`` (session 13) measured that a kernel which only reads the W4 bytes costs
 1.7 us + bytes / 3.05 TB/s per projection (the layer: 40 us, 3.7x bf16), while the tuned W4 tiles cost 5.5 us +
@@ -36,15 +37,32 @@ SPLITS = [1, 2, 4, 8, 16]
 STAGES = [1, 2, 3]
 
 
+# M1_KIND=gemv: the CUDA-core ``ktiled_gemv`` instead — (BN rows, k-tiles per step, warps): whole-K steps on the 4096-
+# column shapes (16 k-tiles), so every word of a program is one load issued at once, like the pure-read kernel
+GEMV_TILES = [(1, 8, 1), (1, 16, 1), (2, 8, 1), (2, 16, 1), (2, 16, 2), (4, 8, 1), (4, 16, 1), (4, 16, 2), (4, 16, 4),
+              (8, 8, 2), (8, 16, 2), (8, 16, 4), (16, 16, 4)]
+GEMV_SPLITS = [1, 2, 3]
+
+
 def grid(k: int) -> dict[str, dict]:
     t = KT.tile_columns(4)
     out = {}
+    if os.environ.get("M1_KIND") == "gemv":
+        for (bn, bt, w), sk in itertools.product(GEMV_TILES, GEMV_SPLITS):
+            if k // t >= sk * bt or sk == 1:
+                out[f"gemv bn{bn} bt{bt} w{w} sk{sk}"] = dict(gemv=True, bn=bn, tiles_per_step=bt, num_warps=w,
+                                                             split_k=sk)
+        return out
     for (bn, w), sk, st in itertools.product(TILES, SPLITS, STAGES):
         if k // t < sk:
             continue
         out[f"ktiled A bn{bn} w{w} s{st} sk{sk}"] = dict(bm=16, bn=bn, w_as_a=True, split_k=sk, num_warps=w,
                                                           num_stages=st, scale_after=True)
     return out
+
+
+def run(x, words, sz, gemv=False, **kw):
+    return KT.ktiled_gemv(x, words, sz, 4, 128, **kw) if gemv else KT.ktiled_gemm(x, words, sz, 4, 128, **kw)
 
 
 def main():
@@ -58,8 +76,7 @@ def main():
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ wref.double().T
         wb = [wref.to(torch.bfloat16) for _ in range(max(2, -(-L2_OVERFLOW_BYTES // (n * k * 2))))]
-        cands = {name: (lambda kw=kw: [KT.ktiled_gemm(x, wd, sz, 4, 128, **kw) for wd, sz in copies])
-                 for name, kw in grid(k).items()}
+        cands = {name: (lambda kw=kw: [run(x, wd, sz, **kw) for wd, sz in copies]) for name, kw in grid(k).items()}
         tuner = {name: cfg for name, (kind, cfg) in fused._ktiled_configs(1, 4).items() if kind == "ktiled"}
         for name, (bm, bn, wa, sk, w, st, sa, skp) in tuner.items():
             cands["tuner " + name] = (lambda kw=dict(bm=bm, bn=bn, w_as_a=wa, split_k=sk, num_warps=w, num_stages=st,
@@ -93,8 +110,7 @@ def main():
             kw = grid(k)[c]
             for pdl, pf in [(False, 0), (True, 0), (True, 1), (True, 2)]:
                 phase2[f"{c} pdl{int(pdl)} pf{pf}"] = (
-                    lambda kw=kw, pdl=pdl, pf=pf: [KT.ktiled_gemm(x, wd, sz, 4, 128, pdl=pdl, prefetch=pf, trigger=0, **kw)
-                                                   for wd, sz in copies])
+                    lambda kw=kw, pdl=pdl, pf=pf: [run(x, wd, sz, pdl=pdl, prefetch=pf, trigger=0, **kw) for wd, sz in copies])
         ok = {}
         for name, fn in phase2.items():
             try:
@@ -116,7 +132,8 @@ def main():
     doc["layer"] = {"bf16_us": bf16, "best_us": sum(best.values()), "tuner_us": sum(tuner.values()),
                     "best_ratio": bf16 / sum(best.values()), "tuner_ratio": bf16 / sum(tuner.values())}
     print("layer", doc["layer"], flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "m1_sweep.json"), "w") as f:
+    name = "m1_sweep_gemv.json" if os.environ.get("M1_KIND") == "gemv" else "m1_sweep.json"
+    with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(doc, f, indent=1)
 
 
