@@ -11,7 +11,7 @@ multiple of the tile, M from 1 to 1000 (tails of every tile); also against cuBLA
 Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``check`` also runs stream-K on 3 and 5
 programs, so spans start and end inside tiles). ``time`` adds the best tile with the two-LOP3 field extraction,
 ``X3D_CONFIGS`` with SPS 2-D TMA copies per ring stage (`` 2d``, ``x3d=False``; the default is one 3-D copy;
-``check`` runs both) and the experimental warp-specialized ``wq_wgmma_ws`` tiles (``wgmma-ws …``; ``check`` runs
+``check`` runs both) and the warp-specialized ``wq_wgmma_ws`` tiles (``wgmma-ws …``; ``check`` runs
 them too). WGMMA_ONLY="wgmma-ws" keeps only those among the wgmma candidates.
 ``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down),
 WGMMA_ONLY (';'-separated substrings of the wgmma candidate names to time).
@@ -131,9 +131,9 @@ def timings() -> list[dict]:
             for cfg in X3D_CONFIGS:
                 cands[fused.wgmma_name(cfg) + " 2d"] = (
                     lambda c=cfg: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, *c, x3d=False))
-            # the experimental warp-specialized kernel (producer warp for every TMA copy), each offered tile
+            # the warp-specialized kernel (producer warp for every TMA copy), each offered tile
             for cfg in WS.CONFIGS:
-                cands["wgmma-ws bm{} s{} sps{}".format(*cfg)] = (
+                cands[fused.wgmma_ws_name(cfg)] = (
                     lambda c=cfg: WS.wgmma_ws_gemm(x, kt.words, kt.sz, 4, 128, *c))
             only = os.environ.get("WGMMA_ONLY")  # e.g. "streamk;s4 sps2": keep wgmma names containing one of these
             if only:

@@ -1,5 +1,5 @@
 """First GPU contact for a new path of the Gluon wgmma GEMMs: every tile of ``wq_wgmma`` (3-D x copies, the
-default) and of the experimental warp-specialized ``wq_wgmma_ws`` once against the fp64 reference, in one process
+default) and of the warp-specialized ``wq_wgmma_ws`` once against the fp64 reference, in one process
 bounded by the caller's ``timeout`` — a wrong mbarrier expect or phase hangs rather than fails (session 12 lost a
 440 s call to one), so run this with a short timeout before anything else. One line per tile; exit 1 on a wrong
 or non-finite result.

@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("triton")  # the GPU kernels' extra; without it the CPU install has no fused path at all
 from qwenquant.kernels import wq_wgmma as W  # noqa: E402
+from qwenquant.kernels import wq_wgmma_ws as WS  # noqa: E402
 from qwenquant.runtime import fused  # noqa: E402
 
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and fused.wgmma_available()), reason="needs an sm_90 GPU")
@@ -28,11 +29,14 @@ def test_bad_tile_names_the_value(bad):
 def test_offered_only_where_the_device_runs_it():
     assert not W.runs_on(torch.device("cpu")) and not W.wgmma_ok("cpu", 4, 128, 4096, 4096)
     for m in (128, 1024):
-        assert not any(kind == "wgmma" for kind, _ in fused._ktiled_configs(m, 4).values())
+        assert not any(kind in ("wgmma", "wgmma_ws") for kind, _ in fused._ktiled_configs(m, 4).values())
         offered = [cfg for kind, cfg in fused._configs(m, 4096, 128, 4, ktiled=True, wgmma=True).values() if kind == "wgmma"]
         assert offered == list(W.CONFIGS)
+        offered_ws = [cfg for kind, cfg in fused._configs(m, 4096, 128, 4, ktiled=True, wgmma=True).values()
+                      if kind == "wgmma_ws"]
+        assert offered_ws == list(WS.CONFIGS)
     # small M keeps the split-K / GEMV tiles only
-    assert not any(kind == "wgmma" for kind, _ in fused._configs(64, 4096, 128, 4, ktiled=True, wgmma=True).values())
+    assert not any(kind in ("wgmma", "wgmma_ws") for kind, _ in fused._configs(64, 4096, 128, 4, ktiled=True, wgmma=True).values())
 
 
 @pytest.mark.parametrize("streamk,programs", [(0, 4), (1, 0), (1, -2)])

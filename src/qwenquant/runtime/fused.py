@@ -41,6 +41,7 @@ from torch import Tensor
 from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.kernels import wq_matmul as K
 from qwenquant.kernels import wq_wgmma as W
+from qwenquant.kernels import wq_wgmma_ws as WS
 from qwenquant.runtime.tuning import Tuner, m_bucket
 
 TUNER = Tuner("fused")
@@ -195,7 +196,7 @@ def check_layer(layer, x: Tensor) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _configs(m: int, k: int, group: int, bits: int = 4, tinygemm: bool = False, ktiled: bool = False,
              wgmma: bool = False) -> dict[str, tuple]:
-    """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled"|"ktiled_gemv"|"wgmma", config) for the kernels
+    """name -> ("gemv2"|"gemv"|"gemm"|"gemm_wa"|"tinygemm"|"ktiled"|"ktiled_gemv"|"wgmma"|"wgmma_ws", config) for the kernels
     that can serve m rows (``wgmma``: the device runs ``wq_wgmma``, ``wq_wgmma.runs_on``). Depends on m only through its
     bucket (callers pass ``m_bucket(m)``; cached, read-only)."""
     extra = {"tinygemm": ("tinygemm", ())} if tinygemm and m <= TINYGEMM_MAX_M else {}
@@ -235,8 +236,11 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
     if bits == 4 and m <= KTILED_SPLIT_MAX_M:
         out.update({f"ktiled A bm{bm} bn{bn} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
                     for bm, bn, w, st, p in KTILED_STREAMK_LARGE})
-    if wgmma:  # Hopper: the Gluon GEMM that dequantizes under the wgmma in flight (kernels/wq_wgmma.py)
+    if wgmma:  # Hopper: the Gluon GEMM that dequantizes under the wgmma in flight (kernels/wq_wgmma.py), and its
+        # warp-specialized form (kernels/wq_wgmma_ws.py: a producer warp issues every TMA copy), the faster of the two
+        # at M >= 1024 on the 8B shapes (benchmarks/NOTES.md, session 13)
         out.update({wgmma_name(cfg): ("wgmma", cfg) for cfg in W.CONFIGS})
+        out.update({wgmma_ws_name(cfg): ("wgmma_ws", cfg) for cfg in WS.CONFIGS})
     return out
 
 
@@ -244,6 +248,12 @@ def wgmma_name(cfg: tuple) -> str:
     """The tuner's name of a ``wq_wgmma.CONFIGS`` entry (stream-K ones end in ``streamk<programs per SM>``)."""
     bn, bm, w, st, sps, sk = cfg
     return f"wgmma bn{bn} bm{bm} w{w} s{st} sps{sps}" + (f" streamk{sk}" if sk else "")
+
+
+def wgmma_ws_name(cfg: tuple) -> str:
+    """The tuner's name of a ``wq_wgmma_ws.CONFIGS`` entry (x rows per tile, x ring stages, slices per stage)."""
+    bm, st, sps = cfg
+    return f"wgmma-ws bm{bm} s{st} sps{sps}"
 
 
 def wgmma_available() -> bool:
@@ -277,6 +287,8 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         return KT.ktiled_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "wgmma":
         return W.wgmma_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
+    if kind == "wgmma_ws":
+        return WS.wgmma_ws_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "ktiled_gemv":
         return KT.ktiled_gemv(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "gemv2":
