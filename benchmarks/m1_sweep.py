@@ -33,8 +33,9 @@ from wgmma_session import SHAPES, make  # noqa: E402
 
 # (BN, warps): each warp owns 16 or 32 weight rows of the MMA's A operand
 TILES = [(16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4)]
-SPLITS = [1, 2, 4, 8, 16]
-STAGES = [1, 2, 3]
+# environment overrides (comma lists): M1_SPLITS, M1_STAGES — the first run (1, 2, 3 stages) found more stages better
+SPLITS = [int(v) for v in os.environ.get("M1_SPLITS", "1,2,4,8,16").split(",")]
+STAGES = [int(v) for v in os.environ.get("M1_STAGES", "1,2,3").split(",")]
 
 
 # M1_KIND=gemv: the CUDA-core ``ktiled_gemv`` instead — (BN rows, k-tiles per step, warps): whole-K steps on the 4096-
@@ -132,7 +133,7 @@ def main():
     doc["layer"] = {"bf16_us": bf16, "best_us": sum(best.values()), "tuner_us": sum(tuner.values()),
                     "best_ratio": bf16 / sum(best.values()), "tuner_ratio": bf16 / sum(tuner.values())}
     print("layer", doc["layer"], flush=True)
-    name = "m1_sweep_gemv.json" if os.environ.get("M1_KIND") == "gemv" else "m1_sweep.json"
+    name = "m1_sweep_gemv.json" if os.environ.get("M1_KIND") == "gemv" else f"m1_sweep_s{'-'.join(map(str, STAGES))}.json"
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(doc, f, indent=1)
 
