@@ -34,7 +34,7 @@ def test_offered_only_where_the_device_runs_it():
         assert offered == list(W.CONFIGS)
         offered_ws = [cfg for kind, cfg in fused._configs(m, 4096, 128, 4, ktiled=True, wgmma=True).values()
                       if kind == "wgmma_ws"]
-        assert offered_ws == list(WS.CONFIGS)
+        assert offered_ws == (list(WS.CONFIGS) if fused.OFFER_WGMMA_WS else [])
     # small M keeps the split-K / GEMV tiles only
     assert not any(kind in ("wgmma", "wgmma_ws") for kind, _ in fused._configs(64, 4096, 128, 4, ktiled=True, wgmma=True).values())
 
@@ -212,3 +212,19 @@ def test_wgmma_reads_every_weight_exactly(bits, group):
             y = W.wgmma_gemm(x, kt.words, kt.sz, bits, group, 128, 256, 8, 4, 2, 1, programs=programs,
                              out=_nan_out(m, n, torch.bfloat16))
             assert torch.equal(y, w[:, cols].T), (k, programs)
+
+
+def test_ws_switch_is_checked_and_turns_the_tiles_off(monkeypatch):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "import qwenquant.runtime.fused"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "QWENQUANT_WGMMA_WS": "yes"})
+    assert run.returncode != 0 and "QWENQUANT_WGMMA_WS='yes'" in run.stderr
+    monkeypatch.setattr(fused, "OFFER_WGMMA_WS", False)
+    fused._configs.cache_clear()  # the config lists are cached per shape
+    try:
+        kinds = {kind for kind, _ in fused._configs(1024, 4096, 128, 4, ktiled=True, wgmma=True).values()}
+    finally:
+        fused._configs.cache_clear()
+    assert "wgmma" in kinds and "wgmma_ws" not in kinds

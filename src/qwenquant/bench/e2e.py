@@ -352,7 +352,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                "attention": f"SDPA over the {CTX // 2 + 1} filled positions of the static cache",
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
-               "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(),
+               "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:
             with open(out_path, "w") as f:

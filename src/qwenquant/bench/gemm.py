@@ -279,5 +279,6 @@ def run(models=("qwen3-8b",), rows=ROWS, modes: list[str] | None = None, ceil: d
             out += bench_shape(model, proj, n, k, r, sel, ceil)
     return {"kind": "gemm", "env": environment(), "ceilings": ceil, "fused_weights": fused.describe_weights(),
             "pdl": overlap.pdl_ok("cuda"), "timing": "round-robin",  # bench_shape: time_interleaved per M
+            "wgmma_ws": fused.OFFER_WGMMA_WS,  # whether the tuner was offered the warp-specialized tiles
             "results": [asdict(x) for x in out],
             "tuning": {"fused": fused.TUNER.table(), "auto": auto.TUNER.table()}}

@@ -55,6 +55,13 @@ _copies_env = os.environ.get("QWENQUANT_FUSED_COPIES", "ktiled")
 FUSED_COPIES: set[str] = set() if _copies_env.strip() in ("", "none") else {c.strip() for c in _copies_env.split(",")}
 if not FUSED_COPIES <= {"tinygemm", "ktiled"}:
     raise ValueError(f"QWENQUANT_FUSED_COPIES={_copies_env!r}: expected 'none' or a comma list of tinygemm, ktiled")
+# QWENQUANT_WGMMA_WS=0 keeps the warp-specialized wgmma tiles (kernels/wq_wgmma_ws.py) out of the tuner (read at
+# import). They win the tuner's CUDA-graph timings at M >= 512, but the eager e2e prefill of the run
+# that first offered them was slower (benchmarks/NOTES.md, session 13: cause not isolated); this is the A/B switch.
+_ws_env = os.environ.get("QWENQUANT_WGMMA_WS", "1").strip()
+if _ws_env not in ("0", "1"):
+    raise ValueError(f"QWENQUANT_WGMMA_WS={_ws_env!r}: expected 1 (offer the warp-specialized wgmma tiles) or 0")
+OFFER_WGMMA_WS = _ws_env == "1"
 
 
 def describe_weights() -> str:
@@ -240,7 +247,8 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
         # warp-specialized form (kernels/wq_wgmma_ws.py: a producer warp issues every TMA copy), the faster of the two
         # at M >= 1024 on the 8B shapes (benchmarks/NOTES.md, session 13)
         out.update({wgmma_name(cfg): ("wgmma", cfg) for cfg in W.CONFIGS})
-        out.update({wgmma_ws_name(cfg): ("wgmma_ws", cfg) for cfg in WS.CONFIGS})
+        if OFFER_WGMMA_WS:
+            out.update({wgmma_ws_name(cfg): ("wgmma_ws", cfg) for cfg in WS.CONFIGS})
     return out
 
 
