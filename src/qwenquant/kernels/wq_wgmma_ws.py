@@ -1,8 +1,8 @@
 """Built offline for sm_90a in session 12 (ptxas keeps one wgmma in flight, no serialization warning); first run on
 an H100 in session 13: ``benchmarks/wgmma_smoke.py ws`` and the GPU tests in ``tests/test_wgmma_ws.py`` pass, and it
-beats ``wq_wgmma``'s shipped 128×256 tile by 2–12 % at M >= 512-1024 on the Qwen3-8B shapes (benchmarks/NOTES.md,
-session 13; slower below, where its one 128-row tile per program leaves SMs idle). Offered to the tuner beside
-``wq_wgmma`` (``runtime/fused.py``, kind ``wgmma_ws``).
+beats ``wq_wgmma``'s shipped 128×256 tile by 1–13 % at M >= 1024 on the Qwen3-8B shapes and is the fastest wgmma tile
+there but for one cell (benchmarks/NOTES.md, session 13; slower below M = 512, where its one 128-row tile per program
+leaves SMs idle). Offered to the tuner beside ``wq_wgmma`` (``runtime/fused.py``, kind ``wgmma_ws``).
 
 ``wq_wgmma``'s W4A16 (W2/W8) GEMM, warp-specialized: one producer warp issues every TMA copy — each k-tile's
 [128, 32] weight words into a word ring, then its x stages into the x ring — and the program's 8 warps (two
