@@ -4,6 +4,7 @@ replays over copies that overflow L2, candidates round-robin), each checked agai
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/m1_sweep.py     # -> $OUT/m1_sweep.json
     M1_KIND=gemv ... benchmarks/m1_sweep.py                                    # -> $OUT/m1_sweep_gemv.json
+    M1_KIND=batch1 ... benchmarks/m1_sweep.py                                  # -> $OUT/m1_sweep_batch1.json
 
 Why: ``benchmarks/read_floor.py`` (session 13) measured that a kernel which only reads the W4 bytes costs
 1.7 us + bytes / 3.05 TB/s per projection (the layer: 40 us, 3.7x bf16), while the tuned W4 tiles cost 5.5 us +
@@ -25,6 +26,7 @@ import torch
 
 from qwenquant.bench.gemm import L2_OVERFLOW_BYTES, time_interleaved
 from qwenquant.bench.hw import environment
+from qwenquant.kernels import wq_batch1 as B1
 from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.runtime import fused
 
@@ -45,9 +47,19 @@ GEMV_TILES = [(1, 8, 1), (1, 16, 1), (2, 8, 1), (2, 16, 1), (2, 16, 2), (4, 8, 1
 GEMV_SPLITS = [1, 2, 3]
 
 
+# M1_KIND=batch1: the experimental kernels/wq_batch1.py (all of a program's words in one load, the k-tiles as one
+# batched MMA, no split-K) — (BN rows, k-tiles per step, warps) × stages
+BATCH1_TILES = [(16, 4, 2), (16, 8, 4), (16, 16, 4), (16, 16, 8), (32, 4, 4), (32, 8, 8), (32, 16, 8), (16, 8, 2)]
+BATCH1_STAGES = [1, 2]
+
+
 def grid(k: int) -> dict[str, dict]:
     t = KT.tile_columns(4)
     out = {}
+    if os.environ.get("M1_KIND") == "batch1":
+        for (bn, kb, w), st in itertools.product(BATCH1_TILES, BATCH1_STAGES):
+            out[f"batch1 bn{bn} kb{kb} w{w} s{st}"] = dict(batch1=True, bn=bn, kb=kb, num_warps=w, num_stages=st)
+        return out
     if os.environ.get("M1_KIND") == "gemv":
         for (bn, bt, w), sk in itertools.product(GEMV_TILES, GEMV_SPLITS):
             if k // t >= sk * bt or sk == 1:
@@ -62,7 +74,9 @@ def grid(k: int) -> dict[str, dict]:
     return out
 
 
-def run(x, words, sz, gemv=False, **kw):
+def run(x, words, sz, gemv=False, batch1=False, **kw):
+    if batch1:
+        return B1.batch1_gemm(x, words, sz, 4, 128, **kw)
     return KT.ktiled_gemv(x, words, sz, 4, 128, **kw) if gemv else KT.ktiled_gemm(x, words, sz, 4, 128, **kw)
 
 
@@ -107,7 +121,7 @@ def main():
               "tuner best", min((v, c) for v, c in ranked if c.startswith("tuner")), flush=True)
         # phase 2: the three best non-tuner tiles with PDL (trigger 0) and with PDL + an L2 prefetch of 1 / 2 k-tiles
         phase2 = {}
-        for v, c in [r for r in ranked if not r[1].startswith("tuner")][:3]:
+        for v, c in [r for r in ranked if not r[1].startswith(("tuner", "batch1"))][:3]:  # batch1 has no PDL yet
             kw = grid(k)[c]
             for pdl, pf in [(False, 0), (True, 0), (True, 1), (True, 2)]:
                 phase2[f"{c} pdl{int(pdl)} pf{pf}"] = (
@@ -133,7 +147,8 @@ def main():
     doc["layer"] = {"bf16_us": bf16, "best_us": sum(best.values()), "tuner_us": sum(tuner.values()),
                     "best_ratio": bf16 / sum(best.values()), "tuner_ratio": bf16 / sum(tuner.values())}
     print("layer", doc["layer"], flush=True)
-    name = "m1_sweep_gemv.json" if os.environ.get("M1_KIND") == "gemv" else f"m1_sweep_s{'-'.join(map(str, STAGES))}.json"
+    kind = os.environ.get("M1_KIND")
+    name = f"m1_sweep_{kind}.json" if kind else f"m1_sweep_s{'-'.join(map(str, STAGES))}.json"
     with open(os.path.join(os.environ.get("OUT", "."), name), "w") as f:
         json.dump(doc, f, indent=1)
 

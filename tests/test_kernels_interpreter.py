@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 SCRIPT = textwrap.dedent(
     """
     import json, torch
+    from qwenquant.kernels import wq_batch1 as B
     from qwenquant.kernels import wq_ktiled as KT
     from qwenquant.kernels import wq_matmul as K
     from qwenquant.numerics.affine import QuantSpec, affine_to_tensors, quantize_weight
@@ -70,6 +71,9 @@ SCRIPT = textwrap.dedent(
                         y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, split_k=split,
                                            scale_after=True)
                         note("ktiled_after", y, ref)
+                if bits in B.BITS_OK and m <= B.MAX_M:  # batch-1 kernel: 1 k-tile per step (K loops), then all at once
+                    for bn, kb in ((16, 1), (32, 16)):
+                        note("batch1", B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb), ref)
                 if bits in KT.SCALE_AFTER_BITS:  # stream-K: 3 or 5 programs, so runs end and start inside tiles
                     for progs, wa in ((3, True), (5, False)):
                         y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, scale_after=True,
@@ -135,7 +139,7 @@ def test_kernels_match_reference_under_the_interpreter():
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(worst) == {"dequantize", "dequantize_ktiled", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after",
-                          "ktiled_streamk", "ktiled_gemv", "fused_ktiled_layer", "int8_gemm", "int8_gemm_tma"}
+                          "ktiled_streamk", "ktiled_gemv", "batch1", "fused_ktiled_layer", "int8_gemm", "int8_gemm_tma"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst
 

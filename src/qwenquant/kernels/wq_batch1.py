@@ -1,0 +1,127 @@
+"""EXPERIMENTAL (session 13): checked on the CPU under Triton's interpreter only, NOT YET RUN ON A GPU and not offered
+to the tuner. ``benchmarks/m1_sweep.py`` (``M1_KIND=batch1``) is its first GPU contact.
+
+Batch-1 (decode, M <= 16) W4/W2 on the k-tiled layout, shaped like the fastest kernel that only *reads* the weight.
+
+Why. At M = 1 a projection is its weight bytes. On an H100 a Triton kernel that only reads them, one short program
+per few KB with every load issued at once, costs 1.7 us + bytes / 3.05 TB/s (benchmarks/read_floor.py: the merged
+Qwen3-8B layer at 3.71x bf16), while the k-tiled GEMM's best small tile costs 5.5 us + bytes / 2.67 TB/s (2.47-2.55x;
+benchmarks/NOTES.md, session 13). That tile walks K one 256-column k-tile per step through a 3-stage pipeline: 2-8 KB
+per stage, so too few bytes in flight per SM; splitting K to shorten the walk costs atomics and an arrival counter per
+program (split-K 16 was the slowest shape in the grid).
+
+Here a program owns BN weight rows and KB k-tiles of K and loads all of its words in one [KB, BN, SUB] load
+(KB = 8, BN = 16: 16 KB per program, three programs per SM), then runs the k-tiles as one
+*batched* MMA per field: [KB, BN, SUB] (code - zero) · [KB, SUB, BM] x-slices -> [KB, BN, BM] partial sums, one per
+k-tile, each scaled by its own group's scale after the MMA (as ``wq_ktiled``'s scale-after tiles: PRMT + LOP3 + one
+paired FMA per two weights, exact small integers into the MMA), then summed over the k-tiles once at the end.
+No split-K: where K holds more than KB k-tiles the program loops (Triton's pipeliner copies the next KB k-tiles
+ahead), so every output row is written by one program, with a plain store.
+
+Requirements: bits 2 or 4 (scale-after needs the code + magic exact in bf16/fp16), the k-tiled layout's shape rules
+(``ktiled_ok``), x with at most 16 rows (the MMA's N, padded; decode), x bf16 or fp16.
+Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_ktiled`` inverts the repack).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED
+from qwenquant.kernels.wq_ktiled import _check_operands, _codes_minus_zero
+from qwenquant.numerics.ktiled import SUB, tile_columns
+
+MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
+BITS_OK = (2, 4)
+
+
+@triton.jit
+def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                   GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+                   KB: tl.constexpr, LOP3: tl.constexpr):
+    """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program: KB k-tiles per step, every word of a step in one load."""
+    CPW: tl.constexpr = 32 // BITS
+    T: tl.constexpr = CPW * SUBK  # columns per k-tile
+    FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per scale group inside a k-tile
+    BPW: tl.constexpr = 8 // BITS  # fields per byte
+    IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    MAGIC16: tl.constexpr = 128.0 if IS_BF16 else 1024.0
+    pid = tl.program_id(0)
+    KW = tl.multiple_of(K // CPW, SUBK)  # words per row
+    rn = pid * BN + tl.arange(0, BN)
+    rn_c = tl.where(rn < N, rn, 0)  # clamped rows: loads need no row mask, the store masks them
+    rb = tl.arange(0, KB)  # k-tile within the step
+    rj = tl.arange(0, SUBK)  # word within a k-tile (field t of word j is column t·SUBK + j of the k-tile)
+    rm = tl.arange(0, BM)
+    m_mask = rm < M
+    acc = tl.zeros([KB, BN, BM], dtype=tl.float32)
+    for kt0 in range(0, K // T, KB):  # first k-tile of the step
+        # [KB, BN, SUB] words: k-tile b of rows rn — each row's KB·SUB words are contiguous in memory
+        w = tl.load(w_ptr + rn_c[None, :, None] * KW + ((kt0 + rb) * SUBK)[:, None, None] + rj[None, None, :])
+        col0 = (kt0 + rb) * T  # [KB] first column of each k-tile
+        for t in tl.static_range(CPW):
+            if t % FOLD == 0:  # a scale group starts: its scale and zero for every (k-tile, row)
+                g = (col0 + t * SUBK) // GROUP  # [KB]
+                sz = tl.load(sz_ptr + g[:, None] * N + rn_c[None, :])  # [KB, BN] int32
+                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                zneg = (-((sz & 0xFFFF).to(tl.float32) + MAGIC16)).to(x_ptr.dtype.element_ty)  # exact
+            b = t // BPW  # the byte holding field t
+            r = t % BPW  # its position inside the byte
+            src = w >> (r * BITS) if r > 0 else w
+            if not LOP3:  # interpreter: the plain path reads the field from its byte directly
+                src = w >> (t * BITS)
+            sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+            wt = _codes_minus_zero(src, tl.full(src.shape, sel, tl.int32),
+                                   zneg[:, :, None] + tl.zeros(src.shape, zneg.dtype), BITS, IS_BF16, LOP3)
+            # x slice t of every k-tile, transposed for the MMA: [KB, SUB, BM]
+            xt = tl.load(x_ptr + rm[None, None, :] * stride_xm + (col0 + t * SUBK)[:, None, None] + rj[None, :, None],
+                         mask=m_mask[None, None, :], other=0.0)
+            if t % FOLD == 0:
+                part = tl.dot(wt, xt)  # [KB, BN, BM]: one partial sum per k-tile
+            else:
+                part = tl.dot(wt, xt, part)
+            if t % FOLD == FOLD - 1:
+                acc += part * s[:, :, None]
+    y = tl.sum(acc, axis=0)  # [BN, BM]
+    tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], y.to(y_ptr.dtype.element_ty),
+             mask=m_mask[None, :] & (rn[:, None] < N))
+
+
+def steps_for(k: int, bits: int, kb: int) -> int:
+    """k-tiles per step actually used: ``kb``, or the largest power of two below it that divides K's k-tiles."""
+    tiles = k // tile_columns(bits)
+    while kb > 1 and tiles % kb:
+        kb //= 2
+    return kb
+
+
+def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, kb: int = 8,
+                num_warps: int = 4, num_stages: int = 1) -> Tensor:
+    """x2 [M <= 16, K] bf16/fp16 with the k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
+    y [M, N] in x's dtype. ``bn`` weight rows per program (a multiple of 16), ``kb`` k-tiles per step (a power of two;
+    lowered to one that divides K's k-tiles). The MMA's N is 8 for M <= 8 (mma.m16n8k16), else 16.
+    Defaults from an offline sm_90a build (ptxas, CPU): 16 rows × 8 k-tiles on 4 warps hold 168 registers, no spills,
+    16 KB shared — three programs and 48 KB of words in flight per SM; 3.75 SASS instructions per weight in all.
+    ``num_stages`` > 1 lets Triton copy the next step's words and x ahead through shared memory (x padded to BM rows
+    there: 16 k-tiles at 2 stages took 166 KB)."""
+    m, k = x2.shape
+    n = words.shape[0]
+    if bits not in BITS_OK:
+        raise ValueError(f"batch1_gemm runs {BITS_OK}-bit weights (scale after the MMA), got bits={bits}; use ktiled_gemm")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"batch1_gemm takes 1 to {MAX_M} rows of x, got {m}; use ktiled_gemm or wgmma_gemm")
+    if bn < 16 or bn % 16 or kb < 1 or kb & (kb - 1):
+        raise ValueError(f"batch1_gemm: bn={bn}, kb={kb}: expected bn a multiple of 16 and kb a power of two")
+    if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
+        raise ValueError(f"batch1_gemm: x must be contiguous bf16/fp16, got {x2.dtype}"
+                         f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
+    _check_operands(x2, words, sz, bits, group)
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    _batch1_kernel[(triton.cdiv(n, bn),)](
+        x2, words, sz, y, m, n, k, x2.stride(0), y.stride(0), GROUP=group, BITS=bits, SUBK=SUB, BN=bn,
+        BM=8 if m <= 8 else 16, KB=steps_for(k, bits, kb), LOP3=not _INTERPRETED, num_warps=num_warps,
+        num_stages=num_stages)
+    return y
