@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED
-from qwenquant.kernels.wq_ktiled import _check_operands, _codes_minus_zero
+from qwenquant.kernels.wq_ktiled import _check_operands, _field_minus_zero, _scale_and_zneg
 from qwenquant.numerics.ktiled import SUB, tile_columns
 
 MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
@@ -66,16 +66,9 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
             if t % FOLD == 0:  # a scale group starts: its scale and zero for every (k-tile, row)
                 g = (col0 + t * SUBK) // GROUP  # [KB]
                 sz = tl.load(sz_ptr + g[:, None] * N + rn_c[None, :])  # [KB, BN] int32
-                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                zneg = (-((sz & 0xFFFF).to(tl.float32) + MAGIC16)).to(x_ptr.dtype.element_ty)  # exact
-            b = t // BPW  # the byte holding field t
-            r = t % BPW  # its position inside the byte
-            src = w >> (r * BITS) if r > 0 else w
-            if not LOP3:  # interpreter: the plain path reads the field from its byte directly
-                src = w >> (t * BITS)
-            sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
-            wt = _codes_minus_zero(src, tl.full(src.shape, sel, tl.int32),
-                                   zneg[:, :, None] + tl.zeros(src.shape, zneg.dtype), BITS, IS_BF16, LOP3)
+                s, zneg = _scale_and_zneg(sz, x_ptr.dtype.element_ty, MAGIC16)
+            wt = _field_minus_zero(w, zneg[:, :, None] + tl.zeros(w.shape, zneg.dtype), t, BITS, BPW, IS_BF16,
+                                   LOP3)  # [KB, BN, SUB] code - zero
             # x slice t of every k-tile, transposed for the MMA: [KB, SUB, BM]
             xt = tl.load(x_ptr + rm[None, None, :] * stride_xm + (col0 + t * SUBK)[:, None, None] + rj[None, :, None],
                          mask=m_mask[None, None, :], other=0.0)

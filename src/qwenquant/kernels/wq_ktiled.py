@@ -310,6 +310,30 @@ def _codes_minus_zero(src, sel, zneg, BITS: tl.constexpr, IS_BF16: tl.constexpr,
 
 
 @triton.jit
+def _scale_and_zneg(sz, DTYPE: tl.constexpr, MAGIC16: tl.constexpr):
+    """The packed scale/zero words (``fp16 scale bits << 16 | zero``, any shape) as the fp32 scale and
+    -(MAGIC16 + zero) in x's 16-bit type (exact: the zero is a small integer)."""
+    s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zneg = (-((sz & 0xFFFF).to(tl.float32) + MAGIC16)).to(DTYPE)
+    return s, zneg
+
+
+@triton.jit
+def _field_minus_zero(w, zneg, T_IDX: tl.constexpr, BITS: tl.constexpr, BPW: tl.constexpr, IS_BF16: tl.constexpr,
+                      LOP3: tl.constexpr):
+    """(code - zero) of field ``T_IDX`` of every word of ``w`` (any shape; ``zneg`` already in w's shape), as exact
+    small integers in x's 16-bit type: the word shifted so the field sits at the bottom of its byte, then
+    ``_codes_minus_zero``'s PRMT / LOP3 / paired FMA."""
+    b = T_IDX // BPW  # the byte holding field T_IDX
+    r = T_IDX % BPW  # its position inside the byte
+    src = w >> (r * BITS) if r > 0 else w
+    if not LOP3:  # interpreter: the plain path reads the field from its byte directly
+        src = w >> (T_IDX * BITS)
+    sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+    return _codes_minus_zero(src, tl.full(src.shape, sel, tl.int32), zneg, BITS, IS_BF16, LOP3)
+
+
+@triton.jit
 def _ktiled_scale_after_loop(acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_start, k_end, N, KW, stride_xm,
                              GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, CPW: tl.constexpr,
                              T: tl.constexpr, FOLD: tl.constexpr, BPW: tl.constexpr, W_AS_A: tl.constexpr,
@@ -323,16 +347,9 @@ def _ktiled_scale_after_loop(acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_
         for t in tl.static_range(CPW):
             if t % FOLD == 0:  # a fold span starts: its group's scale and zero
                 sz = tl.load(sz_ptr + ((k0 + t * SUBK) // GROUP) * N + rn_c)  # [BN] int32
-                s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                zneg = (-((sz & 0xFFFF).to(tl.float32) + MAGIC16)).to(x_ptr.dtype.element_ty)  # exact
-            b = t // BPW  # the byte holding field t
-            r = t % BPW  # its position inside the byte
-            src = w >> (r * BITS) if r > 0 else w
-            if not LOP3:  # interpreter: the plain path reads the field from its byte directly
-                src = w >> (t * BITS)
-            sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
-            wt = _codes_minus_zero(src, tl.full(src.shape, sel, tl.int32), zneg[:, None] + tl.zeros(src.shape, zneg.dtype),
-                                   BITS, IS_BF16, LOP3)  # [BN, SUBK] code - zero
+                s, zneg = _scale_and_zneg(sz, x_ptr.dtype.element_ty, MAGIC16)
+            wt = _field_minus_zero(w, zneg[:, None] + tl.zeros(w.shape, zneg.dtype), t, BITS, BPW, IS_BF16,
+                                   LOP3)  # [BN, SUBK] code - zero
             x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + t * SUBK + rs)[None, :],
                         mask=m_mask[:, None], other=0.0)  # [BM, SUBK]
             if W_AS_A:
