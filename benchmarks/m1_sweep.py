@@ -2,7 +2,8 @@
 program (BN), warps, pipeline stages, split-K — beyond the tuner's table, timed as ``bench gemm`` times (CUDA-graph
 replays over copies that overflow L2, candidates round-robin), each checked against the fp64 product first.
 
-    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/m1_sweep.py     # -> $OUT/m1_sweep.json
+    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/m1_sweep.py     # -> $OUT/m1_sweep_s1-2-3.json
+    M1_STAGES=4,5,6 M1_SPLITS=1,2,4,8 ... benchmarks/m1_sweep.py             # -> $OUT/m1_sweep_s4-5-6.json
     M1_KIND=gemv ... benchmarks/m1_sweep.py                                    # -> $OUT/m1_sweep_gemv.json
     M1_KIND=batch1 ... benchmarks/m1_sweep.py                                  # -> $OUT/m1_sweep_batch1.json
 
@@ -12,6 +13,8 @@ bytes / 2.67 TB/s (60 us, 2.47x). The tuner's table holds 3-stage tiles with spl
 read kernel that wins is many short programs whose loads all issue at once. This grid asks whether a k-tiled tile
 shaped like it (one or two k-tiles per program, no pipeline) closes the gap. Phase 2 times the three best of each
 shape again with PDL (trigger 0, as the library ships it) and with an L2 prefetch of its first k-tiles.
+The "tuner" rows are the tuner's k-tiled MMA tiles at M = 1 (``_ktiled_configs``), not its CUDA-core GEMV
+candidates (``M1_KIND=gemv`` times those).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def _tma_kernel(desc, out, n_rows, R: tl.constexpr, STAGES: tl.constexpr):
 
 
 def w4_bytes(n: int, k: int) -> int:
-    """Codes (4 bits) plus a bf16 scale and zero per 128-weight group: what the W4 g128 kernels read."""
+    """Codes (4 bits) plus one int32 per 128-weight group (fp16 scale bits << 16 | zero, the k-tiled ``sz``): what the
+    W4 g128 kernels read."""
     return n * k // 2 + n * (k // 128) * 4
 
 

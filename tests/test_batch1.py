@@ -22,6 +22,7 @@ def _operands(n=64, k=512, bits=4, group=128):
     (dict(bits=8), "bits=8"),
     (dict(m=17), "got 17"),
     (dict(bn=24), "bn=24"),
+    (dict(bn=48), "bn=48"),
     (dict(kb=3), "kb=3"),
     (dict(dtype=torch.float32), "torch.float32"),
     (dict(k=300), "K=300"),
@@ -48,21 +49,38 @@ def test_steps_divide_the_k_tiles():
 @cuda
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (4, 32, True), (2, 64, False), (4, None, False)])
 def test_batch1_matches_reference(bits, group, sym):
-    """N = 200 (a partial last tile), K = 3072 (several steps at kb 2 and 4), M = 1 … 16 across the N = 8 / 16 MMA
-    switch, bf16 and fp16, fresh x each time, against the fp64 product beside cuBLAS on the same Ŵ."""
+    """N = 200 (a partial last tile), K = 3072 (several steps) and 4096 (kb 8 and 16 as asked), M = 1 … 16 across the
+    N = 8 / 16 MMA switch, bf16 and fp16, 1 and 2 stages, fresh x each time, results written into NaN-filled tensors,
+    against the fp64 product beside cuBLAS on the same Ŵ."""
     from qwenquant.kernels import wq_matmul as K
     from tests.test_kernels import make_layer, rel_err
 
-    n, k = 200, 3072
-    g = k if group is None else group
-    layer = make_layer(n, k, bits, group, sym, seed=bits + k, device="cuda")
-    kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
-    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).double()
-    for dtype in (torch.bfloat16, torch.float16):
-        for m in (1, 5, 8, 9, 16):
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            ref = x.double() @ wref.T
-            cublas = rel_err(torch.nn.functional.linear(x, wref.to(dtype)), ref)
-            for bn, kb, warps in ((16, 8, 4), (32, 4, 8), (16, 2, 2)):
-                y = B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb, num_warps=warps)
-                assert rel_err(y, ref) < 2 * cublas + 1e-4, (bn, kb, warps, m, dtype, rel_err(y, ref), cublas)
+    n = 200
+    for k in (3072, 4096):  # 12 k-tiles (kb lowered to 4 / 2: several steps) and 16 (kb 8 and 16 as asked)
+        g = k if group is None else group
+        layer = make_layer(n, k, bits, group, sym, seed=bits + k, device="cuda")
+        kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, bits, k)
+        wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).double()
+        for dtype in (torch.bfloat16, torch.float16):
+            for m in (1, 5, 8, 9, 16):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                ref = x.double() @ wref.T
+                cublas = rel_err(torch.nn.functional.linear(x, wref.to(dtype)), ref)
+                for bn, kb, warps, stages in ((16, 8, 4, 1), (32, 4, 8, 1), (16, 2, 2, 1), (16, 16, 8, 1), (16, 4, 4, 2)):
+                    # a NaN-filled result: a row the kernel does not store fails instead of passing on a stale block
+                    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                    y = B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb, num_warps=warps, num_stages=stages,
+                                      out=out)
+                    assert rel_err(y, ref) < 2 * cublas + 1e-4, (k, bn, kb, warps, stages, m, dtype, rel_err(y, ref), cublas)
+
+
+def test_wrong_words_and_out_are_refused():
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    words2, sz = _operands(bits=2)  # 2-bit words passed as 4-bit: would read past the end on a GPU
+    with pytest.raises(ValueError, match="not 4-bit k-tiled words"):
+        B.batch1_gemm(x, words2, sz, 4, 128)
+    with pytest.raises(ValueError, match=r"takes x as \[M, K\]"):
+        B.batch1_gemm(torch.randn(512, dtype=torch.bfloat16), *_operands(), 4, 128)
+    words, sz = _operands()
+    with pytest.raises(ValueError, match="batch1_gemm: out"):
+        B.batch1_gemm(x, words, sz, 4, 128, out=torch.empty(2, 64, dtype=torch.bfloat16))

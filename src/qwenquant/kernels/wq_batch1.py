@@ -15,8 +15,11 @@ Here a program owns BN weight rows and KB k-tiles of K and loads all of its word
 *batched* MMA per field: [KB, BN, SUB] (code - zero) · [KB, SUB, BM] x-slices -> [KB, BN, BM] partial sums, one per
 k-tile, each scaled by its own group's scale after the MMA (as ``wq_ktiled``'s scale-after tiles: PRMT + LOP3 + one
 paired FMA per two weights, exact small integers into the MMA), then summed over the k-tiles once at the end.
-No split-K: where K holds more than KB k-tiles the program loops (Triton's pipeliner copies the next KB k-tiles
-ahead), so every output row is written by one program, with a plain store.
+No split-K: where K holds more than KB k-tiles the program loops (at the default ``num_stages=1`` each step loads
+then computes; with more stages Triton's pipeliner copies the next step ahead through shared memory), so every output
+row is written by one program, with a plain store. Where N is small the grid is too: o and down of Qwen3-8B (N = 4096)
+give 256 programs, about 2 per SM against 3 register-limited slots, and down's K = 12288 walks 6 steps — the GPU
+timing will say whether those shapes need split-K after all.
 
 Requirements: bits 2 or 4 (scale-after needs the code + magic exact in bf16/fp16), the k-tiled layout's shape rules
 (``ktiled_ok``), x with at most 16 rows (the MMA's N, padded; decode), x bf16 or fp16.
@@ -92,27 +95,34 @@ def steps_for(k: int, bits: int, kb: int) -> int:
 
 
 def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, kb: int = 8,
-                num_warps: int = 4, num_stages: int = 1) -> Tensor:
+                num_warps: int = 4, num_stages: int = 1, out: Tensor | None = None) -> Tensor:
     """x2 [M <= 16, K] bf16/fp16 with the k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype. ``bn`` weight rows per program (a multiple of 16), ``kb`` k-tiles per step (a power of two;
     lowered to one that divides K's k-tiles). The MMA's N is 8 for M <= 8 (mma.m16n8k16), else 16.
     Defaults from an offline sm_90a build (ptxas, CPU): 16 rows × 8 k-tiles on 4 warps hold 168 registers, no spills,
     16 KB shared — three programs and 48 KB of words in flight per SM; 3.75 SASS instructions per weight in all.
     ``num_stages`` > 1 lets Triton copy the next step's words and x ahead through shared memory (x padded to BM rows
-    there: 16 k-tiles at 2 stages took 166 KB)."""
+    there: 16 k-tiles at 2 stages took 166 KB with N = 16 on 8 warps, 100 KB with N = 8 on 4 warps). ``out``: the
+    [M, N] result tensor (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN."""
+    if x2.dim() != 2:
+        raise ValueError(f"batch1_gemm takes x as [M, K], got {tuple(x2.shape)}")
     m, k = x2.shape
     n = words.shape[0]
     if bits not in BITS_OK:
         raise ValueError(f"batch1_gemm runs {BITS_OK}-bit weights (scale after the MMA), got bits={bits}; use ktiled_gemm")
     if not 1 <= m <= MAX_M:
         raise ValueError(f"batch1_gemm takes 1 to {MAX_M} rows of x, got {m}; use ktiled_gemm or wgmma_gemm")
-    if bn < 16 or bn % 16 or kb < 1 or kb & (kb - 1):
-        raise ValueError(f"batch1_gemm: bn={bn}, kb={kb}: expected bn a multiple of 16 and kb a power of two")
+    if bn < 16 or bn & (bn - 1) or kb < 1 or kb & (kb - 1):
+        raise ValueError(f"batch1_gemm: bn={bn}, kb={kb}: expected bn a power of two >= 16 and kb a power of two")
     if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
         raise ValueError(f"batch1_gemm: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
     _check_operands(x2, words, sz, bits, group)
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"batch1_gemm: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
+                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
     _batch1_kernel[(triton.cdiv(n, bn),)](
         x2, words, sz, y, m, n, k, x2.stride(0), y.stride(0), GROUP=group, BITS=bits, SUBK=SUB, BN=bn,
         BM=8 if m <= 8 else 16, KB=steps_for(k, bits, kb), LOP3=not _INTERPRETED, num_warps=num_warps,

@@ -371,9 +371,17 @@ def _ktiled_scale_after_loop(acc, x_ptr, w_ptr, sz_ptr, rm, m_mask, rn_c, rs, k_
 
 def _check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int) -> None:
     """The k-tiled kernels' shared input checks (a clear error instead of a wrong or faulting kernel)."""
+    if x2.dim() != 2 or words.dim() != 2:
+        raise ValueError(f"k-tiled GEMM takes x [M, K] and words [N, K·bits/32], got x {tuple(x2.shape)} and words "
+                         f"{tuple(words.shape)}")
     m, k = x2.shape
     n = words.shape[0]
     t = tile_columns(bits)
+    if words.dtype != torch.int32 or words.shape[1] != k * bits // 32:
+        raise ValueError(f"words {words.dtype} {tuple(words.shape)} are not {bits}-bit k-tiled words of in_features={k} "
+                         f"(expected int32 [{n}, {k * bits // 32}] from pack_ktiled)")
+    if words.device != x2.device or sz.device != x2.device:
+        raise ValueError(f"k-tiled GEMM: x on {x2.device}, words on {words.device}, sz on {sz.device}: expected one device")
     if not ktiled_ok(bits, group, n, k):
         raise ValueError(f"k-tiled GEMM cannot run bits={bits}, group={group}, N={n}, K={k} "
                          f"(needs K % {t} == 0, group % {SUB} == 0, group dividing or a multiple of {t}); use the "
