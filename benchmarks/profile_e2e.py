@@ -9,6 +9,9 @@ compiled decode step of ``bench.e2e`` is captured in a CUDA graph, replayed a fe
 compiled elementwise regions, memsets/copies). ``step_ms`` is the e2e benchmark's graph-replay median (``e2e._graph_ms``); ``kernel_ms`` the
 sum of kernel durations per step; the difference is the time between kernels (launch gaps inside the
 graph, dependencies). Random weights of the published shape, as in the e2e benchmark.
+``E2E_PROFILE_PREFILL=1`` also profiles one eager 2048-token prefill per mode (``profile_prefill``: GPU busy and idle
+time, time in CUDA launch calls on the host) — written in session 13 for its prefill regression, not yet run;
+``E2E_PROFILE_BATCHES=`` (empty) skips the decode steps.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from qwenquant.bench.hw import environment
 
 OUT = os.environ.get("OUT", "runs/profile_e2e")
 MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",") if m]
-BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",")]
+BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",") if b]
 REPLAYS = 5
 
 # first matching pattern names the class of a kernel
@@ -81,6 +84,55 @@ def profile_step(step, replays: int = REPLAYS) -> dict:
             "top": [{"ms": ms, "per_step": n, "name": name[:160]} for ms, n, name in top]}
 
 
+def profile_prefill(model, tokens: int = 2048) -> dict:
+    """One eager prefill of ``tokens`` (``e2e.prefill_logits``, as ``bench e2e`` times it) under torch.profiler: wall
+    time, the sum of kernel times, the GPU's idle time (wall minus the union of kernel intervals) and, on the host,
+    the time spent in CUDA launch calls. Session 13's prefill ran ≈ 250 µs per eager W4 GEMM call slower than its
+    kernels; idle GPU time with long launch calls would say the host is the limit."""
+    import time
+
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=dev)
+    e2e.prefill_logits(model, ids)  # warm-up: tuning, compilation
+    sync()
+    t0 = time.perf_counter()
+    e2e.prefill_logits(model, ids)
+    sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        e2e.prefill_logits(model, ids)
+        sync()
+    kernels, launches = [], defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((e.time_range.start, e.time_range.end, e.name))
+        elif "Launch" in e.name or e.name.startswith(("cuLaunch", "cudaLaunch")):
+            launches[e.name][0] += 1
+            launches[e.name][1] += e.time_range.end - e.time_range.start
+    kernels.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for a, b, _ in kernels:  # union of the kernel intervals (µs)
+        if cur_e is None or a > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    span = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
+    by_class: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for a, b, name in kernels:
+        by_class[classify(name)][0] += 1
+        by_class[classify(name)][1] += (b - a) / 1e3
+    return {"prefill_wall_ms": wall_ms, "kernel_span_ms": span / 1e3, "gpu_busy_ms": busy / 1e3,
+            "gpu_idle_ms": (span - busy) / 1e3, "kernels": len(kernels),
+            "by_class": {k: {"kernels": v[0], "ms": v[1]} for k, v in sorted(by_class.items(), key=lambda kv: -kv[1][1])},
+            "launch_calls": {k: {"calls": v[0], "host_ms": v[1] / 1e3} for k, v in launches.items()}}
+
+
 @torch.no_grad()
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
@@ -94,6 +146,12 @@ def main() -> None:
         if label != "bf16":
             spec, mode = e2e.E2E_MODES[label]
             e2e.quantize_model(model, originals, spec, mode)
+        if os.environ.get("E2E_PROFILE_PREFILL") == "1":
+            r = {"mode": label, "prefill": profile_prefill(model)}
+            doc["results"].append(r)
+            print(label, "prefill", {k: round(v, 2) if isinstance(v, float) else v for k, v in r["prefill"].items()},
+                  flush=True)
+            torch.cuda.empty_cache()
         for b in BATCHES:
             dec = e2e.StaticDecoder(model, b, compiled=True)
             r = {"mode": label, "batch": b, **profile_step(dec.step)}
