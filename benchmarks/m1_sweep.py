@@ -51,8 +51,9 @@ GEMV_SPLITS = [1, 2, 3]
 
 
 # M1_KIND=batch1: the experimental kernels/wq_batch1.py (all of a program's words in one load, the k-tiles as one
-# batched MMA, no split-K) — (BN rows, k-tiles per step, warps) × stages
-BATCH1_TILES = [(16, 4, 2), (16, 8, 4), (16, 16, 4), (16, 16, 8), (32, 4, 4), (32, 8, 8), (32, 16, 8), (16, 8, 2)]
+# batched MMA) — (BN rows, k-tiles per step, warps, split-K) × stages
+BATCH1_TILES = [(16, 4, 2, 1), (16, 8, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1), (32, 4, 4, 1), (32, 8, 8, 1), (32, 16, 8, 1),
+                (16, 8, 2, 1), (16, 8, 4, 2), (16, 4, 4, 3), (16, 8, 4, 3)]
 BATCH1_STAGES = [1, 2]
 
 
@@ -60,8 +61,9 @@ def grid(k: int) -> dict[str, dict]:
     t = KT.tile_columns(4)
     out = {}
     if os.environ.get("M1_KIND") == "batch1":
-        for (bn, kb, w), st in itertools.product(BATCH1_TILES, BATCH1_STAGES):
-            out[f"batch1 bn{bn} kb{kb} w{w} s{st}"] = dict(batch1=True, bn=bn, kb=kb, num_warps=w, num_stages=st)
+        for (bn, kb, w, sk), st in itertools.product(BATCH1_TILES, BATCH1_STAGES):
+            out[f"batch1 bn{bn} kb{kb} w{w} s{st} sk{sk}"] = dict(batch1=True, bn=bn, kb=kb, num_warps=w, num_stages=st,
+                                                                 split_k=sk)
         return out
     if os.environ.get("M1_KIND") == "gemv":
         for (bn, bt, w), sk in itertools.product(GEMV_TILES, GEMV_SPLITS):

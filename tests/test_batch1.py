@@ -24,25 +24,29 @@ def _operands(n=64, k=512, bits=4, group=128):
     (dict(bn=24), "bn=24"),
     (dict(bn=48), "bn=48"),
     (dict(kb=3), "kb=3"),
+    (dict(split_k=0), "split_k=0"),
     (dict(dtype=torch.float32), "torch.float32"),
     (dict(k=300), "K=300"),
 ])
 def test_bad_input_names_the_value(bad, match):
-    args = dict(m=1, k=512, bits=4, bn=16, kb=8, dtype=torch.bfloat16) | bad
+    args = dict(m=1, k=512, bits=4, bn=16, kb=8, split_k=1, dtype=torch.bfloat16) | bad
     bits, k = args["bits"], args["k"]
     words, sz = _operands(k=k if k % 256 == 0 else 512, bits=bits)
     if k % 256:
         words = torch.zeros(64, k * bits // 32, dtype=torch.int32)
     x = torch.randn(args["m"], k).to(args["dtype"])
     with pytest.raises(ValueError, match=match):
-        B.batch1_gemm(x, words, sz, bits, 128, bn=args["bn"], kb=args["kb"])
+        B.batch1_gemm(x, words, sz, bits, 128, bn=args["bn"], kb=args["kb"], split_k=args["split_k"])
 
 
 def test_steps_divide_the_k_tiles():
-    assert B.steps_for(4096, 4, 16) == 16  # 16 k-tiles: all in one step
-    assert B.steps_for(12288, 4, 16) == 16  # 48 k-tiles: 3 steps
-    assert B.steps_for(3072, 4, 16) == 4  # 12 k-tiles: 3 steps of 4
-    assert B.steps_for(1024, 2, 8) == 2  # 2-bit k-tiles are 512 columns
+    assert B.steps_for(4096, 4, 16) == (16, 16, 1)  # 16 k-tiles: all in one step
+    assert B.steps_for(12288, 4, 16) == (16, 48, 1)  # 48 k-tiles: 3 steps
+    assert B.steps_for(3072, 4, 16) == (4, 12, 1)  # 12 k-tiles: 3 steps of 4
+    assert B.steps_for(1024, 2, 8) == (2, 2, 1)  # 2-bit k-tiles are 512 columns
+    assert B.steps_for(4096, 4, 16, split_k=2) == (8, 8, 2)  # two splits of 8 k-tiles
+    assert B.steps_for(12288, 4, 8, split_k=5) == (2, 10, 5)  # 48 k-tiles: 4 splits of 10 and one of 8
+    assert B.steps_for(3072, 4, 8, split_k=5) == (1, 3, 4)  # 12 k-tiles: 5 splits would leave one empty: 4
 
 
 @pytest.mark.gpu
@@ -50,8 +54,8 @@ def test_steps_divide_the_k_tiles():
 @pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (4, 32, True), (2, 64, False), (4, None, False)])
 def test_batch1_matches_reference(bits, group, sym):
     """N = 200 (a partial last tile), K = 3072 (several steps) and 4096 (kb 8 and 16 as asked), M = 1 … 16 across the
-    N = 8 / 16 MMA switch, bf16 and fp16, 1 and 2 stages, fresh x each time, results written into NaN-filled tensors,
-    against the fp64 product beside cuBLAS on the same Ŵ."""
+    N = 8 / 16 MMA switch, bf16 and fp16, 1 and 2 stages, split-K 2 and 5 (uneven shares), fresh x each time, results
+    written into NaN-filled tensors, against the fp64 product beside cuBLAS on the same Ŵ."""
     from qwenquant.kernels import wq_matmul as K
     from tests.test_kernels import make_layer, rel_err
 
@@ -66,12 +70,17 @@ def test_batch1_matches_reference(bits, group, sym):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = x.double() @ wref.T
                 cublas = rel_err(torch.nn.functional.linear(x, wref.to(dtype)), ref)
-                for bn, kb, warps, stages in ((16, 8, 4, 1), (32, 4, 8, 1), (16, 2, 2, 1), (16, 16, 8, 1), (16, 4, 4, 2)):
+                for bn, kb, warps, stages, sk in ((16, 8, 4, 1, 1), (32, 4, 8, 1, 1), (16, 2, 2, 1, 1), (16, 16, 8, 1, 1),
+                                                  (16, 4, 4, 2, 1), (16, 8, 4, 1, 2), (16, 4, 4, 1, 5)):
                     # a NaN-filled result: a row the kernel does not store fails instead of passing on a stale block
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                     y = B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb, num_warps=warps, num_stages=stages,
-                                      out=out)
-                    assert rel_err(y, ref) < 2 * cublas + 1e-4, (k, bn, kb, warps, stages, m, dtype, rel_err(y, ref), cublas)
+                                      split_k=sk, out=out)
+                    assert rel_err(y, ref) < 2 * cublas + 1e-4, (k, bn, kb, warps, stages, sk, m, dtype, rel_err(y, ref),
+                                                                 cublas)
+            # split-K leaves its workspace and counters zeroed for the next call
+            ws, cnt = KT.split_k_workspace(torch.device("cuda"), 1, 1)
+            assert not ws.any() and not cnt.any()
 
 
 def test_wrong_words_and_out_are_refused():

@@ -72,8 +72,8 @@ SCRIPT = textwrap.dedent(
                                            scale_after=True)
                         note("ktiled_after", y, ref)
                 if bits in B.BITS_OK and m <= B.MAX_M:  # batch-1 kernel: 1 k-tile per step (K loops), then all at once
-                    for bn, kb in ((16, 1), (32, 16)):
-                        note("batch1", B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb), ref)
+                    for bn, kb, sk in ((16, 1, 1), (32, 16, 1), (16, 1, 3)):  # split-K 3: shares of 1 or 2 k-tiles
+                        note("batch1", B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb, split_k=sk), ref)
                 if bits in KT.SCALE_AFTER_BITS:  # stream-K: 3 or 5 programs, so runs end and start inside tiles
                     for progs, wa in ((3, True), (5, False)):
                         y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, scale_after=True,

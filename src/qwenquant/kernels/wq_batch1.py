@@ -15,11 +15,11 @@ Here a program owns BN weight rows and KB k-tiles of K and loads all of its word
 *batched* MMA per field: [KB, BN, SUB] (code - zero) · [KB, SUB, BM] x-slices -> [KB, BN, BM] partial sums, one per
 k-tile, each scaled by its own group's scale after the MMA (as ``wq_ktiled``'s scale-after tiles: PRMT + LOP3 + one
 paired FMA per two weights, exact small integers into the MMA), then summed over the k-tiles once at the end.
-No split-K: where K holds more than KB k-tiles the program loops (at the default ``num_stages=1`` each step loads
+No split-K by default (``split_k`` adds it for small N, below): where K holds more than KB k-tiles the program loops (at the default ``num_stages=1`` each step loads
 then computes; with more stages Triton's pipeliner copies the next step ahead through shared memory), so every output
 row is written by one program, with a plain store. Where N is small the grid is too: o and down of Qwen3-8B (N = 4096)
-give 256 programs, about 2 per SM against 3 register-limited slots, and down's K = 12288 walks 6 steps — the GPU
-timing will say whether those shapes need split-K after all.
+give 256 programs, about 2 per SM against 3 register-limited slots, and down's K = 12288 walks 6 steps — so
+``split_k`` 2-3 is offered for those, at the price of the atomics the k-tiled grid measured.
 
 Requirements: bits 2 or 4 (scale-after needs the code + magic exact in bf16/fp16), the k-tiled layout's shape rules
 (``ktiled_ok``), x with at most 16 rows (the MMA's N, padded; decode), x bf16 or fp16.
@@ -34,7 +34,8 @@ import triton.language as tl
 from torch import Tensor
 
 from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED
-from qwenquant.kernels.wq_ktiled import _check_operands, _field_minus_zero, _scale_and_zneg
+from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _scale_and_zneg,
+                                         split_k_workspace)
 from qwenquant.numerics.ktiled import SUB, tile_columns
 
 MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
@@ -42,10 +43,11 @@ BITS_OK = (2, 4)
 
 
 @triton.jit
-def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, tiles_per_split,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                   KB: tl.constexpr, LOP3: tl.constexpr):
-    """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program: KB k-tiles per step, every word of a step in one load."""
+                   KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr):
+    """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program (or its share of K when SPLITS > 1): KB k-tiles per step,
+    every word of a step in one load."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK  # columns per k-tile
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per scale group inside a k-tile
@@ -53,6 +55,7 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     MAGIC16: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     KW = tl.multiple_of(K // CPW, SUBK)  # words per row
     rn = pid * BN + tl.arange(0, BN)
     rn_c = tl.where(rn < N, rn, 0)  # clamped rows: loads need no row mask, the store masks them
@@ -61,7 +64,9 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     rm = tl.arange(0, BM)
     m_mask = rm < M
     acc = tl.zeros([KB, BN, BM], dtype=tl.float32)
-    for kt0 in range(0, K // T, KB):  # first k-tile of the step
+    kt_start = pid_k * tiles_per_split
+    kt_end = tl.minimum(kt_start + tiles_per_split, K // T)
+    for kt0 in range(kt_start, kt_end, KB):  # first k-tile of the step (KB divides tiles_per_split)
         # [KB, BN, SUB] words: k-tile b of rows rn — each row's KB·SUB words are contiguous in memory
         w = tl.load(w_ptr + rn_c[None, :, None] * KW + ((kt0 + rb) * SUBK)[:, None, None] + rj[None, None, :])
         col0 = (kt0 + rb) * T  # [KB] first column of each k-tile
@@ -82,25 +87,34 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
             if t % FOLD == FOLD - 1:
                 acc += part * s[:, :, None]
     y = tl.sum(acc, axis=0)  # [BN, BM]
-    tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], y.to(y_ptr.dtype.element_ty),
-             mask=m_mask[None, :] & (rn[:, None] < N))
+    y_off = rm[None, :] * stride_ym + rn[:, None]
+    ymask = m_mask[None, :] & (rn[:, None] < N)
+    if SPLITS == 1:
+        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=ymask)
+    else:  # the splits of one row block meet in the zeroed fp32 workspace; the last one stores y (wq_ktiled)
+        _add_partial(y, y_ptr, ws_ptr, cnt_ptr + pid, y_off, ymask, 1, SPLITS)
 
 
-def steps_for(k: int, bits: int, kb: int) -> int:
-    """k-tiles per step actually used: ``kb``, or the largest power of two below it that divides K's k-tiles."""
+def steps_for(k: int, bits: int, kb: int, split_k: int = 1) -> tuple[int, int, int]:
+    """(k-tiles per step, k-tiles per split, splits) actually used: K's k-tiles shared as evenly as ``split_k``
+    allows, and ``kb`` or the largest power of two below it that divides a split's k-tiles."""
     tiles = k // tile_columns(bits)
-    while kb > 1 and tiles % kb:
+    per = -(-tiles // split_k)
+    while kb > 1 and per % kb:
         kb //= 2
-    return kb
+    return kb, per, -(-tiles // per)
 
 
 def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, kb: int = 8,
-                num_warps: int = 4, num_stages: int = 1, out: Tensor | None = None) -> Tensor:
+                num_warps: int = 4, num_stages: int = 1, split_k: int = 1, out: Tensor | None = None) -> Tensor:
     """x2 [M <= 16, K] bf16/fp16 with the k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype. ``bn`` weight rows per program (a multiple of 16), ``kb`` k-tiles per step (a power of two;
-    lowered to one that divides K's k-tiles). The MMA's N is 8 for M <= 8 (mma.m16n8k16), else 16.
+    lowered to one that divides a split's k-tiles). The MMA's N is 8 for M <= 8 (mma.m16n8k16), else 16.
+    ``split_k`` > 1 shares K among that many programs per row block (more programs where N is small: o and down of
+    Qwen3-8B give 256 row blocks); their partial sums meet in ``wq_ktiled``'s fp32 workspace through atomics, and the
+    last to arrive writes y — the cost split-K 16 showed in the k-tiled grid, so only a few splits make sense.
     Defaults from an offline sm_90a build (ptxas, CPU): 16 rows × 8 k-tiles on 4 warps hold 168 registers, no spills,
-    16 KB shared — three programs and 48 KB of words in flight per SM; 3.75 SASS instructions per weight in all.
+    16 KB shared — three programs and 48 KB of words in flight per SM; 3.9 SASS instructions per weight in all.
     ``num_stages`` > 1 lets Triton copy the next step's words and x ahead through shared memory (x padded to BM rows
     there: 16 k-tiles at 2 stages took 166 KB with N = 16 on 8 warps, 100 KB with N = 8 on 4 warps). ``out``: the
     [M, N] result tensor (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN."""
@@ -112,8 +126,9 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
         raise ValueError(f"batch1_gemm runs {BITS_OK}-bit weights (scale after the MMA), got bits={bits}; use ktiled_gemm")
     if not 1 <= m <= MAX_M:
         raise ValueError(f"batch1_gemm takes 1 to {MAX_M} rows of x, got {m}; use ktiled_gemm or wgmma_gemm")
-    if bn < 16 or bn & (bn - 1) or kb < 1 or kb & (kb - 1):
-        raise ValueError(f"batch1_gemm: bn={bn}, kb={kb}: expected bn a power of two >= 16 and kb a power of two")
+    if bn < 16 or bn & (bn - 1) or kb < 1 or kb & (kb - 1) or split_k < 1:
+        raise ValueError(f"batch1_gemm: bn={bn}, kb={kb}, split_k={split_k}: expected bn a power of two >= 16, kb a "
+                         "power of two and split_k >= 1")
     if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
         raise ValueError(f"batch1_gemm: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
@@ -123,8 +138,11 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
         raise ValueError(f"batch1_gemm: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
                          f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
-    _batch1_kernel[(triton.cdiv(n, bn),)](
-        x2, words, sz, y, m, n, k, x2.stride(0), y.stride(0), GROUP=group, BITS=bits, SUBK=SUB, BN=bn,
-        BM=8 if m <= 8 else 16, KB=steps_for(k, bits, kb), LOP3=not _INTERPRETED, num_warps=num_warps,
+    kb, per, splits = steps_for(k, bits, kb, split_k)
+    blocks = triton.cdiv(n, bn)
+    ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)
+    _batch1_kernel[(blocks, splits)](
+        x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per, GROUP=group, BITS=bits, SUBK=SUB, BN=bn,
+        BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED, num_warps=num_warps,
         num_stages=num_stages)
     return y
