@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from qwenquant.bench.gemm import L2_OVERFLOW_BYTES, time_interleaved
+from qwenquant.bench.gemm import l2_copies, time_interleaved
 from qwenquant.bench.hw import environment
 from qwenquant.kernels import wq_batch1 as B1
 from qwenquant.kernels import wq_ktiled as KT
@@ -91,11 +91,11 @@ def main():
     for proj, (n, k) in SHAPES.items():
         kt, wref = make(n, k, 4, 128, False, seed=1)
         nbytes = kt.words.numel() * 4 + kt.sz.numel() * 4
-        reps = max(2, -(-L2_OVERFLOW_BYTES // nbytes))
+        reps = l2_copies(nbytes, least=2)
         copies = [(kt.words.clone(), kt.sz.clone()) for _ in range(reps)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ wref.double().T
-        wb = [wref.to(torch.bfloat16) for _ in range(max(2, -(-L2_OVERFLOW_BYTES // (n * k * 2))))]
+        wb = [wref.to(torch.bfloat16) for _ in range(l2_copies(n * k * 2, least=2))]
         cands = {name: (lambda kw=kw: [run(x, wd, sz, **kw) for wd, sz in copies]) for name, kw in grid(k).items()}
         tuner = {name: cfg for name, (kind, cfg) in fused._ktiled_configs(1, 4).items() if kind == "ktiled"}
         for name, (bm, bn, wa, sk, w, st, sa, skp) in tuner.items():

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from qwenquant.bench.gemm import L2_OVERFLOW_BYTES, MODEL_SHAPES, W4, time_interleaved
+from qwenquant.bench.gemm import MODEL_SHAPES, W4, l2_copies, time_interleaved
 from qwenquant.bench.hw import _time_ms, environment
 from qwenquant.numerics import quantize_weight
 from qwenquant.runtime.quant_linear import QuantLinear
@@ -116,15 +116,11 @@ def xor_all(t: torch.Tensor) -> int:
     return int(np.bitwise_xor.reduce(t.cpu().numpy()))
 
 
-def reps_for(nbytes: int) -> int:
-    return max(2, -(-L2_OVERFLOW_BYTES // nbytes))
-
-
 def time_shape(n: int, k: int, nsm: int, copy_bw: float) -> list[dict]:
     dev = "cuda"
     nbytes = w4_bytes(n, k)
     n_words = nbytes // 4
-    copies = [Copy(n_words) for _ in range(reps_for(nbytes))]
+    copies = [Copy(n_words) for _ in range(l2_copies(nbytes, least=2))]
     out = torch.empty(nsm * 64 + n_words // 1024 + 1, device=dev, dtype=torch.int32)
     calls, per_call, read_bytes = {}, {}, {}
     for name, (launch, grid) in candidates(n_words, nsm).items():
@@ -145,14 +141,14 @@ def time_shape(n: int, k: int, nsm: int, copy_bw: float) -> list[dict]:
         per_call[name], read_bytes[name] = len(args), (copies[0].rows * WIDTH * 4 if tma else nbytes)
     x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
     n_same = -(-nbytes // (2 * k))  # bf16 rows holding the W4 byte count
-    same = [torch.randn(n_same, k, device=dev, dtype=torch.bfloat16) for _ in range(reps_for(n_same * k * 2))]
+    same = [torch.randn(n_same, k, device=dev, dtype=torch.bfloat16) for _ in range(l2_copies(n_same * k * 2, least=2))]
     calls["cublas same bytes"] = lambda: [F.linear(x, w) for w in same]
     per_call["cublas same bytes"], read_bytes["cublas same bytes"] = len(same), n_same * k * 2
-    full = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(reps_for(n * k * 2))]
+    full = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(l2_copies(n * k * 2, least=2))]
     calls["bf16"] = lambda: [F.linear(x, w) for w in full]
     per_call["bf16"], read_bytes["bf16"] = len(full), n * k * 2
     qs = []
-    for _ in range(reps_for(nbytes)):
+    for _ in range(l2_copies(nbytes, least=2)):
         q = QuantLinear.from_weight(quantize_weight(torch.randn(n, k, device=dev) * 0.02, W4), compute_dtype=torch.bfloat16)
         q.mode = "fused"
         q(x)  # tuning

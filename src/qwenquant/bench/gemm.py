@@ -34,6 +34,12 @@ ROWS = [2**i for i in range(14)]  # 1 … 8192
 L2_OVERFLOW_BYTES = 200 * 2**20
 
 
+def l2_copies(nbytes: int, least: int = 1, most: int = 32) -> int:
+    """How many copies of an ``nbytes`` weight a timing cycles through so that together they overflow L2
+    (``L2_OVERFLOW_BYTES``; a weight left in L2 would time the cache, not HBM), within [least, most]."""
+    return max(least, min(most, -(-L2_OVERFLOW_BYTES // max(1, nbytes))))
+
+
 @dataclass
 class GemmResult:
     model: str
@@ -198,7 +204,7 @@ def _prepare(name: str, mode: Mode, w_bf16: torch.Tensor, layers: dict) -> list 
     except (RuntimeError, ValueError) as e:
         log.warning("%s %s: cannot prepare: %s", name, tuple(w_bf16.shape), e)
         return None
-    reps = max(1, min(32, -(-L2_OVERFLOW_BYTES // max(1, _bytes(obj0)))))
+    reps = l2_copies(_bytes(obj0))
     return [obj0] + [(base.clone() if mode.weight is None else (copy.deepcopy(base) if mode.prepare is None else mode.prepare(copy.deepcopy(base))))
                      for _ in range(reps - 1)]
 

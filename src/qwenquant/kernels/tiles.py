@@ -14,6 +14,19 @@ def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def result_tensor(x2: torch.Tensor, n: int, out: torch.Tensor | None, who: str) -> torch.Tensor:
+    """The [M, N] result of a GEMM on x2 [M, K]: ``out`` when given — checked to be contiguous, of x's dtype and
+    device and that shape (tests pass one filled with NaN, so a tile a kernel fails to write cannot pass on a stale
+    allocation) — else a new tensor."""
+    m = x2.shape[0]
+    if out is None:
+        return torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device or not out.is_contiguous():
+        raise ValueError(f"{who}: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
+                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
+    return out
+
+
 @triton.jit
 def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M row-tiles sweep the column tiles

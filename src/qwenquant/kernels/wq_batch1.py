@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED
+from qwenquant.kernels.tiles import result_tensor
 from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _scale_and_zneg,
                                          split_k_workspace)
 from qwenquant.numerics.ktiled import SUB, tile_columns
@@ -133,11 +134,7 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
         raise ValueError(f"batch1_gemm: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
     _check_operands(x2, words, sz, bits, group)
-    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
-                            or not out.is_contiguous()):
-        raise ValueError(f"batch1_gemm: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
-                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
+    y = result_tensor(x2, n, out, "batch1_gemm")
     kb, per, splits = steps_for(k, bits, kb, split_k)
     blocks = triton.cdiv(n, bn)
     ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)

@@ -57,7 +57,8 @@ try:  # Gluon ships with Triton >= 3.5; the kernel is only built where it is ava
 except ImportError:  # pragma: no cover — an older Triton: wgmma_ok() says False
     GLUON = False
 
-from qwenquant.kernels.tiles import sm_count
+from qwenquant.kernels.tiles import result_tensor, sm_count
+from qwenquant.kernels.wq_ktiled import _check_operands as check_ktiled_operands
 from qwenquant.kernels.wq_ktiled import _field_magic, split_k_workspace
 from qwenquant.numerics.ktiled import SUB, ktiled_ok, tile_columns
 
@@ -356,12 +357,7 @@ def check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int)
         raise ValueError(f"wgmma_gemm: {bits}-bit, group {group}, N={n}, K={k} on {x2.device} is not supported "
                          f"(needs Gluon, an sm_90 GPU, K a multiple of {tile_columns(bits) if bits in (2, 4, 8) else '?'} "
                          "and a group that is a multiple of 32 dividing K); use ktiled_gemm or dequant + matmul")
-    if words.shape != (n, k * bits // 32) or sz.shape != (k // group, n) or words.dtype != torch.int32 \
-            or sz.dtype != torch.int32 or not (words.is_contiguous() and sz.is_contiguous()):
-        raise ValueError(f"wgmma_gemm: words {words.dtype} {tuple(words.shape)} / sz {sz.dtype} {tuple(sz.shape)} "
-                         f"are not a contiguous k-tiled {bits}-bit weight of in_features={k}, group={group}")
-    if words.device != x2.device or sz.device != x2.device:
-        raise ValueError(f"wgmma_gemm: x on {x2.device}, words on {words.device}, sz on {sz.device}")
+    check_ktiled_operands(x2, words, sz, bits, group)  # words / sz shapes, dtypes, contiguity, devices
 
 
 def _x_descriptor(x2: Tensor, bm: int, sps: int = 0):
@@ -381,11 +377,7 @@ def result_and_tma_x(x2: Tensor, n: int, bm: int, out: Tensor | None, who: str) 
     """The [M, N] result (``out`` checked, or a new tensor) and x as TMA may read it in [bm, 32] boxes: padded with
     zero rows up to bm (their outputs are not stored), or copied when the base is not 16-byte aligned."""
     m, k = x2.shape
-    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.device != x2.device
-                            or not out.is_contiguous()):
-        raise ValueError(f"{who}: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
-                         f"{x2.dtype} [{m}, {n}] tensor on {x2.device}")
-    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype) if out is None else out
+    y = result_tensor(x2, n, out, who)
     if m < bm:  # TMA boxes no taller than the tensor
         x2 = torch.cat([x2, x2.new_zeros(bm - m, k)])
     elif x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base (a view at an odd offset)
