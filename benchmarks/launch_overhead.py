@@ -59,4 +59,4 @@ if "QuantLinear fused (tuned)" in out:
 
     out["tuned_choice"] = [t for t in fused.TUNER.table() if t["key"][4] == m]
 with open(os.path.join(os.environ.get("OUT", "."), "launch_overhead.json"), "w") as f:
-    json.dump(out, f, indent=1)
+    json.dump(out, f, default=str, indent=1)  # the tuner key holds a torch dtype

@@ -33,7 +33,7 @@ REPLAYS = 5
 
 # first matching pattern names the class of a kernel
 CLASSES = [
-    ("w4_gemm", r"ktiled|wq_|_gemv|tinygemm|_weight_int4|unpack|dequant"),
+    ("w4_gemm", r"ktiled|wq_|wgmma|batch1|_gemv|tinygemm|_weight_int4|unpack|dequant"),
     ("int8_fp8", r"int8|act_quant|fp8|scaled_mm"),
     ("bf16_gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|Kernel2|splitK"),
     ("attention", r"flash|fmha|attention|sdpa|efficient"),
@@ -160,8 +160,8 @@ def main() -> None:
                   {k: (round(v["kernels"]), round(v["ms"], 3)) for k, v in r["by_class"].items()}, flush=True)
             del dec
             torch.cuda.empty_cache()
-            with open(os.path.join(OUT, "profile_e2e.json"), "w") as f:
-                json.dump(doc, f, default=str, indent=1)
+        with open(os.path.join(OUT, "profile_e2e.json"), "w") as f:  # after each mode (a prefill-only run too)
+            json.dump(doc, f, default=str, indent=1)
 
 
 if __name__ == "__main__":

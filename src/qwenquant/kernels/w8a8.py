@@ -17,6 +17,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from torch import Tensor
 
+from qwenquant.kernels.launch import launch_kernel
 from qwenquant.kernels.tiles import grouped_tile, sm_count
 from qwenquant.numerics.activation import quantize_per_token
 
@@ -52,8 +53,8 @@ def act_quant(x2: Tensor, fp8: bool, pad_rows_to: int = 1) -> tuple[Tensor, Tens
     s = torch.ones((mp, 1), device=x2.device, dtype=torch.float32)
     qsum = torch.zeros((mp,), device=x2.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    _act_quant_kernel[(m,)](x2, q, s, qsum, k, x2.stride(0), q.stride(0), FP8=fp8, BLOCK=block,
-                            num_warps=8 if block >= 4096 else 4)
+    launch_kernel(_act_quant_kernel, (m,), (x2, q, s, qsum, k, x2.stride(0), q.stride(0)), FP8=fp8, BLOCK=block,
+                  num_warps=8 if block >= 4096 else 4)
     return q, s, qsum
 
 
@@ -181,10 +182,11 @@ def int8_gemm_quantized(q: Tensor, sx: Tensor, qsum: Tensor, w_int8: Tensor, w_s
         programs = min(tiles, tma * sm_count(q.device))
         q_desc = TensorDescriptor.from_tensor(q, [bm, bk])
         w_desc = TensorDescriptor.from_tensor(w_int8, [bn, bk])
-        _int8_gemm_tma_kernel[(programs,)](q_desc, w_desc, sx, qsum, w_scale, zc, b, y, m, n, k, y.stride(0), **flags)
+        launch_kernel(_int8_gemm_tma_kernel, (programs,), (q_desc, w_desc, sx, qsum, w_scale, zc, b, y, m, n, k,
+                                                           y.stride(0)), **flags)
     else:
-        _int8_gemm_kernel[(tiles,)](q, w_int8, sx, qsum, w_scale, zc, b, y, m, n, k, q.stride(0), w_int8.stride(0),
-                                    y.stride(0), **flags)
+        launch_kernel(_int8_gemm_kernel, (tiles,), (q, w_int8, sx, qsum, w_scale, zc, b, y, m, n, k, q.stride(0),
+                                                    w_int8.stride(0), y.stride(0)), **flags)
     return y
 
 
@@ -196,9 +198,10 @@ def int8_matmul(x2: Tensor, w_int8: Tensor, w_scale: Tensor, zero_corr: Tensor |
     acc = torch._int_mm(q, w_int8.t())  # [M', N] int32
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     bm, bn = 32, 128
-    _int8_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        acc, sx, qsum, w_scale, zero_corr if zero_corr is not None else w_scale, bias if bias is not None else w_scale,
-        y, m, n, acc.stride(0), y.stride(0), HAS_ZC=zero_corr is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn,
+    launch_kernel(
+        _int8_epilogue_kernel, (triton.cdiv(m, bm), triton.cdiv(n, bn)),
+        (acc, sx, qsum, w_scale, zero_corr if zero_corr is not None else w_scale, bias if bias is not None else w_scale,
+         y, m, n, acc.stride(0), y.stride(0)), HAS_ZC=zero_corr is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn,
     )
     return y
 

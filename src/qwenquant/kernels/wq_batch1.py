@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwenquant.kernels.launch import launch_kernel
 from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED
 from qwenquant.kernels.tiles import result_tensor
 from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _scale_and_zneg,
@@ -138,8 +139,8 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     kb, per, splits = steps_for(k, bits, kb, split_k)
     blocks = triton.cdiv(n, bn)
     ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)
-    _batch1_kernel[(blocks, splits)](
-        x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per, GROUP=group, BITS=bits, SUBK=SUB, BN=bn,
+    launch_kernel(
+        _batch1_kernel, (blocks, splits), (x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per), GROUP=group, BITS=bits, SUBK=SUB, BN=bn,
         BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED, num_warps=num_warps,
         num_stages=num_stages)
     return y

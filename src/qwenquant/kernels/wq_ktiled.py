@@ -70,6 +70,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwenquant.kernels.launch import launch_kernel
 from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED  # no inline PTX under Triton's interpreter
 from qwenquant.kernels.overlap import pdl_ok, prefetch_l2, prefetch_ok, release_dependents, wait_for_producer
 from qwenquant.kernels.tiles import grouped_tile, sm_count, tile_ranges
@@ -455,8 +456,9 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
                              "fewer programs per SM, larger tiles, or split-K")
         y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
         ws, cnt = split_k_workspace(x2.device, m * n, tiles)
-        _ktiled_streamk_kernel[(progs,)](
-            x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), steps, tiles * steps,
+        launch_kernel(
+            _ktiled_streamk_kernel, (progs,), (x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), steps,
+                                               tiles * steps),
             GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, GROUP_M=group_m,
             LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
         )
@@ -467,8 +469,8 @@ def ktiled_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int,
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, m * n, tiles)
     consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger, grid_k > 1)
-    _ktiled_gemm_kernel[(tiles, grid_k)](
-        x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split,
+    launch_kernel(
+        _ktiled_gemm_kernel, (tiles, grid_k), (x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per_split),
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=bm, W_AS_A=w_as_a, SPLITS=grid_k, GROUP_M=group_m,
         LOP3=not _INTERPRETED, SCALE_AFTER=scale_after, num_warps=num_warps, num_stages=num_stages, **consts, **launch,
     )
@@ -559,8 +561,8 @@ def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     tiles = triton.cdiv(n, bn)
     ws, cnt = (y, y) if grid_k == 1 else split_k_workspace(x2.device, n, tiles)
     consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger, grid_k > 1)
-    _ktiled_gemv_kernel[(tiles, grid_k)](
-        x2, words, sz, y, ws, cnt, n, k, per_split, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BT=tiles_per_step,
+    launch_kernel(
+        _ktiled_gemv_kernel, (tiles, grid_k), (x2, words, sz, y, ws, cnt, n, k, per_split), GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BT=tiles_per_step,
         SPLITS=grid_k, LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages, **consts, **launch,
     )
     return y

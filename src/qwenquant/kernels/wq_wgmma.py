@@ -57,6 +57,7 @@ try:  # Gluon ships with Triton >= 3.5; the kernel is only built where it is ava
 except ImportError:  # pragma: no cover — an older Triton: wgmma_ok() says False
     GLUON = False
 
+from qwenquant.kernels.launch import launch_kernel
 from qwenquant.kernels.tiles import result_tensor, sm_count
 from qwenquant.kernels.wq_ktiled import _check_operands as check_ktiled_operands
 from qwenquant.kernels.wq_ktiled import _field_magic, split_k_workspace
@@ -360,17 +361,23 @@ def check_operands(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int)
     check_ktiled_operands(x2, words, sz, bits, group)  # words / sz shapes, dtypes, contiguity, devices
 
 
+@functools.lru_cache(maxsize=None)
+def nvmma_layout(block: tuple[int, ...], dtype: torch.dtype):
+    """Gluon's default shared-memory layout of a TMA box (``NVMMASharedLayout.get_default_for``), cached: computing
+    it is ≈ 6 µs of host Python per descriptor, and every eager call builds one or two descriptors."""
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int32: gl.int32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+
+
 def _x_descriptor(x2: Tensor, bm: int, sps: int = 0):
     """TMA descriptor of x [rows, K] read in [bm, 32] boxes into wgmma's shared-memory layout (64-byte swizzle);
     ``sps`` > 0: x seen as [K/32, rows, 32] (strides 32, K, 1), read in [sps, bm, 32] boxes — one copy per ring
     stage, landing as sps consecutive [bm, 32] slices in the same layout."""
-    gl_dtype = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     rows, k = x2.shape
     if sps:
-        layout = gl.NVMMASharedLayout.get_default_for([sps, bm, SUB], gl_dtype)
+        layout = nvmma_layout((sps, bm, SUB), x2.dtype)
         return TensorDescriptor(x2, [k // SUB, rows, SUB], [SUB, k, 1], [sps, bm, SUB], layout)
-    layout = gl.NVMMASharedLayout.get_default_for([bm, SUB], gl_dtype)
-    return TensorDescriptor(x2, [rows, k], [k, 1], [bm, SUB], layout)
+    return TensorDescriptor(x2, [rows, k], [k, 1], [bm, SUB], nvmma_layout((bm, SUB), x2.dtype))
 
 
 def result_and_tma_x(x2: Tensor, n: int, bm: int, out: Tensor | None, who: str) -> tuple[Tensor, Tensor]:
@@ -418,8 +425,8 @@ def wgmma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn:
         ws, cnt = split_k_workspace(x2.device, 2 * grid_cap * bn * bm, 2 * grid_cap)
     else:
         grid, ws, cnt = tiles, y, y  # no partial tiles: the workspace pointers are never used
-    _wgmma_w_as_a_kernel[(grid, )](x_desc, words, sz, y, ws, cnt, m, n, k, BITS=bits, GROUP=group, BN=bn,
-                                   STAGES=stages, SPS=sps, STREAMK=bool(streamk), LOP3=lop3, num_warps=num_warps)
+    launch_kernel(_wgmma_w_as_a_kernel, (grid, ), (x_desc, words, sz, y, ws, cnt, m, n, k), BITS=bits, GROUP=group,
+                  BN=bn, STAGES=stages, SPS=sps, STREAMK=bool(streamk), LOP3=lop3, num_warps=num_warps)
     return y
 
 

@@ -35,6 +35,7 @@ import triton
 from torch import Tensor
 
 from qwenquant.kernels import wq_wgmma as W
+from qwenquant.kernels.launch import launch_kernel
 from qwenquant.numerics.ktiled import SUB
 
 if W.GLUON:
@@ -180,8 +181,7 @@ def check_config(bits: int, bm: int, stages: int, sps: int) -> None:
 def _w_descriptor(words: Tensor):
     """TMA descriptor of the k-tiled words int32 [N, K/CPW] read in [128, 32] boxes — one k-tile of a program's
     rows (rows past N arrive as zeros)."""
-    layout = gl.NVMMASharedLayout.get_default_for([BN, SUB], gl.int32)
-    return TensorDescriptor(words, list(words.shape), [words.shape[1], 1], [BN, SUB], layout)
+    return TensorDescriptor(words, list(words.shape), [words.shape[1], 1], [BN, SUB], W.nvmma_layout((BN, SUB), torch.int32))
 
 
 def wgmma_ws_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bm: int = 256, stages: int = 3,
@@ -194,8 +194,8 @@ def wgmma_ws_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, 
     n = words.shape[0]
     y, x2 = W.result_and_tma_x(x2, n, bm, out, "wgmma_ws_gemm")
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, BN), )
-    _wgmma_ws_kernel[grid](W._x_descriptor(x2, bm, sps), _w_descriptor(words), sz, y, m, n, k, BITS=bits, GROUP=group,
-                           STAGES=stages, SPS=sps, NWS=WSTAGES, LOP3=lop3, num_warps=8, maxnreg=MAXNREG)
+    launch_kernel(_wgmma_ws_kernel, grid, (W._x_descriptor(x2, bm, sps), _w_descriptor(words), sz, y, m, n, k),
+                  BITS=bits, GROUP=group, STAGES=stages, SPS=sps, NWS=WSTAGES, LOP3=lop3, num_warps=8, maxnreg=MAXNREG)
     return y
 
 

@@ -1,0 +1,126 @@
+"""Launching our Triton kernels without Triton's per-call Python.
+
+``kernel[grid](*args, **constexprs)`` (Triton 3.6's JIT launch) does, at every call: bind the arguments, specialize
+each one (dtype, 16-byte alignment, divisibility by 16, == 1), build a cache key string, look the compiled kernel up,
+build launch metadata for the launch hooks, and call the compiled kernel's launcher. On the H100 machine's host that
+is ≈ 23 µs per call above the launcher itself — 36 µs against 13 µs for the wgmma kernel
+(``benchmarks/launch_breakdown.py``, session 14) — and an eager 2048-token prefill makes 144 such calls between
+≈ 1700 other launches, so its GPU waited on the host.
+
+``launch_kernel(kernel, grid, args, **kwargs)`` is the JIT launch with a cache in front: the key is the device, every
+keyword (constexprs and launch options, by value) and, per runtime argument, the properties Triton specializes it
+on (``spec_key``: a refinement of Triton's own specialization, so two calls with one key always share a compiled
+kernel — ``tests/test_launch.py`` checks that against Triton's ``native_specialize_impl``). A miss goes through the
+JIT launch, which compiles or finds the kernel and launches it; the compiled kernel is kept under the key. A hit
+calls ``CompiledKernel.run`` with the bound arguments in signature order (constexprs included, as Triton passes
+them) and no launch hooks.
+
+The JIT path is taken whenever the cache cannot stand in for it: Triton's interpreter (``TRITON_INTERPRET=1``),
+launch hooks registered (a profiler such as proton), an argument type ``spec_key`` does not know, or
+``QWENQUANT_FAST_LAUNCH=0`` (read at import; the comparison ``launch_breakdown.py`` and ``bench e2e`` can make).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from triton import knobs
+
+from qwenquant.kernels.overlap import INTERPRETED
+
+ENABLED = os.environ.get("QWENQUANT_FAST_LAUNCH", "1") != "0" and not INTERPRETED
+_INT32 = range(-2**31, 2**31)
+
+
+class Unkeyable(TypeError):
+    """An argument whose specialization ``spec_key`` does not model: that call takes Triton's own launch."""
+
+
+def spec_key(arg) -> object:
+    """What Triton's specialization of one runtime argument depends on, as a hashable value.
+
+    Tensors: dtype and whether the base is 16-byte aligned. Ints: == 1 (a constant then), divisible by 16, and
+    whether they fit int32 (else i64). Bools and None by value; floats by type only (never specialized). A Gluon
+    TensorDescriptor: its base's dtype, its rank, block shape and shared-memory layout (its shape and strides are
+    runtime values). Anything else raises ``Unkeyable``."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool) or arg is None:
+        return ("v", arg)
+    if isinstance(arg, int):
+        return (arg == 1, arg % 16 == 0, arg in _INT32)
+    if isinstance(arg, float):
+        return float
+    block = getattr(arg, "block_shape", None)
+    if block is not None and isinstance(getattr(arg, "base", None), torch.Tensor):
+        return ("desc", arg.base.dtype, len(arg.shape), tuple(block), getattr(arg, "layout", None),
+                getattr(arg, "padding", None))
+    raise Unkeyable(f"no specialization key for an argument of type {type(arg).__name__}")
+
+
+class _Entry:
+    __slots__ = ("kernel", "tail")
+
+    def __init__(self, kernel, tail: tuple):
+        self.kernel = kernel  # triton CompiledKernel
+        self.tail = tail  # the constexpr / defaulted parameters after the positional ones, in signature order
+
+
+_CACHES: dict[int, dict] = {}  # id(jit function) -> key -> _Entry
+
+
+def _tail(fn, n_positional: int, kwargs: dict) -> tuple:
+    """Values of the parameters after the first ``n_positional``, in signature order: the keyword given, else the
+    parameter's default (as Triton's binder fills them)."""
+    out = []
+    for p in list(fn.signature.parameters.values())[n_positional:]:
+        if p.name in kwargs:
+            out.append(kwargs[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            out.append(p.default)
+        else:
+            raise TypeError(f"{getattr(fn, '__name__', fn)}: parameter {p.name!r} was neither passed nor has a default")
+    return tuple(out)
+
+
+def _hooks_registered() -> bool:
+    rt = knobs.runtime  # HookChain objects in Triton 3.6 (empty: no hook), None in older releases
+    return any(getattr(h, "calls", h is not None) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def launch_kernel(fn, grid: tuple, args: tuple, **kwargs) -> None:
+    """``fn[grid](*args, **kwargs)``: ``args`` are the kernel's leading runtime parameters, positionally; ``kwargs``
+    its constexprs and launch options (num_warps, num_stages, maxnreg, launch_pdl, …). Same effect as Triton's
+    launch, through the cache above when it can stand in (module docstring)."""
+    if not ENABLED:
+        fn[grid](*args, **kwargs)
+        return
+    try:
+        key = (torch.cuda.current_device(), tuple(kwargs.items()), tuple(spec_key(a) for a in args))
+        hash(key)
+    except (Unkeyable, TypeError):
+        fn[grid](*args, **kwargs)
+        return
+    cache = _CACHES.setdefault(id(fn), {})
+    entry = cache.get(key)
+    if entry is None or _hooks_registered():
+        compiled = fn[grid](*args, **kwargs)
+        if entry is None and getattr(compiled, "run", None) is not None and getattr(compiled, "function", None) is not None:
+            cache[key] = _Entry(compiled, _tail(fn, len(args), kwargs))
+        return
+    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+    ck = entry.kernel
+    stream = _raw_stream(key[0])
+    ck.run(g0, g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args, *entry.tail)
+
+
+def _raw_stream(device: int) -> int:
+    """The current CUDA stream's handle, as Triton's own launch gets it (no torch.cuda.Stream object built)."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def cached_kernels() -> int:
+    """How many compiled kernels the cache holds (tests, diagnostics)."""
+    return sum(len(c) for c in _CACHES.values())
