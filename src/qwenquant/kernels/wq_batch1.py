@@ -1,5 +1,5 @@
-"""EXPERIMENTAL (session 13): checked on the CPU under Triton's interpreter only, NOT YET RUN ON A GPU and not offered
-to the tuner. ``benchmarks/m1_sweep.py`` (``M1_KIND=batch1``) is its first GPU contact.
+"""Offered to the fused tuner at M = 1 from session 14 (``fused.BATCH1``); first GPU contact in session 14:
+``benchmarks/m1_sweep.py`` (``M1_KIND=batch1``) checked every tile against the fp64 product before timing it.
 
 Batch-1 (decode, M <= 16) W4/W2 on the k-tiled layout, shaped like the fastest kernel that only *reads* the weight.
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qwenquant.kernels import wq_batch1 as B1
 from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.kernels import wq_matmul as K
 from qwenquant.kernels import wq_wgmma as W
@@ -105,6 +106,11 @@ KTILED_SMALL_MAX_M = 64
 # results/batch1_small_weights_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
 KTILED_GEMV = [(2, 4, 1, 1, 1), (4, 4, 1, 1, 1), (2, 8, 1, 2, 1), (4, 8, 1, 2, 1), (2, 8, 1, 1, 1), (8, 8, 1, 2, 1),
                (4, 4, 4, 1, 1), (2, 4, 4, 1, 1), (4, 8, 2, 2, 1)]
+# batch1_gemm (``kernels/wq_batch1.py``: a program's words in one load, its k-tiles as one batched MMA) at M = 1:
+# (BN rows, k-tiles per step, warps, stages, split-K). The three best of benchmarks/m1_sweep.py (M1_KIND=batch1, H100,
+# results/m1_sweep_batch1_h100.json): 9.55 / 7.83 / 25.2 us on merged 8B qkv / o / gate_up against the tuner's tiles'
+# 10.7 / 8.6 / 25.4 (down stays on a split-K tile: 15.3 against 15.9)
+BATCH1 = [(16, 8, 4, 2, 1), (16, 4, 2, 2, 1), (32, 4, 4, 2, 1)]
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
 # stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
 # (BN, warps, stages, programs) for M <= 64 and (BM, BN, warps, stages, programs) for 64 < M <= 256. On the H100 grid
@@ -231,6 +237,8 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
         if bits == 4:
             out.update({f"ktiled A bn{bn} bm{bm} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
                         for bn, w, st, p in KTILED_STREAMK_SMALL})
+        if m == 1 and bits in B1.BITS_OK:  # measured at batch 1 only
+            out.update({batch1_name(cfg): ("batch1", cfg) for cfg in BATCH1})
         return out
     # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K and stream-K
     # only up to M = 256: their fp32 workspace is M·N floats and is kept at its largest size
@@ -250,6 +258,12 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
         if OFFER_WGMMA_WS:
             out.update({wgmma_ws_name(cfg): ("wgmma_ws", cfg) for cfg in WS.CONFIGS})
     return out
+
+
+def batch1_name(cfg: tuple) -> str:
+    """The tuner's name of a ``BATCH1`` entry."""
+    bn, kb, w, st, sk = cfg
+    return f"batch1 bn{bn} kb{kb} w{w} s{st}" + (f" sk{sk}" if sk > 1 else "")
 
 
 def wgmma_name(cfg: tuple) -> str:
@@ -297,6 +311,8 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         return W.wgmma_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "wgmma_ws":
         return WS.wgmma_ws_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
+    if kind == "batch1":
+        return B1.batch1_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "ktiled_gemv":
         return KT.ktiled_gemv(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "gemv2":
