@@ -50,7 +50,7 @@ GEMV_TILES = [(1, 8, 1), (1, 16, 1), (2, 8, 1), (2, 16, 1), (2, 16, 2), (4, 8, 1
 GEMV_SPLITS = [1, 2, 3]
 
 
-# M1_KIND=batch1: the experimental kernels/wq_batch1.py (all of a program's words in one load, the k-tiles as one
+# M1_KIND=batch1: kernels/wq_batch1.py (all of a program's words in one load, the k-tiles as one
 # batched MMA) — (BN rows, k-tiles per step, warps, split-K) × stages
 BATCH1_TILES = [(16, 4, 2, 1), (16, 8, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1), (32, 4, 4, 1), (32, 8, 8, 1), (32, 16, 8, 1),
                 (16, 8, 2, 1), (16, 8, 4, 2), (16, 4, 4, 3), (16, 8, 4, 3)]

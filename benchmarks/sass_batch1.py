@@ -1,4 +1,4 @@
-"""Compile the experimental batch-1 kernel (``kernels/wq_batch1.py``) for an H100 (sm_90a) on a CPU-only machine:
+"""Compile the batch-1 kernel (``kernels/wq_batch1.py``) for an H100 (sm_90a) on a CPU-only machine:
 registers, spills, shared memory and the whole kernel's SASS instructions per weight, per tile.
 
     .venv/bin/python benchmarks/sass_batch1.py [bn,kb,warps,stages[,bm] ...]   # default: the module's defaults, BM 8

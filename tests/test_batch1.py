@@ -1,4 +1,4 @@
-"""The experimental batch-1 kernel ``kernels/wq_batch1.py``: refused clearly where it cannot run; on a GPU equal to the
+"""The batch-1 kernel ``kernels/wq_batch1.py``: refused clearly where it cannot run; on a GPU equal to the
 fp64 product on the exact dequantized weight (the CPU check under Triton's interpreter is in
 tests/test_kernels_interpreter.py)."""
 

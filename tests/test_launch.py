@@ -26,9 +26,15 @@ def _triton_spec(arg):
 
 def _args():
     base = torch.empty(4096, dtype=torch.float16)
-    out = [0, 1, 2, 15, 16, 17, 32, 48, 2048, 2**31 - 16, 2**31 - 1, 2**31, 2**40, -1, -16, True, False, None, 0.5, 2.0]
+    out = [0, 1, 2, 15, 16, 17, 32, 48, 2048, 2**31 - 16, 2**31 - 1, 2**31, 2**40, 2**63 - 16, 2**63, -1, -16, -2**31 - 16,
+           True, False, None, 0.5, 2.0]
     out += [base, base[8:], base[1:], base[3:], base.view(torch.bfloat16), base.view(torch.bfloat16)[5:],
             torch.empty(64, dtype=torch.int32), torch.empty(64, dtype=torch.int32)[1:], torch.empty(64, dtype=torch.int8)]
+    from triton.tools.tensor_descriptor import TensorDescriptor  # the Triton (not Gluon) host descriptor: w8a8's TMA GEMM
+
+    q = torch.empty(256, 512, dtype=torch.int8)
+    out += [TensorDescriptor.from_tensor(q, [128, 64]), TensorDescriptor.from_tensor(q, [64, 64]),
+            TensorDescriptor.from_tensor(q[:100], [128, 64])]
     try:
         from qwenquant.kernels import wq_wgmma as W
     except ImportError:  # pragma: no cover

@@ -32,6 +32,7 @@ from qwenquant.kernels.overlap import INTERPRETED
 
 ENABLED = os.environ.get("QWENQUANT_FAST_LAUNCH", "1") != "0" and not INTERPRETED
 _INT32 = range(-2**31, 2**31)
+_INT64 = range(-2**63, 2**63)
 
 
 class Unkeyable(TypeError):
@@ -42,15 +43,15 @@ def spec_key(arg) -> object:
     """What Triton's specialization of one runtime argument depends on, as a hashable value.
 
     Tensors: dtype and whether the base is 16-byte aligned. Ints: == 1 (a constant then), divisible by 16, and
-    whether they fit int32 (else i64). Bools and None by value; floats by type only (never specialized). A Gluon
+    whether they fit int32 / int64 (else i64 / u64). Bools and None by value; floats by type only (never specialized). A Gluon
     TensorDescriptor: its base's dtype, its rank, block shape and shared-memory layout (its shape and strides are
     runtime values). Anything else raises ``Unkeyable``."""
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, bool) or arg is None:
         return ("v", arg)
-    if isinstance(arg, int):
-        return (arg == 1, arg % 16 == 0, arg in _INT32)
+    if isinstance(arg, int):  # Triton: 1 -> constexpr; i32, i64 or u64 by range; 'D' when divisible by 16
+        return (arg == 1, arg % 16 == 0, arg in _INT32, arg in _INT64)
     if isinstance(arg, float):
         return float
     block = getattr(arg, "block_shape", None)
