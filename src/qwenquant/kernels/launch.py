@@ -17,7 +17,8 @@ them) and no launch hooks.
 
 The JIT path is taken whenever the cache cannot stand in for it: Triton's interpreter (``TRITON_INTERPRET=1``),
 launch hooks registered (a profiler such as proton), an argument type ``spec_key`` does not know, or
-``QWENQUANT_FAST_LAUNCH=0`` (read at import; the comparison ``launch_breakdown.py`` and ``bench e2e`` can make).
+``QWENQUANT_FAST_LAUNCH=0`` (read at import; ``benchmarks/launch_breakdown.py`` and ``prefill_ab.py`` set
+``ENABLED`` per variant to compare the two).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def spec_key(arg) -> object:
     """What Triton's specialization of one runtime argument depends on, as a hashable value.
 
     Tensors: dtype and whether the base is 16-byte aligned. Ints: == 1 (a constant then), divisible by 16, and
-    whether they fit int32 / int64 (else i64 / u64). Bools and None by value; floats by type only (never specialized). A Gluon
-    TensorDescriptor: its base's dtype, its rank, block shape and shared-memory layout (its shape and strides are
-    runtime values). Anything else raises ``Unkeyable``."""
+    whether they fit int32 / int64 (else i64 / u64). Bools and None by value; floats by type only (never
+    specialized). A TensorDescriptor (Gluon's or Triton's host one): its base's dtype, rank, block shape, shared-memory
+    layout and padding (its shape and strides are runtime values). Anything else raises ``Unkeyable``."""
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, bool) or arg is None:
@@ -98,28 +99,23 @@ def launch_kernel(fn, grid: tuple, args: tuple, **kwargs) -> None:
     if not ENABLED:
         fn[grid](*args, **kwargs)
         return
+    cache = _CACHES.setdefault(id(fn), {})
     try:
         key = (torch.cuda.current_device(), tuple(kwargs.items()), tuple(spec_key(a) for a in args))
-        hash(key)
+        entry = cache.get(key)  # hashing the key: an unhashable keyword value raises TypeError here
     except (Unkeyable, TypeError):
         fn[grid](*args, **kwargs)
         return
-    cache = _CACHES.setdefault(id(fn), {})
-    entry = cache.get(key)
     if entry is None or _hooks_registered():
         compiled = fn[grid](*args, **kwargs)
-        if entry is None and getattr(compiled, "run", None) is not None and getattr(compiled, "function", None) is not None:
+        launchable = getattr(compiled, "run", None) is not None and getattr(compiled, "function", None) is not None
+        if entry is None and launchable:  # the interpreter returns no compiled kernel
             cache[key] = _Entry(compiled, _tail(fn, len(args), kwargs))
         return
     g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
     ck = entry.kernel
-    stream = _raw_stream(key[0])
+    stream = torch._C._cuda_getCurrentRawStream(key[0])  # the current stream's handle, as Triton's launch gets it
     ck.run(g0, g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args, *entry.tail)
-
-
-def _raw_stream(device: int) -> int:
-    """The current CUDA stream's handle, as Triton's own launch gets it (no torch.cuda.Stream object built)."""
-    return torch._C._cuda_getCurrentRawStream(device)
 
 
 def cached_kernels() -> int:

@@ -1,5 +1,8 @@
 """Offered to the fused tuner at M = 1 from session 14 (``fused.BATCH1``); first GPU contact in session 14:
-``benchmarks/m1_sweep.py`` (``M1_KIND=batch1``) checked every tile against the fp64 product before timing it.
+``benchmarks/m1_sweep.py`` (``M1_KIND=batch1``) checked every tile against the fp64 product before timing it. The
+measurement overturned the premise below: one stage (every word of a program loaded at once) is the slow variant
+(merged 8B qkv 13.1 us); two stages, where Triton copies the next step's words ahead, win (9.55 us, against 10.7 for
+the best k-tiled tile; benchmarks/NOTES.md, session 14).
 
 Batch-1 (decode, M <= 16) W4/W2 on the k-tiled layout, shaped like the fastest kernel that only *reads* the weight.
 
@@ -140,7 +143,7 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     blocks = triton.cdiv(n, bn)
     ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)
     launch_kernel(
-        _batch1_kernel, (blocks, splits), (x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per), GROUP=group, BITS=bits, SUBK=SUB, BN=bn,
-        BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED, num_warps=num_warps,
+        _batch1_kernel, (blocks, splits), (x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per),
+        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED, num_warps=num_warps,
         num_stages=num_stages)
     return y

@@ -181,7 +181,8 @@ def check_config(bits: int, bm: int, stages: int, sps: int) -> None:
 def _w_descriptor(words: Tensor):
     """TMA descriptor of the k-tiled words int32 [N, K/CPW] read in [128, 32] boxes — one k-tile of a program's
     rows (rows past N arrive as zeros)."""
-    return TensorDescriptor(words, list(words.shape), [words.shape[1], 1], [BN, SUB], W.nvmma_layout((BN, SUB), torch.int32))
+    layout = W.nvmma_layout((BN, SUB), torch.int32)
+    return TensorDescriptor(words, list(words.shape), [words.shape[1], 1], [BN, SUB], layout)
 
 
 def wgmma_ws_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bm: int = 256, stages: int = 3,

@@ -106,7 +106,7 @@ KTILED_SMALL_MAX_M = 64
 # results/batch1_small_weights_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
 KTILED_GEMV = [(2, 4, 1, 1, 1), (4, 4, 1, 1, 1), (2, 8, 1, 2, 1), (4, 8, 1, 2, 1), (2, 8, 1, 1, 1), (8, 8, 1, 2, 1),
                (4, 4, 4, 1, 1), (2, 4, 4, 1, 1), (4, 8, 2, 2, 1)]
-# batch1_gemm (``kernels/wq_batch1.py``: a program's words in one load, its k-tiles as one batched MMA) at M = 1:
+# batch1_gemm (``kernels/wq_batch1.py``: a program's k-tiles as one batched MMA, 2 stages) at M = 1:
 # (BN rows, k-tiles per step, warps, stages, split-K). The three best of benchmarks/m1_sweep.py (M1_KIND=batch1, H100,
 # results/m1_sweep_batch1_h100.json): 9.55 / 7.83 / 25.2 us on merged 8B qkv / o / gate_up against the tuner's tiles'
 # 10.7 / 8.6 / 25.4 (down stays on a split-K tile: 15.3 against 15.9)
