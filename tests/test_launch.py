@@ -107,6 +107,7 @@ def test_cached_launch_matches_tritons_launch():
         calls["wgmma"] = lambda x: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128)
         calls["wgmma stream-K"] = lambda x: W.wgmma_gemm(x, kt.words, kt.sz, 4, 128, streamk=1)
         calls["wgmma_ws"] = lambda x: WS.wgmma_ws_gemm(x, kt.words, kt.sz, 4, 128)
+        calls["wgmma_ws persistent"] = lambda x: WS.wgmma_ws_gemm(x, kt.words, kt.sz, 4, 128, programs_per_sm=1)
     for m in (1, 16, 17, 2048, "unaligned"):
         if m == "unaligned":
             x = torch.randn(33 * k + 1, device="cuda", dtype=torch.bfloat16)[1:].view(33, k)

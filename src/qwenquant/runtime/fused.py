@@ -273,9 +273,10 @@ def wgmma_name(cfg: tuple) -> str:
 
 
 def wgmma_ws_name(cfg: tuple) -> str:
-    """The tuner's name of a ``wq_wgmma_ws.CONFIGS`` entry (x rows per tile, x ring stages, slices per stage)."""
-    bm, st, sps = cfg
-    return f"wgmma-ws bm{bm} s{st} sps{sps}"
+    """The tuner's name of a ``wq_wgmma_ws.CONFIGS`` entry (x rows per tile, x ring stages, slices per stage; the
+    persistent ones end in ``p<programs per SM>``)."""
+    bm, st, sps, per_sm = cfg
+    return f"wgmma-ws bm{bm} s{st} sps{sps}" + (f" p{per_sm}" if per_sm else "")
 
 
 def wgmma_available() -> bool:
