@@ -12,7 +12,7 @@ Configs are ``wq_wgmma.CONFIGS`` (the 6th field: stream-K programs per SM; ``che
 programs, so spans start and end inside tiles). ``time`` adds the best tile with the two-LOP3 field extraction,
 ``X3D_CONFIGS`` with SPS 2-D TMA copies per ring stage (`` 2d``, ``x3d=False``; the default is one 3-D copy;
 ``check`` runs both) and the warp-specialized ``wq_wgmma_ws`` tiles (``wgmma-ws …``; ``check`` runs
-them too; the persistent ones also as `` gm0``, without the grouped raster). WGMMA_ONLY="wgmma-ws" keeps only those
+them too; the persistent ones also as `` gm8``, in the grouped order). WGMMA_ONLY="wgmma-ws" keeps only those
 among the wgmma candidates.
 ``smoke``: one case per config, first. Env: WGMMA_KTILED=0 (skip the k-tiled tiles), WGMMA_CHECK (quick|full formats), WGMMA_ROWS (comma list), WGMMA_SHAPES (qkv,o,gate_up,down),
 WGMMA_ONLY (';'-separated substrings of the wgmma candidate names to time).
@@ -136,9 +136,10 @@ def timings() -> list[dict]:
             for cfg in WS.CONFIGS:
                 cands[fused.wgmma_ws_name(cfg)] = (
                     lambda c=cfg: WS.wgmma_ws_gemm(x, kt.words, kt.sz, 4, 128, *c))
-                if cfg[3]:  # persistent: also with x-row tiles fastest (no grouped raster), to separate the two
-                    cands[fused.wgmma_ws_name(cfg) + " gm0"] = (
-                        lambda c=cfg: WS.wgmma_ws_gemm(x, kt.words, kt.sz, 4, 128, *c, group_m=0))
+                if cfg[3]:  # persistent: also in the grouped order (8 x-row tiles per group; the default walks them
+                    # fastest), which measured the same in session 15
+                    cands[fused.wgmma_ws_name(cfg) + " gm8"] = (
+                        lambda c=cfg: WS.wgmma_ws_gemm(x, kt.words, kt.sz, 4, 128, *c, group_m=8))
             only = os.environ.get("WGMMA_ONLY")  # e.g. "streamk;s4 sps2": keep wgmma names containing one of these
             if only:
                 cands = {c: f for c, f in cands.items()

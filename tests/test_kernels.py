@@ -417,3 +417,13 @@ def test_pdl_chain_of_dependent_kernels_matches_stream_order(prefetch):
                 for cache in kernel.device_caches.values() for ck in cache[0].values()]
     with_pdl = [ck for ck in compiled if getattr(ck.metadata, "launch_pdl", False)]
     assert with_pdl and all("griddepcontrol.wait" in ck.asm["ptx"] for ck in with_pdl)
+
+
+@pytest.mark.parametrize("rows,out", [((32, 64), None), ((0, 200), None), ((64, 64), None),
+                                      ((0, 64), torch.empty(10)), ((0, 64), torch.empty(64 * 256, dtype=torch.float16))])
+def test_ktiled_unpack_of_row_blocks_refuses_bad_blocks(rows, out):
+    from qwenquant.kernels import wq_ktiled as KT
+
+    words, sz = torch.zeros(128, 32, dtype=torch.int32), torch.zeros(2, 128, dtype=torch.int32)
+    with pytest.raises(ValueError, match="dequantize_ktiled: (rows|out)"):
+        KT.dequantize_ktiled(words, sz, 4, 128, 256, torch.float32, rows=rows, out=out)

@@ -50,6 +50,14 @@ SCRIPT = textwrap.dedent(
             wk = KT.dequantize_ktiled(kt.words, kt.sz, bits, g, k, torch.float32)
             assert torch.equal(wk, w), "k-tiled unpack differs from the checkpoint reference"
             note("dequantize_ktiled", wk, w)
+            if bits == 4 and group == 64:  # rows 0-63 into a reused buffer, then rows 64-127 (n = 128 here)
+                kt2 = KT.KTiledWeight.from_checkpoint(torch.cat([qw, qw.flip(0)]), torch.cat([s, s.flip(0)]),
+                                                      torch.cat([z, z.flip(0)]), bits, k)
+                buf = torch.full((64 * k + 5, ), float("nan"))
+                for n0, rows in ((0, w), (64, w.flip(0))):
+                    blk = KT.dequantize_ktiled(kt2.words, kt2.sz, bits, g, k, torch.float32, rows=(n0, n0 + 64),
+                                               out=buf)
+                    assert blk.data_ptr() == buf.data_ptr() and torch.equal(blk, rows), n0
         for m in (1, 3, 16, 20):
             x = torch.randn(m, k).half()
             ref = x.double() @ w.double().T

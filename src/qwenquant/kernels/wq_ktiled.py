@@ -569,9 +569,10 @@ def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
 
 
 @triton.jit
-def _ktiled_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, BITS: tl.constexpr,
+def _ktiled_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, stride_sz, GROUP: tl.constexpr, BITS: tl.constexpr,
                            SUBK: tl.constexpr, BN: tl.constexpr):
-    """One k-tile of BN rows -> Ŵ = (code - zero)·scale in fp32, rounded once to out's dtype."""
+    """One k-tile of BN rows -> Ŵ = (code - zero)·scale in fp32, rounded once to out's dtype. N: rows here (a
+    block of the weight's rows when w_ptr / sz_ptr point into it); stride_sz: the sz row stride (all the rows)."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -584,7 +585,7 @@ def _ktiled_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, BI
     for t in tl.static_range(CPW):
         col0 = b * T + t * SUBK
         if t == 0 or (t * SUBK) % GROUP == 0:
-            sz = tl.load(sz_ptr + (col0 // GROUP) * N + rn, mask=nmask, other=0)
+            sz = tl.load(sz_ptr + (col0 // GROUP) * stride_sz + rn, mask=nmask, other=0)
             s = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             z = (sz & 0xFFFF).to(tl.float32)
         code = ((w >> (t * BITS)) & MASK).to(tl.float32)
@@ -593,10 +594,13 @@ def _ktiled_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, BI
 
 
 def dequantize_ktiled(words: Tensor, sz: Tensor, bits: int, group: int, k: int,
-                      dtype: torch.dtype = torch.bfloat16) -> Tensor:
+                      dtype: torch.dtype = torch.bfloat16, rows: tuple[int, int] | None = None,
+                      out: Tensor | None = None) -> Tensor:
     """[N, K] Ŵ in ``dtype`` from the k-tiled layout, in one pass (packed words in, 2 bytes per weight out): the
     storage-only path (``dequant`` / ``auto``'s unpack + cuBLAS) for a layer held k-tiled. The same values as
-    ``wq_matmul.dequantize`` on the checkpoint tensors."""
+    ``wq_matmul.dequantize`` on the checkpoint tensors. ``rows=(n0, n1)``: only weight rows n0…n1-1 (n0 a multiple
+    of 64), as an [n1 - n0, K] tensor; ``out``: a contiguous tensor of ``dtype`` with at least that many elements,
+    whose first (n1 - n0)·K are written and returned as the [n1 - n0, K] view (a buffer reused across calls)."""
     n = words.shape[0]
     if (not ktiled_ok(bits, group, n, k) or words.shape != (n, k * bits // 32) or sz.shape != (k // group, n)
             or words.dtype != torch.int32 or sz.dtype != torch.int32 or not (words.is_contiguous() and sz.is_contiguous())):
@@ -604,10 +608,21 @@ def dequantize_ktiled(words: Tensor, sz: Tensor, bits: int, group: int, k: int,
                          f"are not a contiguous k-tiled {bits}-bit weight of in_features={k}, group={group}")
     if n * k >= 2**31:
         raise ValueError(f"dequantize_ktiled indexes the [{n}, {k}] output with int32 offsets; split the rows")
-    out = torch.empty((n, k), device=words.device, dtype=dtype)
     bn = 64
-    _ktiled_dequant_kernel[(triton.cdiv(n, bn), k // tile_columns(bits))](
-        words, sz, out, n, k, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, num_warps=4)
+    n0, n1 = (0, n) if rows is None else rows
+    if not (0 <= n0 < n1 <= n and n0 % bn == 0):
+        raise ValueError(f"dequantize_ktiled: rows={rows} of a weight with {n} rows: expected 0 <= n0 < n1 <= {n}, "
+                         f"n0 a multiple of {bn}")
+    r = n1 - n0
+    if out is None:
+        out = torch.empty((r, k), device=words.device, dtype=dtype)
+    elif (out.dtype != dtype or out.device != words.device or not out.is_contiguous() or out.numel() < r * k):
+        raise ValueError(f"dequantize_ktiled: out {out.dtype} {tuple(out.shape)} on {out.device}: expected a contiguous "
+                         f"{dtype} buffer of at least {r}×{k} elements on {words.device}")
+    else:
+        out = out.view(-1)[:r * k].view(r, k)
+    _ktiled_dequant_kernel[(triton.cdiv(r, bn), k // tile_columns(bits))](
+        words[n0:n1], sz[:, n0:n1], out, r, k, n, GROUP=group, BITS=bits, SUBK=SUB, BN=bn, num_warps=4)
     return out
 
 

@@ -47,17 +47,19 @@ if W.GLUON:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # (bm, x stages, slices per stage, programs per SM) offered to callers; shared memory = x ring stages·sps·bm·64 + word
-# ring WSTAGES·16 KB + the epilogue's layout shuffle. Programs per SM 0: one output tile per program, x-row tiles
-# fastest; 1: persistent (one program per SM walks tiles in the grouped order of ``RASTER_M``)
-CONFIGS = ((256, 3, 2, 0), (256, 4, 2, 0), (128, 4, 2, 0), (256, 3, 2, 1), (256, 4, 2, 1))
+# ring WSTAGES·16 KB + the epilogue's layout shuffle. Programs per SM 0: one output tile per program; 1: persistent,
+# one program per SM walks tiles (its next tile's copies go out while it stores the last one: +0-3 % at M >= 1024
+# on the Qwen3-8B shapes, session 15; the 3-stage persistent tile won no shape there and is not offered)
+CONFIGS = ((256, 3, 2, 0), (256, 4, 2, 0), (128, 4, 2, 0), (256, 4, 2, 1))
 BN = 128  # weight rows per program: two consumer warpgroups × 64
 WSTAGES = 2  # [128, 32] int32 word tiles in flight (16 KB each)
 MAXNREG = 168  # 3 warpgroups × 128 threads × 168 <= 65536 registers at launch
 SMEM_BYTES = 227 * 1024
-# persistent grids: RASTER_M x-row tiles sweep the weight-row tiles together (``_tile_origin``), so the ~132 tiles
-# in flight share 8 x blocks and ~16 weight blocks in L2 instead of every x block of M (at M = 8192, bm 256: all 32,
-# 64 MB of x per wave for K = 4096, more than the H100's 50 MB L2)
-RASTER_M = 8
+# the persistent grid's tile order: 0 walks x-row tiles fastest over all of M, as the one-tile-per-program grid; G > 0
+# lets groups of G x-row tiles sweep the weight-row tiles together (fewer distinct operand blocks in L2 at once).
+# Measured on an H100 (benchmarks/NOTES.md, session 15): G = 8 against 0 within ±1.5 % at M = 256-8192, no
+# consistent sign, so the simpler order is the default
+RASTER_M = 0
 
 if W.GLUON:
 
@@ -226,8 +228,8 @@ def wgmma_ws_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, 
                   programs: int | None = None, group_m: int | None = None) -> Tensor:
     """y [M, N] = x2 [M, K] · Ŵᵀ from the k-tiled words — ``wq_wgmma.wgmma_gemm``'s operands and result — on the
     warp-specialized kernel (module docstring). ``programs_per_sm`` 0: a program per output tile; 1: persistent,
-    one program per SM walking the tiles in ``RASTER_M`` groups. ``programs`` (persistent only): that grid instead
-    (tests use small ones so each program walks many tiles); ``group_m``: the raster's x-row tiles per group instead
+    one program per SM walking the tiles in ``RASTER_M``'s order. ``programs`` (persistent only): that grid instead
+    (tests use small ones so each program walks many tiles); ``group_m``: the order's x-row tiles per group instead
     of ``RASTER_M`` (0: x-row tiles fastest over all of M; timing comparisons). ``out``: a contiguous [M, N] tensor of
     x's dtype to write into."""
     check_config(bits, bm, stages, sps, programs_per_sm)
