@@ -55,6 +55,11 @@ GEMV_SPLITS = [1, 2, 3]
 BATCH1_TILES = [(16, 4, 2, 1), (16, 8, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1), (32, 4, 4, 1), (32, 8, 8, 1), (32, 16, 8, 1),
                 (16, 8, 2, 1), (16, 8, 4, 2), (16, 4, 4, 3), (16, 8, 4, 3)]
 BATCH1_STAGES = [1, 2]
+# overrides: M1_BATCH1_TILES="bn,kb,warps,split_k;…", M1_BATCH1_STAGES="2,3" (session 15: more stages, smaller kb)
+if os.environ.get("M1_BATCH1_TILES"):
+    BATCH1_TILES = [tuple(int(v) for v in t.split(",")) for t in os.environ["M1_BATCH1_TILES"].split(";")]
+if os.environ.get("M1_BATCH1_STAGES"):
+    BATCH1_STAGES = [int(v) for v in os.environ["M1_BATCH1_STAGES"].split(",")]
 
 
 def grid(k: int) -> dict[str, dict]:
