@@ -106,11 +106,13 @@ KTILED_SMALL_MAX_M = 64
 # results/batch1_small_weights_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
 KTILED_GEMV = [(2, 4, 1, 1, 1), (4, 4, 1, 1, 1), (2, 8, 1, 2, 1), (4, 8, 1, 2, 1), (2, 8, 1, 1, 1), (8, 8, 1, 2, 1),
                (4, 4, 4, 1, 1), (2, 4, 4, 1, 1), (4, 8, 2, 2, 1)]
-# batch1_gemm (``kernels/wq_batch1.py``: a program's k-tiles as one batched MMA, 2 stages) at M = 1:
-# (BN rows, k-tiles per step, warps, stages, split-K). The three best of benchmarks/m1_sweep.py (M1_KIND=batch1, H100,
-# results/m1_sweep_batch1_h100.json): 9.55 / 7.83 / 25.2 us on merged 8B qkv / o / gate_up against the tuner's tiles'
-# 10.7 / 8.6 / 25.4 (down stays on a split-K tile: 15.3 against 15.9)
-BATCH1 = [(16, 8, 4, 2, 1), (16, 4, 2, 2, 1), (32, 4, 4, 2, 1)]
+# batch1_gemm (``kernels/wq_batch1.py``: a program's k-tiles as one batched MMA) at M <= 8 (the MMA's N = 8, x padded):
+# (BN rows, k-tiles per step, warps, stages, split-K). The best of two sweeps (benchmarks/m1_sweep.py, M1_KIND=batch1,
+# H100, M = 1): session 14 (results/m1_sweep_batch1_h100.json; 1-2 stages) and session 15 (m1_sweep_batch1_s234_h100
+# .json; 2-4 stages, kb 2-8): qkv 9.56 us (bn16 kb4 w2 s3, 9.58 for bn16 kb8 w4 s2), o 6.69 (bn16 kb4 w2 s3; 7.47 for
+# the session-14 pick), gate_up 25.1 (bn32 kb4 w4 s2), down 13.7 (bn32 kb4 w4 s4; the best k-tiled tile 15.1)
+BATCH1 = [(16, 8, 4, 2, 1), (16, 4, 2, 3, 1), (32, 4, 4, 2, 1), (32, 4, 4, 4, 1)]
+BATCH1_MAX_M = 8  # offered up to this M bucket: one MMA column block (N = 8) holds every row of x
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
 # stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
 # (BN, warps, stages, programs) for M <= 64 and (BM, BN, warps, stages, programs) for 64 < M <= 256. On the H100 grid
@@ -237,7 +239,7 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
         if bits == 4:
             out.update({f"ktiled A bn{bn} bm{bm} w{w} s{st} streamk{p} after": ("ktiled", (bm, bn, True, 1, w, st, True, p))
                         for bn, w, st, p in KTILED_STREAMK_SMALL})
-        if m == 1 and bits in B1.BITS_OK:  # measured at batch 1 only
+        if m <= BATCH1_MAX_M and bits in B1.BITS_OK:  # the tuner times them against the k-tiled tiles
             out.update({batch1_name(cfg): ("batch1", cfg) for cfg in BATCH1})
         return out
     # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K and stream-K
