@@ -76,6 +76,8 @@ def test_batch1_matches_reference(bits, group, sym):
             ref = x.double() @ wref.T
             cublas = rel_err(torch.nn.functional.linear(x, wref.to(dtype)), ref)
             for bn, kb, warps, stages, sk in tiles:
+                if stages >= 4 and m > 8:  # x padded to 16 rows: 2-bit's 4-stage ring needs 258 KB (tuner: M <= 8)
+                    continue
                 # a NaN-filled result: a row the kernel does not store fails instead of passing on a stale block
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 y = B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb, num_warps=warps, num_stages=stages,
