@@ -33,13 +33,13 @@ def _candidate(name):
 def test_near_ties_are_retimed_round_robin_and_ranked_by_median(scripted):
     """a's first timing is lucky; retimed with b (within 5 %), b's median wins. c (40 % slower) is timed once."""
     scripts, calls = scripted
-    scripts.update(a=[1.00, 1.10, 1.12, 1.09, 1.11], b=[1.03, 1.01, 1.02, 1.00, 1.02], c=[1.40])
+    scripts.update(a=[1.00, 1.10, 1.12], b=[1.03, 1.01, 1.02], c=[1.40])
     cands = {n: _candidate(n) for n in "abc"}
     t = tuning.Tuner("test")
     assert t.pick("key", cands) == "b"
     assert calls == ["a", "b", "c"] + ["a", "b"] * tuning.RETIME_ROUNDS
     chosen, times = t.choices["key"]
-    assert times == {"a": 1.10, "b": 1.02, "c": 1.40}
+    assert times == {"a": 1.10, "b": 1.02, "c": 1.40}  # medians of 3 for a and b
     assert t.pick("key", cands) == "b" and len(calls) == 3 + 2 * tuning.RETIME_ROUNDS  # cached: no more timing
 
 
@@ -52,7 +52,7 @@ def test_a_clear_winner_is_timed_once(scripted):
 
 def test_a_failing_candidate_is_skipped_and_never_retimed(scripted):
     scripts, calls = scripted
-    scripts.update(a=[1.0, 1.0, 1.0, 1.0, 1.0])
+    scripts.update(a=[1.0])
 
     def broken():
         raise RuntimeError("out of resource: shared memory")
@@ -60,3 +60,10 @@ def test_a_failing_candidate_is_skipped_and_never_retimed(scripted):
     t = tuning.Tuner("test")
     assert t.pick("k", {"a": _candidate("a"), "broken": broken}) == "a"
     assert calls == ["a"] and t.choices["k"][1]["broken"] == float("inf")
+
+
+def test_at_most_three_near_ties_are_retimed(scripted):
+    scripts, calls = scripted
+    scripts.update(a=[1.00, 1.00, 1.00], b=[1.01, 1.01, 1.01], c=[1.02, 1.02, 1.02], d=[1.03])
+    assert tuning.Tuner("test").pick("k", {n: _candidate(n) for n in "abcd"}) == "a"
+    assert calls == list("abcd") + list("abc") * tuning.RETIME_ROUNDS

@@ -66,12 +66,13 @@ class Tuner:
 
 
 _errors: list[str] = []
-# candidates within NEAR_TIE of the fastest first timing are timed RETIME_ROUNDS more times, round-robin, and ranked
-# by the median of all their timings. One cold timing of a 10-25 us kernel moves by ~0.5 us between calls; on an H100
+# the (at most RETIME_MAX) candidates within NEAR_TIE of the fastest first timing are timed RETIME_ROUNDS more times,
+# round-robin, and ranked by the median of all their timings. One cold timing of a 10-25 us kernel moves by ~0.5 us between calls; on an H100
 # the M = 1 tuner once kept a down_proj tile 4 % slower than the next one (14.7 vs 15.0 us as timed, 14.5 vs 13.8 us
 # in the round-robin benchmark of the same run: benchmarks/NOTES.md, session 15)
 NEAR_TIE = 0.05
-RETIME_ROUNDS = 4
+RETIME_ROUNDS = 2
+RETIME_MAX = 3
 
 
 def _retime_near_ties(times: dict[str, float], candidates: dict[str, Callable[[], object]],
@@ -79,7 +80,7 @@ def _retime_near_ties(times: dict[str, float], candidates: dict[str, Callable[[]
     """``times`` with each near-tie's entry replaced by the median of its first timing and RETIME_ROUNDS more,
     taken round-robin (one of each contender, then the next round), so a clock drift lands on all of them alike."""
     best = min(times.values())
-    close = [c for c, t in times.items() if t <= best * (1 + NEAR_TIE)]
+    close = sorted((c for c, t in times.items() if t <= best * (1 + NEAR_TIE)), key=times.get)[:RETIME_MAX]
     if len(close) < 2:
         return times
     samples = {c: [times[c]] for c in close}
