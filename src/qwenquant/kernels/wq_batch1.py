@@ -1,4 +1,6 @@
-"""Offered to the fused tuner at M = 1 from session 14 (``fused.BATCH1``); first GPU contact in session 14:
+"""Offered to the fused tuner at M = 1 from session 14 and up to M = 8 from session 15 (``fused.BATCH1``, whose 3- and
+4-stage tiles a second sweep found: o 6.7 and down 13.7 us on the merged 8B shapes; ncu in session 15: latency-bound,
+≈ 11 warps per SM, issue slots 30-40 % busy, DRAM 36-62 % of peak over the kernel); first GPU contact in session 14:
 ``benchmarks/m1_sweep.py`` (``M1_KIND=batch1``) checked every tile against the fp64 product before timing it. The
 measurement overturned the premise below: one stage (every word of a program loaded at once) is the slow variant
 (merged 8B qkv 13.1 us); two stages, where Triton copies the next step's words ahead, win (9.55 us, against 10.7 for

@@ -21,7 +21,11 @@ Layouts that did not build (offline, ptxas; benchmarks/NOTES.md session 12 item 
 own 4-warp partition — ptxas serialized the wgmmas (C7512 / C7515), even for a trivial A operand, whenever a wgmma
 ran in a worker partition.
 
-Tile: 128 weight rows × BM rows of x (wgmma's N <= 256), one tile per program, all of K. Dequantization, x ring
+Tile: 128 weight rows × BM rows of x (wgmma's N <= 256), all of K; one tile per program, or persistent (session 15:
+one program per SM walks tiles and its rings run on across them, so the next tile's copies go out during the store;
++0-3 % at M >= 1024 on the Qwen3-8B shapes, ``results/wgmma_ws_persistent_h100.json``). ncu at gate_up M = 2048
+(``results/ncu_ws_b1_h100.csv``): 81 % SM throughput against cuBLAS's 92 %, the top stalls the 256-thread barriers
+around the ring waits / releases and dispatch. Dequantization, x ring
 layout (3-D copies) and scales a k-tile ahead are ``wq_wgmma``'s. Registers: 9 warps launch as 3 warpgroups at
 168 per thread; ``setmaxnreg`` leaves the producer's warpgroup 24 and gives the consumers 240.
 

@@ -12,7 +12,8 @@ tensors, rebuilt exactly. Other layers keep the checkpoint layout and its kernel
 Candidates per M bucket, timed once per (bits, group, N, K, M bucket) by ``TUNER``, the fastest kept.
 On a k-tiled layer:
 
-* M = 1: ``ktiled_gemv`` (CUDA cores, split-K) and the GEMM's small tiles;
+* M = 1: ``ktiled_gemv`` (CUDA cores, split-K) and the GEMM's small tiles; M <= 8: the batch-1 kernel
+  (``kernels/wq_batch1.py``: a program's k-tiles as one batched MMA, ``BATCH1``), which wins most shapes there;
 * 1 < M ≤ 64: ``ktiled`` (``kernels/wq_ktiled.py``), the tensor-core GEMM on the k-tiled words, small-M
   tiles (split-K, stream-K, scale applied after the MMA); M > 64: its large tiles and, on Hopper, ``wgmma``
   (``kernels/wq_wgmma.py``, Gluon: the dequantization of the next K slice runs under the wgmma in flight;
