@@ -81,9 +81,9 @@ def main() -> None:
                                               STREAMK=False, LOP3=True, num_warps=8)
         wd = WS._w_descriptor(words)
         ws_grid = triton.cdiv(m, bm) * triton.cdiv(n, WS.BN)
-        ws_args = (xd, wd, sz, y, m, n, k, 4, 128, 4, 2, WS.WSTAGES, True)
+        ws_args = (xd, wd, sz, y, m, n, k, 4, 128, 4, 2, WS.WSTAGES, True, 0)
         ck_ws = WS._wgmma_ws_kernel[(ws_grid, )](*ws_args[:7], BITS=4, GROUP=128, STAGES=4, SPS=2, NWS=WS.WSTAGES,
-                                                 LOP3=True, num_warps=8, maxnreg=WS.MAXNREG)
+                                                 LOP3=True, GM=0, num_warps=8, maxnreg=WS.MAXNREG)
         steps = {
             "torch add_ (one launch)": lambda: x.add_(0),
             "bf16 torch.mm": lambda: torch.mm(x, wb.T),
@@ -96,7 +96,7 @@ def main() -> None:
                 *wg_args[:9], BITS=4, GROUP=128, BN=128, STAGES=4, SPS=2, STREAMK=False, LOP3=True, num_warps=8),
             "wgmma CompiledKernel.run, operands prebuilt": compiled_runner(ck, grid, wg_args),
             "wgmma_ws JIT launch, operands prebuilt": lambda: WS._wgmma_ws_kernel[(ws_grid, )](
-                *ws_args[:7], BITS=4, GROUP=128, STAGES=4, SPS=2, NWS=WS.WSTAGES, LOP3=True, num_warps=8,
+                *ws_args[:7], BITS=4, GROUP=128, STAGES=4, SPS=2, NWS=WS.WSTAGES, LOP3=True, GM=0, num_warps=8,
                 maxnreg=WS.MAXNREG),
             "wgmma_ws CompiledKernel.run, operands prebuilt": compiled_runner(ck_ws, ws_grid, ws_args),
             "wgmma launch_kernel, operands prebuilt": lambda: L.launch_kernel(

@@ -67,3 +67,9 @@ def test_at_most_three_near_ties_are_retimed(scripted):
     scripts.update(a=[1.00, 1.00, 1.00], b=[1.01, 1.01, 1.01], c=[1.02, 1.02, 1.02], d=[1.03])
     assert tuning.Tuner("test").pick("k", {n: _candidate(n) for n in "abcd"}) == "a"
     assert calls == list("abcd") + list("abc") * tuning.RETIME_ROUNDS
+
+
+def test_a_fourth_near_tie_cannot_win_on_its_single_timing(scripted):
+    scripts, calls = scripted
+    scripts.update(a=[1.00, 1.05, 1.05], b=[1.01, 1.04, 1.04], c=[1.02, 1.06, 1.06], d=[1.03])
+    assert tuning.Tuner("test").pick("k", {n: _candidate(n) for n in "abcd"}) == "b"

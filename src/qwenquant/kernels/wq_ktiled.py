@@ -606,14 +606,14 @@ def dequantize_ktiled(words: Tensor, sz: Tensor, bits: int, group: int, k: int,
             or words.dtype != torch.int32 or sz.dtype != torch.int32 or not (words.is_contiguous() and sz.is_contiguous())):
         raise ValueError(f"dequantize_ktiled: words {words.dtype} {tuple(words.shape)} / sz {sz.dtype} {tuple(sz.shape)} "
                          f"are not a contiguous k-tiled {bits}-bit weight of in_features={k}, group={group}")
-    if n * k >= 2**31:
-        raise ValueError(f"dequantize_ktiled indexes the [{n}, {k}] output with int32 offsets; split the rows")
     bn = 64
     n0, n1 = (0, n) if rows is None else rows
     if not (0 <= n0 < n1 <= n and n0 % bn == 0):
         raise ValueError(f"dequantize_ktiled: rows={rows} of a weight with {n} rows: expected 0 <= n0 < n1 <= {n}, "
                          f"n0 a multiple of {bn}")
     r = n1 - n0
+    if r * k >= 2**31:
+        raise ValueError(f"dequantize_ktiled indexes the [{r}, {k}] output with int32 offsets; split the rows (rows=)")
     if out is None:
         out = torch.empty((r, k), device=words.device, dtype=dtype)
     elif (out.dtype != dtype or out.device != words.device or not out.is_contiguous() or out.numel() < r * k):

@@ -1,4 +1,4 @@
-"""Pick the fastest of a few candidate callables by timing them once, and remember the choice.
+"""Pick the fastest of a few candidate callables by timing them once (near ties a few times more), and remember the choice.
 
 Used by ``fused`` (which tile configuration, per weight shape and M bucket) and ``auto`` (which
 execution mode). The cache is an explicit object, keyed by plain tuples (bits, group, N, K, M
@@ -55,8 +55,11 @@ class Tuner:
         best = min(times, key=times.get)
         if times[best] == float("inf"):
             raise ValueError(f"{self.name}: no candidate ran for {key}: {_errors[-len(times):]}")
-        times = _retime_near_ties(times, candidates, rep_ms)
-        best = min(times, key=times.get)
+        retimed = _retime_near_ties(times, candidates, rep_ms)
+        if retimed is not times:  # rank only the retimed candidates: a near tie left at one timing must not win on it
+            close = sorted((c for c, t in times.items() if t <= times[best] * (1 + NEAR_TIE)), key=times.get)[:RETIME_MAX]
+            best = min(close, key=retimed.get)
+        times = retimed
         self.choices[key] = (best, times)
         return best
 
