@@ -563,7 +563,8 @@ def ktiled_gemv(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     consts, launch = _overlap_args(x2.device, bits, group, prefetch, pdl, trigger, grid_k > 1)
     launch_kernel(
         _ktiled_gemv_kernel, (tiles, grid_k), (x2, words, sz, y, ws, cnt, n, k, per_split),
-        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BT=tiles_per_step, SPLITS=grid_k, LOP3=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages, **consts, **launch,
+        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BT=tiles_per_step, SPLITS=grid_k, LOP3=not _INTERPRETED,
+        num_warps=num_warps, num_stages=num_stages, **consts, **launch,
     )
     return y
 

@@ -1,4 +1,4 @@
-"""Pick the fastest of a few candidate callables by timing them once (near ties a few times more), and remember the choice.
+"""Pick the fastest of a few candidate callables by timing them (near ties three times), and remember the choice.
 
 Used by ``fused`` (which tile configuration, per weight shape and M bucket) and ``auto`` (which
 execution mode). The cache is an explicit object, keyed by plain tuples (bits, group, N, K, M
@@ -55,11 +55,7 @@ class Tuner:
         best = min(times, key=times.get)
         if times[best] == float("inf"):
             raise ValueError(f"{self.name}: no candidate ran for {key}: {_errors[-len(times):]}")
-        retimed = _retime_near_ties(times, candidates, rep_ms)
-        if retimed is not times:  # rank only the retimed candidates: a near tie left at one timing must not win on it
-            close = sorted((c for c, t in times.items() if t <= times[best] * (1 + NEAR_TIE)), key=times.get)[:RETIME_MAX]
-            best = min(close, key=retimed.get)
-        times = retimed
+        best, times = _retime_near_ties(times, candidates, rep_ms)
         self.choices[key] = (best, times)
         return best
 
@@ -70,8 +66,8 @@ class Tuner:
 
 _errors: list[str] = []
 # the (at most RETIME_MAX) candidates within NEAR_TIE of the fastest first timing are timed RETIME_ROUNDS more times,
-# round-robin, and ranked by the median of all their timings. One cold timing of a 10-25 us kernel moves by ~0.5 us between calls; on an H100
-# the M = 1 tuner once kept a down_proj tile 4 % slower than the next one (14.7 vs 15.0 us as timed, 14.5 vs 13.8 us
+# round-robin, and ranked by the median of all their timings. One cold timing of a 10-25 us kernel moves by ~0.5 us
+# between calls; on an H100 the M = 1 tuner once kept a down_proj tile 4 % slower than the next one (14.7 vs 15.0 us as timed, 14.5 vs 13.8 us
 # in the round-robin benchmark of the same run: benchmarks/NOTES.md, session 15)
 NEAR_TIE = 0.05
 RETIME_ROUNDS = 2
@@ -79,22 +75,25 @@ RETIME_MAX = 3
 
 
 def _retime_near_ties(times: dict[str, float], candidates: dict[str, Callable[[], object]],
-                      rep_ms: int) -> dict[str, float]:
-    """``times`` with each near-tie's entry replaced by the median of its first timing and RETIME_ROUNDS more,
-    taken round-robin (one of each contender, then the next round), so a clock drift lands on all of them alike."""
-    best = min(times.values())
-    close = sorted((c for c, t in times.items() if t <= best * (1 + NEAR_TIE)), key=times.get)[:RETIME_MAX]
+                      rep_ms: int) -> tuple[str, dict[str, float]]:
+    """(choice, times): the (at most RETIME_MAX) fastest candidates within NEAR_TIE of the first timings' best are
+    timed RETIME_ROUNDS more times, round-robin (one of each, then the next round, so a clock drift lands on all of
+    them alike); their entries become the median of all their timings and the choice is the fastest of them — a near
+    tie beyond RETIME_MAX keeps its one timing and cannot win on it."""
+    first = min(times.values())
+    close = sorted((c for c, t in times.items() if t <= first * (1 + NEAR_TIE)), key=times.get)[:RETIME_MAX]
     if len(close) < 2:
-        return times
+        return close[0], times
     samples = {c: [times[c]] for c in close}
     for _ in range(RETIME_ROUNDS):
         for c in close:
             samples[c].append(_time_cold(candidates[c], rep_ms))
     out = dict(times)
     for c, v in samples.items():
-        v = sorted(v)
-        out[c] = v[len(v) // 2]
-    return out
+        out[c] = sorted(v)[len(v) // 2]
+    return min(close, key=out.get), out
+
+
 _flush: dict[str, tuple[torch.Tensor, float]] = {}
 
 
