@@ -3,6 +3,8 @@ and what reading only the filled positions would cost — the same math (the mas
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/decode_attention.py   # -> $OUT/decode_attention.json
 
+Also times our split-K kernels (``kernels/decode_attention.py``) at several program targets (``split, N programs``).
+
 Why: the session-8 profile put 0.48 ms of the 3.6 ms W4 decode step (b = 1) in attention, ≈ 13 µs per layer for
 ≈ 2 MB of K/V — the same in bf16 and W4, so it dilutes every ratio. Each variant is checked against the masked
 step in fp32 before it is timed (CUDA-graph replay, ``bench.gemm.time_graph``).
@@ -20,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from qwenquant.bench.e2e import CTX, QWEN3_8B
 from qwenquant.bench.gemm import time_graph
 from qwenquant.bench.hw import environment
+from qwenquant.kernels import decode_attention as DA
 
 
 def main() -> None:
@@ -27,7 +30,7 @@ def main() -> None:
     hq, hkv, d = QWEN3_8B["num_attention_heads"], QWEN3_8B["num_key_value_heads"], QWEN3_8B["head_dim"]
     pos = CTX // 2  # as bench.e2e.StaticDecoder: attend over positions 0 … pos
     rows = []
-    for b in (1, 8, 32):
+    for b in (1, 8, 32, 128):
         kc = torch.randn(b, hkv, CTX, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
@@ -57,12 +60,19 @@ def main() -> None:
             vs = vc[:, :, :pos + 1].repeat_interleave(hq // hkv, dim=1)
             return F.scaled_dot_product_attention(q, ks, vs)
 
+        def split(target):
+            kc.index_copy_(2, p, k)
+            vc.index_copy_(2, p, v)
+            DA.TARGET_PROGRAMS = target
+            return DA.decode_attention(q, kc, vc, pos + 1)
+
         ref = masked().float()
         cands = {"masked (today)": masked, "filled, default backend": filled,
                  "filled, flash": lambda: filled(SDPBackend.FLASH_ATTENTION),
                  "filled, efficient": lambda: filled(SDPBackend.EFFICIENT_ATTENTION),
                  "filled, cudnn": lambda: filled(SDPBackend.CUDNN_ATTENTION),
-                 "filled, repeat kv + default": filled_repeat}
+                 "filled, repeat kv + default": filled_repeat,
+                 **{f"split, {t} programs": (lambda t=t: split(t)) for t in (66, 132, 264, 528)}}
         res = {"batch": b, "us": {}, "err": {}}
         for name, fn in cands.items():
             try:

@@ -38,13 +38,14 @@ def one(model, ids) -> tuple[float, float]:
 def main() -> None:
     model = e2e.build_model()
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
+    head = model.lm_head.weight.detach().to("cpu")  # the bf16 lm_head, for the +head modes
     e2e.merge_projections(model)
     ids = torch.randint(0, model.config.vocab_size, (1, e2e.PREFILL), device="cuda")
     doc = {"kind": "prefill_ab", "env": environment(), "tokens": e2e.PREFILL, "trials": TRIALS, "results": {}}
     for label in ["bf16", *MODES]:
         if label != "bf16":
-            spec, mode = e2e.E2E_MODES[label]
-            e2e.quantize_model(model, originals, spec, mode)
+            spec, mode, with_head = e2e.E2E_MODES[label]
+            e2e.quantize_model(model, originals, spec, mode, head=head, quantize_head=with_head)
         variants = ["cached launch", "triton launch"] if label != "bf16" else ["-"]
         for v in variants:  # warm-up each (the first also tunes)
             L.ENABLED = v != "triton launch"

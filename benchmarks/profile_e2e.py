@@ -138,14 +138,15 @@ def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     model = e2e.build_model()
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
+    head = model.lm_head.weight.detach().to("cpu")  # the bf16 lm_head, for the +head modes
     merged = not os.environ.get("E2E_PROFILE_SEPARATE")  # the e2e benchmark's default layout: merged qkv, gate_up
     if merged:
         e2e.merge_projections(model)
     doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "merged_projections": merged, "results": []}
     for label in ["bf16", *MODES]:
         if label != "bf16":
-            spec, mode = e2e.E2E_MODES[label]
-            e2e.quantize_model(model, originals, spec, mode)
+            spec, mode, with_head = e2e.E2E_MODES[label]
+            e2e.quantize_model(model, originals, spec, mode, head=head, quantize_head=with_head)
         if os.environ.get("E2E_PROFILE_PREFILL") == "1":
             r = {"mode": label, "prefill": profile_prefill(model)}
             doc["results"].append(r)

@@ -1,6 +1,7 @@
 """Print the README's core quality table: SmolLM2-135M, held-out Austen perplexity, methods side by side.
 
     python scripts/core_quality_table.py            # 32 x 512 calibration, 16 x 512 evaluation windows
+    python scripts/core_quality_table.py --lm-head  # and each rtn / gptq / billm row again with lm_head quantized
 
 Prints a Markdown table, then one JSON line with every number and the settings.
 """
@@ -35,8 +36,16 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--only", default=None, help="comma-separated recipe names to run")
+    p.add_argument("--lm-head", action="store_true",
+                   help="after each recipe that can (rtn, gptq, billm), the same with lm_head quantized ('+ head')")
     args = p.parse_args()
-    recipes = {k: v for k, v in RECIPES.items() if not args.only or k in args.only.split(",")}
+    recipes = {}
+    for name, kw in RECIPES.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        recipes[name] = kw
+        if args.lm_head and kw["method"] in ("rtn", "gptq", "billm"):
+            recipes[f"{name} + head"] = {**kw, "lm_head": True}
     t0 = time.time()
     rows = compare_perplexity("smollm2", recipes, calib_n=args.calib_samples, calib_len=args.calib_seqlen,
                               eval_len=args.seqlen, eval_windows=args.max_windows)

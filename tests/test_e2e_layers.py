@@ -61,3 +61,45 @@ def test_prefill_and_decode_match_hf_and_merged_layout():
     assert len(e2e.projection_modules(sep)) == 7 * 2
     torch.testing.assert_close(merged_q, e2e.prefill_logits(sep, ids), rtol=1e-4, atol=1e-4)
     assert e2e.linear_bytes(model) == e2e.linear_bytes(sep) > 0
+
+
+@torch.no_grad()
+def test_head_modes_swap_the_head_both_ways():
+    """A ``+head`` mode packs lm_head (RTN of the bf16 weight, the same grid); the next mode without it gets the
+    bf16 head back, equal to the original; the decode step runs on either."""
+    from qwenquant.numerics import quantize_weight
+    from qwenquant.runtime.quant_linear import QuantLinear
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 5))
+    originals = [getattr(p, n).weight.detach().clone() for p, n in e2e.decoder_linears(model)]
+    head = model.lm_head.weight.detach().clone()
+    spec = QuantSpec(4, 32, False)
+    e2e.quantize_model(model, originals, spec, "fake", head=head, quantize_head=True)
+    assert isinstance(model.lm_head, QuantLinear)
+    torch.testing.assert_close(model.lm_head.dequantized_weight(torch.float32),
+                               quantize_weight(head, spec).dequantize(), rtol=0, atol=1e-6)
+    assert torch.isfinite(decode_logits(model, ids)).all()
+    e2e.quantize_model(model, originals, spec, "fake", head=head)
+    assert type(model.lm_head) is torch.nn.Linear and torch.equal(model.lm_head.weight, head)
+    assert torch.isfinite(decode_logits(model, ids)).all()
+    assert all(len(v) == 3 for v in e2e.E2E_MODES.values()) and e2e.E2E_MODES["w4g128-fused+head"][2]
+
+
+@torch.no_grad()
+def test_split_attention_step_equals_sdpa_and_compiles_without_a_break():
+    """attend="split" (our kernels' op; its reference on a CPU) gives the SDPA step's logits, and dynamo traces the
+    layer step with the op in it as one graph (fullgraph: a graph break would raise)."""
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 5))
+    torch.testing.assert_close(decode_logits(model, ids, "split"), decode_logits(model, ids, "filled"),
+                               rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="split")
+    m = model.model
+    h = m.embed_tokens(ids[:, -1:])
+    cos, sin = m.rotary_emb(h, dec.pos.view(1, 1).expand(2, 1))
+    args = (m.layers[0], h, dec.kc[0], dec.vc[0], dec.pos, cos, sin, None, dec.rope, dec.filled, True)
+    eager = e2e._layer_step(*args)
+    traced = torch.compile(e2e._layer_step, backend="eager", fullgraph=True)(*args)
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)

@@ -136,6 +136,29 @@ def test_every_kernel_config_matches_reference(bits, group):
 
 @pytest.mark.gpu
 @cuda
+def test_every_kernel_config_on_the_lm_head_shape():
+    """Qwen3's lm_head (151,936 x 4096, the ``+head`` e2e mode): 311 MB of packed words, the largest single weight a
+    kernel reads. Every batch-1 / small-M config the tuner may pick computes the reference (fp32: fp64 would be 5 GB)."""
+    from qwenquant.kernels import wq_ktiled as KT
+    from qwenquant.kernels import wq_matmul as K
+    from qwenquant.runtime import fused
+
+    n, k, bits, group = 151936, 4096, 4, 128
+    layer = make_layer(n, k, bits, group, False, seed=11, device="cuda")
+    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, bits, k).float()
+    ops = fused.FusedOperands(tiny=None, ktiled=KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale,
+                                                                                  layer.zero, bits, k))
+    for m in (1, 8, 40):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ wref.T
+        configs = fused._configs(m, k, group, bits, tinygemm=False, ktiled=True, wgmma=fused.wgmma_available())
+        for name, (kind, cfg) in configs.items():
+            y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, bits, group, ops)
+            assert rel_err(y, ref) < 1e-2, (name, m)
+
+
+@pytest.mark.gpu
+@cuda
 def test_dequant_mode_on_gpu_equals_fake_mode():
     """Storage-only on a GPU (one Triton unpack + cuBLAS) computes exactly what fake-quant does."""
     layer = make_layer(384, 512, 4, 64, False, seed=3, device="cuda", bias=True)

@@ -46,7 +46,8 @@ def method_config(method: str, bits: int = 4, group_size: int | None = None, sym
     """A QuantRecipe from flat options, as the CLI and sweep configs give them.
 
     ``extra`` sets method-config fields by name (e.g. damp=0.01, act_order=False, alpha=0.8) or
-    recipe fields (min_expert_tokens); an unknown name is an error.
+    recipe fields (min_expert_tokens, lm_head=True to quantize the output projection too); an unknown
+    name is an error.
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
@@ -54,7 +55,7 @@ def method_config(method: str, bits: int = 4, group_size: int | None = None, sym
         check_act_bits(act_bits)
     cfg_type = METHOD_NAMES[method]
     fields = {f.name for f in dataclasses.fields(cfg_type)}
-    recipe_fields = {"min_expert_tokens"}
+    recipe_fields = {"min_expert_tokens", "lm_head"}
     unknown = set(extra) - fields - recipe_fields
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method}; known: {sorted(fields - {'spec'})}")
@@ -68,6 +69,9 @@ def method_config(method: str, bits: int = 4, group_size: int | None = None, sym
             act_bits = 8 if act_bits is None else act_bits
         kw["spec"] = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
     recipe_kw = {k: v for k, v in extra.items() if k in recipe_fields}
+    if recipe_kw.get("lm_head") and method in ("awq", "smoothquant"):
+        raise ValueError(f"lm_head=True: {method} migrates scales into the op before each linear, which lm_head's "
+                         f"final norm does not take here; quantize lm_head with rtn, gptq or billm")
     return QuantRecipe(method=cfg_type(**kw), act_bits=act_bits, **recipe_kw)
 
 

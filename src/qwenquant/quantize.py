@@ -9,6 +9,8 @@ For each decoder layer (one on the accelerator at a time, see ``model/calibrate.
    inputs of the step's linears *with earlier steps already quantized*, quantize each linear with
    its method, replace it by a :class:`QuantLinear`.
 4. The quantized layer's outputs become the next layer's inputs.
+5. Optionally (``QuantRecipe.lm_head``) the output projection, on the final norm of the last layer's
+   outputs (:func:`quantize_head`); by default it stays in full precision, as in most W4 formats.
 
 Methods are a registry keyed by config type (:data:`METHODS`): what statistics they need, whether
 they migrate scales, and the pure function that turns (W, statistics) into a quantized weight.
@@ -84,14 +86,18 @@ class QuantRecipe:
     method: object                           # one of the config dataclasses in METHODS
     act_bits: int | None = None              # dynamic per-token activation bits (W·A8, W·A4)
     min_expert_tokens: int = 16              # MoE: below this, an expert uses pooled statistics
+    lm_head: bool = False                    # also quantize the output projection (see quantize_head)
 
     @property
     def method_name(self) -> str:
         return method_spec(self.method).name
 
     def to_dict(self) -> dict:
-        return {"method": self.method_name, "config": asdict(self.method), "act_bits": self.act_bits,
-                "min_expert_tokens": self.min_expert_tokens}
+        d = {"method": self.method_name, "config": asdict(self.method), "act_bits": self.act_bits,
+             "min_expert_tokens": self.min_expert_tokens}
+        if self.lm_head:  # only when set: recipes (and cache keys) from before the option stay as they were
+            d["lm_head"] = True
+        return d
 
 
 @dataclass
@@ -137,9 +143,12 @@ def quantize_model(
     batch_size: int = 4,
     progress: bool = True,
 ) -> QuantizationReport:
-    """Quantize every decoder-block linear of ``model`` in place; embeddings and lm_head stay as they are."""
+    """Quantize every decoder-block linear of ``model`` in place; embeddings stay as they are, and so does lm_head
+    unless ``recipe.lm_head`` (then :func:`quantize_head` runs after the last layer)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = method_spec(recipe.method)
+    if recipe.lm_head:
+        check_head(model, arch, spec)  # before any layer changes: a refused recipe leaves the model as it was
     data = needs_calibration(recipe, arch)
     if data and (calib_ids is None or calib_ids.dim() != 2):
         shape = None if calib_ids is None else tuple(calib_ids.shape)
@@ -167,6 +176,10 @@ def quantize_model(
         reports.append(report)
         _log_layer(report, device)
         bar.set_postfix(peak_mem=f"{peak_memory_bytes(device) / 2**30:.2f}GiB")
+    if recipe.lm_head:
+        t_head = time.perf_counter()
+        quantize_head(model, arch, inputs, recipe, spec, device)
+        log.info("%s quantized in %.1fs", arch.head, time.perf_counter() - t_head)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     qlinears = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -211,6 +224,52 @@ def _log_layer(report: LayerReport, device: torch.device) -> None:
                     report.index, len(report.fallback_experts), ", ".join(report.fallback_experts))
     if report.skipped_folds:
         log.info("layer %d: scale folds skipped (shape mismatch, e.g. GQA v->o): %s", report.index, report.skipped_folds)
+
+
+# --- the output projection -----------------------------------------------------------------
+
+
+def check_head(model: nn.Module, arch: Architecture, spec: MethodSpec) -> None:
+    """Refuse, by name, an lm_head quantization this pipeline cannot do."""
+    if spec.scales:
+        raise ValueError(f"lm_head quantization supports methods without scale migration (rtn, gptq, billm); got "
+                         f"{spec.name}, whose scales would have to fold into {arch.final_norm}")
+    head = model.get_submodule(arch.head)
+    if type(head) is not nn.Linear:
+        raise ValueError(f"{arch.head} is a {type(head).__name__}, expected an nn.Linear to quantize "
+                         f"(already quantized?)")
+
+
+@torch.no_grad()
+def quantize_head(model: nn.Module, arch: Architecture, inputs: LayerInputs | None, recipe: QuantRecipe,
+                  spec: MethodSpec, device: torch.device) -> None:
+    """Quantize the output projection with the recipe's method, in place.
+
+    Its input is the final norm of the last layer's outputs (``inputs.hidden`` after the layer loop), observed the
+    way a layer's linears are: GPTQ / BiLLM get the Hessian of those [tokens, hidden] rows. A model with tied
+    embeddings is untied: the embedding keeps its full-precision table (a lookup reads one row per token, there is
+    nothing to gain there) and ``config.tie_word_embeddings`` becomes False so a saved checkpoint loads untied.
+    So a tied model *gains* the packed head's bytes; the win is the bytes the decode step reads, the head being
+    the largest single matrix of a Qwen3 (151,936 × hidden).
+    """
+    head = model.get_submodule(arch.head)
+    obs = None
+    if spec.stats:
+        norm = model.get_submodule(arch.final_norm)
+        home = next(norm.parameters()).device
+        norm.to(device)
+        obs = InputObserver(want_hessian=spec.stats == "hessian", want_samples=spec.stats == "samples")
+        for b in range(0, inputs.hidden.shape[0], inputs.batch_size):
+            obs.add(norm(inputs.hidden[b:b + inputs.batch_size].to(device)))
+        norm.to(home)
+    W = head.weight.detach().to(device).float()  # [vocab, hidden]
+    qweight = spec.quantize(W, obs, recipe.method, arch.head, arch)
+    quantized = QuantLinear.from_weight(qweight, bias=head.bias, act_bits=recipe.act_bits,
+                                        compute_dtype=head.weight.dtype).to(head.weight.device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    parent, _, attr = arch.head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, quantized)
 
 
 # --- one layer -----------------------------------------------------------------------------

@@ -16,8 +16,9 @@ Projections: by default merged as serving engines run them — [q | k | v] and [
 (``merge_projections``), for bf16 and every quantized mode alike; ``run(merged=False)`` keeps the HF
 layout's seven projections (the only layout of the e2e results before commit 1eaa505).
 
-Quantization: RTN (min-max) into QuantLinear for every decoder-layer linear; embeddings and
-lm_head stay bf16 (as in every W4 checkpoint format we know).
+Quantization: RTN (min-max) into QuantLinear for every decoder-layer linear; embeddings stay bf16, and so does
+lm_head (as in most W4 checkpoints) except in the ``+head`` modes, which quantize it too (``QuantRecipe.lm_head``):
+at batch 1 the bf16 head is 1.24 GB of the step's reads, ≈ 0.43 ms on an H100.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenquant.bench.gemm import time_graph
+from qwenquant.kernels.decode_attention import decode_attention
 from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime.quant_linear import QuantLinear, concat_out_features
 
@@ -44,13 +46,17 @@ PREFILL = 2048
 # eager prefills timed per mode (median kept): 1 in 5-7 of them stalls 50-100 ms on the H100 machine (session 14,
 # benchmarks/prefill_ab.py), enough to move a median of 3
 PREFILL_TRIALS = 9
+# decode attention (StaticDecoder(attend=...)): "filled" SDPA over the written positions, "split" our split-K
+# kernels over the same positions, "masked" SDPA over the whole cache under a mask
+ATTEND = ("filled", "split", "masked")
 
-# mode name -> (weight spec, QuantLinear execution mode)
+# mode name -> (weight spec, QuantLinear execution mode, lm_head quantized too)
 E2E_MODES = {
-    "w4g128-fused": (QuantSpec(4, 128, False), "fused"),
-    "w4g128-auto": (QuantSpec(4, 128, False), "auto"),
-    "w8a8-int8-native": (QuantSpec(8, None, True), "native"),
-    "w8-fused": (QuantSpec(8, None, True), "fused"),
+    "w4g128-fused": (QuantSpec(4, 128, False), "fused", False),
+    "w4g128-auto": (QuantSpec(4, 128, False), "auto", False),
+    "w8a8-int8-native": (QuantSpec(8, None, True), "native", False),
+    "w8-fused": (QuantSpec(8, None, True), "fused", False),
+    "w4g128-fused+head": (QuantSpec(4, 128, False), "fused", True),
 }
 
 
@@ -108,13 +114,22 @@ def merge_projections(model) -> None:
         del mlp.gate_proj, mlp.up_proj
 
 
-def quantize_model(model, originals: list[torch.Tensor], spec: QuantSpec, mode: str) -> None:
+def quantize_model(model, originals: list[torch.Tensor], spec: QuantSpec, mode: str,
+                   head: torch.Tensor | None = None, quantize_head: bool = False) -> None:
     """Replace every decoder projection by a QuantLinear (RTN of ``originals``, ``decoder_linears`` order) in
-    ``mode``; a model with merged projections gets merged QuantLinears (quantized per projection, then joined)."""
+    ``mode``; a model with merged projections gets merged QuantLinears (quantized per projection, then joined).
+    ``head``: the bf16 lm_head weight [vocab, hidden] (kept off the device): ``quantize_head`` puts its QuantLinear
+    in ``model.lm_head``, otherwise a quantized head left by an earlier mode is replaced by the bf16 one."""
     merged = hasattr(model.model.layers[0].self_attn, "qkv_proj")
     per_layer = 7
     slots = None if merged else decoder_linears(model)
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
+    if quantize_head:
+        model.lm_head = QuantLinear.from_weight(quantize_weight(head.to(device, torch.float32), spec),
+                                                compute_dtype=torch.bfloat16, mode=mode)
+    elif isinstance(model.lm_head, QuantLinear):
+        model.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device, dtype=head.dtype)
+        model.lm_head.weight = nn.Parameter(head.to(device), requires_grad=False)
     for i, layer in enumerate(model.model.layers):
         ws = originals[i * per_layer:(i + 1) * per_layer]
         ql = [QuantLinear.from_weight(quantize_weight(w.to(device, torch.float32), spec), compute_dtype=torch.bfloat16, mode=mode)
@@ -148,10 +163,11 @@ def _mlp(mlp, x):
     return mlp.down_proj(mlp.act_fn(g) * u)
 
 
-def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None):
+def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``. Attention
     reads the first ``filled`` cache positions without a mask when given (positions 0 … pos: the same math as the
-    mask, ``mask`` is then unused), else the whole cache under ``mask``."""
+    mask, ``mask`` is then unused) — through our split-K kernels with ``split`` (``kernels/decode_attention.py``),
+    else SDPA — or the whole cache under ``mask``."""
     a = layer.self_attn
     b = h.shape[0]
     q, k, v = _qkv(a, layer.input_layernorm(h))
@@ -160,6 +176,8 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     vc.index_copy_(2, pos, v.transpose(1, 2))
     if filled is None:
         o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+    elif split:
+        o = decode_attention(q, kc, vc, filled)
     else:
         o = F.scaled_dot_product_attention(q, kc[:, :, :filled], vc[:, :, :filled], enable_gqa=True)
     h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
@@ -214,14 +232,16 @@ class StaticDecoder:
     ``compiled``: run each layer through :func:`compiled_layer_step` (fused elementwise work);
     otherwise eager modules (one kernel per HF op: a graph replay still pays ~2-4 µs per kernel).
     ``attend``: "filled" (default) — attention reads the ``ctx // 2 + 1`` positions written so far, as a serving
-    engine's decode attention does (one step at a fixed position is what is timed, so the length is a constant);
-    "masked" — the whole ``ctx`` cache under a position mask (the same math; e2e files without an ``attention``
-    field were measured so: 19 vs 13 µs per layer at b = 1, 43 vs 17 at b = 32 on an H100, results/decode_attention_h100.json)."""
+    engine's decode attention does (one step at a fixed position is what is timed, so the length is a constant),
+    with SDPA; "split" — the same positions through our split-K kernels (``kernels/decode_attention.py``, the
+    reference on a CPU); "masked" — the whole ``ctx`` cache under a position mask (the same math; e2e files without
+    an ``attention`` field were measured so: 19 vs 13 µs per layer at b = 1, 43 vs 17 at b = 32 on an H100,
+    results/decode_attention_h100.json)."""
 
     def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda", compiled: bool = False,
                  attend: str = "filled"):
-        if attend not in ("filled", "masked"):
-            raise ValueError(f"attend={attend!r}: expected 'filled' (read positions 0 … ctx // 2) or 'masked'")
+        if attend not in ATTEND:
+            raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
         self.rope = apply_rotary_pos_emb
@@ -229,14 +249,15 @@ class StaticDecoder:
         cfg = model.config
         self.b = batch
         shape = (batch, cfg.num_key_value_heads, ctx, cfg.head_dim)
-        dtype = model.lm_head.weight.dtype
+        dtype = model.model.embed_tokens.weight.dtype
         self.kc = [torch.randn(shape, device=device, dtype=dtype) for _ in model.model.layers]
         self.vc = [torch.randn(shape, device=device, dtype=dtype) for _ in model.model.layers]
         self.pos = torch.tensor([ctx // 2], device=device)
         self.ids = torch.randint(0, cfg.vocab_size, (batch, 1), device=device)
         self.ar = torch.arange(ctx, device=device)
         self.layer_fn = compiled_layer_step() if compiled else _layer_step
-        self.filled = ctx // 2 + 1 if attend == "filled" else None
+        self.filled = None if attend == "masked" else ctx // 2 + 1
+        self.split = attend == "split"
 
     @torch.no_grad()
     def step(self):
@@ -245,7 +266,8 @@ class StaticDecoder:
         cos, sin = m.rotary_emb(h, self.pos.view(1, 1).expand(b, 1))
         mask = None if self.filled else (self.ar <= self.pos).view(1, 1, 1, -1)  # only the masked attention reads it
         for i, layer in enumerate(m.layers):
-            h = self.layer_fn(layer, h, self.kc[i], self.vc[i], self.pos, cos, sin, mask, self.rope, self.filled)
+            h = self.layer_fn(layer, h, self.kc[i], self.vc[i], self.pos, cos, sin, mask, self.rope, self.filled,
+                              self.split)
         return self.m.lm_head(m.norm(h))
 
 
@@ -276,7 +298,7 @@ def linear_bytes(model) -> int:
 
 
 @torch.no_grad()
-def measure(model, label: str) -> dict:
+def measure(model, label: str, attend: str = "filled") -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     lin = linear_bytes(model)
@@ -293,29 +315,33 @@ def measure(model, label: str) -> dict:
     res = {"mode": label, "prefill_tokens": PREFILL, "prefill_tok_s": PREFILL / sorted(ts)[len(ts) // 2],
            "prefill_ms_trials": [t * 1e3 for t in ts], "decode": {}}
     for b in BATCHES:
-        dec = StaticDecoder(model, b, compiled=True)
+        dec = StaticDecoder(model, b, compiled=True, attend=attend)
         ms = _graph_ms(dec.step)
         res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3}
         del dec
         if b == 1:  # the same step with eager (unfused) elementwise work, for reference
-            dec = StaticDecoder(model, b, compiled=False)
+            dec = StaticDecoder(model, b, compiled=False, attend=attend)
             res["decode"][b]["step_ms_eager"] = _graph_ms(dec.step)
             del dec
         torch.cuda.empty_cache()
     # re-count: native builds its int8 operand at first use
     lin = linear_bytes(model)
-    res.update(linear_weight_bytes=lin, model_weight_bytes=total, peak_mem_bytes=torch.cuda.max_memory_allocated())
+    head = model.lm_head
+    head_bytes = head.resident_bytes if isinstance(head, QuantLinear) else head.weight.numel() * head.weight.element_size()
+    res.update(linear_weight_bytes=lin, lm_head_bytes=head_bytes, model_weight_bytes=total,
+               peak_mem_bytes=torch.cuda.max_memory_allocated())
     log.info("e2e %s: %s", label, res)
     return res
 
 
 def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
-        pdl: bool = False) -> dict:
+        pdl: bool = False, attend: str = "filled") -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
     kernels (``torch._inductor.config.triton.enable_pdl``) and the k-tiled W4 kernels (``kernels/overlap.py``); both
-    switches stay on for the rest of the process, and the compiled decode step is rebuilt under them."""
+    switches stay on for the rest of the process, and the compiled decode step is rebuilt under them. ``attend``: the
+    decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way)."""
     import json
 
     from qwenquant.bench.hw import environment
@@ -340,7 +366,10 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     if merged:
         merge_projections(model)
         torch.cuda.empty_cache()
-    results = [measure(model, "bf16")]
+    if attend not in ATTEND:
+        raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
+    results = [measure(model, "bf16", attend)]
+    head = model.lm_head.weight.detach().to("cpu")
     summary = {}
 
     def save():
@@ -353,7 +382,10 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         # per-GEMM table and the end-to-end step can then be traced to the same choices
         tuning = {t.name: t.table() for t in (fused.TUNER, auto.TUNER, native.TUNER)}
         doc = {"kind": "e2e", "model": "qwen3-8b (random weights)", "env": environment(), "ctx": CTX,
-               "attention": f"SDPA over the {CTX // 2 + 1} filled positions of the static cache",
+               "attention": {"filled": f"SDPA over the {CTX // 2 + 1} filled positions of the static cache",
+                             "split": f"split-K kernels (kernels/decode_attention.py) over the {CTX // 2 + 1} filled "
+                                      "positions of the static cache",
+                             "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
@@ -365,12 +397,12 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
 
     save()
     for name in modes:
-        spec, mode = E2E_MODES[name]
+        spec, mode, with_head = E2E_MODES[name]
         t = time.time()
-        quantize_model(model, originals, spec, mode)
+        quantize_model(model, originals, spec, mode, head=head, quantize_head=with_head)
         log.info("quantized %s in %.0fs", name, time.time() - t)
         try:
-            results.append(measure(model, name))
+            results.append(measure(model, name, attend))
         except (RuntimeError, ValueError) as e:
             log.warning("e2e %s failed: %s", name, str(e)[:500])
         save()

@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also quantize lm_head (rtn, gptq, billm); a tied embedding is untied and stays full precision")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. damp=0.01, act_order=false, alpha=0.8 (repeatable)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -52,8 +54,11 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def run(args) -> dict:
+    options = parse_sets(args.set)
+    if args.lm_head:
+        options["lm_head"] = True
     recipe = api.method_config(args.method, bits=args.bits, group_size=args.group_size, symmetric=args.sym,
-                               act_bits=args.act_bits, **parse_sets(args.set))
+                               act_bits=args.act_bits, **options)
     model, tok, info = api.load(args.model)
     if info["quantized"]:
         raise ValueError(f"{args.model} is already a quantized checkpoint; quantize the original model")

@@ -40,6 +40,8 @@ class Architecture:
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     embed: str = "model.embed_tokens"
     rotary: str = "model.rotary_emb"
+    final_norm: str = "model.norm"                  # the norm after the last layer: lm_head's input
+    head: str = "lm_head"                           # the output projection [vocab, hidden]
 
     def linear_names(self, num_experts: int = 0) -> list[str]:
         """Every quantizable linear in one layer, in sequential order (experts expanded)."""
