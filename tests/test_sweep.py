@@ -199,6 +199,7 @@ def test_keep_going_skips_a_broken_setting_and_a_rerun_retries_it(tmp_path):
     ({"mmlu": {"subjects": ["astrology"]}}, "unknown MMLU subject"),
     ({"calibration": {"source": "shakespeare"}}, "calibration source 'shakespeare'"),
     ({"quantize": [{"methods": ["rtn"], "bits": [4], "group_size": [32]}]}, "unknown key"),
+    ({"quantize": [{"methods": ["awq"], "bits": [4], "options": {"lm_head": True}}]}, "lm_head=True: awq migrates"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, patch, message):
     store_path = tmp_path / "r.sqlite"

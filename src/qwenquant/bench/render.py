@@ -90,16 +90,21 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                   f"(attention: {e.get('attention', 'SDPA over the whole cache under a position mask')}), CUDA-graph replay"
                   + (", each layer's elementwise work fused by torch.compile; `b1 eager` is the same step with eager "
                      "modules (one kernel per op)" if any("step_ms_eager" in r["decode"]["1"] for r in e["results"]) else "")
-                  + ".", "",
-                  "| mode | prefill tok/s | decode b1 | b1 eager | b8 | b32 | b128 tok/s | decoder-linear GB | peak GB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  + ".", ""]
+        head = any("lm_head_bytes" in r for r in e["results"])  # files before the +head modes have no field
+        if head:
+            lines += ["Modes ending in `+head` quantize lm_head too (the others keep it bf16).", ""]
+        lines += ["| mode | prefill tok/s | decode b1 | b1 eager | b8 | b32 | b128 tok/s | decoder-linear GB | "
+                  + ("lm_head GB | " if head else "") + "peak GB |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if head else "") + "---|"]
         for r in e["results"]:
             d = r["decode"]
             eager = d["1"].get("step_ms_eager")
             lines.append(f"| {r['mode']} | {r['prefill_tok_s']:.0f} | {d['1']['tok_s']:.0f} | "
                          + (f"{1e3 / eager:.0f}" if eager else "–") + " | "
                          + " | ".join(f"{d[b]['tok_s']:.0f}" for b in ("8", "32", "128"))
-                         + f" | {r['linear_weight_bytes']/1e9:.2f} | {r['peak_mem_bytes']/1e9:.1f} |")
+                         + f" | {r['linear_weight_bytes']/1e9:.2f} | "
+                         + (f"{r['lm_head_bytes']/1e9:.2f} | " if head else "") + f"{r['peak_mem_bytes']/1e9:.1f} |")
         lines += ["", "| mode (ratio to bf16) | prefill | decode b1 | b8 | b32 | b128 | linear bytes |", "|---|---|---|---|---|---|---|"]
         for mode, s in e["summary"].items():
             lines.append(f"| {mode} | {s['prefill_x']:.2f} | {s['decode_b1_x']:.2f} | {s['decode_b8_x']:.2f} | {s['decode_b32_x']:.2f} | "
