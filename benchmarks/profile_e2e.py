@@ -11,7 +11,8 @@ sum of kernel durations per step; the difference is the time between kernels (la
 graph, dependencies). Random weights of the published shape, as in the e2e benchmark.
 ``E2E_PROFILE_PREFILL=1`` also profiles one eager 2048-token prefill per mode (``profile_prefill``: GPU busy and idle
 time, time in CUDA launch calls on the host) — written in session 13 for its prefill regression, not yet run;
-``E2E_PROFILE_BATCHES=`` (empty) skips the decode steps.
+``E2E_PROFILE_BATCHES=`` (empty) skips the decode steps. ``E2E_PROFILE_ATTEND``: the decode attention
+(``bench.e2e.ATTEND``: ``filled`` SDPA, the default; ``split`` our split-K kernels; ``masked``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from qwenquant.bench.hw import environment
 OUT = os.environ.get("OUT", "runs/profile_e2e")
 MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",") if m]
 BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",") if b]
+ATTEND = os.environ.get("E2E_PROFILE_ATTEND", "filled")
 REPLAYS = 5
 
 # first matching pattern names the class of a kernel
@@ -142,7 +144,8 @@ def main() -> None:
     merged = not os.environ.get("E2E_PROFILE_SEPARATE")  # the e2e benchmark's default layout: merged qkv, gate_up
     if merged:
         e2e.merge_projections(model)
-    doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "merged_projections": merged, "results": []}
+    doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "merged_projections": merged, "attend": ATTEND,
+           "results": []}
     for label in ["bf16", *MODES]:
         if label != "bf16":
             spec, mode, with_head = e2e.E2E_MODES[label]
@@ -154,7 +157,7 @@ def main() -> None:
                   flush=True)
             torch.cuda.empty_cache()
         for b in BATCHES:
-            dec = e2e.StaticDecoder(model, b, compiled=True)
+            dec = e2e.StaticDecoder(model, b, compiled=True, attend=ATTEND)
             r = {"mode": label, "batch": b, **profile_step(dec.step)}
             doc["results"].append(r)
             print(label, b, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items() if k in ("step_ms", "kernel_ms", "kernels_per_step")},

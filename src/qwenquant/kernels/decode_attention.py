@@ -1,19 +1,19 @@
 """Decode attention: one new query per sequence over a static KV cache, split along the keys (flash-decoding).
 
-The cost it attacks (Qwen3-8B, batch 1, 257 cached positions, H100): a layer's attention reads K and V of 8 KV
-heads × 257 positions × 128 dims × 2 bytes = 1.05 MB — 0.35 µs at the measured 2.9 TB/s — yet cuDNN's SDPA kernel
-takes ≈ 9 µs (benchmarks/results/profile_e2e_merged_h100.json): 32 CTAs, one per query head, each streaming its
+The cost it attacks (Qwen3-8B, batch 1, 257 cached positions, H100): a layer's attention reads K and V of
+8 KV heads × 257 positions × 128 dims × 2 bytes = 1.05 MB — 0.35 µs at the measured 2.9 TB/s — yet cuDNN's SDPA
+kernel takes ≈ 9 µs (benchmarks/results/profile_e2e_merged_h100.json): 32 CTAs, one per query head, each streaming its
 KV head's 131 KB alone, four times over for the four query heads that share it. That is latency, not bandwidth:
 the fix is more, shorter programs, and reading each KV row once per GQA group.
 
 Two kernels:
 
-1. ``_split_kernel``, grid (batch × KV heads, splits): one program takes the G query heads of one KV head (G = 4
-   in Qwen3-8B, padded to 16 rows for ``tl.dot``) over one slice of the positions, runs the online softmax over
-   its keys in blocks of ``BLOCK_N`` and writes the slice's unnormalized output [G, D] (fp32) with its running
+1. ``_decode_attention_split``, grid (batch × KV heads, splits): one program takes the G query heads of one KV
+   head (G = 4 in Qwen3-8B, padded to 16 rows for ``tl.dot``) over one slice of the positions, runs the online
+   softmax over its keys in blocks of ``BLOCK_N`` and writes the slice's unnormalized output [G, D] (fp32) with its running
    max and sum. With one split it normalizes and writes the output itself (large batches have programs enough).
-2. ``_merge_kernel``, grid (batch × query heads): rescales each slice by exp(m_s − max m) and divides by the
-   rescaled sum: the exact softmax over all positions.
+2. ``_decode_attention_merge``, grid (batch × query heads): rescales each slice by exp(m_s − max m) and divides
+   by the rescaled sum: the exact softmax over all positions.
 
 :func:`decode_attention` is a ``torch.library`` op: torch.compile sees one opaque call (no graph break) and a
 CUDA graph captures both launches. On a CPU (and for shapes the kernel does not take) it runs the reference,
@@ -93,14 +93,14 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Te
         acc = torch.empty(b * hkv * splits, 16, d, device=q.device, dtype=torch.float32)  # [programs, G pad, D]
         m = torch.empty(b * hkv * splits, 16, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
-    _split_kernel[(b * hkv, splits)](
+    _decode_attention_split[(b * hkv, splits)](
         q, k, v, acc, m, l, out, filled, per_split, d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1),
         HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, num_warps=4,
     )
     if splits > 1:
-        _merge_kernel[(b * hq,)](
+        _decode_attention_merge[(b * hq,)](
             acc, m, l, out, out.stride(0), out.stride(1),
             HKV=hkv, G=g, D=d, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
         )
@@ -110,7 +110,7 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Te
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,
+    def _decode_attention_split(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,
                       sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPLITS: tl.constexpr):
@@ -153,7 +153,7 @@ if triton is not None:
             tl.store(l_ptr + prog * 16 + rows, l_i)
 
     @triton.jit
-    def _merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, so_b, so_h,
+    def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, o_ptr, so_b, so_h,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                       SPLITS_P2: tl.constexpr):
         pid = tl.program_id(0)          # batch row * Hq + query head
