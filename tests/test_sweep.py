@@ -106,6 +106,16 @@ def test_cell_keys_are_stable_and_distinct():
     assert not {c.key for c in changed} & {c.key for c in cells}
 
 
+def test_lm_head_setting_is_its_own_row():
+    """options = {lm_head = true} makes a distinct quantization (key and label) beside the same grid without it."""
+    cfg = {**CONFIG, "quantize": [{"methods": ["gptq"], "bits": [4], "group_sizes": [32]},
+                                  {"methods": ["gptq"], "bits": [4], "group_sizes": [32], "options": {"lm_head": True}}]}
+    quant = [c.quant for c in parse_config(cfg).cells()]
+    labels = sorted({q.label for q in quant})
+    assert labels == ["baseline", "gptq w4 g32", "gptq w4 g32 +head"]
+    assert len({c.quant_key for c in parse_config(cfg).cells()}) == 3
+
+
 def test_rerun_skips_finished_cells(tmp_path):
     first = FakeBackend()
     s1, table1 = _sweep(tmp_path / "r.sqlite", first)

@@ -85,14 +85,16 @@ class QuantSetting:
 
     @property
     def label(self) -> str:
-        """``gptq w4 g64``, ``rtn w4 per-channel``, ``smoothquant w8a8``, ``baseline``."""
+        """``gptq w4 g64``, ``rtn w4 per-channel``, ``smoothquant w8a8``, ``baseline``; ``+head`` when the setting
+        quantizes lm_head too (``options = {lm_head = true}``), so tables keep both rows apart."""
         if self.is_baseline:
             return BASELINE
+        head = " +head" if dict(self.options).get("lm_head") else ""
         w = f"w{self.bits}" + (f"a{self.act_bits}" if self.act_bits is not None else "")
         if self.group_size is None and self.symmetric is None:  # no integer grid (BiLLM, after validate)
-            return f"{self.method} {w}"
+            return f"{self.method} {w}{head}"
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.method} {w} {g}"
+        return f"{self.method} {w} {g}{head}"
 
 
 @dataclass(frozen=True)
