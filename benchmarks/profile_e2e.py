@@ -31,6 +31,8 @@ OUT = os.environ.get("OUT", "runs/profile_e2e")
 MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",") if m]
 BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",") if b]
 ATTEND = os.environ.get("E2E_PROFILE_ATTEND", "filled")
+if ATTEND not in e2e.ATTEND:
+    raise SystemExit(f"E2E_PROFILE_ATTEND={ATTEND!r}: expected one of {', '.join(e2e.ATTEND)}")
 REPLAYS = 5
 
 # first matching pattern names the class of a kernel

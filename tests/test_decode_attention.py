@@ -49,24 +49,47 @@ def test_reference_is_the_attention_math_and_the_op_falls_back_on_cpu():
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(filled=0), "filled=0 positions: expected 1 … 24"),
+    (dict(filled=25), "filled=25 positions: expected 1 … 24"),
+    (dict(filled=-3), "filled=-3"),
+    (dict(v=torch.zeros(2, 2, 20, 32)), "k, v"),
+    (dict(k=torch.zeros(2, 2, 24, 16), v=torch.zeros(2, 2, 24, 16)), "differ in batch or head dim"),
+    (dict(k=torch.zeros(2, 3, 24, 32), v=torch.zeros(2, 3, 24, 32)), "8 query heads are not a multiple of 3"),
+])
+def test_bad_operands_are_refused_on_every_path(change, message):
+    """The CPU fallback refuses what the GPU path would: slicing past the cache would silently shorten it."""
+    args = dict(q=torch.randn(2, 8, 1, 32), k=torch.randn(2, 2, 24, 32), v=torch.randn(2, 2, 24, 32), filled=13)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        DA.decode_attention(args["q"], args["k"], args["v"], args["filled"])
+
+
 INTERPRETED = textwrap.dedent(
     """
     import json, torch
     from qwenquant.kernels import decode_attention as DA
     torch.manual_seed(0)
     worst = {}
-    # (batch, q heads, kv heads, head dim, cache, filled, program target): several splits, one split with several
-    # blocks, a lone position, G = 1 / 4 / 16, a cache view that is not contiguous in the head dim order
-    for b, hq, hkv, d, ctx, filled, target in [(1, 8, 2, 64, 48, 40, 264), (2, 4, 4, 16, 40, 17, 264),
-                                               (1, 16, 1, 32, 64, 1, 264), (3, 8, 2, 64, 48, 33, 1),
-                                               (1, 32, 8, 128, 24, 24, 264)]:
+    # (batch, q heads, kv heads, head dim, cache, filled, program target, cache layout): several splits, one split
+    # with several blocks, a lone position, G = 1 / 4 / 16; q a transposed view as the decode step's; caches as
+    # [b, ctx, hkv, d] transposed (other strides) and as a slice at an offset of a larger buffer
+    for b, hq, hkv, d, ctx, filled, target, layout in [
+            (1, 8, 2, 64, 48, 40, 264, "plain"), (2, 4, 4, 16, 40, 17, 264, "plain"),
+            (1, 16, 1, 32, 64, 1, 264, "plain"), (3, 8, 2, 64, 48, 33, 1, "plain"),
+            (1, 32, 8, 128, 24, 24, 264, "plain"), (2, 8, 2, 32, 40, 37, 264, "transposed"),
+            (2, 16, 1, 16, 40, 40, 264, "offset")]:
         DA.TARGET_PROGRAMS = target
         q = torch.randn(b, 1, hq, d, dtype=torch.float16).transpose(1, 2)   # [b, hq, 1, d] as the decode step's
-        k = torch.randn(b, hkv, ctx, d, dtype=torch.float16)
-        v = torch.randn(b, hkv, ctx, d, dtype=torch.float16)
+        if layout == "transposed":
+            k, v = (torch.randn(b, ctx, hkv, d, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+        elif layout == "offset":
+            k, v = (torch.randn(b + 1, hkv, ctx, d, dtype=torch.float16)[1:] for _ in range(2))
+        else:
+            k, v = (torch.randn(b, hkv, ctx, d, dtype=torch.float16) for _ in range(2))
         y = DA._triton_decode_attention(q, k, v, filled)
         ref = DA.reference_decode_attention(q.double(), k.double(), v.double(), filled)
-        key = f"b{b} hq{hq} hkv{hkv} d{d} filled{filled} splits{DA.plan_splits(b, hkv, filled)[0]}"
+        key = f"b{b} hq{hq} hkv{hkv} d{d} filled{filled} splits{DA.plan_splits(b, hkv, filled)[0]} {layout}"
         worst[key] = float((y.double() - ref).norm() / ref.norm())
     print(json.dumps(worst))
     """
@@ -81,7 +104,7 @@ def test_kernels_under_the_interpreter():
     import json
 
     worst = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(worst) == 5 and any("splits1" in k for k in worst) and any("splits3" in k for k in worst), worst
+    assert len(worst) == 7 and any("splits1 " in k for k in worst) and any("splits3 " in k for k in worst), worst
     assert max(worst.values()) < 2e-3, worst  # fp16 inputs, fp32 accumulation
 
 
@@ -99,5 +122,21 @@ def test_kernels_on_gpu_qwen3_8b_shape(batch, filled):
     ref = explicit_attention(q, k, v, filled)
     assert y.dtype == torch.bfloat16 and y.is_contiguous()
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
-    with pytest.raises(ValueError, match="filled=513 positions, but the cache holds 512"):
+    with pytest.raises(ValueError, match="filled=513 positions: expected 1 … 512"):
         DA.decode_attention(q, k, v, 513)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_on_gpu_past_2_31_cache_elements():
+    """Batch 128 × 8 KV heads × 17,000 positions × 128 dims = 2.2e9 elements per cache: offsets past 2**31 (a
+    review found the 32-bit offsets of the first version crash here with an illegal memory access)."""
+    torch.manual_seed(0)
+    b, ctx = 128, 17000
+    k = torch.randn(b, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    y = DA.decode_attention(q, k, v, ctx)
+    for row in (0, b - 1):  # the reference on two batch rows (the whole one would need 17 GB of fp64)
+        ref = explicit_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], ctx)
+        assert float((y[row:row + 1].double() - ref).norm() / ref.norm()) < 1e-2, row

@@ -44,10 +44,31 @@ def test_refused_recipe_leaves_the_model_untouched():
     from qwenquant.quantize import QuantRecipe
 
     model = _tiny_llama(tied=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = QuantRecipe(method=api.method_config("awq", bits=4, group_size=32).method, lm_head=True)
     with pytest.raises(ValueError, match="lm_head quantization supports methods without scale migration"):
         api.quantize(model, None, recipe, torch.randint(0, 320, (2, 16)), progress=False)
-    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_lm_head_option_must_be_a_bool():
+    with pytest.raises(ValueError, match="lm_head='false': expected true or false"):
+        api.method_config("rtn", bits=4, lm_head="false")
+
+
+@pytest.mark.parametrize("method,kw", [("billm", dict(bits=1)), ("gptq", dict(bits=4, group_size=32, act_bits=8))])
+def test_billm_and_act_bits_heads(method, kw):
+    """BiLLM packs the head in its binary planes; with act_bits the head quantizes its input per token like every
+    other linear. Both run through the model and stay close enough to the original to be the same model."""
+    model = _tiny_llama(tied=True)
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(2))
+    ref = _logits(model, ids)
+    api.quantize(model, None, api.method_config(method, lm_head=True, **kw), ids, progress=False)
+    head = model.lm_head
+    assert isinstance(head, QuantLinear) and head.act_bits == kw.get("act_bits")
+    out = _logits(model, ids)
+    assert torch.isfinite(out).all() and 0 < float((out - ref).norm() / ref.norm()) < 1.0
 
 
 def test_rtn_head_is_the_fake_quant_head():
@@ -91,17 +112,17 @@ def test_tied_model_is_untied_and_roundtrips(tmp_path):
 
 def test_gptq_head_beats_rtn_on_its_objective():
     """GPTQ's head, fitted on the final-norm outputs of the calibration tokens, has a lower output error on those
-    inputs than RTN's head of the same grid (the error GPTQ minimizes: ‖(W − Ŵ) Xᵀ‖)."""
+    inputs than RTN's head of the same grid (the error GPTQ minimizes: ‖(W − Ŵ) Xᵀ‖; RTN's head is data-free, so
+    both are measured on GPTQ's own inputs)."""
     ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
-    errs = {}
-    for method in ("rtn", "gptq"):
-        model = _tiny_llama(tied=False)
-        w = model.lm_head.weight.detach().clone()
-        api.quantize(model, None, api.method_config(method, bits=3, group_size=32, lm_head=True), ids, progress=False)
-        with torch.no_grad():
-            x = model.model(ids).last_hidden_state  # the head's input (final norm included), quantized layers
-        w_hat = model.lm_head.dequantized_weight(torch.float32)
-        errs[method] = float(((x @ (w - w_hat).T).norm() / (x @ w.T).norm()))
+    model = _tiny_llama(tied=False)
+    w = model.lm_head.weight.detach().clone()
+    api.quantize(model, None, api.method_config("gptq", bits=3, group_size=32, lm_head=True), ids, progress=False)
+    with torch.no_grad():
+        x = model.model(ids).last_hidden_state  # the head's input: final norm of the quantized layers' outputs
+    heads = {"gptq": model.lm_head.dequantized_weight(torch.float32),
+             "rtn": quantize_weight(w, QuantSpec(3, 32, False)).dequantize()}
+    errs = {name: float((x @ (w - w_hat).T).norm() / (x @ w.T).norm()) for name, w_hat in heads.items()}
     assert 0 < errs["gptq"] < 0.9 * errs["rtn"], errs
 
 

@@ -69,6 +69,8 @@ def method_config(method: str, bits: int = 4, group_size: int | None = None, sym
             act_bits = 8 if act_bits is None else act_bits
         kw["spec"] = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric)
     recipe_kw = {k: v for k, v in extra.items() if k in recipe_fields}
+    if "lm_head" in recipe_kw and not isinstance(recipe_kw["lm_head"], bool):
+        raise ValueError(f"lm_head={recipe_kw['lm_head']!r}: expected true or false")
     if recipe_kw.get("lm_head") and method in ("awq", "smoothquant"):
         raise ValueError(f"lm_head=True: {method} migrates scales into the op before each linear, which lm_head's "
                          f"final norm does not take here; quantize lm_head with rtn, gptq or billm")

@@ -234,7 +234,12 @@ def check_head(model: nn.Module, arch: Architecture, spec: MethodSpec) -> None:
     if spec.scales:
         raise ValueError(f"lm_head quantization supports methods without scale migration (rtn, gptq, billm); got "
                          f"{spec.name}, whose scales would have to fold into {arch.final_norm}")
-    head = model.get_submodule(arch.head)
+    try:
+        head = model.get_submodule(arch.head)
+        model.get_submodule(arch.final_norm)
+    except AttributeError as e:
+        raise ValueError(f"lm_head quantization: {e} ({arch.hf_class} table: head {arch.head!r}, final norm "
+                         f"{arch.final_norm!r})") from None
     if type(head) is not nn.Linear:
         raise ValueError(f"{arch.head} is a {type(head).__name__}, expected an nn.Linear to quantize "
                          f"(already quantized?)")
@@ -250,7 +255,9 @@ def quantize_head(model: nn.Module, arch: Architecture, inputs: LayerInputs | No
     embeddings is untied: the embedding keeps its full-precision table (a lookup reads one row per token, there is
     nothing to gain there) and ``config.tie_word_embeddings`` becomes False so a saved checkpoint loads untied.
     So a tied model *gains* the packed head's bytes; the win is the bytes the decode step reads, the head being
-    the largest single matrix of a Qwen3 (151,936 × hidden).
+    the largest single matrix of a Qwen3 (151,936 × hidden). The head takes the recipe's ``act_bits`` like every
+    other linear (W4A8 + head: the final norm's output is quantized per token too). It runs after the last layer:
+    a failure here leaves the decoder quantized and the head as it was.
     """
     head = model.get_submodule(arch.head)
     obs = None
@@ -259,9 +266,11 @@ def quantize_head(model: nn.Module, arch: Architecture, inputs: LayerInputs | No
         home = next(norm.parameters()).device
         norm.to(device)
         obs = InputObserver(want_hessian=spec.stats == "hessian", want_samples=spec.stats == "samples")
-        for b in range(0, inputs.hidden.shape[0], inputs.batch_size):
-            obs.add(norm(inputs.hidden[b:b + inputs.batch_size].to(device)))
-        norm.to(home)
+        try:
+            for b in range(0, inputs.hidden.shape[0], inputs.batch_size):
+                obs.add(norm(inputs.hidden[b:b + inputs.batch_size].to(device)))  # [batch, L, hidden]
+        finally:
+            norm.to(home)
     W = head.weight.detach().to(device).float()  # [vocab, hidden]
     qweight = spec.quantize(W, obs, recipe.method, arch.head, arch)
     quantized = QuantLinear.from_weight(qweight, bias=head.bias, act_bits=recipe.act_bits,

@@ -124,11 +124,14 @@ def quantize_model(model, originals: list[torch.Tensor], spec: QuantSpec, mode: 
     per_layer = 7
     slots = None if merged else decoder_linears(model)
     device = model.model.embed_tokens.weight.device
+    if head is None and (quantize_head or isinstance(model.lm_head, QuantLinear)):
+        raise ValueError("quantize_model: the bf16 lm_head weight (head=) is needed to quantize the head or to put "
+                         "the bf16 head back after a +head mode")
     if quantize_head:
         model.lm_head = QuantLinear.from_weight(quantize_weight(head.to(device, torch.float32), spec),
                                                 compute_dtype=torch.bfloat16, mode=mode)
     elif isinstance(model.lm_head, QuantLinear):
-        model.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device, dtype=head.dtype)
+        model.lm_head = nn.Linear(head.shape[1], head.shape[0], bias=False, device="meta")  # no init, no memory
         model.lm_head.weight = nn.Parameter(head.to(device), requires_grad=False)
     for i, layer in enumerate(model.model.layers):
         ws = originals[i * per_layer:(i + 1) * per_layer]
@@ -348,6 +351,11 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     from qwenquant.kernels import overlap
     from qwenquant.runtime import auto, fused, native
 
+    if attend not in ATTEND:  # before minutes of model building
+        raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
+    unknown = [m for m in modes if m not in E2E_MODES]
+    if unknown:
+        raise ValueError(f"unknown e2e mode(s) {unknown}; known: {', '.join(E2E_MODES)}")
     if pdl:
         import torch._inductor.config as inductor_config
 
@@ -366,8 +374,6 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     if merged:
         merge_projections(model)
         torch.cuda.empty_cache()
-    if attend not in ATTEND:
-        raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
     results = [measure(model, "bf16", attend)]
     head = model.lm_head.weight.detach().to("cpu")
     summary = {}
@@ -377,7 +383,8 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         for r in results[1:]:
             summary[r["mode"]] = {"prefill_x": r["prefill_tok_s"] / base["prefill_tok_s"],
                                   **{f"decode_b{b}_x": r["decode"][b]["tok_s"] / base["decode"][b]["tok_s"] for b in BATCHES},
-                                  "linear_bytes_x": r["linear_weight_bytes"] / base["linear_weight_bytes"]}
+                                  "linear_bytes_x": r["linear_weight_bytes"] / base["linear_weight_bytes"],
+                                  "lm_head_bytes_x": r["lm_head_bytes"] / base["lm_head_bytes"]}
         # every tuning decision (which kernel / which mode per shape and M bucket, with the timings): the
         # per-GEMM table and the end-to-end step can then be traced to the same choices
         tuning = {t.name: t.table() for t in (fused.TUNER, auto.TUNER, native.TUNER)}

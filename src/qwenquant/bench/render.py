@@ -105,10 +105,12 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                          + " | ".join(f"{d[b]['tok_s']:.0f}" for b in ("8", "32", "128"))
                          + f" | {r['linear_weight_bytes']/1e9:.2f} | "
                          + (f"{r['lm_head_bytes']/1e9:.2f} | " if head else "") + f"{r['peak_mem_bytes']/1e9:.1f} |")
-        lines += ["", "| mode (ratio to bf16) | prefill | decode b1 | b8 | b32 | b128 | linear bytes |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| mode (ratio to bf16) | prefill | decode b1 | b8 | b32 | b128 | linear bytes |"
+                  + (" lm_head bytes |" if head else ""), "|---|---|---|---|---|---|---|" + ("---|" if head else "")]
         for mode, s in e["summary"].items():
             lines.append(f"| {mode} | {s['prefill_x']:.2f} | {s['decode_b1_x']:.2f} | {s['decode_b8_x']:.2f} | {s['decode_b32_x']:.2f} | "
-                         f"{s['decode_b128_x']:.2f} | {s['linear_bytes_x']:.3f} |")
+                         f"{s['decode_b128_x']:.2f} | {s['linear_bytes_x']:.3f} |"
+                         + (f" {s['lm_head_bytes_x']:.3f} |" if head else ""))
     for path in sorted(glob.glob(os.path.join(results_dir, "gemv*.json"))):
         if path.endswith("_run1.json"):
             continue  # the first exploratory sweep; its successor supersedes it

@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
     p.add_argument("--lm-head", action="store_true",
-                   help="also quantize lm_head (rtn, gptq, billm); a tied embedding is untied and stays full precision")
+                   help="also quantize lm_head (rtn, gptq, billm; with --act-bits its input too); a tied embedding is "
+                        "untied and stays full precision")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. damp=0.01, act_order=false, alpha=0.8 (repeatable)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")

@@ -2,10 +2,11 @@
 
 Layout of a saved directory::
 
-    config.json, generation_config.json     the original model's config (unchanged)
+    config.json, generation_config.json     the original model's config (``architectures`` set to the class;
+                                             ``tie_word_embeddings`` false when lm_head was quantized)
     tokenizer.json, tokenizer_config.json…   the tokenizer
     model.safetensors                        every tensor of the model: unquantized ones as they
-                                             were (embeddings, norms, lm_head), and for each
+                                             were (embeddings, norms, lm_head unless quantized), and for each
                                              quantized linear its packed storage buffers
                                              (``<name>.qweight`` uint8, ``.scale`` fp16, ``.zero``
                                              uint8; BiLLM: bit planes and masks)

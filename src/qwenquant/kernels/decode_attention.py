@@ -43,8 +43,9 @@ def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> 
 
 
 def plan_splits(batch: int, kv_heads: int, filled: int, target: int | None = None) -> tuple[int, int]:
-    """(splits, keys per split): enough splits that batch × kv_heads × splits ≈ ``target`` programs (default
-    ``TARGET_PROGRAMS``), each a whole number of ``BLOCK_N`` blocks, none empty."""
+    """(splits, keys per split): at most ``target`` programs (default ``TARGET_PROGRAMS``) over batch × kv_heads ×
+    splits, each split a whole number of ``BLOCK_N`` blocks, none empty. Rounding a split up to whole blocks can
+    leave fewer programs than the target (1 × 1 × 5000 positions: 157 splits of 32 keys, not 264)."""
     target = TARGET_PROGRAMS if target is None else target
     if filled < 1:
         raise ValueError(f"decode attention over filled={filled} positions: expected at least 1")
@@ -54,14 +55,28 @@ def plan_splits(batch: int, kv_heads: int, filled: int, target: int | None = Non
     return -(-filled // per_split), per_split
 
 
+def check_operands(q: Tensor, k: Tensor, v: Tensor, filled: int) -> None:
+    """Refuse, by value, operands that do not form one decode attention (on every path alike)."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"decode attention: expected q [B, Hq, 1, D] and k, v [B, Hkv, ctx, D] alike, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        raise ValueError(f"decode attention: q {tuple(q.shape)} and cache {tuple(k.shape)} differ in batch or head "
+                         f"dim, or {hq} query heads are not a multiple of {k.shape[1]} KV heads")
+    if not 1 <= filled <= k.shape[2]:
+        raise ValueError(f"decode attention over filled={filled} positions: expected 1 … {k.shape[2]} (the cache)")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"decode attention: q on {q.device}, k on {k.device}, v on {v.device}")
+
+
 def kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Shapes and dtypes the Triton kernels take: CUDA, 16-bit, head dim a power of two ≥ 16, unit-stride dims,
-    a whole GQA group of at most 16 query heads per KV head."""
+    """Shapes and dtypes the Triton kernels take (operands already checked): CUDA, 16-bit, one query per sequence,
+    head dim a power of two ≥ 16, unit-stride head dim, at most 16 query heads per KV head."""
     if triton is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    return (t == 1 and d >= 16 and d & (d - 1) == 0 and hq % hkv == 0 and hq // hkv <= 16
+    _, hq, t, d = q.shape
+    return (t == 1 and d >= 16 and d & (d - 1) == 0 and hq // k.shape[1] <= 16
             and k.dtype == v.dtype == q.dtype and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
@@ -69,6 +84,7 @@ def kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
     """Attention of one query per sequence over the first ``filled`` positions of a static cache; shapes as
     :func:`reference_decode_attention`. Triton split-K kernels where :func:`kernel_ok`, else the reference."""
+    check_operands(q, k, v, filled)
     if not kernel_ok(q, k, v):
         return reference_decode_attention(q, k, v, filled)
     return _triton_decode_attention(q, k, v, filled)
@@ -82,8 +98,6 @@ def _(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
 def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
     b, hq, _, d = q.shape
     hkv = k.shape[1]
-    if filled > k.shape[2]:
-        raise ValueError(f"filled={filled} positions, but the cache holds {k.shape[2]}")
     g = hq // hkv
     splits, per_split = plan_splits(b, hkv, filled)
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
@@ -116,13 +130,13 @@ if triton is not None:
                       SPLITS: tl.constexpr):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
-        b = bh // HKV
-        h = bh % HKV
+        b = (bh // HKV).to(tl.int64)    # 64-bit offsets: a long cache at a large batch passes 2**31 elements
+        h = (bh % HKV).to(tl.int64)
         rows = tl.arange(0, 16)         # the group's query heads, padded to tl.dot's 16 rows
         d = tl.arange(0, D)
         live = rows < G
         q = tl.load(q_ptr + b * sq_b + (h * G + rows)[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
-        start = s * per_split
+        start = s * per_split           # positions: 32-bit here, 64-bit once they multiply a stride (``n`` below)
         end = tl.minimum(start + per_split, filled)
         m_i = tl.full([16], float("-inf"), tl.float32)
         l_i = tl.zeros([16], tl.float32)
@@ -132,6 +146,7 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             keep = n < end
+            n = n.to(tl.int64)
             kb = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=keep[:, None], other=0.0)   # [BLOCK_N, D]
             qk = tl.dot(q, tl.trans(kb)) * sm_scale                                                # [16, BLOCK_N]
             qk = tl.where(keep[None, :], qk, float("-inf"))
@@ -147,7 +162,7 @@ if triton is not None:
             tl.store(o_ptr + b * so_b + (h * G + rows)[:, None] * so_h + d[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=live[:, None])
         else:
-            prog = bh * SPLITS + s
+            prog = bh.to(tl.int64) * SPLITS + s
             tl.store(acc_ptr + (prog * 16 + rows)[:, None] * D + d[None, :], acc)
             tl.store(m_ptr + prog * 16 + rows, m_i)
             tl.store(l_ptr + prog * 16 + rows, l_i)
@@ -156,7 +171,7 @@ if triton is not None:
     def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, o_ptr, so_b, so_h,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                       SPLITS_P2: tl.constexpr):
-        pid = tl.program_id(0)          # batch row * Hq + query head
+        pid = tl.program_id(0).to(tl.int64)  # batch row * Hq + query head (64-bit offsets, as the split kernel)
         hq = HKV * G
         b = pid // hq
         qh = pid % hq
