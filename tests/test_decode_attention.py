@@ -108,6 +108,18 @@ def test_kernels_under_the_interpreter():
     assert max(worst.values()) < 2e-3, worst  # fp16 inputs, fp32 accumulation
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@pytest.mark.parametrize("kernel,splits,dtype", [("split", 17, torch.bfloat16), ("split", 1, torch.bfloat16),
+                                                 ("split", 3, torch.float16), ("merge", 17, torch.bfloat16)])
+def test_kernels_compile_for_sm90(kernel, splits, dtype):
+    """The compiled (not interpreted) kernels build for an H100 on this CPU machine (ptxas from the Triton wheel); the
+    split kernel's two products run on the tensor cores (mma.sync), in the shared memory an SM has."""
+    c = DA.compile_for_sm90(kernel, dtype=dtype, splits=splits)
+    ptx = c.asm["ptx"]
+    assert ".target sm_90a" in ptx and c.metadata.shared < 232448
+    assert ("mma.sync" in ptx) == (kernel == "split")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch", [1, 8, 32, 128])

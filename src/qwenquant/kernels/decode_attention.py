@@ -187,3 +187,35 @@ if triton is not None:
         w = tl.exp(m_s - tl.max(m_s, 0))                                                     # 0 for padded slots
         o = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
         tl.store(o_ptr + b * so_b + qh * so_h + d, o.to(o_ptr.dtype.element_ty))
+
+
+def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
+                     head_dim: int = 128, splits: int = 17):
+    """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
+    any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
+    ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
+    call: session 17 had no GPU to run them on."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    if kernel == "split":
+        fn = _decode_attention_split
+        sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+               "o_ptr": ptr, "filled": "i32", "per_split": "i32", "sm_scale": "fp32",
+               **{name: "i32" for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t", "so_b",
+                                           "so_h")},
+               "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr"}
+        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits}
+    elif kernel == "merge":
+        fn = _decode_attention_merge
+        sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",
+               "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "SPLITS": "constexpr", "SPLITS_P2": "constexpr"}
+        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "SPLITS": splits,
+                  "SPLITS_P2": triton.next_power_of_2(splits)}
+    else:
+        raise ValueError(f"kernel={kernel!r}: expected 'split' or 'merge'")
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a.endswith("_ptr")}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
