@@ -15,6 +15,7 @@ import time
 import torch
 
 from qwenquant.eval.compare import compare_perplexity
+from qwenquant.quantize import METHOD_NAMES, method_spec
 
 RECIPES = {
     "RTN w8 per-channel": dict(method="rtn", bits=8),
@@ -44,7 +45,7 @@ def main() -> None:
         if args.only and name not in args.only.split(","):
             continue
         recipes[name] = kw
-        if args.lm_head and kw["method"] in ("rtn", "gptq", "billm"):
+        if args.lm_head and not method_spec(METHOD_NAMES[kw["method"]]()).scales:  # the methods that take a head
             recipes[f"{name} + head"] = {**kw, "lm_head": True}
     t0 = time.time()
     rows = compare_perplexity("smollm2", recipes, calib_n=args.calib_samples, calib_len=args.calib_seqlen,

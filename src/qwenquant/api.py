@@ -22,7 +22,8 @@ from qwenquant.model.calibrate import document_calibration_windows, text_calibra
 from qwenquant.model.load import load_hf_model, resolve_model_dir
 from qwenquant.numerics.activation import check_act_bits
 from qwenquant.numerics.affine import QuantSpec
-from qwenquant.quantize import METHOD_NAMES, QuantizationReport, QuantRecipe, quantize_model
+from qwenquant.quantize import (METHOD_NAMES, QuantizationReport, QuantRecipe, check_head_method, method_spec,
+                                quantize_model)
 from qwenquant.quantize import needs_calibration as _needs_calibration
 
 METHODS = tuple(METHOD_NAMES)
@@ -71,10 +72,10 @@ def method_config(method: str, bits: int = 4, group_size: int | None = None, sym
     recipe_kw = {k: v for k, v in extra.items() if k in recipe_fields}
     if "lm_head" in recipe_kw and not isinstance(recipe_kw["lm_head"], bool):
         raise ValueError(f"lm_head={recipe_kw['lm_head']!r}: expected true or false")
-    if recipe_kw.get("lm_head") and method in ("awq", "smoothquant"):
-        raise ValueError(f"lm_head=True: {method} migrates scales into the op before each linear, which lm_head's "
-                         f"final norm does not take here; quantize lm_head with rtn, gptq or billm")
-    return QuantRecipe(method=cfg_type(**kw), act_bits=act_bits, **recipe_kw)
+    recipe = QuantRecipe(method=cfg_type(**kw), act_bits=act_bits, **recipe_kw)
+    if recipe.lm_head:
+        check_head_method(method_spec(recipe.method))
+    return recipe
 
 
 def calibration_ids(tokenizer, source: str, n: int = 128, seqlen: int = 2048, seed: int = 0) -> Tensor:

@@ -229,11 +229,18 @@ def _log_layer(report: LayerReport, device: torch.device) -> None:
 # --- the output projection -----------------------------------------------------------------
 
 
+def check_head_method(spec: MethodSpec) -> None:
+    """Refuse lm_head quantization with a method that migrates scales (checked on the recipe alone, so a sweep can
+    refuse it before any model is loaded)."""
+    if spec.scales:
+        raise ValueError(f"lm_head=True: {spec.name} migrates scales into the op before each linear, which lm_head's "
+                         f"final norm does not take here; lm_head quantization supports methods without scale "
+                         f"migration (rtn, gptq, billm)")
+
+
 def check_head(model: nn.Module, arch: Architecture, spec: MethodSpec) -> None:
     """Refuse, by name, an lm_head quantization this pipeline cannot do."""
-    if spec.scales:
-        raise ValueError(f"lm_head quantization supports methods without scale migration (rtn, gptq, billm); got "
-                         f"{spec.name}, whose scales would have to fold into {arch.final_norm}")
+    check_head_method(spec)
     try:
         head = model.get_submodule(arch.head)
         model.get_submodule(arch.final_norm)
@@ -277,8 +284,7 @@ def quantize_head(model: nn.Module, arch: Architecture, inputs: LayerInputs | No
                                         compute_dtype=head.weight.dtype).to(head.weight.device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
-    parent, _, attr = arch.head.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, quantized)
+    _replace(model, arch.head, quantized)
 
 
 # --- one layer -----------------------------------------------------------------------------

@@ -291,13 +291,15 @@ def _inductor_pdl() -> bool:
 def linear_bytes(model) -> int:
     """Bytes the decoder projections hold on the device: bf16 weights, or a QuantLinear's resident storage plus any
     operand its mode built beside it (fp8's e4m3 copy, tinygemm's copy; ``QuantLinear.resident_bytes``)."""
-    def one(mod) -> int:
-        bias = 0 if getattr(mod, "bias", None) is None else mod.bias.numel() * mod.bias.element_size()
-        if isinstance(mod, QuantLinear):
-            return mod.resident_bytes + bias
-        return sum(p.numel() * p.element_size() for p in mod.parameters()) + sum(b.numel() * b.element_size() for b in mod.buffers())
+    return sum(module_bytes(mod) for mod in projection_modules(model))
 
-    return sum(one(mod) for mod in projection_modules(model))
+
+def module_bytes(mod: nn.Module) -> int:
+    """Device bytes of one linear: a QuantLinear's resident storage (+ bias), else its parameters and buffers."""
+    bias = 0 if getattr(mod, "bias", None) is None else mod.bias.numel() * mod.bias.element_size()
+    if isinstance(mod, QuantLinear):
+        return mod.resident_bytes + bias
+    return sum(p.numel() * p.element_size() for p in mod.parameters()) + sum(b.numel() * b.element_size() for b in mod.buffers())
 
 
 @torch.no_grad()
@@ -329,9 +331,7 @@ def measure(model, label: str, attend: str = "filled") -> dict:
         torch.cuda.empty_cache()
     # re-count: native builds its int8 operand at first use
     lin = linear_bytes(model)
-    head = model.lm_head
-    head_bytes = head.resident_bytes if isinstance(head, QuantLinear) else head.weight.numel() * head.weight.element_size()
-    res.update(linear_weight_bytes=lin, lm_head_bytes=head_bytes, model_weight_bytes=total,
+    res.update(linear_weight_bytes=lin, lm_head_bytes=module_bytes(model.lm_head), model_weight_bytes=total,
                peak_mem_bytes=torch.cuda.max_memory_allocated())
     log.info("e2e %s: %s", label, res)
     return res
