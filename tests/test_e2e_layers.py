@@ -103,3 +103,53 @@ def test_split_attention_step_equals_sdpa_and_compiles_without_a_break():
     eager = e2e._layer_step(*args)
     traced = torch.compile(e2e._layer_step, backend="eager", fullgraph=True)(*args)
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_prep_and_folded_norm_steps_equal_the_plain_step():
+    """attend="prep" (our norm + rotary + cache-write op, its reference on a CPU) and fold_norm (each layer ends with
+    the next one's input norm) compute the plain step's logits and write the same caches."""
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 5))
+    ref = decode_logits(model, ids, "filled")
+    torch.testing.assert_close(decode_logits(model, ids, "prep"), ref, rtol=1e-5, atol=1e-5)
+    steps = {}
+    for fold in (False, True):
+        torch.manual_seed(1)
+        dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="prep", fold_norm=fold)
+        dec.ids = ids[:, -1:]
+        steps[fold] = (dec.step(), dec.kc[1].clone(), dec.vc[1].clone())
+    for a, b in zip(steps[False], steps[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prep=True is the prologue of the split-K attention"):
+        m = model.model
+        h = m.embed_tokens(ids[:, -1:])
+        cos, sin = m.rotary_emb(h, dec.pos.view(1, 1).expand(2, 1))
+        e2e._layer_step(m.layers[0], h, dec.kc[0], dec.vc[0], dec.pos, cos, sin, None, dec.rope, dec.filled, False, True)
+
+
+@torch.no_grad()
+def test_inductor_writes_the_caches_in_place_through_the_prep_op():
+    """torch.compile (inductor, as the e2e step) calls the mutating op on the cache buffers themselves: no copy of
+    a cache appears in the generated code, and the compiled step writes position ``pos`` of the caller's cache."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model()
+    torch.manual_seed(1)
+    dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="prep")
+    m = model.model
+    h = m.embed_tokens(dec.ids)
+    cos, sin = m.rotary_emb(h, dec.pos.view(1, 1).expand(2, 1))
+    args = (m.layers[0], h, dec.kc[0], dec.vc[0], dec.pos, cos, sin, None, dec.rope, dec.filled, True, True)
+    kw = dict(x=m.layers[0].input_layernorm(h), next_norm=m.layers[1].input_layernorm)
+    kc, vc = dec.kc[0].clone(), dec.vc[0].clone()
+    eager = e2e._layer_step(*args[:2], kc, vc, *args[4:], **kw)
+    torch._dynamo.reset()
+    compiled, code = run_and_get_code(torch.compile(e2e._layer_step, dynamic=False), *args, **kw)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dec.kc[0], kc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dec.vc[0], vc, rtol=1e-5, atol=1e-5)
+    src = "\n".join(code)
+    assert "qwenquant.decode_prep.default(" in src
+    assert "copy_" not in src and "clone" not in src, [ln for ln in src.splitlines() if "copy_" in ln or "clone" in ln]

@@ -32,6 +32,7 @@ from torch import nn
 
 from qwenquant.bench.gemm import time_graph
 from qwenquant.kernels.decode_attention import decode_attention
+from qwenquant.kernels.decode_prep import decode_prep
 from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime.quant_linear import QuantLinear, concat_out_features
 
@@ -47,8 +48,9 @@ PREFILL = 2048
 # benchmarks/prefill_ab.py), enough to move a median of 3
 PREFILL_TRIALS = 9
 # decode attention (StaticDecoder(attend=...)): "filled" SDPA over the written positions, "split" our split-K
-# kernels over the same positions, "masked" SDPA over the whole cache under a mask
-ATTEND = ("filled", "split", "masked")
+# kernels over the same positions, "prep" split with q / k norm, rotary and the cache write in our one kernel before
+# it, "masked" SDPA over the whole cache under a mask
+ATTEND = ("filled", "split", "prep", "masked")
 
 # mode name -> (weight spec, QuantLinear execution mode, lm_head quantized too)
 E2E_MODES = {
@@ -166,17 +168,29 @@ def _mlp(mlp, x):
     return mlp.down_proj(mlp.act_fn(g) * u)
 
 
-def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False):
+def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False,
+                prep: bool = False, x=None, next_norm=None):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``. Attention
     reads the first ``filled`` cache positions without a mask when given (positions 0 … pos: the same math as the
     mask, ``mask`` is then unused) — through our split-K kernels with ``split`` (``kernels/decode_attention.py``),
-    else SDPA — or the whole cache under ``mask``."""
+    else SDPA — or the whole cache under ``mask``. ``prep`` (with ``split``): q / k norm, rotary and the cache write
+    in our one kernel (``kernels/decode_prep.py``) instead of the compiled modules.
+
+    ``x``: the layer's normalized input when the step before computed it; ``next_norm``: the next layer's input norm
+    (the final norm after the last layer), then the return is (h, next_norm(h)) — the residual add and the next norm
+    in one compiled kernel, as serving engines fuse them (vLLM's ``fused_add_rms_norm``), not an add kernel of its own
+    at the end of each layer."""
     a = layer.self_attn
     b = h.shape[0]
-    q, k, v = _qkv(a, layer.input_layernorm(h))
-    q, k = rope(a.q_norm(q).transpose(1, 2), a.k_norm(k).transpose(1, 2), cos, sin)
-    kc.index_copy_(2, pos, k)
-    vc.index_copy_(2, pos, v.transpose(1, 2))
+    q, k, v = _qkv(a, layer.input_layernorm(h) if x is None else x)
+    if prep:
+        if not split:
+            raise ValueError("_layer_step: prep=True is the prologue of the split-K attention (split=True)")
+        q = decode_prep(q, k, v, a.q_norm.weight, a.k_norm.weight, a.q_norm.variance_epsilon, cos, sin, kc, vc, pos)
+    else:
+        q, k = rope(a.q_norm(q).transpose(1, 2), a.k_norm(k).transpose(1, 2), cos, sin)
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v.transpose(1, 2))
     if filled is None:
         o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
     elif split:
@@ -184,7 +198,8 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     else:
         o = F.scaled_dot_product_attention(q, kc[:, :, :filled], vc[:, :, :filled], enable_gqa=True)
     h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+    h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+    return h if next_norm is None else (h, next_norm(h))
 
 
 def _prefill_layer(layer, h, cos, sin, rope):
@@ -237,12 +252,16 @@ class StaticDecoder:
     ``attend``: "filled" (default) — attention reads the ``ctx // 2 + 1`` positions written so far, as a serving
     engine's decode attention does (one step at a fixed position is what is timed, so the length is a constant),
     with SDPA; "split" — the same positions through our split-K kernels (``kernels/decode_attention.py``, the
-    reference on a CPU); "masked" — the whole ``ctx`` cache under a position mask (the same math; e2e files without
-    an ``attention`` field were measured so: 19 vs 13 µs per layer at b = 1, 43 vs 17 at b = 32 on an H100,
-    results/decode_attention_h100.json)."""
+    reference on a CPU); "prep" — "split" with q / k norm, rotary and the cache write in our one kernel before it
+    (``kernels/decode_prep.py``); "masked" — the whole ``ctx`` cache under a position mask (the same math; e2e files
+    without an ``attention`` field were measured so: 19 vs 13 µs per layer at b = 1, 43 vs 17 at b = 32 on an H100,
+    results/decode_attention_h100.json).
+    ``fold_norm`` (default): each layer's last residual add is computed with the next layer's input norm (the
+    final norm after the last layer) in one compiled kernel (``_layer_step``'s ``next_norm``); e2e files without a
+    ``fold_norm`` field ran an add kernel at the end of every layer."""
 
     def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda", compiled: bool = False,
-                 attend: str = "filled"):
+                 attend: str = "filled", fold_norm: bool = True):
         if attend not in ATTEND:
             raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
@@ -260,7 +279,9 @@ class StaticDecoder:
         self.ar = torch.arange(ctx, device=device)
         self.layer_fn = compiled_layer_step() if compiled else _layer_step
         self.filled = None if attend == "masked" else ctx // 2 + 1
-        self.split = attend == "split"
+        self.split = attend in ("split", "prep")
+        self.prep = attend == "prep"
+        self.fold_norm = fold_norm
 
     @torch.no_grad()
     def step(self):
@@ -268,10 +289,17 @@ class StaticDecoder:
         h = m.embed_tokens(self.ids)
         cos, sin = m.rotary_emb(h, self.pos.view(1, 1).expand(b, 1))
         mask = None if self.filled else (self.ar <= self.pos).view(1, 1, 1, -1)  # only the masked attention reads it
-        for i, layer in enumerate(m.layers):
-            h = self.layer_fn(layer, h, self.kc[i], self.vc[i], self.pos, cos, sin, mask, self.rope, self.filled,
-                              self.split)
-        return self.m.lm_head(m.norm(h))
+        layers = m.layers
+        x = layers[0].input_layernorm(h) if self.fold_norm else None
+        for i, layer in enumerate(layers):
+            args = (layer, h, self.kc[i], self.vc[i], self.pos, cos, sin, mask, self.rope, self.filled, self.split,
+                    self.prep)
+            if self.fold_norm:  # each layer ends with the next one's input norm (the final norm after the last)
+                nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.norm
+                h, x = self.layer_fn(*args, x=x, next_norm=nxt)
+            else:
+                h = self.layer_fn(*args)
+        return self.m.lm_head(x if self.fold_norm else m.norm(h))
 
 
 def _graph_ms(fn) -> float:
@@ -392,7 +420,10 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                "attention": {"filled": f"SDPA over the {CTX // 2 + 1} filled positions of the static cache",
                              "split": f"split-K kernels (kernels/decode_attention.py) over the {CTX // 2 + 1} filled "
                                       "positions of the static cache",
+                             "prep": f"split-K kernels over the {CTX // 2 + 1} filled positions, after one kernel "
+                                     "for q / k norm, rotary and the cache write (kernels/decode_prep.py)",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
+               "fold_norm": True,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
