@@ -12,7 +12,9 @@ graph, dependencies). Random weights of the published shape, as in the e2e bench
 ``E2E_PROFILE_PREFILL=1`` also profiles one eager 2048-token prefill per mode (``profile_prefill``: GPU busy and idle
 time, time in CUDA launch calls on the host) — written in session 13 for its prefill regression, not yet run;
 ``E2E_PROFILE_BATCHES=`` (empty) skips the decode steps. ``E2E_PROFILE_ATTEND``: the decode attention
-(``bench.e2e.ATTEND``: ``filled`` SDPA, the default; ``split`` our split-K kernels; ``masked``).
+(``bench.e2e.ATTEND``: ``filled`` SDPA, the default; ``split`` our split-K kernels; ``prep`` split after our q / k
+norm + rotary + cache-write kernel; ``masked``). Each layer's last residual add is folded into the next layer's norm
+(``StaticDecoder(fold_norm=True)``, the e2e default since session 18; ``E2E_PROFILE_FOLD=0`` runs the add alone).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ OUT = os.environ.get("OUT", "runs/profile_e2e")
 MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",") if m]
 BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",") if b]
 ATTEND = os.environ.get("E2E_PROFILE_ATTEND", "filled")
+FOLD = os.environ.get("E2E_PROFILE_FOLD", "1") != "0"
 if ATTEND not in e2e.ATTEND:
     raise SystemExit(f"E2E_PROFILE_ATTEND={ATTEND!r}: expected one of {', '.join(e2e.ATTEND)}")
 REPLAYS = 5
@@ -40,6 +43,7 @@ CLASSES = [
     ("w4_gemm", r"ktiled|wq_|wgmma|batch1|_gemv|tinygemm|_weight_int4|unpack|dequant"),
     ("int8_fp8", r"int8|act_quant|fp8|scaled_mm"),
     ("bf16_gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|Kernel2|splitK"),
+    ("attention_prep", r"_decode_prep"),  # q / k norm + rotary + cache write in one kernel (attend="prep")
     ("attention", r"flash|fmha|attention|sdpa|efficient"),
     ("memset_copy", r"memset|memcpy|Memset|Memcpy|copy_kernel|fill"),
     ("compiled_elementwise", r"triton_|poi_|red_|per_fused"),
@@ -147,6 +151,7 @@ def main() -> None:
     if merged:
         e2e.merge_projections(model)
     doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "merged_projections": merged, "attend": ATTEND,
+           "fold_norm": FOLD,
            "results": []}
     for label in ["bf16", *MODES]:
         if label != "bf16":
@@ -159,7 +164,7 @@ def main() -> None:
                   flush=True)
             torch.cuda.empty_cache()
         for b in BATCHES:
-            dec = e2e.StaticDecoder(model, b, compiled=True, attend=ATTEND)
+            dec = e2e.StaticDecoder(model, b, compiled=True, attend=ATTEND, fold_norm=FOLD)
             r = {"mode": label, "batch": b, **profile_step(dec.step)}
             doc["results"].append(r)
             print(label, b, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items() if k in ("step_ms", "kernel_ms", "kernels_per_step")},
