@@ -152,3 +152,111 @@ def test_kernels_on_gpu_past_2_31_cache_elements():
     for row in (0, b - 1):  # the reference on two batch rows (the whole one would need 17 GB of fp64)
         ref = explicit_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], ctx)
         assert float((y[row:row + 1].double() - ref).norm() / ref.norm()) < 1e-2, row
+
+
+def prep_operands(b, hq, hkv, d, ctx, filled, dtype=torch.float16, device="cpu", pos=None):
+    from test_decode_prep import operands
+
+    o = operands(b, hq, hkv, d, ctx=ctx, dtype=dtype, device=device, cos_rows=1)
+    o["pos"] = torch.tensor([filled - 1 if pos is None else pos], device=device)
+    return o
+
+
+def exact_prep_attention(o, filled):
+    """The fp64 math of norm + rotary + cache write, then attention: (output, k cache, v cache)."""
+    from qwenquant.kernels import decode_prep as P
+
+    ex = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in o.items()}
+    q = P.reference_decode_prep(**ex)
+    return explicit_attention(q, ex["k_cache"], ex["v_cache"], filled), ex["k_cache"], ex["v_cache"]
+
+
+def test_prep_in_split_op_falls_back_to_the_two_references_on_cpu():
+    from qwenquant.kernels import decode_prep as P
+
+    torch.manual_seed(0)
+    o = prep_operands(2, 8, 2, 32, 24, 13, dtype=torch.float32)
+    ref = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in o.items()}
+    y = DA.decode_attention_prep(**o, filled=13)
+    q = P.reference_decode_prep(**ref)
+    torch.testing.assert_close(y, DA.reference_decode_attention(q, ref["k_cache"], ref["v_cache"], 13), rtol=0, atol=0)
+    torch.testing.assert_close(o["k_cache"], ref["k_cache"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="filled=25 positions"):
+        DA.decode_attention_prep(**o, filled=25)
+    with pytest.raises(ValueError, match="one int64 position"):
+        DA.decode_attention_prep(**{**o, "pos": torch.tensor([1, 2])}, filled=13)
+
+
+INTERPRETED_PREP = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_decode_attention import prep_operands, exact_prep_attention
+    from qwenquant.kernels import decode_attention as DA
+    torch.manual_seed(0)
+    out = {{}}
+    # (batch, q heads, kv heads, head dim, cache, filled, new position, program target): the new position last of the
+    # filled ones in a one-split and a several-split plan, inside the range, past it, a lone position
+    for b, hq, hkv, d, ctx, filled, pos, target in [(1, 8, 2, 64, 48, 40, None, 264), (2, 4, 4, 16, 40, 17, None, 264),
+            (1, 16, 1, 32, 64, 1, None, 264), (3, 8, 2, 64, 48, 33, None, 1), (1, 8, 2, 32, 40, 20, 13, 264),
+            (1, 8, 2, 32, 40, 20, 31, 264)]:
+        DA.TARGET_PROGRAMS = target
+        o = prep_operands(b, hq, hkv, d, ctx, filled, pos=pos)
+        y64, kc64, vc64 = exact_prep_attention(o, filled)
+        before = o["k_cache"].clone()
+        y = DA._triton_decode_attention(
+            o["q"], o["k_cache"], o["v_cache"], filled, prep=dict(k_new=o["k"], v_new=o["v"], q_weight=o["q_weight"],
+            k_weight=o["k_weight"], eps=o["eps"], cos=o["cos"], sin=o["sin"], pos=o["pos"]))
+        t = int(o["pos"])
+        out[f"b{{b}} hq{{hq}} hkv{{hkv}} d{{d}} filled{{filled}} pos{{t}} splits{{DA.plan_splits(b, hkv, filled)[0]}}"] = dict(
+            y=float((y.double() - y64).norm() / y64.norm()),
+            k=float((o["k_cache"].double() - kc64).norm() / kc64.norm()),
+            rows=(o["k_cache"] != before).any(-1).nonzero()[:, 2].unique().tolist(),
+            v=bool(torch.equal(o["v_cache"][:, :, t], o["v"][:, 0])))
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_prep_in_split_kernel_under_the_interpreter():
+    """The split kernel with q / k norm, rotary and the cache write inside (PREP) against the fp64 math: the output,
+    the written K row (only at ``pos``) and the V row copied exactly — wherever ``pos`` lies."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_PREP.format(tests=tests)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(cases) == 6 and any(k.endswith("splits1") for k in cases) and any(k.endswith("splits3") for k in cases), cases
+    for name, c in cases.items():
+        pos = int(name.split(" pos")[1].split()[0])
+        assert c["rows"] == [pos] and c["v"], (name, c)
+        assert c["y"] < 2e-3 and c["k"] < 2e-3, (name, c)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_prep_in_split_kernel_compiles_for_sm90():
+    c = DA.compile_for_sm90("split", splits=17, prep=True)
+    ptx = c.asm["ptx"]
+    assert ".target sm_90a" in ptx and "mma.sync" in ptx and "bar.sync" in ptx and c.metadata.shared < 232448
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 8, 128])
+@pytest.mark.parametrize("filled", [1, 257])
+def test_prep_in_split_on_gpu_qwen3_8b_shape(batch, filled):
+    """bf16 (the interpreter truncates bf16, so this is the bf16 check), Qwen3-8B heads, several splits at batch 1."""
+    torch.manual_seed(batch + filled)
+    o = prep_operands(batch, 32, 8, 128, 512, filled, dtype=torch.bfloat16, device="cuda")
+    y64, kc64, _ = exact_prep_attention(o, filled)
+    before = o["k_cache"].clone()
+    y = DA.decode_attention_prep(**o, filled=filled)
+    assert y.dtype == torch.bfloat16 and y.shape == (batch, 32, 1, 128)
+    assert float((y.double() - y64).norm() / y64.norm()) < 1e-2
+    assert float((o["k_cache"].double() - kc64).norm() / kc64.norm()) < 1e-2
+    assert (o["k_cache"] != before).any(-1).nonzero()[:, 2].unique().tolist() == [filled - 1]
+    assert torch.equal(o["v_cache"][:, :, filled - 1], o["v"][:, 0])

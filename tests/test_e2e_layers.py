@@ -113,6 +113,7 @@ def test_prep_and_folded_norm_steps_equal_the_plain_step():
     ids = torch.randint(0, 97, (2, 5))
     ref = decode_logits(model, ids, "filled")
     torch.testing.assert_close(decode_logits(model, ids, "prep"), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_logits(model, ids, "prep-in-split"), ref, rtol=1e-5, atol=1e-5)
     steps = {}
     for fold in (False, True):
         torch.manual_seed(1)
@@ -128,19 +129,20 @@ def test_prep_and_folded_norm_steps_equal_the_plain_step():
         e2e._layer_step(m.layers[0], h, dec.kc[0], dec.vc[0], dec.pos, cos, sin, None, dec.rope, dec.filled, False, True)
 
 
+@pytest.mark.parametrize("attend,op", [("prep", "decode_prep"), ("prep-in-split", "decode_attention_prep")])
 @torch.no_grad()
-def test_inductor_writes_the_caches_in_place_through_the_prep_op():
+def test_inductor_writes_the_caches_in_place_through_the_prep_op(attend, op):
     """torch.compile (inductor, as the e2e step) calls the mutating op on the cache buffers themselves: no copy of
     a cache appears in the generated code, and the compiled step writes position ``pos`` of the caller's cache."""
     from torch._inductor.utils import run_and_get_code
 
     model = tiny_model()
     torch.manual_seed(1)
-    dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="prep")
+    dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend=attend)
     m = model.model
     h = m.embed_tokens(dec.ids)
     cos, sin = m.rotary_emb(h, dec.pos.view(1, 1).expand(2, 1))
-    args = (m.layers[0], h, dec.kc[0], dec.vc[0], dec.pos, cos, sin, None, dec.rope, dec.filled, True, True)
+    args = (m.layers[0], h, dec.kc[0], dec.vc[0], dec.pos, cos, sin, None, dec.rope, dec.filled, True, dec.prep)
     kw = dict(x=m.layers[0].input_layernorm(h), next_norm=m.layers[1].input_layernorm)
     kc, vc = dec.kc[0].clone(), dec.vc[0].clone()
     eager = e2e._layer_step(*args[:2], kc, vc, *args[4:], **kw)
@@ -151,5 +153,5 @@ def test_inductor_writes_the_caches_in_place_through_the_prep_op():
     torch.testing.assert_close(dec.kc[0], kc, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dec.vc[0], vc, rtol=1e-5, atol=1e-5)
     src = "\n".join(code)
-    assert "qwenquant.decode_prep.default(" in src
+    assert f"qwenquant.{op}.default(" in src
     assert "copy_" not in src and "clone" not in src, [ln for ln in src.splitlines() if "copy_" in ln or "clone" in ln]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenquant.bench.gemm import time_graph
-from qwenquant.kernels.decode_attention import decode_attention
+from qwenquant.kernels.decode_attention import decode_attention, decode_attention_prep
 from qwenquant.kernels.decode_prep import decode_prep
 from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime.quant_linear import QuantLinear, concat_out_features
@@ -49,8 +49,9 @@ PREFILL = 2048
 PREFILL_TRIALS = 9
 # decode attention (StaticDecoder(attend=...)): "filled" SDPA over the written positions, "split" our split-K
 # kernels over the same positions, "prep" split with q / k norm, rotary and the cache write in our one kernel before
-# it, "masked" SDPA over the whole cache under a mask
-ATTEND = ("filled", "split", "prep", "masked")
+# it, "prep-in-split" the same work inside the split kernel (no kernel of its own), "masked" SDPA over the whole
+# cache under a mask
+ATTEND = ("filled", "split", "prep", "prep-in-split", "masked")
 
 # mode name -> (weight spec, QuantLinear execution mode, lm_head quantized too)
 E2E_MODES = {
@@ -169,12 +170,13 @@ def _mlp(mlp, x):
 
 
 def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False,
-                prep: bool = False, x=None, next_norm=None):
+                prep: bool | str = False, x=None, next_norm=None):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``. Attention
     reads the first ``filled`` cache positions without a mask when given (positions 0 … pos: the same math as the
     mask, ``mask`` is then unused) — through our split-K kernels with ``split`` (``kernels/decode_attention.py``),
     else SDPA — or the whole cache under ``mask``. ``prep`` (with ``split``): q / k norm, rotary and the cache write
-    in our one kernel (``kernels/decode_prep.py``) instead of the compiled modules.
+    in our one kernel (``kernels/decode_prep.py``) instead of the compiled modules; ``prep="in-split"``: inside the
+    split kernel itself (``decode_attention_prep``).
 
     ``x``: the layer's normalized input when the step before computed it; ``next_norm``: the next layer's input norm
     (the final norm after the last layer), then the return is (h, next_norm(h)) — the residual add and the next norm
@@ -183,23 +185,31 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     a = layer.self_attn
     b = h.shape[0]
     q, k, v = _qkv(a, layer.input_layernorm(h) if x is None else x)
+    o = _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep)
+    h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+    h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+    return h if next_norm is None else (h, next_norm(h))
+
+
+def _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep):
+    """The decode step's attention block after the qkv projection (q, k, v [b, 1, heads, D]): q / k norm, rotary, the
+    cache write at ``pos``, attention (``_layer_step`` says which path) → o [b, Hq, 1, D]."""
+    if prep and not (split and filled):
+        raise ValueError(f"_layer_step: prep={prep!r} is the prologue of the split-K attention (split=True, filled)")
+    eps = a.q_norm.variance_epsilon
+    if prep == "in-split":
+        return decode_attention_prep(q, k, v, a.q_norm.weight, a.k_norm.weight, eps, cos, sin, kc, vc, pos, filled)
     if prep:
-        if not split:
-            raise ValueError("_layer_step: prep=True is the prologue of the split-K attention (split=True)")
-        q = decode_prep(q, k, v, a.q_norm.weight, a.k_norm.weight, a.q_norm.variance_epsilon, cos, sin, kc, vc, pos)
+        q = decode_prep(q, k, v, a.q_norm.weight, a.k_norm.weight, eps, cos, sin, kc, vc, pos)
     else:
         q, k = rope(a.q_norm(q).transpose(1, 2), a.k_norm(k).transpose(1, 2), cos, sin)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v.transpose(1, 2))
     if filled is None:
-        o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
-    elif split:
-        o = decode_attention(q, kc, vc, filled)
-    else:
-        o = F.scaled_dot_product_attention(q, kc[:, :, :filled], vc[:, :, :filled], enable_gqa=True)
-    h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-    h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
-    return h if next_norm is None else (h, next_norm(h))
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+    if split:
+        return decode_attention(q, kc, vc, filled)
+    return F.scaled_dot_product_attention(q, kc[:, :, :filled], vc[:, :, :filled], enable_gqa=True)
 
 
 def _prefill_layer(layer, h, cos, sin, rope):
@@ -253,7 +263,7 @@ class StaticDecoder:
     engine's decode attention does (one step at a fixed position is what is timed, so the length is a constant),
     with SDPA; "split" — the same positions through our split-K kernels (``kernels/decode_attention.py``, the
     reference on a CPU); "prep" — "split" with q / k norm, rotary and the cache write in our one kernel before it
-    (``kernels/decode_prep.py``); "masked" — the whole ``ctx`` cache under a position mask (the same math; e2e files
+    (``kernels/decode_prep.py``); "prep-in-split" — that work inside the split kernel; "masked" — the whole ``ctx`` cache under a position mask (the same math; e2e files
     without an ``attention`` field were measured so: 19 vs 13 µs per layer at b = 1, 43 vs 17 at b = 32 on an H100,
     results/decode_attention_h100.json).
     ``fold_norm`` (default): each layer's last residual add is computed with the next layer's input norm (the
@@ -279,8 +289,8 @@ class StaticDecoder:
         self.ar = torch.arange(ctx, device=device)
         self.layer_fn = compiled_layer_step() if compiled else _layer_step
         self.filled = None if attend == "masked" else ctx // 2 + 1
-        self.split = attend in ("split", "prep")
-        self.prep = attend == "prep"
+        self.split = attend in ("split", "prep", "prep-in-split")
+        self.prep = {"prep": True, "prep-in-split": "in-split"}.get(attend, False)
         self.fold_norm = fold_norm
 
     @torch.no_grad()
@@ -422,6 +432,8 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                                       "positions of the static cache",
                              "prep": f"split-K kernels over the {CTX // 2 + 1} filled positions, after one kernel "
                                      "for q / k norm, rotary and the cache write (kernels/decode_prep.py)",
+                             "prep-in-split": f"split-K kernels over the {CTX // 2 + 1} filled positions, q / k norm, "
+                                              "rotary and the cache write inside the split kernel",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
                "fold_norm": True,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",

@@ -15,6 +15,11 @@ Two kernels:
 2. ``_decode_attention_merge``, grid (batch × query heads): rescales each slice by exp(m_s − max m) and divides
    by the rescaled sum: the exact softmax over all positions.
 
+With ``PREP`` the split kernel also does ``decode_prep``'s work (``kernels/decode_prep.py``): each program normalizes
+and rotates its group's raw q rows (the projection's output), and the program whose slice holds the new position
+first writes that position's K (normalized, rotated) and V into the caches, then a CTA barrier, then its loop reads
+them — one kernel fewer per layer than ``decode_prep`` + split (:func:`decode_attention_prep`).
+
 :func:`decode_attention` is a ``torch.library`` op: torch.compile sees one opaque call (no graph break) and a
 CUDA graph captures both launches. On a CPU (and for shapes the kernel does not take) it runs the reference,
 :func:`reference_decode_attention` — SDPA over the filled positions, the computation it replaces.
@@ -95,8 +100,11 @@ def _(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
     return q.new_empty(q.shape)  # contiguous, as both real paths return
 
 
-def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
-    b, hq, _, d = q.shape
+def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep: dict | None = None) -> Tensor:
+    """The split and merge launches. ``prep``: q is the projection's raw output [B, 1, Hq, D] and ``prep`` holds
+    ``decode_prep``'s other operands (k_new, v_new, q_weight, k_weight, eps, cos, sin, pos): the split programs
+    normalize and rotate q themselves, and the one that reads position ``pos`` writes its K / V first."""
+    b, hq, d = q.shape[0], (q.shape[2] if prep else q.shape[1]), q.shape[-1]
     hkv = k.shape[1]
     g = hq // hkv
     splits, per_split = plan_splits(b, hkv, filled)
@@ -107,11 +115,20 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Te
         acc = torch.empty(b * hkv * splits, 16, d, device=q.device, dtype=torch.float32)  # [programs, G pad, D]
         m = torch.empty(b * hkv * splits, 16, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
+    if prep:
+        p = prep
+        sq_b, sq_h = q.stride(0), q.stride(2)
+        extra = (p["k_new"], p["v_new"], p["q_weight"], p["k_weight"], p["cos"], p["sin"], p["pos"], p["eps"],
+                 p["k_new"].stride(0), p["k_new"].stride(2), p["v_new"].stride(0), p["v_new"].stride(2),
+                 p["cos"].stride(0) if p["cos"].shape[0] > 1 else 0, p["sin"].stride(0) if p["sin"].shape[0] > 1 else 0)
+    else:
+        sq_b, sq_h = q.stride(0), q.stride(1)
+        extra = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0, 0)  # unread without PREP
     _decode_attention_split[(b * hkv, splits)](
         q, k, v, acc, m, l, out, filled, per_split, d ** -0.5,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1),
-        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, num_warps=4,
+        sq_b, sq_h, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), *extra,
+        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, num_warps=4,
     )
     if splits > 1:
         _decode_attention_merge[(b * hq,)](
@@ -121,13 +138,55 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Te
     return out
 
 
+@torch.library.custom_op("qwenquant::decode_attention_prep", mutates_args=("k_cache", "v_cache"))
+def decode_attention_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float,
+                          cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
+                          filled: int) -> Tensor:
+    """``decode_prep`` then ``decode_attention`` in one split kernel (+ the merge): q / k / v the qkv projection's
+    output by heads [B, 1, H, D], the rest as ``decode_prep.reference_decode_prep``; returns the attention output
+    [B, Hq, 1, D] over positions 0 … filled − 1 after writing the new K / V at ``pos``. On a CPU, or where either
+    kernel would not run, the two references in turn."""
+    from qwenquant.kernels import decode_prep as P
+
+    P.check_operands(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, pos)
+    qt = q.transpose(1, 2)  # [B, Hq, 1, D] as the attention takes it (a view)
+    check_operands(qt, k_cache, v_cache, filled)
+    if not (P.kernel_ok(q, k, v, k_cache, v_cache, cos, sin) and kernel_ok(qt, k_cache, v_cache)
+            and q_weight.stride(-1) == k_weight.stride(-1) == 1):
+        qr = P.reference_decode_prep(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos)
+        return reference_decode_attention(qr, k_cache, v_cache, filled)
+    return _triton_decode_attention(q, k_cache, v_cache, filled,
+                                    prep=dict(k_new=k, v_new=v, q_weight=q_weight, k_weight=k_weight, eps=eps,
+                                              cos=cos, sin=sin, pos=pos))
+
+
+@decode_attention_prep.register_fake
+def _(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos, filled):
+    b, _, hq, d = q.shape
+    return q.new_empty(b, hq, 1, d)
+
+
 if triton is not None:
+
+    @triton.jit
+    def _norm_rope(x, xp, w_ptr, d, c, sn, eps, D: tl.constexpr, dt: tl.constexpr):
+        """Qwen3's per-head RMSNorm then rotary for rows x [R, D] (fp32), given xp, the same rows with their halves
+        swapped (column (d + D/2) mod D): ``n·cos + rotate_half(n)·sin`` with rotate_half(n) = (−n₂, n₁). Rounds
+        as ``decode_prep.rms_norm`` (to dt before and after the weight); the result in dt."""
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]                  # x and xp hold the same squares
+        n = ((x * r).to(dt).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]).to(dt).to(tl.float32)
+        npart = ((xp * r).to(dt).to(tl.float32) * tl.load(w_ptr + (d + D // 2) % D).to(tl.float32)[None, :])
+        npart = npart.to(dt).to(tl.float32)
+        sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
+        return (n * c[None, :] + sign * npart * sn[None, :]).to(dt)
 
     @triton.jit
     def _decode_attention_split(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,
                       sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
+                      kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, eps, skn_b, skn_h, svn_b, svn_h,
+                      sc_b, ss_b,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr):
+                      SPLITS: tl.constexpr, PREP: tl.constexpr):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
         b = (bh // HKV).to(tl.int64)    # 64-bit offsets: a long cache at a large batch passes 2**31 elements
@@ -138,6 +197,24 @@ if triton is not None:
         q = tl.load(q_ptr + b * sq_b + (h * G + rows)[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
         start = s * per_split           # positions: 32-bit here, 64-bit once they multiply a stride (``n`` below)
         end = tl.minimum(start + per_split, filled)
+        if PREP:  # q is the projection's raw output: norm + rotary here (decode_prep's math, per program)
+            dt = q.dtype
+            c = tl.load(cos_ptr + b * sc_b + d).to(tl.float32)
+            sn = tl.load(sin_ptr + b * ss_b + d).to(tl.float32)
+            q = _norm_rope(q.to(tl.float32), tl.load(q_ptr + b * sq_b + (h * G + rows)[:, None] * sq_h
+                                                     + ((d + D // 2) % D)[None, :], mask=live[:, None],
+                                                     other=0.0).to(tl.float32),
+                           qw_ptr, d, c, sn, eps, D, dt)
+            t = tl.load(pos_ptr).to(tl.int32)  # the new position; its K / V are written by the program that
+            # reads it (or by the last program when it lies past ``filled``), before that program's loop
+            if ((t >= start) & (t < end)) | ((s == SPLITS - 1) & (t >= filled)):
+                kx = tl.load(kn_ptr + b * skn_b + h * skn_h + d[None, :]).to(tl.float32)                # [1, D]
+                kp = tl.load(kn_ptr + b * skn_b + h * skn_h + ((d + D // 2) % D)[None, :]).to(tl.float32)
+                kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
+                tt = t.to(tl.int64)
+                tl.store(k_ptr + b * sk_b + h * sk_h + tt * sk_t + d[None, :], kr)
+                tl.store(v_ptr + b * sv_b + h * sv_h + tt * sv_t + d, tl.load(vn_ptr + b * svn_b + h * svn_h + d))
+                tl.debug_barrier()  # the row is in the cache before any thread of this program reads it
         m_i = tl.full([16], float("-inf"), tl.float32)
         l_i = tl.zeros([16], tl.float32)
         acc = tl.zeros([16, D], tl.float32)
@@ -190,7 +267,7 @@ if triton is not None:
 
 
 def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, splits: int = 17):
+                     head_dim: int = 128, splits: int = 17, prep: bool = False):
     """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
     any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
     ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
@@ -205,8 +282,12 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                "o_ptr": ptr, "filled": "i32", "per_split": "i32", "sm_scale": "fp32",
                **{name: "i32" for name in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t", "so_b",
                                            "so_h")},
-               "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr"}
-        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits}
+               "kn_ptr": ptr, "vn_ptr": ptr, "qw_ptr": ptr, "kw_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr,
+               "pos_ptr": "*i64", "eps": "fp32",
+               **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")},
+               "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
+               "PREP": "constexpr"}
+        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep}
     elif kernel == "merge":
         fn = _decode_attention_merge
         sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",
