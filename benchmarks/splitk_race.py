@@ -1,0 +1,64 @@
+"""Split-K W-as-A scale-after k-tiled tiles at small M: wrong on which shapes and M, and does a GPU-scope fence fix it.
+
+    QWENQUANT_SPLITK_FENCE=0|1 QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/splitk_race.py
+    # -> $OUT/splitk_race_fence<0|1>.json
+
+Follows ``lm_head_splitk_check.py`` (session 18): at M = 8 on the lm_head shape four such configs were 2.9-6.5 % off
+with different tiles wrong on every run; M = 1 and 40 and the non-split / not-W-as-A / not-scale-after tiles were
+right. Every split-K k-tiled config the tuner offers at M = 2, 4, 8, 16, 32 runs five times on the Qwen3-8B decoder
+shapes and on N = 65,536 × K = 4096; the worst relative error against the fp32 product is kept per (shape, M, config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from qwenquant.bench.hw import environment
+from qwenquant.kernels import wq_ktiled as KT
+from qwenquant.kernels import wq_matmul as K
+from qwenquant.numerics import QuantSpec, quantize_weight
+from qwenquant.runtime import fused
+from qwenquant.runtime.quant_linear import QuantLinear
+
+OUT = os.environ.get("OUT", "runs")
+SHAPES = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (65536, 4096)]
+
+
+@torch.no_grad()
+def main() -> None:
+    os.makedirs(OUT, exist_ok=True)
+    fence = int(KT.SPLITK_FENCE.value if hasattr(KT.SPLITK_FENCE, "value") else KT.SPLITK_FENCE)
+    doc = {"kind": "splitk_race", "fence": fence, "env": environment(), "results": []}
+    path = os.path.join(OUT, f"splitk_race_fence{fence}.json")
+    for n, k in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(n + k)
+        w = torch.randn(n, k, generator=g, device="cuda") * 0.05
+        layer = QuantLinear.from_weight(quantize_weight(w, QuantSpec(4, 128, False)), compute_dtype=torch.bfloat16)
+        wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, 4, k).float()
+        ops = fused.FusedOperands(tiny=None, ktiled=KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale,
+                                                                                      layer.zero, 4, k))
+        for m in (2, 4, 8, 16, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ wref.T
+            for name, (kind, cfg) in fused._configs(m, k, 128, 4, ktiled=True).items():
+                if kind != "ktiled" or cfg[3] == 1:  # split-K k-tiled tiles only
+                    continue
+                errs = []
+                for _ in range(5):
+                    y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, 4, 128, ops).float()
+                    errs.append(float((y - ref).norm() / ref.norm()))
+                doc["results"].append({"n": n, "k": k, "m": m, "config": name, "worst": max(errs), "errs": errs})
+                if max(errs) > 1e-2:
+                    print(n, k, m, name, [round(e, 4) for e in errs], flush=True)
+        print("done", n, k, flush=True)
+        del layer, wref, ops, w
+        torch.cuda.empty_cache()
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
