@@ -91,6 +91,8 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                   + (", each layer's elementwise work fused by torch.compile; `b1 eager` is the same step with eager "
                      "modules (one kernel per op)" if any("step_ms_eager" in r["decode"]["1"] for r in e["results"]) else "")
                   + ".", ""]
+        if e.get("note"):  # a remark added to the file after the run (what later found out about it)
+            lines += [f"Note (added after the run): {e['note']}", ""]
         head = any("lm_head_bytes" in r for r in e["results"])  # files before the +head modes have no field
         if head:
             lines += ["Modes ending in `+head` quantize lm_head too (the others keep it bf16).", ""]
