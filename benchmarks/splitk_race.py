@@ -6,7 +6,9 @@
 Follows ``lm_head_splitk_check.py`` (session 18): at M = 8 on the lm_head shape four such configs were 2.9-6.5 % off
 with different tiles wrong on every run; M = 1 and 40 and the non-split / not-W-as-A / not-scale-after tiles were
 right. Every split-K k-tiled config the tuner offers at M = 2, 4, 8, 16, 32 runs five times on the Qwen3-8B decoder
-shapes and on N = 65,536 × K = 4096; the worst relative error against the fp32 product is kept per (shape, M, config).
+shapes and on N = 65,536 × K = 4096 (``SPLITK_RACE_SHAPES``, ``SPLITK_RACE_M`` narrow it); the worst relative error
+against the fp32 product is kept per (shape, M, config). The configs come from ``fused.KTILED_SMALL`` directly, the
+withdrawn ones included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from qwenquant.runtime import fused
 from qwenquant.runtime.quant_linear import QuantLinear
 
 OUT = os.environ.get("OUT", "runs")
-SHAPES = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (65536, 4096)]
+SHAPES = [tuple(int(v) for v in s.split("x")) for s in
+          os.environ.get("SPLITK_RACE_SHAPES", "6144x4096,4096x4096,24576x4096,4096x12288,65536x4096").split(",")]
+ROWS = [int(v) for v in os.environ.get("SPLITK_RACE_M", "2,4,8,16,32").split(",")]
+
+
+def candidates(m: int) -> dict:
+    """Every split-K k-tiled config of the small-M table at this M, including those the tuner withdrew."""
+    bm = max(16, 1 << (m - 1).bit_length())
+    return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{st} sk{sk}{' after' if sa else ''}":
+            ("ktiled", (bm, bn, wa, sk, w, st, sa, 0)) for bn, w, st, sk, wa, sa in fused.KTILED_SMALL if sk > 1}
 
 
 @torch.no_grad()
@@ -40,10 +51,10 @@ def main() -> None:
         wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, 4, k).float()
         ops = fused.FusedOperands(tiny=None, ktiled=KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale,
                                                                                       layer.zero, 4, k))
-        for m in (2, 4, 8, 16, 32):
+        for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ wref.T
-            for name, (kind, cfg) in fused._configs(m, k, 128, 4, ktiled=True).items():
+            for name, (kind, cfg) in candidates(m).items():
                 if kind != "ktiled" or cfg[3] == 1:  # split-K k-tiled tiles only
                     continue
                 errs = []

@@ -376,13 +376,15 @@ def measure(model, label: str, attend: str = "filled") -> dict:
 
 
 def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
-        pdl: bool = False, attend: str = "filled") -> dict:
+        pdl: bool = False, attend: str = "prep-in-split") -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
     kernels (``torch._inductor.config.triton.enable_pdl``) and the k-tiled W4 kernels (``kernels/overlap.py``); both
     switches stay on for the rest of the process, and the compiled decode step is rebuilt under them. ``attend``: the
-    decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way)."""
+    decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way): by default since
+    session 18 our split-K kernel with q / k norm, rotary and the cache write inside it (the fastest measured path for
+    bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before."""
     import json
 
     from qwenquant.bench.hw import environment
