@@ -107,7 +107,7 @@ KTILED_SMALL_MAX_M = 64
 # lm_head shape (N = 151,936) and one at N = 16,384 — different tiles wrong on every run, a race not yet found —
 # while M = 1 and M = 40 were right on every config. M = 2-32 (x tiles of 16 and 32 rows) stay off until the cause is
 # fixed; the decoder-shape runs that took them at M = 16 / 32 (session 15) had checked errors of 0.0017.
-SPLIT_AFTER_WA_OFF_M = range(2, 33)
+SPLIT_AFTER_WA_OFF_M = range(2, 33)  # see benchmarks/NOTES.md, session 18 item 7: the race is latent in every split path
 # ktiled_gemv (CUDA cores, batch 1): (BN rows, k-tiles per step, split-K, warps, stages). Few rows and one or two
 # warps per program, many programs: the winners of benchmarks/gemv_small.py on 0.6B / 30B-A3B shapes (H100,
 # results/batch1_small_weights_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
