@@ -1,14 +1,16 @@
-"""Split-K W-as-A scale-after k-tiled tiles at small M: wrong on which shapes and M, and does a GPU-scope fence fix it.
+"""Split-K k-tiled tiles at small M, each run five times against the fp32 product: which are wrong, where.
 
-    QWENQUANT_SPLITK_FENCE=0|1 QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/splitk_race.py
-    # -> $OUT/splitk_race_fence<0|1>.json
+    QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/splitk_race.py   # -> $OUT/splitk_race.json
 
 Follows ``lm_head_splitk_check.py`` (session 18): at M = 8 on the lm_head shape four such configs were 2.9-6.5 % off
 with different tiles wrong on every run; M = 1 and 40 and the non-split / not-W-as-A / not-scale-after tiles were
 right. Every split-K k-tiled config the tuner offers at M = 2, 4, 8, 16, 32 runs five times on the Qwen3-8B decoder
 shapes and on N = 65,536 × K = 4096 (``SPLITK_RACE_SHAPES``, ``SPLITK_RACE_M`` narrow it); the worst relative error
 against the fp32 product is kept per (shape, M, config). The configs come from ``fused.KTILED_SMALL`` directly, the
-withdrawn ones included.
+withdrawn ones included. Session 18 ran it with GPU-scope fences added to ``_add_partial`` (commit d247efc,
+``QWENQUANT_SPLITK_FENCE=1``, since removed: ``results/splitk_race_fence1_h100.json``) and without
+(``..._fence0_h100.json``); the cause it then pointed to — a zeroing store overtaking another thread's read — is
+fixed by a barrier in ``_add_partial``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,8 @@ def candidates(m: int) -> dict:
 @torch.no_grad()
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
-    fence = int(KT.SPLITK_FENCE.value if hasattr(KT.SPLITK_FENCE, "value") else KT.SPLITK_FENCE)
-    doc = {"kind": "splitk_race", "fence": fence, "env": environment(), "results": []}
-    path = os.path.join(OUT, f"splitk_race_fence{fence}.json")
+    doc = {"kind": "splitk_race", "env": environment(), "results": []}
+    path = os.path.join(OUT, "splitk_race.json")
     for n, k in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(n + k)
         w = torch.randn(n, k, generator=g, device="cuda") * 0.05

@@ -216,33 +216,21 @@ def _output_tile(rm, m_mask, rn, N, stride_ym, W_AS_A: tl.constexpr):
     return y_off, ymask
 
 
-# experiment (session 18): a GPU-scope fence in every thread around the split-K meeting, for the split-K race the
-# lm_head check found (benchmarks/lm_head_splitk_check.py); 0 = the protocol as before
-SPLITK_FENCE: tl.constexpr = tl.constexpr(int(os.environ.get("QWENQUANT_SPLITK_FENCE", "0")))
-
-
-@triton.jit
-def _fence_gpu(v):
-    """``fence.acq_rel.gpu`` in every thread (v: an int32 scalar passed through, to give the asm an operand)."""
-    return tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.u32 $0, $1;", "=r,r", [v], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
 @triton.jit
 def _add_partial(acc, y_ptr, ws_ptr, cnt, y_off, ymask, amount, total_count):
     """A partial sum of one output tile, met by the others without extra launches: it goes to the zeroed fp32
     workspace, the tile's counter ``cnt`` (a pointer) grows by ``amount``, and the program that brings it to
     ``total_count`` writes y once, in y's dtype, and re-zeroes the workspace and the counter for the next call."""
     tl.atomic_add(ws_ptr + y_off, acc, mask=ymask, sem="relaxed")
-    if SPLITK_FENCE:  # every thread's adds performed GPU-wide before the barrier (CUDA's threadFenceReduction pattern)
-        _fence_gpu(amount)
     tl.debug_barrier()  # every thread's partial sums are issued before the release below
     done = tl.atomic_add(cnt, amount, sem="acq_rel") + amount
     if done == total_count:
-        if SPLITK_FENCE:  # and every reading thread past an acquire of its own
-            _fence_gpu(done)
         total = tl.load(ws_ptr + y_off, mask=ymask, other=0.0, cache_modifier=".cg")
         tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ymask)
+        # Every thread has read the sums before any thread zeroes them: the zeros are a constant, so Triton may store
+        # them in another layout than the load's — another thread's element — and without this barrier a zero could
+        # overtake a read (session 18: wrong results at M = 8 on large N, benchmarks/NOTES.md)
+        tl.debug_barrier()
         tl.store(ws_ptr + y_off, tl.zeros_like(total), mask=ymask)
         tl.atomic_xchg(cnt, 0)
 
