@@ -656,3 +656,23 @@ def split_k_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Ten
         cnt = torch.zeros(tiles, device=device, dtype=torch.int32)
         _WORKSPACES[key] = (ws, cnt)
     return ws, cnt
+
+
+def compile_for_sm90(bm: int = 16, bn: int = 64, w_as_a: bool = True, splits: int = 2, warps: int = 4,
+                     stages: int = 3, scale_after: bool = True, bits: int = 4, group: int = 128):
+    """Compile ``_ktiled_gemm_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), specialized
+    as the launcher would for an M that is not a multiple of 16 (no divisibility hint on M): the CPU tests read its PTX
+    (the split-K meeting's barriers) without a GPU. The default is a tile that raced before session 18's fix."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "k_per_split": "i32"}
+    const = {"GROUP": group, "BITS": bits, "SUBK": SUB, "BN": bn, "BM": bm, "W_AS_A": w_as_a, "SPLITS": splits,
+             "GROUP_M": 8, "LOP3": True, "SCALE_AFTER": scale_after, "PREFETCH": 0, "SZ_GROUPS": 1, "PDL": False,
+             "TRIGGER": 0}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "M"}
+    sig.update({name: "constexpr" for name in const})
+    return triton.compile(ASTSource(fn=_ktiled_gemm_kernel, signature=sig, constexprs=const, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
