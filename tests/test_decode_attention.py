@@ -222,14 +222,9 @@ INTERPRETED_PREP = textwrap.dedent(
 def test_prep_in_split_kernel_under_the_interpreter():
     """The split kernel with q / k norm, rotary and the cache write inside (PREP) against the fp64 math: the output,
     the written K row (only at ``pos``) and the V row copied exactly — wherever ``pos`` lies."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_PREP.format(tests=tests)], capture_output=True, text=True,
-                       env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    import json
+    from test_decode_prep import run_interpreted
 
-    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    cases = run_interpreted(INTERPRETED_PREP)
     assert len(cases) == 6 and any(k.endswith("splits1") for k in cases) and any(k.endswith("splits3") for k in cases), cases
     for name, c in cases.items():
         pos = int(name.split(" pos")[1].split()[0])

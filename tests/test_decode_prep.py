@@ -105,18 +105,24 @@ INTERPRETED = textwrap.dedent(
 )
 
 
+def run_interpreted(script: str, timeout: int = 600) -> dict:
+    """Run ``script`` (its ``{tests}`` filled with this folder, for imports) under Triton's interpreter in a fresh
+    process (the switch is read at import); its last stdout line is JSON, returned."""
+    import json
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", script.format(tests=tests)], capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 def test_kernel_under_the_interpreter():
     """The kernel's error against the fp64 math is no worse than the 16-bit reference's own (it rounds less), the
     V row is copied exactly, and no other cache row is touched (fp16; bf16 on a GPU: ``test_kernel_on_gpu_…``)."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED.format(tests=tests)], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    import json
-
-    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    cases = run_interpreted(INTERPRETED)
     assert len(cases) == 3, cases
     for name, c in cases.items():
         assert c["v_equal"] and c["others_kept"], (name, c)
