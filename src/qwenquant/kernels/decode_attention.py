@@ -144,8 +144,9 @@ def decode_attention_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_w
                           filled: int) -> Tensor:
     """``decode_prep`` then ``decode_attention`` in one split kernel (+ the merge): q / k / v the qkv projection's
     output by heads [B, 1, H, D], the rest as ``decode_prep.reference_decode_prep``; returns the attention output
-    [B, Hq, 1, D] over positions 0 … filled − 1 after writing the new K / V at ``pos``. On a CPU, or where either
-    kernel would not run, the two references in turn."""
+    [B, Hq, 1, D] over positions 0 … filled − 1 after writing the new K / V at ``pos`` (which must lie inside the
+    cache: a device value, not checked on the GPU path). On a CPU, or where either kernel would not run, the two
+    references in turn."""
     from qwenquant.kernels import decode_prep as P
 
     P.check_operands(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, pos)

@@ -90,7 +90,8 @@ def kernel_ok(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
 def decode_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, cos: Tensor,
                 sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> Tensor:
     """q / k RMSNorm, rotary and the cache write of one decode step; shapes as :func:`reference_decode_prep`. One
-    Triton kernel where :func:`kernel_ok`, else the reference."""
+    Triton kernel where :func:`kernel_ok`, else the reference. ``pos`` must lie in 0 … ctx − 1: it is a device value
+    (a CUDA graph replays the step at any position), so the kernel cannot check it without a host sync."""
     check_operands(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, pos)
     if not kernel_ok(q, k, v, k_cache, v_cache, cos, sin):
         return reference_decode_prep(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos)
