@@ -4,7 +4,11 @@ The cost it attacks (Qwen3-8B, batch 1, 257 cached positions, H100): a layer's a
 8 KV heads × 257 positions × 128 dims × 2 bytes = 1.05 MB — 0.35 µs at the measured 2.9 TB/s — yet cuDNN's SDPA
 kernel takes ≈ 9 µs (benchmarks/results/profile_e2e_merged_h100.json): 32 CTAs, one per query head, each streaming its
 KV head's 131 KB alone, four times over for the four query heads that share it. That is latency, not bandwidth:
-the fix is more, shorter programs, and reading each KV row once per GQA group.
+the fix is more, shorter programs, and reading each KV row once per GQA group. Measured (session 18, H100,
+benchmarks/results/decode_attention_prep_h100.json, per attention block at batch 1 including the cache writes):
+split + merge 11.2 µs against cuDNN's 12.6; with the prep work inside the split kernel 7.5 µs (6.8 at a 66-program
+target) against cuDNN plus the compiled norm / rotary / cache-write kernels — still ≈ 20× the byte time, two
+latency-bound launches.
 
 Two kernels:
 
