@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qwenquant.kernels import decode_prep as P
+
 try:
     import triton
     import triton.language as tl
@@ -151,8 +153,6 @@ def decode_attention_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_w
     [B, Hq, 1, D] over positions 0 … filled − 1 after writing the new K / V at ``pos`` (which must lie inside the
     cache: a device value, not checked on the GPU path). On a CPU, or where either kernel would not run, the two
     references in turn."""
-    from qwenquant.kernels import decode_prep as P
-
     P.check_operands(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, pos)
     qt = q.transpose(1, 2)  # [B, Hq, 1, D] as the attention takes it (a view)
     check_operands(qt, k_cache, v_cache, filled)
@@ -172,18 +172,7 @@ def _(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos, filled)
 
 
 if triton is not None:
-
-    @triton.jit
-    def _norm_rope(x, xp, w_ptr, d, c, sn, eps, D: tl.constexpr, dt: tl.constexpr):
-        """Qwen3's per-head RMSNorm then rotary for rows x [R, D] (fp32), given xp, the same rows with their halves
-        swapped (column (d + D/2) mod D): ``n·cos + rotate_half(n)·sin`` with rotate_half(n) = (−n₂, n₁). Rounds
-        as ``decode_prep.rms_norm`` (to dt before and after the weight); the result in dt."""
-        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]                  # x and xp hold the same squares
-        n = ((x * r).to(dt).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]).to(dt).to(tl.float32)
-        npart = ((xp * r).to(dt).to(tl.float32) * tl.load(w_ptr + (d + D // 2) % D).to(tl.float32)[None, :])
-        npart = npart.to(dt).to(tl.float32)
-        sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
-        return (n * c[None, :] + sign * npart * sn[None, :]).to(dt)
+    from qwenquant.kernels.decode_prep import _norm_rope
 
     @triton.jit
     def _decode_attention_split(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,

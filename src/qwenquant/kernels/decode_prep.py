@@ -123,16 +123,27 @@ def _triton_decode_prep(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_c
 if triton is not None:
 
     @triton.jit
+    def _norm_rope(x, xp, w_ptr, d, c, sn, eps, D: tl.constexpr, dt: tl.constexpr):
+        """Qwen3's per-head RMSNorm then rotary for rows x [R, D] (fp32), given xp, the same rows with their halves
+        swapped (column (d + D/2) mod D, so no reshapes), d = arange(D), c / sn the row's cos / sin [D] (fp32):
+        ``n·cos + rotate_half(n)·sin`` with rotate_half(n) = (−n₂, n₁). Rounds as :func:`rms_norm` (to dt before and
+        after the weight); the result in dt. Shared by ``_decode_prep`` and the split-K attention kernel's PREP."""
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]                  # x and xp hold the same squares
+        n = ((x * r).to(dt).to(tl.float32) * tl.load(w_ptr + d).to(tl.float32)[None, :]).to(dt).to(tl.float32)
+        npart = ((xp * r).to(dt).to(tl.float32) * tl.load(w_ptr + (d + D // 2) % D).to(tl.float32)[None, :])
+        npart = npart.to(dt).to(tl.float32)
+        sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
+        return (n * c[None, :] + sign * npart * sn[None, :]).to(dt)
+
+    @triton.jit
     def _decode_prep(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, eps,
                      sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, ss_b, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
                      so_b, so_h, HQ: tl.constexpr, D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)    # 64-bit offsets: caches of large batches pass 2**31 elements
         h = tl.program_id(1)                 # query heads 0 … HQ − 1, then the KV heads
-        half = tl.arange(0, D // 2)
-        c1 = tl.load(cos_ptr + b * sc_b + half).to(tl.float32)          # cos / sin of the first and second halves
-        c2 = tl.load(cos_ptr + b * sc_b + D // 2 + half).to(tl.float32)
-        s1 = tl.load(sin_ptr + b * ss_b + half).to(tl.float32)
-        s2 = tl.load(sin_ptr + b * ss_b + D // 2 + half).to(tl.float32)
+        d = tl.arange(0, D)
+        c = tl.load(cos_ptr + b * sc_b + d).to(tl.float32)
+        sn = tl.load(sin_ptr + b * ss_b + d).to(tl.float32)
         if h < HQ:
             src = q_ptr + b * sq_b + h * sq_h
             w_ptr = qw_ptr
@@ -143,20 +154,10 @@ if triton is not None:
             src = k_ptr + b * sk_b + j * sk_h
             w_ptr = kw_ptr
             dst = kc_ptr + b * skc_b + j * skc_h + t * skc_t
-            vv = tl.load(v_ptr + b * sv_b + j * sv_h + tl.arange(0, D))
-            tl.store(vc_ptr + b * svc_b + j * svc_h + t * svc_t + tl.arange(0, D), vv)
-        x1 = tl.load(src + half)
-        x2 = tl.load(src + D // 2 + half)
-        dtype = x1.dtype
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
-        r = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / D + eps)
-        # the normalized value rounds to the activation dtype before the weight, and the product once more (HF)
-        n1 = ((x1 * r).to(dtype).to(tl.float32) * tl.load(w_ptr + half).to(tl.float32)).to(dtype).to(tl.float32)
-        n2 = ((x2 * r).to(dtype).to(tl.float32) * tl.load(w_ptr + D // 2 + half).to(tl.float32)).to(dtype)
-        n2 = n2.to(tl.float32)
-        tl.store(dst + half, (n1 * c1 - n2 * s1).to(dtype))
-        tl.store(dst + D // 2 + half, (n2 * c2 + n1 * s2).to(dtype))
+            tl.store(vc_ptr + b * svc_b + j * svc_h + t * svc_t + d, tl.load(v_ptr + b * sv_b + j * sv_h + d))
+        x = tl.load(src + d[None, :])                                                   # [1, D]
+        xp = tl.load(src + ((d + D // 2) % D)[None, :]).to(tl.float32)                   # halves swapped
+        tl.store(dst + d[None, :], _norm_rope(x.to(tl.float32), xp, w_ptr, d, c, sn, eps, D, x.dtype))
 
 
 def compile_for_sm90(dtype: torch.dtype = torch.bfloat16, q_heads: int = 32, head_dim: int = 128):
