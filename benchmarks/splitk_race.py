@@ -20,12 +20,10 @@ import os
 
 import torch
 
+from lm_head_splitk_check import layer_for  # the same W4 g128 layer, reference and k-tiled operands
+
 from qwenquant.bench.hw import environment
-from qwenquant.kernels import wq_ktiled as KT
-from qwenquant.kernels import wq_matmul as K
-from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime import fused
-from qwenquant.runtime.quant_linear import QuantLinear
 
 OUT = os.environ.get("OUT", "runs")
 SHAPES = [tuple(int(v) for v in s.split("x")) for s in
@@ -46,18 +44,11 @@ def main() -> None:
     doc = {"kind": "splitk_race", "env": environment(), "results": []}
     path = os.path.join(OUT, "splitk_race.json")
     for n, k in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(n + k)
-        w = torch.randn(n, k, generator=g, device="cuda") * 0.05
-        layer = QuantLinear.from_weight(quantize_weight(w, QuantSpec(4, 128, False)), compute_dtype=torch.bfloat16)
-        wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, 4, k).float()
-        ops = fused.FusedOperands(tiny=None, ktiled=KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale,
-                                                                                      layer.zero, 4, k))
+        layer, wref, ops = layer_for(n, k, seed=n + k)
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ wref.T
             for name, (kind, cfg) in candidates(m).items():
-                if kind != "ktiled" or cfg[3] == 1:  # split-K k-tiled tiles only
-                    continue
                 errs = []
                 for _ in range(5):
                     y = fused._run(kind, cfg, x, layer.qweight, layer.scale, layer.zero, 4, 128, ops).float()
@@ -66,7 +57,7 @@ def main() -> None:
                 if max(errs) > 1e-2:
                     print(n, k, m, name, [round(e, 4) for e in errs], flush=True)
         print("done", n, k, flush=True)
-        del layer, wref, ops, w
+        del layer, wref, ops
         torch.cuda.empty_cache()
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)
