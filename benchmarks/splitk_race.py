@@ -10,7 +10,9 @@ against the fp32 product is kept per (shape, M, config). The configs come from `
 withdrawn ones included. Session 18 ran it with GPU-scope fences added to ``_add_partial`` (commit d247efc,
 ``QWENQUANT_SPLITK_FENCE=1``, since removed: ``results/splitk_race_fence1_h100.json``) and without
 (``..._fence0_h100.json``); the cause it then pointed to — a zeroing store overtaking another thread's read — is
-fixed by a barrier in ``_add_partial``.
+fixed by a barrier in ``_add_partial``. Session 19 ran it on the fix (7bf7ba2 → ``results/splitk_race_barrier_h100.json``):
+all 200 (shape, M, config) cells right on all five runs, worst relative error 0.0024 (bf16 rounding), so the tiles were
+offered again.
 """
 
 from __future__ import annotations

@@ -54,6 +54,8 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                       f"int8 {c['int8_ops_per_s']/1e12:.0f} TOP/s. CUDA-graph replay, weights rotated beyond L2"
                       + ("; the modes of one M timed round-robin" if g.get("timing") == "round-robin" else "") + ".", "",
                       "Speedup vs bf16 in the same run (layer time bf16 / layer time mode):", ""]
+            if g.get("note"):  # a remark added to the file after the run, as for e2e files
+                lines[-2:-2] = [f"Note (added after the run): {g['note']}", ""]
             t = _layer_times(g, model)
             rows = sorted({m for (_, m) in t})
             modes = list(dict.fromkeys(r["mode"] for r in g["results"] if r["model"] == model))

@@ -102,14 +102,6 @@ KTILED_SMALL = [(128, 4, 3, 4, False, True), (128, 4, 3, 8, True, True), (64, 4,
                 (128, 8, 3, 4, True, True), (64, 4, 3, 1, True, True), (128, 4, 3, 4, True, False), (32, 2, 3, 4, True, True),
                 (64, 4, 3, 8, True, True)]
 KTILED_SMALL_MAX_M = 64
-# M buckets where the split-K, W-as-A, scale-after entries of KTILED_SMALL are NOT offered: on an H100 (session 18,
-# benchmarks/results/lm_head_splitk_check_h100.json) five of the six computed 2.3-7 % wrong results at M = 8 on the
-# lm_head shape (N = 151,936) and from N = 16,384 up — different tiles wrong on every run — while M = 1 and M = 40
-# were right on every config. The cause, found afterwards in the PTX: the split-K meeting (wq_ktiled._add_partial)
-# zeroed the workspace without a barrier after reading it, from other threads than the readers. Fixed (a barrier,
-# test_split_k_meeting_reads_every_partial_sum_before_zeroing_it) but not yet rerun on a GPU: they stay off at
-# M = 2-32 until benchmarks/splitk_race.py shows them right.
-SPLIT_AFTER_WA_OFF_M = range(2, 33)
 # ktiled_gemv (CUDA cores, batch 1): (BN rows, k-tiles per step, split-K, warps, stages). Few rows and one or two
 # warps per program, many programs: the winners of benchmarks/gemv_small.py on 0.6B / 30B-A3B shapes (H100,
 # results/batch1_small_weights_h100.json: 3.3-4.3 us where the checkpoint-layout GEMV takes 3.0-5.0); big weights take the GEMM
@@ -243,8 +235,6 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
         out = {}
         for bn, w, st, sk, wa, sa in KTILED_SMALL:
             sa = sa and bits in KT.SCALE_AFTER_BITS
-            if sk > 1 and wa and sa and m in SPLIT_AFTER_WA_OFF_M:
-                continue
             name = f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{min(st, cap)} sk{sk}{' after' if sa else ''}"
             out[name] = ("ktiled", (bm, bn, wa, sk, w, min(st, cap), sa, 0))
         if bits == 4:
