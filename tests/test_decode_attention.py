@@ -255,3 +255,42 @@ def test_prep_in_split_on_gpu_qwen3_8b_shape(batch, filled):
     assert float((o["k_cache"].double() - kc64).norm() / kc64.norm()) < 1e-2
     assert (o["k_cache"] != before).any(-1).nonzero()[:, 2].unique().tolist() == [filled - 1]
     assert torch.equal(o["v_cache"][:, :, filled - 1], o["v"][:, 0])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_split_kernel_compiles_its_l2_prefetch_hints(prefetch):
+    """``PREFETCH`` regions compile to one predicated ``cp.async.bulk.prefetch.L2`` each (per thread: 128 lanes, no
+    lane repeated), issued before the program's first load; none without."""
+    c = DA.compile_for_sm90("split", splits=17, prep=True, prefetch=prefetch)
+    ptx = c.asm["ptx"]
+    assert ptx.count("cp.async.bulk.prefetch.L2.global") == prefetch
+    if prefetch:
+        assert ptx.index("cp.async.bulk.prefetch.L2") < ptx.index("ld.global")
+        assert "setp.gt.s32" in ptx  # an empty share is skipped, not issued with size 0
+
+
+def test_prefetch_regions_only_where_the_hint_compiles():
+    """On a CPU (no sm_90 bulk prefetch) the split kernel gets no region, whatever it is handed; None is skipped."""
+    t = torch.randn(64)
+    assert DA.prefetch_regions([t, None], t.device) == [] and DA.prefetch_regions([], t.device) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_prefetch_changes_no_result_on_gpu(batch):
+    """With L2 hints for an odd-sized region and a 9 MB one (more bytes than 128 lanes × programs divide evenly) the
+    kernels compute exactly what they compute without, bit for bit, and write the same caches."""
+    torch.manual_seed(batch)
+    o = prep_operands(batch, 32, 8, 128, 512, 257, dtype=torch.bfloat16, device="cuda")
+    words = torch.randint(0, 2**31 - 1, (9 * 2**20 // 4 + 3,), device="cuda", dtype=torch.int32)
+    scales = torch.randn(4096 + 5, device="cuda")
+    assert len(DA.prefetch_regions([words, scales], words.device)) == 2
+    plain = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in o.items()}
+    y0 = DA.decode_attention_prep(**plain, filled=257)
+    y1 = DA.decode_attention_prep(**o, filled=257, prefetch=words, prefetch2=scales)
+    assert torch.equal(y0, y1) and torch.equal(plain["k_cache"], o["k_cache"])
+    qt = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(DA.decode_attention(qt, o["k_cache"], o["v_cache"], 257),
+                       DA.decode_attention(qt, o["k_cache"], o["v_cache"], 257, prefetch=words))

@@ -155,3 +155,45 @@ def test_inductor_writes_the_caches_in_place_through_the_prep_op(attend, op):
     src = "\n".join(code)
     assert f"qwenquant.{op}.default(" in src
     assert "copy_" not in src and "clone" not in src, [ln for ln in src.splitlines() if "copy_" in ln or "clone" in ln]
+
+
+@torch.no_grad()
+def test_attention_prefetch_changes_no_result_and_traces_as_one_graph():
+    """``prefetch`` (the attention kernel's L2 hints for the o / gate_up weights) is a hint: every choice gives the
+    step without it, on bf16 and on quantized merged projections, and dynamo traces the step with it in one graph.
+    Bad choices are refused by name."""
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 5))
+    originals = [getattr(p, n).weight.detach().clone() for p, n in e2e.decoder_linears(model)]
+    e2e.merge_projections(model)
+
+    def logits(prefetch):
+        torch.manual_seed(1)
+        dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="prep-in-split", prefetch=prefetch)
+        dec.ids = ids[:, -1:]
+        return dec.step()
+
+    for quantized in (False, True):
+        if quantized:
+            e2e.quantize_model(model, originals, QuantSpec(4, 32, False), "fake")
+        ref = logits("none")
+        for what in ("o", "o+gate_up"):
+            torch.testing.assert_close(logits(what), ref, rtol=0, atol=0)
+    layer = model.model.layers[0]
+    words, second = e2e._prefetch_operands(layer, "o")
+    assert words.numel() * words.element_size() >= second.numel() * second.element_size()  # largest first
+    assert e2e._prefetch_operands(layer, "o+gate_up")[1].numel() > 0
+
+    dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="split", prefetch="o")
+    m = model.model
+    h = m.embed_tokens(ids[:, -1:])
+    cos, sin = m.rotary_emb(h, dec.pos.view(1, 1).expand(2, 1))
+    args = (m.layers[0], h, dec.kc[0], dec.vc[0], dec.pos, cos, sin, None, dec.rope, dec.filled, True)
+    eager = e2e._layer_step(*args, prefetch="o")
+    traced = torch.compile(e2e._layer_step, backend="eager", fullgraph=True)(*args, prefetch="o")
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="prefetch='l2'"):
+        e2e.StaticDecoder(model, 1, ctx=16, device="cpu", attend="split", prefetch="l2")
+    with pytest.raises(ValueError, match="attend='filled'"):
+        e2e.StaticDecoder(model, 1, ctx=16, device="cpu", attend="filled", prefetch="o")

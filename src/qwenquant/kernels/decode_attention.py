@@ -45,6 +45,7 @@ except ImportError:  # CPU-only installs: the op falls back to the reference
 
 BLOCK_N = 16        # keys per inner step (tl.dot's minimum N)
 TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: splits are chosen so batch × KV heads × splits reaches this
+MAX_PREFETCH = 2       # tensors the split kernel may warm L2 with (the next projection's words and scales)
 
 
 def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
@@ -92,24 +93,43 @@ def kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 @torch.library.custom_op("qwenquant::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prefetch: Tensor | None = None, prefetch2: Tensor | None = None) -> Tensor:
     """Attention of one query per sequence over the first ``filled`` positions of a static cache; shapes as
-    :func:`reference_decode_attention`. Triton split-K kernels where :func:`kernel_ok`, else the reference."""
+    :func:`reference_decode_attention`. Triton split-K kernels where :func:`kernel_ok`, else the reference.
+    ``prefetch`` / ``prefetch2``: tensors — the weights of the projection that follows, words and scales — whose bytes
+    the split kernel asks L2 for while it runs (it is latency-bound and leaves DRAM idle); a hint that changes no
+    result, ignored off the Hopper path."""
     check_operands(q, k, v, filled)
     if not kernel_ok(q, k, v):
         return reference_decode_attention(q, k, v, filled)
-    return _triton_decode_attention(q, k, v, filled)
+    return _triton_decode_attention(q, k, v, filled, prefetch=(prefetch, prefetch2))
 
 
 @decode_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
+def _(q: Tensor, k: Tensor, v: Tensor, filled: int, prefetch=None, prefetch2=None) -> Tensor:
     return q.new_empty(q.shape)  # contiguous, as both real paths return
 
 
-def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep: dict | None = None) -> Tensor:
+def prefetch_regions(tensors, device) -> list[tuple[int, int]]:
+    """(device address, bytes) of at most ``MAX_PREFETCH`` of ``tensors`` for the split kernel's L2 hints: contiguous
+    CUDA tensors on ``device`` with a 16-byte aligned start, their length rounded down to 16 bytes (a hint may cover
+    less than asked). None where the bulk prefetch cannot compile (before sm_90, Triton's interpreter)."""
+    from qwenquant.kernels.overlap import prefetch_ok
+
+    tensors = [t for t in tensors or () if t is not None]
+    if not tensors or not prefetch_ok(device):
+        return []
+    out = [(t.data_ptr(), t.numel() * t.element_size() // 16 * 16) for t in tensors
+           if t.device == device and t.is_contiguous() and t.data_ptr() % 16 == 0]
+    return [r for r in out if r[1] > 0][:MAX_PREFETCH]
+
+
+def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep: dict | None = None,
+                             prefetch=None) -> Tensor:
     """The split and merge launches. ``prep``: q is the projection's raw output [B, 1, Hq, D] and ``prep`` holds
     ``decode_prep``'s other operands (k_new, v_new, q_weight, k_weight, eps, cos, sin, pos): the split programs
-    normalize and rotate q themselves, and the one that reads position ``pos`` writes its K / V first."""
+    normalize and rotate q themselves, and the one that reads position ``pos`` writes its K / V first.
+    ``prefetch``: tensors (the next projection's weights) whose bytes the split programs ask L2 for as they start."""
     b, hq, d = q.shape[0], (q.shape[2] if prep else q.shape[1]), q.shape[-1]
     hkv = k.shape[1]
     g = hq // hkv
@@ -130,11 +150,13 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
     else:
         sq_b, sq_h = q.stride(0), q.stride(1)
         extra = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0, 0)  # unread without PREP
+    regions = prefetch_regions(prefetch, q.device)
+    pf = [v for r in regions for v in r] + [0, 0] * (MAX_PREFETCH - len(regions))
     _decode_attention_split[(b * hkv, splits)](
         q, k, v, acc, m, l, out, filled, per_split, d ** -0.5,
         sq_b, sq_h, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), *extra,
-        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, num_warps=4,
+        out.stride(0), out.stride(1), *extra, *pf,
+        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, PREFETCH=len(regions), num_warps=4,
     )
     if splits > 1:
         _decode_attention_merge[(b * hq,)](
@@ -147,12 +169,12 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
 @torch.library.custom_op("qwenquant::decode_attention_prep", mutates_args=("k_cache", "v_cache"))
 def decode_attention_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float,
                           cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
-                          filled: int) -> Tensor:
+                          filled: int, prefetch: Tensor | None = None, prefetch2: Tensor | None = None) -> Tensor:
     """``decode_prep`` then ``decode_attention`` in one split kernel (+ the merge): q / k / v the qkv projection's
     output by heads [B, 1, H, D], the rest as ``decode_prep.reference_decode_prep``; returns the attention output
     [B, Hq, 1, D] over positions 0 … filled − 1 after writing the new K / V at ``pos`` (which must lie inside the
     cache: a device value, not checked on the GPU path). On a CPU, or where either kernel would not run, the two
-    references in turn."""
+    references in turn. ``prefetch`` / ``prefetch2``: as :func:`decode_attention`'s."""
     P.check_operands(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, pos)
     qt = q.transpose(1, 2)  # [B, Hq, 1, D] as the attention takes it (a view)
     check_operands(qt, k_cache, v_cache, filled)
@@ -162,27 +184,32 @@ def decode_attention_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_w
         return reference_decode_attention(qr, k_cache, v_cache, filled)
     return _triton_decode_attention(q, k_cache, v_cache, filled,
                                     prep=dict(k_new=k, v_new=v, q_weight=q_weight, k_weight=k_weight, eps=eps,
-                                              cos=cos, sin=sin, pos=pos))
+                                              cos=cos, sin=sin, pos=pos), prefetch=(prefetch, prefetch2))
 
 
 @decode_attention_prep.register_fake
-def _(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos, filled):
+def _(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos, filled, prefetch=None, prefetch2=None):
     b, _, hq, d = q.shape
     return q.new_empty(b, hq, 1, d)
 
 
 if triton is not None:
     from qwenquant.kernels.decode_prep import _norm_rope
+    from qwenquant.kernels.overlap import prefetch_l2_share
 
     @triton.jit
     def _decode_attention_split(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,
                       sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
                       kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, eps, skn_b, skn_h, svn_b, svn_h,
-                      sc_b, ss_b,
+                      sc_b, ss_b, pf_addr0, pf_bytes0, pf_addr1, pf_bytes1,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, PREP: tl.constexpr):
+                      SPLITS: tl.constexpr, PREP: tl.constexpr, PREFETCH: tl.constexpr):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
+        if PREFETCH > 0:  # L2 hints for the next kernel's weights, first: DRAM idles while this kernel runs
+            prefetch_l2_share(pf_addr0, pf_bytes0, bh * SPLITS + s, tl.num_programs(0) * SPLITS)
+            if PREFETCH > 1:
+                prefetch_l2_share(pf_addr1, pf_bytes1, bh * SPLITS + s, tl.num_programs(0) * SPLITS)
         b = (bh // HKV).to(tl.int64)    # 64-bit offsets: a long cache at a large batch passes 2**31 elements
         h = (bh % HKV).to(tl.int64)
         rows = tl.arange(0, 16)         # the group's query heads, padded to tl.dot's 16 rows
@@ -261,7 +288,7 @@ if triton is not None:
 
 
 def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, splits: int = 17, prep: bool = False):
+                     head_dim: int = 128, splits: int = 17, prep: bool = False, prefetch: int = 0):
     """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
     any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
     ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
@@ -279,9 +306,11 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                "kn_ptr": ptr, "vn_ptr": ptr, "qw_ptr": ptr, "kw_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr,
                "pos_ptr": "*i64", "eps": "fp32",
                **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")},
+               **{name: "i64" for name in ("pf_addr0", "pf_bytes0", "pf_addr1", "pf_bytes1")},
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
-               "PREP": "constexpr"}
-        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep}
+               "PREP": "constexpr", "PREFETCH": "constexpr"}
+        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep,
+                  "PREFETCH": prefetch}
     elif kernel == "merge":
         fn = _decode_attention_merge
         sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",
