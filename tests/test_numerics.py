@@ -107,3 +107,27 @@ def test_per_token_activation_quant(bits):
     assert torch.all(err <= s / 2 + 1e-6)
     with pytest.raises(ValueError, match="activation bits"):
         quantize_per_token(x, 6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_row_blocks_equals_packing_at_once(monkeypatch, bits):
+    """Big weights are (un)packed in row blocks of ``CHUNK_CODES`` codes (bounded temporaries: a whole lm_head took
+    47 GB at once); the bytes are those of one call, for leading dims and a row count the block does not divide, and
+    the k-tiled conversion both ways too."""
+    from qwenquant.numerics import ktiled as KT
+    from qwenquant.numerics import packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (3, 7, 512), generator=g, dtype=torch.uint8)
+    whole = packing.pack(codes, bits)
+    kt = KT.pack_ktiled(whole[0], bits, 512) if bits != 3 else None
+    monkeypatch.setattr(packing, "CHUNK_CODES", 2 * 512 + 5)  # 2 rows per block: 21 rows in 11 blocks
+    assert torch.equal(packing.pack(codes, bits), whole)
+    assert torch.equal(packing.unpack(whole, bits, 512), codes)
+    if kt is not None:
+        assert torch.equal(KT.pack_ktiled(whole[0], bits, 512), kt)
+        assert torch.equal(KT.unpack_ktiled(kt, bits, 512), whole[0])
+    with pytest.raises(ValueError, match="codes out of range"):
+        bad = codes.clone().to(torch.int64)
+        bad[2, 6, 0] = 2**bits
+        packing.pack(bad, bits)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenquant.bench.gemm import time_graph
+from qwenquant.kernels import decode_attention as DA
 from qwenquant.kernels.decode_attention import decode_attention, decode_attention_prep
 from qwenquant.kernels.decode_prep import decode_prep
 from qwenquant.numerics import QuantSpec, quantize_weight
@@ -488,6 +489,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                                               "rotary and the cache write inside the split kernel",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
                "fold_norm": True, "prefetch": prefetch,
+               "attention_merge": "split" if DA.MERGE_IN_SPLIT else "launch",
                **({"gate_up_prefetch_bytes": GATE_UP_PREFETCH_BYTES} if prefetch == "o+gate_up" else {}),
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),

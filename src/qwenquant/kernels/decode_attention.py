@@ -31,6 +31,8 @@ CUDA graph captures both launches. On a CPU (and for shapes the kernel does not 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,6 +48,33 @@ except ImportError:  # CPU-only installs: the op falls back to the reference
 BLOCK_N = 16        # keys per inner step (tl.dot's minimum N)
 TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: splits are chosen so batch × KV heads × splits reaches this
 MAX_PREFETCH = 2       # tensors the split kernel may warm L2 with (the next projection's words and scales)
+# Merge the splits inside the split kernel (the last split of each batch row × KV head to finish merges, meeting the
+# others through an atomic counter, as the split-K GEMMs do) instead of a second launch. QWENQUANT_ATTN_MERGE=launch
+# keeps the merge kernel.
+_merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "split").strip()
+if _merge_env not in ("split", "launch"):
+    raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'split' (the last split program merges) or "
+                     "'launch' (a merge kernel after the split kernel)")
+MERGE_IN_SPLIT = _merge_env == "split"
+_COUNTERS: dict[str, Tensor] = {}
+_RETIRED: list[Tensor] = []
+
+
+def meet_counters(device, n: int) -> Tensor:
+    """n zeroed int32 counters for the split programs' meeting, one set per device, grown on demand and kept: the
+    merging program re-zeroes its counter, so calls and CUDA-graph replays share them without a memset. Growing is
+    refused during graph capture (run the batch once eagerly first, as the decode step's warm-up does)."""
+    key = str(device)
+    cnt = _COUNTERS.get(key)
+    if cnt is None or cnt.numel() < n:
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention's meeting counters must grow to {n} during CUDA-graph capture; run "
+                               "this batch size once eagerly before capturing")
+        if cnt is not None:  # graphs captured earlier still point at the old counters: keep them alive
+            _RETIRED.append(cnt)
+        cnt = torch.zeros(max(n, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
+        _COUNTERS[key] = cnt
+    return cnt
 
 
 def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
@@ -152,13 +181,16 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
         extra = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0, 0)  # unread without PREP
     regions = prefetch_regions(prefetch, q.device)
     pf = [v for r in regions for v in r] + [0, 0] * (MAX_PREFETCH - len(regions))
+    meet = MERGE_IN_SPLIT and splits > 1
+    cnt = meet_counters(q.device, b * hkv) if meet else out
     _decode_attention_split[(b * hkv, splits)](
         q, k, v, acc, m, l, out, filled, per_split, d ** -0.5,
         sq_b, sq_h, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), *extra, *pf,
-        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, PREFETCH=len(regions), num_warps=4,
+        out.stride(0), out.stride(1), *extra, *pf, cnt,
+        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, PREFETCH=len(regions), MEET=meet,
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
     )
-    if splits > 1:
+    if splits > 1 and not meet:
         _decode_attention_merge[(b * hq,)](
             acc, m, l, out, out.stride(0), out.stride(1),
             HKV=hkv, G=g, D=d, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
@@ -201,9 +233,10 @@ if triton is not None:
     def _decode_attention_split(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,
                       sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
                       kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, eps, skn_b, skn_h, svn_b, svn_h,
-                      sc_b, ss_b, pf_addr0, pf_bytes0, pf_addr1, pf_bytes1,
+                      sc_b, ss_b, pf_addr0, pf_bytes0, pf_addr1, pf_bytes1, cnt_ptr,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, PREP: tl.constexpr, PREFETCH: tl.constexpr):
+                      SPLITS: tl.constexpr, PREP: tl.constexpr, PREFETCH: tl.constexpr, MEET: tl.constexpr,
+                      SPLITS_P2: tl.constexpr):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
         if PREFETCH > 0:  # L2 hints for the next kernel's weights, first: DRAM idles while this kernel runs
@@ -264,6 +297,29 @@ if triton is not None:
             tl.store(acc_ptr + (prog * 16 + rows)[:, None] * D + d[None, :], acc)
             tl.store(m_ptr + prog * 16 + rows, m_i)
             tl.store(l_ptr + prog * 16 + rows, l_i)
+            if MEET:  # the last split of this (batch row, KV head) to finish merges them all: no merge launch
+                tl.debug_barrier()  # every thread's slice is stored before the release below
+                done = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") + 1
+                if done == SPLITS:
+                    first = bh.to(tl.int64) * SPLITS
+                    sl = tl.arange(0, SPLITS_P2)
+                    idx = (first + sl)[:, None] * 16 + rows[None, :]                          # [SPLITS_P2, 16]
+                    ok = (sl < SPLITS)[:, None] & live[None, :]
+                    m_s = tl.load(m_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    l_s = tl.load(l_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+                    m_all = tl.max(m_s, 0)                                                    # [16]
+                    m_all = tl.where(live, m_all, 0.0)  # padded rows: no slice, keep them finite
+                    den = tl.sum(l_s * tl.exp(m_s - m_all[None, :]), 0)
+                    o = tl.zeros([16, D], tl.float32)
+                    for j in range(SPLITS):  # the slices' outputs, each rescaled to the common max
+                        mj = tl.load(m_ptr + (first + j) * 16 + rows, mask=live, other=0.0, cache_modifier=".cg")
+                        aj = tl.load(acc_ptr + ((first + j) * 16 + rows)[:, None] * D + d[None, :],
+                                     mask=live[:, None], other=0.0, cache_modifier=".cg")
+                        o += aj * tl.exp(mj - m_all)[:, None]
+                    o = o / tl.where(live, den, 1.0)[:, None]
+                    tl.store(o_ptr + b * so_b + (h * G + rows)[:, None] * so_h + d[None, :],
+                             o.to(o_ptr.dtype.element_ty), mask=live[:, None])
+                    tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call (and the next graph replay)
 
     @triton.jit
     def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, o_ptr, so_b, so_h,
@@ -288,7 +344,7 @@ if triton is not None:
 
 
 def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, splits: int = 17, prep: bool = False, prefetch: int = 0):
+                     head_dim: int = 128, splits: int = 17, prep: bool = False, prefetch: int = 0, meet: bool = False):
     """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
     any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
     ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
@@ -306,11 +362,11 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                "kn_ptr": ptr, "vn_ptr": ptr, "qw_ptr": ptr, "kw_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr,
                "pos_ptr": "*i64", "eps": "fp32",
                **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")},
-               **{name: "i64" for name in ("pf_addr0", "pf_bytes0", "pf_addr1", "pf_bytes1")},
+               **{name: "i64" for name in ("pf_addr0", "pf_bytes0", "pf_addr1", "pf_bytes1")}, "cnt_ptr": "*i32",
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
-               "PREP": "constexpr", "PREFETCH": "constexpr"}
+               "PREP": "constexpr", "PREFETCH": "constexpr", "MEET": "constexpr", "SPLITS_P2": "constexpr"}
         consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep,
-                  "PREFETCH": prefetch}
+                  "PREFETCH": prefetch, "MEET": meet and splits > 1, "SPLITS_P2": triton.next_power_of_2(splits)}
     elif kernel == "merge":
         fn = _decode_attention_merge
         sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",

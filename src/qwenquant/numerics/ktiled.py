@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qwenquant.numerics.packing import pack, unpack
+from qwenquant.numerics.packing import _by_row_blocks, pack, unpack
 
 SUB = 32  # columns per shifted slice = depth of each tl.dot in the k-tiled GEMM
 
@@ -42,10 +42,16 @@ def ktiled_ok(bits: int, group: int, n: int, k: int) -> bool:
 
 
 def pack_ktiled(qweight: Tensor, bits: int, k: int) -> Tensor:
-    """Checkpoint bytes [N, K·bits/8] -> k-tiled words [N, K/CPW] int32 (see module docstring)."""
+    """Checkpoint bytes [N, K·bits/8] -> k-tiled words [N, K/CPW] int32 (see module docstring). Row blocks of
+    ``packing.CHUNK_CODES`` codes at a time: the int64 temporaries stay ≈ 0.3 GB for any weight."""
     cpw, t = 32 // bits, tile_columns(bits)
     if k % t:
         raise ValueError(f"k-tiled layout needs in_features divisible by {t} for {bits}-bit, got {k}")
+    return _by_row_blocks(lambda q: _pack_ktiled_rows(q, bits, k), qweight, k, k // cpw, torch.int32)
+
+
+def _pack_ktiled_rows(qweight: Tensor, bits: int, k: int) -> Tensor:
+    cpw, t = 32 // bits, tile_columns(bits)
     codes = unpack(qweight, bits, k).to(torch.int64)  # [N, K]
     n = codes.shape[0]
     c = codes.reshape(n, k // t, cpw, SUB)  # column b·T + t·SUB + j  ->  [n, b, t, j]
@@ -56,15 +62,17 @@ def pack_ktiled(qweight: Tensor, bits: int, k: int) -> Tensor:
 
 
 def unpack_ktiled(words: Tensor, bits: int, k: int) -> Tensor:
-    """Inverse of ``pack_ktiled``: k-tiled words -> checkpoint bytes [N, K·bits/8] uint8."""
+    """Inverse of ``pack_ktiled``: k-tiled words -> checkpoint bytes [N, K·bits/8] uint8 (in row blocks, as it)."""
+    return _by_row_blocks(lambda w: _unpack_ktiled_rows(w, bits, k), words, k, k * bits // 8, torch.uint8)
+
+
+def _unpack_ktiled_rows(words: Tensor, bits: int, k: int) -> Tensor:
     cpw, t = 32 // bits, tile_columns(bits)
     n = words.shape[0]
     w = words.to(torch.int64).reshape(n, k // t, 1, SUB) & 0xFFFFFFFF
     shifts = (torch.arange(cpw, device=words.device) * bits).reshape(1, 1, cpw, 1)
     codes = ((w >> shifts) & ((1 << bits) - 1)).reshape(n, k)
     return pack(codes.to(torch.uint8), bits)
-
-
 
 
 def pack_ktiled_scales(scale: Tensor, zero: Tensor) -> Tensor:

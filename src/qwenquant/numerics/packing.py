@@ -27,10 +27,36 @@ def _check(n: int, bits: int) -> None:
         raise ValueError(f"cannot pack {n} codes of {bits} bits into whole bytes: {n} x {bits} is not a multiple of 8")
 
 
+# Codes handled at once. The bit streams below hold one int64 per bit (≈ 80 bytes of temporaries per 4-bit code), so
+# a whole Qwen3 lm_head (151,936 × 4096 codes) would take ≈ 50 GB of them; row blocks of this many codes bound it to
+# ≈ 0.3 GB for any weight (benchmarks/NOTES.md, session 19: the W4 head's k-tiled conversion peaked 47 GB above its
+# resident bytes on an H100).
+CHUNK_CODES = 1 << 22
+
+
+def _by_row_blocks(fn, x: Tensor, codes: int, n_out: int, dtype: torch.dtype) -> Tensor:
+    """``fn`` ([r, x's last dim] -> [r, n_out]) over the rows of ``x`` in blocks of at most ``CHUNK_CODES`` codes
+    (``codes`` per row; at least one row), into one preallocated [..., n_out] result; small tensors in one call."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows * codes <= CHUNK_CODES:
+        return fn(x)
+    flat = x.reshape(rows, x.shape[-1])
+    out = torch.empty(rows, n_out, dtype=dtype, device=x.device)
+    step = max(1, CHUNK_CODES // codes)
+    for r in range(0, flat.shape[0], step):
+        out[r:r + step] = fn(flat[r:r + step])
+    return out.reshape(*x.shape[:-1], n_out)
+
+
 def pack(codes: Tensor, bits: int) -> Tensor:
     """[..., n] integer codes in [0, 2**bits) -> [..., n*bits/8] uint8."""
     n = codes.shape[-1]
     _check(n, bits)
+    return _by_row_blocks(lambda c: _pack_rows(c, bits), codes, n, n * bits // 8, torch.uint8)
+
+
+def _pack_rows(codes: Tensor, bits: int) -> Tensor:
+    n = codes.shape[-1]
     c = codes.to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
         raise ValueError(f"codes out of range for {bits} bits: min {int(c.min())}, max {int(c.max())}")
@@ -49,6 +75,10 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     _check(n, bits)
     if packed.shape[-1] != n * bits // 8:
         raise ValueError(f"expected {n * bits // 8} bytes per row for {n} codes of {bits} bits, got {packed.shape[-1]}")
+    return _by_row_blocks(lambda p: _unpack_rows(p, bits, n), packed, n, n, torch.uint8)
+
+
+def _unpack_rows(packed: Tensor, bits: int, n: int) -> Tensor:
     if bits == 8:
         return packed.to(torch.uint8)
     p = packed.to(torch.int64)
