@@ -48,13 +48,15 @@ except ImportError:  # CPU-only installs: the op falls back to the reference
 BLOCK_N = 16        # keys per inner step (tl.dot's minimum N)
 TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: splits are chosen so batch × KV heads × splits reaches this
 MAX_PREFETCH = 2       # tensors the split kernel may warm L2 with (the next projection's words and scales)
-# Merge the splits inside the split kernel (the last split of each batch row × KV head to finish merges, meeting the
-# others through an atomic counter, as the split-K GEMMs do) instead of a second launch. QWENQUANT_ATTN_MERGE=launch
-# keeps the merge kernel.
-_merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "split").strip()
+# Where the slices of a split are merged: "launch" (default) — a merge kernel after the split kernel; "split" — the last
+# split program of each batch row × KV head to finish merges them all, meeting the others through an atomic counter as
+# the split-K GEMMs do (one launch per layer fewer). Measured on an H100 (session 19, results/attention_merge_step_h100
+# .json, Qwen3-8B decode step): "split" is 0.10-0.14 ms *slower* per step at batch 1 (the merging program walks 33
+# slices one after another, where the merge kernel spreads them over 32 programs) and even at batch 8, so it is off.
+_merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "launch").strip()
 if _merge_env not in ("split", "launch"):
-    raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'split' (the last split program merges) or "
-                     "'launch' (a merge kernel after the split kernel)")
+    raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'launch' (a merge kernel after the split kernel) "
+                     "or 'split' (the last split program merges)")
 MERGE_IN_SPLIT = _merge_env == "split"
 _COUNTERS: dict[str, Tensor] = {}
 _RETIRED: list[Tensor] = []
