@@ -56,7 +56,8 @@ ATTEND = ("filled", "split", "prep", "prep-in-split", "masked")
 # What the split-K attention kernel asks L2 for while it runs (``StaticDecoder(prefetch=...)``): nothing; the o
 # projection's weight (a k-tiled QuantLinear's words and scales, a bf16 linear's weight); or o's words and the first
 # GATE_UP_PREFETCH_BYTES of the merged gate / up projection's words (an experiment: the attention leaves DRAM idle
-# for ≈ 7 µs at batch 1, ≈ 20 MB at 2.9 TB/s).
+# for ≈ 7 µs at batch 1, ≈ 20 MB at 2.9 TB/s). Measured slower on an H100 (session 19, results/prefetch_step_h100.json:
+# "o" +0.05 ms per step at batch 1 and 8, more with gate_up): the prefetch traffic delays the attention's own loads.
 PREFETCH = ("none", "o", "o+gate_up")
 GATE_UP_PREFETCH_BYTES = 16 << 20
 

@@ -51,8 +51,8 @@ MAX_PREFETCH = 2       # tensors the split kernel may warm L2 with (the next pro
 # Where the slices of a split are merged: "launch" (default) — a merge kernel after the split kernel; "split" — the last
 # split program of each batch row × KV head to finish merges them all, meeting the others through an atomic counter as
 # the split-K GEMMs do (one launch per layer fewer). Measured on an H100 (session 19, results/attention_merge_step_h100
-# .json, Qwen3-8B decode step): "split" is 0.10-0.14 ms *slower* per step at batch 1 (the merging program walks 33
-# slices one after another, where the merge kernel spreads them over 32 programs) and even at batch 8, so it is off.
+# .json, Qwen3-8B decode step): "split" is 0.10-0.14 ms *slower* per step at batch 1 (the merging program walks 17
+# slices one after another, where the merge kernel spreads the work over 32 programs) and even at batch 8, so it is off.
 _merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "launch").strip()
 if _merge_env not in ("split", "launch"):
     raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'launch' (a merge kernel after the split kernel) "
@@ -129,7 +129,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prefetch: Ten
     :func:`reference_decode_attention`. Triton split-K kernels where :func:`kernel_ok`, else the reference.
     ``prefetch`` / ``prefetch2``: tensors — the weights of the projection that follows, words and scales — whose bytes
     the split kernel asks L2 for while it runs (it is latency-bound and leaves DRAM idle); a hint that changes no
-    result, ignored off the Hopper path."""
+    result, ignored off the Hopper path. Measured slower in the Qwen3-8B decode step (session 19, +0.05 ms at batch 1:
+    the prefetch traffic delays the kernel's own loads), so the e2e benchmark does not use it by default."""
     check_operands(q, k, v, filled)
     if not kernel_ok(q, k, v):
         return reference_decode_attention(q, k, v, filled)
