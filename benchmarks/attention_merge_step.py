@@ -11,50 +11,26 @@ spread between rounds is the noise. ``MERGE_BATCHES`` (default ``1,8``), ``MERGE
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
-import torch
+from step_variants import time_step_variants  # the shared skeleton of the step A/B benchmarks
 
-from qwenquant.bench import e2e
-from qwenquant.bench.hw import environment
 from qwenquant.kernels import decode_attention as DA
 
-OUT = os.environ.get("OUT", "runs")
 BATCHES = [int(b) for b in os.environ.get("MERGE_BATCHES", "1,8").split(",")]
 MODES = os.environ.get("MERGE_MODES", "bf16,w4g128-fused,w4g128-fused+head").split(",")
 ROUNDS = int(os.environ.get("MERGE_ROUNDS", "3"))
 
 
-@torch.no_grad()
-def main() -> None:
-    os.makedirs(OUT, exist_ok=True)
-    model = e2e.build_model()
-    originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
-    head = model.lm_head.weight.detach().to("cpu")
-    e2e.merge_projections(model)
-    doc = {"kind": "attention_merge_step", "env": environment(), "ctx": e2e.CTX, "attend": "prep-in-split",
-           "steps": []}
-    for mode in MODES:
-        if mode != "bf16":
-            spec, qmode, with_head = e2e.E2E_MODES[mode]
-            e2e.quantize_model(model, originals, spec, qmode, head=head, quantize_head=with_head)
-        for b in BATCHES:
-            for r in range(ROUNDS):
-                for merge in ("launch", "split"):
-                    DA.MERGE_IN_SPLIT = merge == "split"
-                    t = time.time()
-                    dec = e2e.StaticDecoder(model, b, compiled=True, attend="prep-in-split")
-                    ms = e2e._graph_ms(dec.step)
-                    doc["steps"].append({"mode": mode, "batch": b, "round": r, "merge": merge, "step_ms": ms,
-                                         "seconds": time.time() - t})
-                    print(mode, b, r, merge, round(ms, 4), flush=True)
-                    del dec
-                    torch.cuda.empty_cache()
-                    with open(os.path.join(OUT, "attention_merge_step.json"), "w") as f:
-                        json.dump(doc, f, indent=1, default=str)
+def setup(merge: str) -> dict:
+    DA.MERGE_IN_SPLIT = merge == "split"
+    return {"attend": "prep-in-split"}
+
+
+def variants_for(mode: str) -> list:
+    return [({"merge": m}, lambda m=m: setup(m)) for m in ("launch", "split")]
 
 
 if __name__ == "__main__":
-    main()
+    time_step_variants("attention_merge_step", "attention_merge_step.json", MODES, variants_for, BATCHES, ROUNDS,
+                       doc_extra={"attend": "prep-in-split"})

@@ -11,16 +11,8 @@ timing so a run cut short keeps what it measured. ``e2e.run(attend="split")`` is
 
 from __future__ import annotations
 
-import json
-import os
-import time
+from step_variants import time_step_variants  # the shared skeleton of the step A/B benchmarks
 
-import torch
-
-from qwenquant.bench import e2e
-from qwenquant.bench.hw import environment
-
-OUT = os.environ.get("OUT", "runs")
 # (mode, attention, fold the residual add into the next norm): bf16 and W4 under each change, one at a time
 ORDER = [("bf16", "filled", False), ("bf16", "filled", True), ("bf16", "split", True), ("bf16", "prep", True),
          ("bf16", "prep-in-split", True),
@@ -29,31 +21,11 @@ ORDER = [("bf16", "filled", False), ("bf16", "filled", True), ("bf16", "split", 
          ("w4g128-fused+head", "prep", True), ("w4g128-fused+head", "prep-in-split", True)]
 
 
-@torch.no_grad()
-def main() -> None:
-    os.makedirs(OUT, exist_ok=True)
-    model = e2e.build_model()
-    originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
-    head = model.lm_head.weight.detach().to("cpu")
-    e2e.merge_projections(model)
-    doc = {"kind": "head_attention_b1", "env": environment(), "ctx": e2e.CTX, "batch": 1, "steps": []}
-    current = "bf16"
-    for mode, attend, fold in ORDER:
-        if mode != current:
-            spec, qmode, with_head = e2e.E2E_MODES[mode]
-            e2e.quantize_model(model, originals, spec, qmode, head=head, quantize_head=with_head)
-            current = mode
-        t = time.time()
-        dec = e2e.StaticDecoder(model, 1, compiled=True, attend=attend, fold_norm=fold)
-        ms = e2e._graph_ms(dec.step)
-        doc["steps"].append({"mode": mode, "attend": attend, "fold_norm": fold, "step_ms": ms,
-                             "seconds": time.time() - t})
-        print(mode, attend, fold, round(ms, 3), flush=True)
-        del dec
-        torch.cuda.empty_cache()
-        with open(os.path.join(OUT, "head_attention_b1.json"), "w") as f:
-            json.dump(doc, f, indent=1, default=str)
+def variants_for(mode: str) -> list:
+    return [({"attend": attend, "fold_norm": fold}, lambda attend=attend, fold=fold: {"attend": attend, "fold_norm": fold})
+            for m, attend, fold in ORDER if m == mode]
 
 
 if __name__ == "__main__":
-    main()
+    time_step_variants("head_attention_b1", "head_attention_b1.json", dict.fromkeys(m for m, _, _ in ORDER),
+                       variants_for, batches=(1,), doc_extra={"batch": 1})

@@ -15,16 +15,12 @@ per timing), so the spread between rounds is the noise. ``PREFETCH_BATCHES`` (de
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
-import torch
+from step_variants import time_step_variants  # the shared skeleton of the step A/B benchmarks
 
 from qwenquant.bench import e2e
-from qwenquant.bench.hw import environment
 
-OUT = os.environ.get("OUT", "runs")
 BATCHES = [int(b) for b in os.environ.get("PREFETCH_BATCHES", "1,8").split(",")]
 MODES = os.environ.get("PREFETCH_MODES", "bf16,w4g128-fused,w4g128-fused+head").split(",")
 ROUNDS = int(os.environ.get("PREFETCH_ROUNDS", "3"))
@@ -32,34 +28,17 @@ ROUNDS = int(os.environ.get("PREFETCH_ROUNDS", "3"))
 VARIANTS = [("none", 0), ("o", 0), ("o+gate_up", 8 << 20), ("o+gate_up", 16 << 20), ("o+gate_up", 24 << 20)]
 
 
-@torch.no_grad()
-def main() -> None:
-    os.makedirs(OUT, exist_ok=True)
-    model = e2e.build_model()
-    originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
-    head = model.lm_head.weight.detach().to("cpu")
-    e2e.merge_projections(model)
-    doc = {"kind": "prefetch_step", "env": environment(), "ctx": e2e.CTX, "attend": "prep-in-split", "steps": []}
-    for mode in MODES:
-        if mode != "bf16":
-            spec, qmode, with_head = e2e.E2E_MODES[mode]
-            e2e.quantize_model(model, originals, spec, qmode, head=head, quantize_head=with_head)
-        variants = VARIANTS[:2] if mode == "bf16" else VARIANTS
-        for b in BATCHES:
-            for r in range(ROUNDS):
-                for prefetch, gu in variants:
-                    e2e.GATE_UP_PREFETCH_BYTES = gu or e2e.GATE_UP_PREFETCH_BYTES
-                    t = time.time()
-                    dec = e2e.StaticDecoder(model, b, compiled=True, attend="prep-in-split", prefetch=prefetch)
-                    ms = e2e._graph_ms(dec.step)
-                    doc["steps"].append({"mode": mode, "batch": b, "round": r, "prefetch": prefetch,
-                                         "gate_up_bytes": gu, "step_ms": ms, "seconds": time.time() - t})
-                    print(mode, b, r, prefetch, gu >> 20, round(ms, 4), flush=True)
-                    del dec
-                    torch.cuda.empty_cache()
-                    with open(os.path.join(OUT, "prefetch_step.json"), "w") as f:
-                        json.dump(doc, f, indent=1, default=str)
+def setup(prefetch: str, gate_up_bytes: int) -> dict:
+    if gate_up_bytes:
+        e2e.GATE_UP_PREFETCH_BYTES = gate_up_bytes
+    return {"attend": "prep-in-split", "prefetch": prefetch}
+
+
+def variants_for(mode: str) -> list:
+    return [({"prefetch": p, "gate_up_bytes": gu}, lambda p=p, gu=gu: setup(p, gu))
+            for p, gu in (VARIANTS[:2] if mode == "bf16" else VARIANTS)]
 
 
 if __name__ == "__main__":
-    main()
+    time_step_variants("prefetch_step", "prefetch_step.json", MODES, variants_for, BATCHES, ROUNDS,
+                       doc_extra={"attend": "prep-in-split"})

@@ -1,0 +1,43 @@
+"""The decode-step A/B benchmarks (``benchmarks/head_attention_b1.py``, ``prefetch_step.py``,
+``attention_merge_step.py`` on ``benchmarks/step_variants.py``) run only on the GPU machine; here their skeleton runs
+on a CPU with a tiny Qwen3, the bf16 variants of each, eager layers and a stub timer, so a broken script shows up
+before a GPU call is spent on it."""
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script,kind", [("head_attention_b1", "head_attention_b1"), ("prefetch_step", "prefetch_step"),
+                                         ("attention_merge_step", "attention_merge_step")])
+def test_step_benchmark_skeleton_runs_on_cpu(script, kind, monkeypatch, tmp_path):
+    from test_e2e_layers import tiny_model
+
+    from qwenquant.bench import e2e
+    from qwenquant.kernels import decode_attention as DA
+
+    for module, name in ((DA, "MERGE_IN_SPLIT"), (e2e, "GATE_UP_PREFETCH_BYTES")):  # the variants set them
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(e2e, "build_model", tiny_model)
+    monkeypatch.setattr(e2e, "compiled_layer_step", lambda: e2e._layer_step)
+    monkeypatch.setattr(e2e, "StaticDecoder", partial(e2e.StaticDecoder, ctx=16, device="cpu"))
+    timed = []
+    monkeypatch.setattr(e2e, "_graph_ms", lambda step: (timed.append(step()), 1.0)[1])
+    sys.modules.pop(script, None)
+    mod = __import__(script)
+    from step_variants import time_step_variants
+
+    doc = time_step_variants(kind, f"{kind}.json", ["bf16"], mod.variants_for, batches=(2,), rounds=2)
+    n = len(mod.variants_for("bf16"))
+    assert n >= 2 and len(doc["steps"]) == 2 * n == len(timed)
+    assert all(s["mode"] == "bf16" and s["batch"] == 2 and s["step_ms"] == 1.0 for s in doc["steps"])
+    assert json.loads((tmp_path / f"{kind}.json").read_text())["steps"] == doc["steps"]
