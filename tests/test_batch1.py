@@ -99,3 +99,41 @@ def test_wrong_words_and_out_are_refused():
     words, sz = _operands()
     with pytest.raises(ValueError, match="batch1_gemm: out"):
         B.batch1_gemm(x, words, sz, 4, 128, out=torch.empty(2, 64, dtype=torch.bfloat16))
+
+
+def test_glu_input_of_odd_width_is_refused():
+    words, sz = _operands()
+    with pytest.raises(ValueError, match="odd width 1023"):
+        B.batch1_gemm(torch.randn(1, 1023, dtype=torch.bfloat16), words, sz, 4, 128, glu=True)
+    with pytest.raises(ValueError, match="in_features=256"):  # [gate | up] of 2 x 256 against K = 512 words
+        B.batch1_gemm(torch.randn(1, 512, dtype=torch.bfloat16), words, sz, 4, 128, glu=True)
+
+
+@pytest.mark.gpu
+@cuda
+def test_glu_prologue_on_the_down_projection_shape():
+    """The SiLU·mul prologue on Qwen3-8B's down projection (4096 × 12288, x = [gate | up] 24,576 wide): every batch-1
+    tile the tuner offers, M = 1 / 5 / 8, against the fp64 product on the exact Ŵ of ``glu_reference``'s input, into
+    NaN-filled results; and ``QuantLinear.forward_glu`` in fused mode against the fake-quant layer on silu · up."""
+    from qwenquant.numerics.activation import silu_mul
+    from qwenquant.kernels import wq_matmul as K
+    from qwenquant.runtime import fused
+    from tests.test_kernels import make_layer, rel_err
+
+    n, k = 4096, 12288
+    layer = make_layer(n, k, 4, 128, False, seed=5, device="cuda")
+    kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, 4, k)
+    wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, 4, k).double()
+    for m in (1, 5, 8):
+        gu = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+        ref = B.glu_reference(gu).double() @ wref.T
+        for bn, kb, warps, stages, sk in fused.BATCH1:
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+            y = B.batch1_gemm(gu, kt.words, kt.sz, 4, 128, bn=bn, kb=kb, num_warps=warps, num_stages=stages,
+                              split_k=sk, out=out, glu=True)
+            assert rel_err(y, ref) < 1e-2, (bn, kb, warps, stages, sk, m, rel_err(y, ref))
+    gu = torch.randn(2, 1, 2 * k, device="cuda", dtype=torch.bfloat16)
+    layer.mode = "fake"
+    y_fake = layer(silu_mul(gu))
+    layer.mode = "fused"
+    assert rel_err(layer.forward_glu(gu), y_fake.double()) < 1e-2
