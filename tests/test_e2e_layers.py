@@ -197,21 +197,3 @@ def test_attention_prefetch_changes_no_result_and_traces_as_one_graph():
         e2e.StaticDecoder(model, 1, ctx=16, device="cpu", attend="split", prefetch="l2")
     with pytest.raises(ValueError, match="attend='filled'"):
         e2e.StaticDecoder(model, 1, ctx=16, device="cpu", attend="filled", prefetch="o")
-
-
-@torch.no_grad()
-def test_glu_fused_into_the_down_projection_gives_the_same_step():
-    """``fuse_glu`` hands the merged gate / up output to the down projection's ``forward_glu`` (quantized models; a
-    bf16 down projection keeps the plain path): the decode step's logits are those of the separate SiLU·mul."""
-    model = tiny_model()
-    ids = torch.randint(0, 97, (2, 5))
-    originals = [getattr(p, n).weight.detach().clone() for p, n in e2e.decoder_linears(model)]
-    e2e.merge_projections(model)
-    e2e.quantize_model(model, originals, QuantSpec(4, 32, False), "fake")
-    steps = {}
-    for fuse in (False, True):
-        torch.manual_seed(1)
-        dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="prep-in-split", fuse_glu=fuse)
-        dec.ids = ids[:, -1:]
-        steps[fuse] = dec.step()
-    torch.testing.assert_close(steps[True], steps[False], rtol=1e-5, atol=1e-5)

@@ -82,12 +82,6 @@ SCRIPT = textwrap.dedent(
                 if bits in B.BITS_OK and m <= B.MAX_M:  # batch-1 kernel: 1 k-tile per step (K loops), then all at once
                     for bn, kb, sk in ((16, 1, 1), (32, 16, 1), (16, 1, 3)):  # split-K 3: shares of 1 or 2 k-tiles
                         note("batch1", B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb, split_k=sk), ref)
-                    if m == 3:  # the SiLU·mul prologue: x is [gate | up], 2K wide (3 of the MMA's 8 rows live)
-                        gu = torch.randn(m, 2 * k).half()
-                        ref_glu = B.glu_reference(gu).double() @ w.double().T
-                        for bn, kb, sk in ((16, 1, 1), (16, 1, 3)):
-                            note("batch1_glu", B.batch1_gemm(gu, kt.words, kt.sz, bits, g, bn=bn, kb=kb, split_k=sk,
-                                                             glu=True), ref_glu)
                 if bits in KT.SCALE_AFTER_BITS:  # stream-K: 3 or 5 programs, so runs end and start inside tiles
                     for progs, wa in ((3, True), (5, False)):
                         y = KT.ktiled_gemm(x, kt.words, kt.sz, bits, g, bm=16, bn=16, w_as_a=wa, scale_after=True,
@@ -125,14 +119,6 @@ SCRIPT = textwrap.dedent(
     for m in (1, 3, 20, 70):
         x = torch.randn(m, 512).half()
         note("fused_ktiled_layer", fused.fused_matmul(x, None, None, None, 4, 128, ops), x.double() @ w.double().T)
-    glu_calls, batch1 = [], B.batch1_gemm
-    B.batch1_gemm = lambda *a, **kw: (glu_calls.append(kw.get("glu", False)), batch1(*a, **kw))[1]
-    for m in (1, 5, 20):  # the SiLU·mul prologue in the batch-1 kernel (M <= 8), computed first above
-        gu = torch.randn(m, 1024).half()
-        note("fused_glu", fused.fused_matmul(gu, None, None, None, 4, 128, ops, glu=True),
-             B.glu_reference(gu).double() @ w.double().T)
-    B.batch1_gemm = batch1
-    assert glu_calls == [True, True], glu_calls  # M = 1 and 5 in the kernel; M = 20 took the k-tiled GEMM
     after = layer.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k_], before[k_]) for k_ in before)
     from qwenquant.kernels import w8a8
@@ -161,8 +147,7 @@ def test_kernels_match_reference_under_the_interpreter():
 
     worst = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(worst) == {"dequantize", "dequantize_ktiled", "gemv", "gemv2", "gemm", "gemm_wa", "ktiled", "ktiled_after",
-                          "ktiled_streamk", "ktiled_gemv", "batch1", "batch1_glu", "fused_ktiled_layer", "fused_glu",
-                          "int8_gemm", "int8_gemm_tma"}
+                          "ktiled_streamk", "ktiled_gemv", "batch1", "fused_ktiled_layer", "int8_gemm", "int8_gemm_tma"}
     # fp16 activations and fp16 output rounding: ~1e-3 relative; the reference is float64
     assert all(e < 5e-3 for e in worst.values()), worst
 

@@ -169,11 +169,7 @@ def _qkv(a, x):
     return (q.reshape(b, t, -1, a.head_dim), k.reshape(b, t, -1, a.head_dim), v.reshape(b, t, -1, a.head_dim))
 
 
-def _mlp(mlp, x, fuse_glu: bool = False):
-    """down(act(gate(x)) · up(x)). ``fuse_glu`` (merged gate / up, a QuantLinear down projection): the SiLU·mul goes to
-    ``QuantLinear.forward_glu`` — inside the batch-1 kernel in fused mode — instead of a compiled kernel of its own."""
-    if fuse_glu and hasattr(mlp, "gate_up_proj") and isinstance(mlp.down_proj, QuantLinear):
-        return mlp.down_proj.forward_glu(mlp.gate_up_proj(x))
+def _mlp(mlp, x):
     if hasattr(mlp, "gate_up_proj"):
         g, u = mlp.gate_up_proj(x).chunk(2, dim=-1)
     else:
@@ -182,7 +178,7 @@ def _mlp(mlp, x, fuse_glu: bool = False):
 
 
 def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False,
-                prep: bool | str = False, x=None, next_norm=None, prefetch: str = "none", fuse_glu: bool = False):
+                prep: bool | str = False, x=None, next_norm=None, prefetch: str = "none"):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``. Attention
     reads the first ``filled`` cache positions without a mask when given (positions 0 … pos: the same math as the
     mask, ``mask`` is then unused) — through our split-K kernels with ``split`` (``kernels/decode_attention.py``),
@@ -196,14 +192,13 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     at the end of each layer.
 
     ``prefetch`` (with ``split``, one of ``PREFETCH``): weights of the projections after the attention that its
-    kernel asks L2 for (:func:`_prefetch_operands`), so the o projection reads them from L2, not DRAM.
-    ``fuse_glu``: the MLP's SiLU·mul inside the down projection's kernel where it can (:func:`_mlp`)."""
+    kernel asks L2 for (:func:`_prefetch_operands`), so the o projection reads them from L2, not DRAM."""
     a = layer.self_attn
     b = h.shape[0]
     q, k, v = _qkv(a, layer.input_layernorm(h) if x is None else x)
     o = _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep, _prefetch_operands(layer, prefetch))
     h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-    h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), fuse_glu)
+    h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
     return h if next_norm is None else (h, next_norm(h))
 
 
@@ -313,10 +308,10 @@ class StaticDecoder:
     final norm after the last layer) in one compiled kernel (``_layer_step``'s ``next_norm``); e2e files without a
     ``fold_norm`` field ran an add kernel at the end of every layer.
     ``prefetch`` (one of ``PREFETCH``, with a split-K ``attend``): what the attention kernel asks L2 for while it runs
-    (``_layer_step``). ``fuse_glu``: the MLP's SiLU·mul in the down projection's batch-1 kernel (``_mlp``)."""
+    (``_layer_step``)."""
 
     def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda", compiled: bool = False,
-                 attend: str = "filled", fold_norm: bool = True, prefetch: str = "none", fuse_glu: bool = False):
+                 attend: str = "filled", fold_norm: bool = True, prefetch: str = "none"):
         if attend not in ATTEND:
             raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
         if prefetch not in PREFETCH:
@@ -343,7 +338,6 @@ class StaticDecoder:
         self.prep = {"prep": True, "prep-in-split": "in-split"}.get(attend, False)
         self.fold_norm = fold_norm
         self.prefetch = prefetch
-        self.fuse_glu = fuse_glu
 
     @torch.no_grad()
     def step(self):
@@ -358,9 +352,9 @@ class StaticDecoder:
                     self.prep)
             if self.fold_norm:  # each layer ends with the next one's input norm (the final norm after the last)
                 nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.norm
-                h, x = self.layer_fn(*args, x=x, next_norm=nxt, prefetch=self.prefetch, fuse_glu=self.fuse_glu)
+                h, x = self.layer_fn(*args, x=x, next_norm=nxt, prefetch=self.prefetch)
             else:
-                h = self.layer_fn(*args, prefetch=self.prefetch, fuse_glu=self.fuse_glu)
+                h = self.layer_fn(*args, prefetch=self.prefetch)
         return self.m.lm_head(x if self.fold_norm else m.norm(h))
 
 
@@ -393,7 +387,7 @@ def module_bytes(mod: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure(model, label: str, attend: str = "filled", prefetch: str = "none", fuse_glu: bool = False) -> dict:
+def measure(model, label: str, attend: str = "filled", prefetch: str = "none") -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     lin = linear_bytes(model)
@@ -411,12 +405,12 @@ def measure(model, label: str, attend: str = "filled", prefetch: str = "none", f
            "prefill_ms_trials": [t * 1e3 for t in ts], "decode": {},
            "peak_mem_bytes_after": {"prefill": torch.cuda.max_memory_allocated()}}  # running peak, phase by phase
     for b in BATCHES:
-        dec = StaticDecoder(model, b, compiled=True, attend=attend, prefetch=prefetch, fuse_glu=fuse_glu)
+        dec = StaticDecoder(model, b, compiled=True, attend=attend, prefetch=prefetch)
         ms = _graph_ms(dec.step)
         res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3}
         del dec
         if b == 1:  # the same step with eager (unfused) elementwise work, for reference
-            dec = StaticDecoder(model, b, compiled=False, attend=attend, prefetch=prefetch, fuse_glu=fuse_glu)
+            dec = StaticDecoder(model, b, compiled=False, attend=attend, prefetch=prefetch)
             res["decode"][b]["step_ms_eager"] = _graph_ms(dec.step)
             del dec
         torch.cuda.empty_cache()
@@ -430,7 +424,7 @@ def measure(model, label: str, attend: str = "filled", prefetch: str = "none", f
 
 
 def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
-        pdl: bool = False, attend: str = "prep-in-split", prefetch: str = "none", fuse_glu: bool = False) -> dict:
+        pdl: bool = False, attend: str = "prep-in-split", prefetch: str = "none") -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
@@ -439,9 +433,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way): by default since
     session 18 our split-K kernel with q / k norm, rotary and the cache write inside it (the fastest measured path for
     bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before.
-    ``prefetch``: what that attention kernel asks L2 for (``PREFETCH``; ``StaticDecoder``), every mode alike.
-    ``fuse_glu``: the SiLU·mul inside the down projection's batch-1 kernel (quantized modes; bf16 keeps the compiled
-    kernel, which is what a bf16 engine runs)."""
+    ``prefetch``: what that attention kernel asks L2 for (``PREFETCH``; ``StaticDecoder``), every mode alike."""
     import json
 
     from qwenquant.bench.hw import environment
@@ -474,7 +466,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     if merged:
         merge_projections(model)
         torch.cuda.empty_cache()
-    results = [measure(model, "bf16", attend, prefetch, fuse_glu)]
+    results = [measure(model, "bf16", attend, prefetch)]
     head = model.lm_head.weight.detach().to("cpu")
     summary = {}
 
@@ -497,7 +489,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                              "prep-in-split": f"split-K kernels over the {CTX // 2 + 1} filled positions, q / k norm, "
                                               "rotary and the cache write inside the split kernel",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
-               "fold_norm": True, "prefetch": prefetch, "fuse_glu": fuse_glu,
+               "fold_norm": True, "prefetch": prefetch,
                "attention_merge": "split" if DA.MERGE_IN_SPLIT else "launch",
                **({"gate_up_prefetch_bytes": GATE_UP_PREFETCH_BYTES} if prefetch == "o+gate_up" else {}),
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
@@ -516,7 +508,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         quantize_model(model, originals, spec, mode, head=head, quantize_head=with_head)
         log.info("quantized %s in %.0fs", name, time.time() - t)
         try:
-            results.append(measure(model, name, attend, prefetch, fuse_glu))
+            results.append(measure(model, name, attend, prefetch))
         except (RuntimeError, ValueError) as e:
             log.warning("e2e %s failed: %s", name, str(e)[:500])
         save()

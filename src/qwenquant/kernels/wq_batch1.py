@@ -44,7 +44,6 @@ from qwenquant.kernels.tiles import result_tensor
 from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _scale_and_zneg,
                                          split_k_workspace)
 from qwenquant.numerics.ktiled import SUB, tile_columns
-from qwenquant.numerics.activation import silu_mul as glu_reference  # the math the GLU prologue computes
 
 MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
 BITS_OK = (2, 4)
@@ -53,10 +52,9 @@ BITS_OK = (2, 4)
 @triton.jit
 def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, tiles_per_split,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                   KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, GLU: tl.constexpr = False):
+                   KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr):
     """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program (or its share of K when SPLITS > 1): KB k-tiles per step,
-    every word of a step in one load. ``GLU``: x's rows are [gate | up] (2K columns) and the kernel multiplies by
-    silu(gate) · up, computed in fp32 and rounded once to x's dtype as it loads them (``glu_reference``)."""
+    every word of a step in one load."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK  # columns per k-tile
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per scale group inside a k-tile
@@ -87,13 +85,8 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride
             wt = _field_minus_zero(w, zneg[:, :, None] + tl.zeros(w.shape, zneg.dtype), t, BITS, BPW, IS_BF16,
                                    LOP3)  # [KB, BN, SUB] code - zero
             # x slice t of every k-tile, transposed for the MMA: [KB, SUB, BM]
-            x_at = x_ptr + rm[None, None, :] * stride_xm + (col0 + t * SUBK)[:, None, None] + rj[None, :, None]
-            if GLU:  # the gate and up halves of the row, SiLU(gate) · up in fp32, one rounding
-                gate = tl.load(x_at, mask=m_mask[None, None, :], other=0.0).to(tl.float32)
-                up = tl.load(x_at + K, mask=m_mask[None, None, :], other=0.0).to(tl.float32)
-                xt = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
-            else:
-                xt = tl.load(x_at, mask=m_mask[None, None, :], other=0.0)
+            xt = tl.load(x_ptr + rm[None, None, :] * stride_xm + (col0 + t * SUBK)[:, None, None] + rj[None, :, None],
+                         mask=m_mask[None, None, :], other=0.0)
             if t % FOLD == 0:
                 part = tl.dot(wt, xt)  # [KB, BN, BM]: one partial sum per k-tile
             else:
@@ -120,8 +113,7 @@ def steps_for(k: int, bits: int, kb: int, split_k: int = 1) -> tuple[int, int, i
 
 
 def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, kb: int = 8,
-                num_warps: int = 4, num_stages: int = 1, split_k: int = 1, out: Tensor | None = None,
-                glu: bool = False) -> Tensor:
+                num_warps: int = 4, num_stages: int = 1, split_k: int = 1, out: Tensor | None = None) -> Tensor:
     """x2 [M <= 16, K] bf16/fp16 with the k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype. ``bn`` weight rows per program (a multiple of 16), ``kb`` k-tiles per step (a power of two;
     lowered to one that divides a split's k-tiles). The MMA's N is 8 for M <= 8 (mma.m16n8k16), else 16.
@@ -132,14 +124,10 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     16 KB shared — three programs and 48 KB of words in flight per SM; 3.9 SASS instructions per weight in all.
     ``num_stages`` > 1 lets Triton copy the next step's words and x ahead through shared memory (x padded to BM rows
     there: 16 k-tiles at 2 stages took 166 KB with N = 16 on 8 warps, 100 KB with N = 8 on 4 warps). ``out``: the
-    [M, N] result tensor (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN.
-    ``glu``: x2 is [M, 2K] = [gate | up] (a merged gate / up projection's output) and y = (silu(gate) · up) · Ŵᵀ, the
-    SiLU·mul done in the x load (``glu_reference``'s math) instead of a kernel of its own before this one."""
+    [M, N] result tensor (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN."""
     if x2.dim() != 2:
         raise ValueError(f"batch1_gemm takes x as [M, K], got {tuple(x2.shape)}")
-    if glu and x2.shape[1] % 2:
-        raise ValueError(f"batch1_gemm(glu=True) takes x as [M, 2K] = [gate | up], got an odd width {x2.shape[1]}")
-    m, k = x2.shape[0], x2.shape[1] // (2 if glu else 1)
+    m, k = x2.shape
     n = words.shape[0]
     if bits not in BITS_OK:
         raise ValueError(f"batch1_gemm runs {BITS_OK}-bit weights (scale after the MMA), got bits={bits}; use ktiled_gemm")
@@ -151,32 +139,13 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
         raise ValueError(f"batch1_gemm: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
-    _check_operands(x2[:, :k], words, sz, bits, group)
+    _check_operands(x2, words, sz, bits, group)
     y = result_tensor(x2, n, out, "batch1_gemm")
     kb, per, splits = steps_for(k, bits, kb, split_k)
     blocks = triton.cdiv(n, bn)
     ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)
     launch_kernel(
         _batch1_kernel, (blocks, splits), (x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per),
-        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
-        GLU=glu, num_warps=num_warps, num_stages=num_stages)
+        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED, num_warps=num_warps,
+        num_stages=num_stages)
     return y
-
-
-def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4, splits: int = 1, glu: bool = False,
-                     bits: int = 4, group: int = 128, m: int = 1):
-    """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
-    specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
-    Qwen3-8B's down projection at M = 1. The CPU tests compare registers and spills with and without ``glu``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "tiles_per_split": "i32"}
-    const = {"GROUP": group, "BITS": bits, "SUBK": SUB, "BN": bn, "BM": 8 if m <= 8 else 16, "KB": kb, "SPLITS": splits,
-             "LOP3": True, "GLU": glu}
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("M", "tiles_per_split")}
-    sig.update({name: "constexpr" for name in const})
-    return triton.compile(ASTSource(fn=_batch1_kernel, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})

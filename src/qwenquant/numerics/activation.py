@@ -33,11 +33,3 @@ def fake_quantize_per_token(x: Tensor, bits: int) -> Tensor:
     """Quantize-dequantize in x's dtype (the float path of a W·A8 model)."""
     q, scale = quantize_per_token(x, bits)
     return (q.float() * scale).to(x.dtype)
-
-
-def silu_mul(gu: Tensor) -> Tensor:
-    """[..., 2K] = [gate | up] -> silu(gate) · up [..., K] (a SwiGLU MLP's activation), in fp32 with one rounding to
-    gu's dtype: what torch.compile's fused kernel for ``F.silu(g) * u`` computes, and what the batch-1 kernel's GLU
-    prologue (``kernels/wq_batch1.py``) feeds its MMA."""
-    g, u = gu.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(g) * u).to(gu.dtype)

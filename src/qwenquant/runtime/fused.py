@@ -305,11 +305,7 @@ def _triton_configs(m: int, k: int, group: int, bits: int) -> dict[str, tuple]:
 
 
 def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bits: int, group: int,
-         ops: FusedOperands | None = None, glu: bool = False) -> Tensor:
-    if glu:  # x2 is [gate | up]: only the batch-1 kernel takes it (``fused_matmul`` offers nothing else then)
-        if kind != "batch1":
-            raise ValueError(f"the SiLU·mul prologue (glu) runs in the batch-1 kernel only, not {kind!r}")
-        return B1.batch1_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg, glu=True)
+         ops: FusedOperands | None = None) -> Tensor:
     if kind == "tinygemm":
         tiny = ops.tiny
         return torch.ops.aten._weight_int4pack_mm(x2, tiny.packed, tiny.group, tiny.scale_zero)
@@ -333,33 +329,10 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
 
 
 def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | None, bits: int, group: int,
-                 ops: FusedOperands | None = None, glu: bool = False) -> Tensor:
+                 ops: FusedOperands | None = None) -> Tensor:
     """x2 [M, K] -> [M, N]: the tuned fused kernel for this shape. ``qw, s, z`` are the checkpoint tensors, or
     None when the layer holds only the k-tiled layout (``ops.ktiled``); ``ops`` adds the kernels on the
-    repacked layouts: tinygemm (x bf16 only, its one activation dtype) and ktiled.
-
-    ``glu``: x2 is [M, 2K] = [gate | up] and the product is (silu(gate) · up) · Ŵᵀ. Where the batch-1 kernel runs
-    (k-tiled layer, M <= ``BATCH1_MAX_M``, its bit widths) the tuner picks among its tiles with the SiLU·mul in their
-    x load — one kernel fewer per MLP; elsewhere the SiLU·mul runs first (``wq_batch1.glu_reference``) and then the
-    usual tuned kernel."""
-    if glu:
-        k = x2.shape[1] // 2
-        if x2.shape[1] % 2 or not (ops is not None and ops.ktiled is not None and x2.shape[0] <= BATCH1_MAX_M
-                                   and bits in B1.BITS_OK):
-            return fused_matmul(B1.glu_reference(x2), qw, s, z, bits, group, ops)
-        configs = {name: kc for name, kc in _configs(m_bucket(x2.shape[0]), k, group, bits, ktiled=True).items()
-                   if kc[0] == "batch1"}
-        if not configs:
-            return fused_matmul(B1.glu_reference(x2), qw, s, z, bits, group, ops)
-        key = ("glu", bits, group, ops.ktiled.words.shape[0], k, m_bucket(x2.shape[0]), x2.dtype)
-        hit = TUNER.choices.get(key)
-        if hit is None:
-            cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, ops, glu=True))
-                     for name, kc in configs.items()}
-            name = TUNER.pick(key, cands)
-        else:
-            name = hit[0]
-        return _run(*configs[name], x2, qw, s, z, bits, group, ops, glu=True)
+    repacked layouts: tinygemm (x bf16 only, its one activation dtype) and ktiled."""
     m, k = x2.shape
     use_tiny = ops is not None and ops.tiny is not None and x2.dtype == torch.bfloat16
     use_kt = ops is not None and ops.ktiled is not None
@@ -378,20 +351,15 @@ def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | No
     return _run(*configs[name], x2, qw, s, z, bits, group, ops)
 
 
-def forward_fused(layer, x: Tensor, glu: bool = False) -> Tensor:
-    """``layer``'s product in fused mode; ``glu``: x is [..., 2 · in_features] = [gate | up] and the layer computes
-    silu(gate) · up first (``QuantLinear.forward_glu``), inside the kernel where ``fused_matmul`` can."""
-    width = layer.in_features * (2 if glu else 1)
-    if glu and x.shape[-1] != width:
-        raise ValueError(f"forward_glu takes [..., 2 x {layer.in_features}] = [gate | up], got {tuple(x.shape)}")
-    bits, group = check_layer(layer, x if not glu else x[..., :layer.in_features])
-    x2 = x.reshape(-1, width)
+def forward_fused(layer, x: Tensor) -> Tensor:
+    bits, group = check_layer(layer, x)
+    x2 = x.reshape(-1, layer.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     ops = _operands(layer, bits, group, x2.shape[0])
     # a k-tiled layer has no checkpoint tensors: only the kernels on its layout (ops.ktiled) run
     ckpt = (layer.qweight, layer.scale, layer.zero) if layer.layout == "checkpoint" else (None, None, None)
-    y = fused_matmul(x2, *ckpt, bits, group, ops, glu=glu)
+    y = fused_matmul(x2, *ckpt, bits, group, ops)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)

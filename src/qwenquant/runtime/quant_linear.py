@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qwenquant.numerics.activation import check_act_bits, fake_quantize_per_token, silu_mul
+from qwenquant.numerics.activation import check_act_bits, fake_quantize_per_token
 from qwenquant.numerics.affine import QuantizedWeight, QuantSpec, affine_from_tensors, affine_to_tensors
 from qwenquant.runtime.layouts import get_layout
 
@@ -203,17 +203,6 @@ class QuantLinear(nn.Module):
             x = fake_quantize_per_token(x, self.act_bits)
         return self._forward(self, x)
 
-    def forward_glu(self, gu: Tensor) -> Tensor:
-        """This layer applied to silu(gate) · up, for ``gu`` [..., 2 · in_features] = [gate | up] (a merged gate / up
-        projection's output: the MLP's down projection). In ``fused`` mode the SiLU·mul runs inside the batch-1
-        kernel's x load where that kernel serves the batch (decode, M <= 8), saving the elementwise kernel before it;
-        in every other mode and batch it is computed first, in fp32 with one rounding (``silu_mul``), then the mode."""
-        if gu.shape[-1] != 2 * self.in_features:
-            raise ValueError(f"forward_glu takes [..., 2 x {self.in_features}] = [gate | up], got {tuple(gu.shape)}")
-        if self._mode == "fused" and self.act_bits is None:
-            return _forward_fused_glu(self, gu)
-        return self(silu_mul(gu))
-
     def _device(self) -> torch.device:
         return next(b for n, b in self.named_buffers(recurse=False) if n != "bias").device
 
@@ -235,13 +224,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, meta={self.meta}, act_bits={self.act_bits}, "
                 f"mode={self.mode}, layout={self.layout}")
-
-
-@torch.compiler.disable
-def _forward_fused_glu(layer: QuantLinear, gu: Tensor) -> Tensor:
-    from qwenquant.runtime.fused import forward_fused
-
-    return forward_fused(layer, gu, glu=True)
 
 
 def set_execution_mode(model: nn.Module, mode: str) -> int:
