@@ -1,7 +1,8 @@
 """Where the ``w4g128-fused+head`` e2e mode's 53 GB peak comes from (session 18: 53.3 GB against 16.6 GB without the
 W4 head): GPU memory above the resident set while one W4 g128 layer of the lm_head's shape (151,936 × 4096) — and,
 for comparison, the gate / up shape (24,576 × 4096) — runs its first call at each M (which tunes: every candidate
-timed in its own CUDA graph) and its second (no tuning).
+timed in its own CUDA graph; at M = 1 also the in-place conversion to the k-tiled layout, which session 19 found to be
+the whole peak) and its second (no tuning). ``resident_gb`` before the M = 1 call is the checkpoint layout's.
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/head_tuning_memory.py   # -> $OUT/head_tuning_memory.json
 """
@@ -32,7 +33,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         for m in (1, 8, 32, 128):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-            for call in ("first (tunes)", "second"):
+            for call in ("first (converts the layout at M = 1, tunes)", "second"):
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()

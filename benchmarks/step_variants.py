@@ -25,6 +25,11 @@ def time_step_variants(kind: str, out_name: str, modes: Iterable[str], variants_
                        batches: Iterable[int] = (1,), rounds: int = 1, doc_extra: dict | None = None) -> dict:
     """Build the model once; for each mode (``bf16`` or an ``e2e.E2E_MODES`` name, quantized in that order), batch and
     round, time every variant of ``variants_for(mode)`` round-robin. Writes ``$OUT/<out_name>`` and returns the doc."""
+    modes = list(modes)
+    unknown = [m for m in modes if m != "bf16" and m not in e2e.E2E_MODES]
+    if unknown or ("bf16" in modes and modes[0] != "bf16"):  # before minutes of model building
+        raise ValueError(f"modes {modes}: expected 'bf16' (first: nothing restores the bf16 projections after a "
+                         f"quantized mode) and names of e2e.E2E_MODES; unknown: {unknown}")
     out_dir = os.environ.get("OUT", "runs")
     os.makedirs(out_dir, exist_ok=True)
     model = e2e.build_model()

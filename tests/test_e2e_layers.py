@@ -179,10 +179,24 @@ def test_attention_prefetch_changes_no_result_and_traces_as_one_graph():
         ref = logits("none")
         for what in ("o", "o+gate_up"):
             torch.testing.assert_close(logits(what), ref, rtol=0, atol=0)
-    layer = model.model.layers[0]
-    words, second = e2e._prefetch_operands(layer, "o")
-    assert words.numel() * words.element_size() >= second.numel() * second.element_size()  # largest first
-    assert e2e._prefetch_operands(layer, "o+gate_up")[1].numel() > 0
+    assert e2e._prefetch_operands(model.model.layers[0], "o") == (None, None)  # checkpoint layout: nothing a
+    # fused kernel reads; k-tiled (as a fused mode's first forward leaves a layer): its words, then its scales
+    from types import SimpleNamespace
+
+    from qwenquant.numerics import quantize_weight
+    from qwenquant.runtime.quant_linear import QuantLinear
+
+    o, gate_up = (QuantLinear.from_weight(quantize_weight(torch.randn(n, 256), QuantSpec(4, 128, False)))
+                  for n in (64, 128))
+    for lin in (o, gate_up):
+        lin.set_layout("ktiled")
+    layer = SimpleNamespace(self_attn=SimpleNamespace(o_proj=o), mlp=SimpleNamespace(gate_up_proj=gate_up))
+    words, scales = e2e._prefetch_operands(layer, "o")
+    assert words is o.words and scales is o.sz
+    gu = e2e._prefetch_operands(layer, "o+gate_up")[1]
+    assert gu.numel() > 0 and gu.data_ptr() == gate_up.words.data_ptr()
+    layer.self_attn.o_proj = torch.nn.Linear(256, 64)  # bf16 model: the weight
+    assert e2e._prefetch_operands(layer, "o")[0] is layer.self_attn.o_proj.weight
 
     dec = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="split", prefetch="o")
     m = model.model
@@ -197,3 +211,5 @@ def test_attention_prefetch_changes_no_result_and_traces_as_one_graph():
         e2e.StaticDecoder(model, 1, ctx=16, device="cpu", attend="split", prefetch="l2")
     with pytest.raises(ValueError, match="attend='filled'"):
         e2e.StaticDecoder(model, 1, ctx=16, device="cpu", attend="filled", prefetch="o")
+    with pytest.raises(ValueError, match="merged gate / up"):
+        e2e.StaticDecoder(tiny_model(), 1, ctx=16, device="cpu", attend="split", prefetch="o+gate_up")

@@ -127,7 +127,12 @@ def test_packing_in_row_blocks_equals_packing_at_once(monkeypatch, bits):
     if kt is not None:
         assert torch.equal(KT.pack_ktiled(whole[0], bits, 512), kt)
         assert torch.equal(KT.unpack_ktiled(kt, bits, 512), whole[0])
-    with pytest.raises(ValueError, match="codes out of range"):
+    with pytest.raises(ValueError, match=f"codes out of range for {bits} bits: min 0, max {2**bits}"):
         bad = codes.clone().to(torch.int64)
-        bad[2, 6, 0] = 2**bits
+        bad[2, 6, 0] = 2**bits  # in the last block: the message reports the whole tensor's range
         packing.pack(bad, bits)
+    if kt is not None:
+        with pytest.raises(ValueError, match=r"pack_ktiled takes checkpoint bytes \[N, "):
+            KT.pack_ktiled(whole, bits, 512)  # 3-D: refused at every size, not only below the block size
+        with pytest.raises(ValueError, match=r"unpack_ktiled takes k-tiled words"):
+            KT.unpack_ktiled(kt[:, :-1], bits, 512)

@@ -41,3 +41,15 @@ def test_step_benchmark_skeleton_runs_on_cpu(script, kind, monkeypatch, tmp_path
     assert n >= 2 and len(doc["steps"]) == 2 * n == len(timed)
     assert all(s["mode"] == "bf16" and s["batch"] == 2 and s["step_ms"] == 1.0 for s in doc["steps"])
     assert json.loads((tmp_path / f"{kind}.json").read_text())["steps"] == doc["steps"]
+
+
+def test_step_benchmark_modes_are_checked_before_the_model_is_built(monkeypatch):
+    from qwenquant.bench import e2e
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(e2e, "build_model", lambda: pytest.fail("built the model before checking the modes"))
+    from step_variants import time_step_variants
+
+    for modes in (["w4g128-fused", "bf16"], ["bf16", "w4g128-fast"]):
+        with pytest.raises(ValueError, match="expected 'bf16' \\(first"):
+            time_step_variants("x", "x.json", modes, lambda mode: [])

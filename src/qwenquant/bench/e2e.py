@@ -203,10 +203,13 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
 
 
 def _streamed_weights(lin) -> list:
-    """The tensors a projection's forward streams from DRAM, largest first: a QuantLinear's resident buffers (the
-    k-tiled words and scales once a fused mode converted them; a native mode's own operand is not among them), a plain
-    linear's weight."""
-    ts = list(lin.storage_tensors().values()) if isinstance(lin, QuantLinear) else [lin.weight]
+    """The tensors a projection's forward streams from DRAM, largest first: a QuantLinear's k-tiled words and scales
+    (what the fused kernels read, once the first forward converted the layer), a plain linear's weight; nothing for
+    other QuantLinears (the checkpoint layout before that conversion, a native mode's own operand copy)."""
+    if isinstance(lin, QuantLinear):
+        ts = list(lin.storage_tensors().values()) if lin.layout == "ktiled" else []
+    else:
+        ts = [lin.weight]
     return sorted(ts, key=lambda t: -t.numel() * t.element_size())
 
 
@@ -216,13 +219,13 @@ def _prefetch_operands(layer, prefetch: str) -> tuple:
         return None, None
     if prefetch not in PREFETCH:
         raise ValueError(f"prefetch={prefetch!r}: expected one of {', '.join(PREFETCH)}")
-    o = _streamed_weights(layer.self_attn.o_proj)
+    o = _streamed_weights(layer.self_attn.o_proj) + [None, None]
     if prefetch == "o":
-        return o[0], (o[1] if len(o) > 1 else None)
+        return o[0], o[1]
     if not hasattr(layer.mlp, "gate_up_proj"):
         raise ValueError("prefetch='o+gate_up' needs the merged gate / up projection (merge_projections)")
-    gu = _streamed_weights(layer.mlp.gate_up_proj)[0].reshape(-1)
-    return o[0], gu[: GATE_UP_PREFETCH_BYTES // gu.element_size()]
+    gu = _streamed_weights(layer.mlp.gate_up_proj)
+    return o[0], (gu[0].reshape(-1)[: GATE_UP_PREFETCH_BYTES // gu[0].element_size()] if gu else None)
 
 
 def _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep, prefetch=(None, None)):
@@ -319,6 +322,8 @@ class StaticDecoder:
         if prefetch != "none" and attend not in ("split", "prep", "prep-in-split"):
             raise ValueError(f"prefetch={prefetch!r} is done by the split-K attention kernel; attend={attend!r} "
                              "does not run it (use split, prep or prep-in-split)")
+        if prefetch == "o+gate_up" and not all(hasattr(layer.mlp, "gate_up_proj") for layer in model.model.layers):
+            raise ValueError("prefetch='o+gate_up' needs the merged gate / up projection (merge_projections)")
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
         self.rope = apply_rotary_pos_emb

@@ -65,7 +65,9 @@ _RETIRED: list[Tensor] = []
 def meet_counters(device, n: int) -> Tensor:
     """n zeroed int32 counters for the split programs' meeting, one set per device, grown on demand and kept: the
     merging program re-zeroes its counter, so calls and CUDA-graph replays share them without a memset. Growing is
-    refused during graph capture (run the batch once eagerly first, as the decode step's warm-up does)."""
+    refused during graph capture (run the batch once eagerly first, as the decode step's warm-up does). One stream at a
+    time: two merging attention calls in flight at once on one device (two streams, two graphs replayed concurrently)
+    would share the counters."""
     key = str(device)
     cnt = _COUNTERS.get(key)
     if cnt is None or cnt.numel() < n:
@@ -74,7 +76,7 @@ def meet_counters(device, n: int) -> Tensor:
                                "this batch size once eagerly before capturing")
         if cnt is not None:  # graphs captured earlier still point at the old counters: keep them alive
             _RETIRED.append(cnt)
-        cnt = torch.zeros(max(n, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
+        cnt = torch.zeros(n, device=device, dtype=torch.int32)
         _COUNTERS[key] = cnt
     return cnt
 
@@ -145,7 +147,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, filled: int, prefetch=None, prefetch2=Non
 def prefetch_regions(tensors, device) -> list[tuple[int, int]]:
     """(device address, bytes) of at most ``MAX_PREFETCH`` of ``tensors`` for the split kernel's L2 hints: contiguous
     CUDA tensors on ``device`` with a 16-byte aligned start, their length rounded down to 16 bytes (a hint may cover
-    less than asked). None where the bulk prefetch cannot compile (before sm_90, Triton's interpreter)."""
+    less than asked). Empty where the bulk prefetch cannot compile (before sm_90, Triton's interpreter)."""
     from qwenquant.kernels.overlap import prefetch_ok
 
     tensors = [t for t in tensors or () if t is not None]
@@ -183,7 +185,7 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
         sq_b, sq_h = q.stride(0), q.stride(1)
         extra = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0, 0)  # unread without PREP
     regions = prefetch_regions(prefetch, q.device)
-    pf = [v for r in regions for v in r] + [0, 0] * (MAX_PREFETCH - len(regions))
+    pf = [field for region in regions for field in region] + [0, 0] * (MAX_PREFETCH - len(regions))
     meet = MERGE_IN_SPLIT and splits > 1
     cnt = meet_counters(q.device, b * hkv) if meet else out
     _decode_attention_split[(b * hkv, splits)](
@@ -365,7 +367,9 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                "kn_ptr": ptr, "vn_ptr": ptr, "qw_ptr": ptr, "kw_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr,
                "pos_ptr": "*i64", "eps": "fp32",
                **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")},
-               **{name: "i64" for name in ("pf_addr0", "pf_bytes0", "pf_addr1", "pf_bytes1")}, "cnt_ptr": "*i32",
+               # as the launcher's ints are typed: addresses i64, byte counts (< 2**31) i32; cnt_ptr is ``out`` unless MEET
+               "pf_addr0": "i64", "pf_bytes0": "i32", "pf_addr1": "i64", "pf_bytes1": "i32",
+               "cnt_ptr": "*i32" if meet and splits > 1 else ptr,
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
                "PREP": "constexpr", "PREFETCH": "constexpr", "MEET": "constexpr", "SPLITS_P2": "constexpr"}
         consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qwenquant.numerics.packing import _by_row_blocks, pack, unpack
+from qwenquant.numerics.packing import by_row_blocks, pack, unpack
 
 SUB = 32  # columns per shifted slice = depth of each tl.dot in the k-tiled GEMM
 
@@ -47,7 +47,10 @@ def pack_ktiled(qweight: Tensor, bits: int, k: int) -> Tensor:
     cpw, t = 32 // bits, tile_columns(bits)
     if k % t:
         raise ValueError(f"k-tiled layout needs in_features divisible by {t} for {bits}-bit, got {k}")
-    return _by_row_blocks(lambda q: _pack_ktiled_rows(q, bits, k), qweight, k, k // cpw, torch.int32)
+    if qweight.dim() != 2 or qweight.shape[1] != k * bits // 8:
+        raise ValueError(f"pack_ktiled takes checkpoint bytes [N, {k * bits // 8}] ({bits}-bit, in_features={k}), got "
+                         f"{tuple(qweight.shape)}")
+    return by_row_blocks(lambda q: _pack_ktiled_rows(q, bits, k), qweight, k, k // cpw, torch.int32)
 
 
 def _pack_ktiled_rows(qweight: Tensor, bits: int, k: int) -> Tensor:
@@ -63,7 +66,10 @@ def _pack_ktiled_rows(qweight: Tensor, bits: int, k: int) -> Tensor:
 
 def unpack_ktiled(words: Tensor, bits: int, k: int) -> Tensor:
     """Inverse of ``pack_ktiled``: k-tiled words -> checkpoint bytes [N, K·bits/8] uint8 (in row blocks, as it)."""
-    return _by_row_blocks(lambda w: _unpack_ktiled_rows(w, bits, k), words, k, k * bits // 8, torch.uint8)
+    if words.dim() != 2 or words.shape[1] != k * bits // 32:
+        raise ValueError(f"unpack_ktiled takes k-tiled words [N, {k * bits // 32}] ({bits}-bit, in_features={k}), got "
+                         f"{tuple(words.shape)}")
+    return by_row_blocks(lambda w: _unpack_ktiled_rows(w, bits, k), words, k, k * bits // 8, torch.uint8)
 
 
 def _unpack_ktiled_rows(words: Tensor, bits: int, k: int) -> Tensor:

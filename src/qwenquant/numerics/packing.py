@@ -34,7 +34,7 @@ def _check(n: int, bits: int) -> None:
 CHUNK_CODES = 1 << 22
 
 
-def _by_row_blocks(fn, x: Tensor, codes: int, n_out: int, dtype: torch.dtype) -> Tensor:
+def by_row_blocks(fn, x: Tensor, codes: int, n_out: int, dtype: torch.dtype) -> Tensor:
     """``fn`` ([r, x's last dim] -> [r, n_out]) over the rows of ``x`` in blocks of at most ``CHUNK_CODES`` codes
     (``codes`` per row; at least one row), into one preallocated [..., n_out] result; small tensors in one call."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -52,14 +52,14 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     """[..., n] integer codes in [0, 2**bits) -> [..., n*bits/8] uint8."""
     n = codes.shape[-1]
     _check(n, bits)
-    return _by_row_blocks(lambda c: _pack_rows(c, bits), codes, n, n * bits // 8, torch.uint8)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):  # whole tensor, before any block
+        raise ValueError(f"codes out of range for {bits} bits: min {int(codes.min())}, max {int(codes.max())}")
+    return by_row_blocks(lambda c: _pack_rows(c, bits), codes, n, n * bits // 8, torch.uint8)
 
 
 def _pack_rows(codes: Tensor, bits: int) -> Tensor:
     n = codes.shape[-1]
     c = codes.to(torch.int64)
-    if c.numel() and (c.min() < 0 or c.max() >= 2**bits):
-        raise ValueError(f"codes out of range for {bits} bits: min {int(c.min())}, max {int(c.max())}")
     if bits == 8:
         return c.to(torch.uint8)
     # Split each code into its bits, lay them out as one stream, regroup by 8.
@@ -75,7 +75,7 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     _check(n, bits)
     if packed.shape[-1] != n * bits // 8:
         raise ValueError(f"expected {n * bits // 8} bytes per row for {n} codes of {bits} bits, got {packed.shape[-1]}")
-    return _by_row_blocks(lambda p: _unpack_rows(p, bits, n), packed, n, n, torch.uint8)
+    return by_row_blocks(lambda p: _unpack_rows(p, bits, n), packed, n, n, torch.uint8)
 
 
 def _unpack_rows(packed: Tensor, bits: int, n: int) -> Tensor:
