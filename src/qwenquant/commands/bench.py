@@ -9,7 +9,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="GEMM / end-to-end speed per execution mode against bf16 (GPU); report")
     p.add_argument("what", choices=("gemm", "e2e", "report"))
     p.add_argument("--models", default="qwen3-8b", help="gemm: comma-separated of qwen3-0.6b,qwen3-8b,qwen3-8b-merged,qwen3-32b,qwen3-30b-a3b")
-    p.add_argument("--modes", default=None, help="gemm: comma-separated mode names (default: all)")
+    p.add_argument("--modes", default=None, help="comma-separated mode names (default: all): gemm — of bench.gemm.MODES; "
+                   "e2e — of bench.e2e.E2E_MODES (bf16 always runs first)")
+    p.add_argument("--attend", default="prep-in-split", help="e2e: the decode attention of every mode (bench.e2e.ATTEND: "
+                   "filled, split, prep, prep-in-split, masked)")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--results", default="benchmarks/results", help="report: folder of result JSON")
     p.set_defaults(run=run)
@@ -22,16 +25,23 @@ def run(args) -> dict:
         return render(args.results)
     import torch
 
+    modes = None if args.modes is None else [m for m in args.modes.split(",") if m]
+    if args.what == "e2e":  # names checked here, on any machine, before minutes of model building on a GPU
+        from qwenquant.bench import e2e
+
+        unknown = [m for m in modes or () if m not in e2e.E2E_MODES]
+        if unknown:
+            raise ValueError(f"bench e2e: unknown mode(s) {unknown}; known: {', '.join(e2e.E2E_MODES)}")
+        if args.attend not in e2e.ATTEND:
+            raise ValueError(f"bench e2e: --attend {args.attend!r}; expected one of {', '.join(e2e.ATTEND)}")
     if not torch.cuda.is_available():
         raise ValueError("bench gemm/e2e measure GPU kernels and need CUDA; `bench report` renders stored results on any machine")
     if args.what == "gemm":
         from qwenquant.bench import gemm
 
-        res = gemm.run(models=args.models.split(","), modes=None if args.modes is None else args.modes.split(","))
+        res = gemm.run(models=args.models.split(","), modes=modes)
     else:
-        from qwenquant.bench import e2e
-
-        res = e2e.run(out_path=args.out)
+        res = e2e.run(modes=tuple(modes) if modes else tuple(e2e.E2E_MODES), out_path=args.out, attend=args.attend)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, default=str)
