@@ -1,7 +1,7 @@
-"""Shared skeleton of the decode-step A/B benchmarks (``head_attention_b1.py``, ``prefetch_step.py``,
-``attention_merge_step.py``): the e2e benchmark's Qwen3-8B step (random weights, merged projections, compiled layer
-step, CUDA-graph replay: ``bench.e2e``) timed per mode × batch × round × variant, one fresh decoder and graph per
-timing, the JSON rewritten after every timing so a run cut short keeps what it measured.
+"""Skeleton of the decode-step A/B benchmarks (``head_attention_b1.py``; session 19's L2-prefetch and in-split-merge
+runs used it too, before those options were removed): the e2e benchmark's Qwen3-8B step (random weights, merged
+projections, compiled layer step, CUDA-graph replay: ``bench.e2e``) timed per mode × batch × round × variant, one fresh
+decoder and graph per timing, the JSON rewritten after every timing so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations

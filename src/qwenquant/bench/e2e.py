@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenquant.bench.gemm import time_graph
-from qwenquant.kernels import decode_attention as DA
 from qwenquant.kernels.decode_attention import decode_attention, decode_attention_prep
 from qwenquant.kernels.decode_prep import decode_prep
 from qwenquant.numerics import QuantSpec, quantize_weight
@@ -53,13 +52,6 @@ PREFILL_TRIALS = 9
 # it, "prep-in-split" the same work inside the split kernel (no kernel of its own), "masked" SDPA over the whole
 # cache under a mask
 ATTEND = ("filled", "split", "prep", "prep-in-split", "masked")
-# What the split-K attention kernel asks L2 for while it runs (``StaticDecoder(prefetch=...)``): nothing; the o
-# projection's weight (a k-tiled QuantLinear's words and scales, a bf16 linear's weight); or o's words and the first
-# GATE_UP_PREFETCH_BYTES of the merged gate / up projection's words (an experiment: the attention leaves DRAM idle
-# for ≈ 7 µs at batch 1, ≈ 20 MB at 2.9 TB/s). Measured slower on an H100 (session 19, results/prefetch_step_h100.json:
-# "o" +0.05 ms per step at batch 1 and 8, more with gate_up): the prefetch traffic delays the attention's own loads.
-PREFETCH = ("none", "o", "o+gate_up")
-GATE_UP_PREFETCH_BYTES = 16 << 20
 
 # mode name -> (weight spec, QuantLinear execution mode, lm_head quantized too)
 E2E_MODES = {
@@ -178,7 +170,7 @@ def _mlp(mlp, x):
 
 
 def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False,
-                prep: bool | str = False, x=None, next_norm=None, prefetch: str = "none"):
+                prep: bool | str = False, x=None, next_norm=None):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``. Attention
     reads the first ``filled`` cache positions without a mask when given (positions 0 … pos: the same math as the
     mask, ``mask`` is then unused) — through our split-K kernels with ``split`` (``kernels/decode_attention.py``),
@@ -189,57 +181,24 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     ``x``: the layer's normalized input when the step before computed it; ``next_norm``: the next layer's input norm
     (the final norm after the last layer), then the return is (h, next_norm(h)) — the residual add and the next norm
     in one compiled kernel, as serving engines fuse them (vLLM's ``fused_add_rms_norm``), not an add kernel of its own
-    at the end of each layer.
-
-    ``prefetch`` (with ``split``, one of ``PREFETCH``): weights of the projections after the attention that its
-    kernel asks L2 for (:func:`_prefetch_operands`), so the o projection reads them from L2, not DRAM."""
+    at the end of each layer."""
     a = layer.self_attn
     b = h.shape[0]
     q, k, v = _qkv(a, layer.input_layernorm(h) if x is None else x)
-    o = _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep, _prefetch_operands(layer, prefetch))
+    o = _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep)
     h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
     h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
     return h if next_norm is None else (h, next_norm(h))
 
 
-def _streamed_weights(lin) -> list:
-    """The tensors a projection's forward streams from DRAM, largest first: a QuantLinear's k-tiled words and scales
-    (what the fused kernels read, once the first forward converted the layer), a plain linear's weight; nothing for
-    other QuantLinears (the checkpoint layout before that conversion, a native mode's own operand copy)."""
-    if isinstance(lin, QuantLinear):
-        ts = list(lin.storage_tensors().values()) if lin.layout == "ktiled" else []
-    else:
-        ts = [lin.weight]
-    return sorted(ts, key=lambda t: -t.numel() * t.element_size())
-
-
-def _prefetch_operands(layer, prefetch: str) -> tuple:
-    """(prefetch, prefetch2) for the attention kernel: the tensors ``prefetch`` (one of ``PREFETCH``) names."""
-    if prefetch == "none":
-        return None, None
-    if prefetch not in PREFETCH:
-        raise ValueError(f"prefetch={prefetch!r}: expected one of {', '.join(PREFETCH)}")
-    o = _streamed_weights(layer.self_attn.o_proj) + [None, None]
-    if prefetch == "o":
-        return o[0], o[1]
-    if not hasattr(layer.mlp, "gate_up_proj"):
-        raise ValueError("prefetch='o+gate_up' needs the merged gate / up projection (merge_projections)")
-    gu = _streamed_weights(layer.mlp.gate_up_proj)
-    return o[0], (gu[0].reshape(-1)[: GATE_UP_PREFETCH_BYTES // gu[0].element_size()] if gu else None)
-
-
-def _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep, prefetch=(None, None)):
+def _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep):
     """The decode step's attention block after the qkv projection (q, k, v [b, 1, heads, D]): q / k norm, rotary, the
-    cache write at ``pos``, attention (``_layer_step`` says which path) → o [b, Hq, 1, D]. ``prefetch``: the split
-    kernel's two optional L2-prefetch tensors."""
+    cache write at ``pos``, attention (``_layer_step`` says which path) → o [b, Hq, 1, D]."""
     if prep and not (split and filled):
         raise ValueError(f"_layer_step: prep={prep!r} is the prologue of the split-K attention (split=True, filled)")
-    if any(t is not None for t in prefetch) and not (split and filled):
-        raise ValueError("_layer_step: prefetch is done by the split-K attention kernel (split=True, filled)")
     eps = a.q_norm.variance_epsilon
     if prep == "in-split":
-        return decode_attention_prep(q, k, v, a.q_norm.weight, a.k_norm.weight, eps, cos, sin, kc, vc, pos, filled,
-                                     *prefetch)
+        return decode_attention_prep(q, k, v, a.q_norm.weight, a.k_norm.weight, eps, cos, sin, kc, vc, pos, filled)
     if prep:
         q = decode_prep(q, k, v, a.q_norm.weight, a.k_norm.weight, eps, cos, sin, kc, vc, pos)
     else:
@@ -249,7 +208,7 @@ def _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep, 
     if filled is None:
         return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
     if split:
-        return decode_attention(q, kc, vc, filled, *prefetch)
+        return decode_attention(q, kc, vc, filled)
     return F.scaled_dot_product_attention(q, kc[:, :, :filled], vc[:, :, :filled], enable_gqa=True)
 
 
@@ -309,21 +268,12 @@ class StaticDecoder:
     results/decode_attention_h100.json).
     ``fold_norm`` (default): each layer's last residual add is computed with the next layer's input norm (the
     final norm after the last layer) in one compiled kernel (``_layer_step``'s ``next_norm``); e2e files without a
-    ``fold_norm`` field ran an add kernel at the end of every layer.
-    ``prefetch`` (one of ``PREFETCH``, with a split-K ``attend``): what the attention kernel asks L2 for while it runs
-    (``_layer_step``)."""
+    ``fold_norm`` field ran an add kernel at the end of every layer."""
 
     def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda", compiled: bool = False,
-                 attend: str = "filled", fold_norm: bool = True, prefetch: str = "none"):
+                 attend: str = "filled", fold_norm: bool = True):
         if attend not in ATTEND:
             raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
-        if prefetch not in PREFETCH:
-            raise ValueError(f"prefetch={prefetch!r}: expected one of {', '.join(PREFETCH)}")
-        if prefetch != "none" and attend not in ("split", "prep", "prep-in-split"):
-            raise ValueError(f"prefetch={prefetch!r} is done by the split-K attention kernel; attend={attend!r} "
-                             "does not run it (use split, prep or prep-in-split)")
-        if prefetch == "o+gate_up" and not all(hasattr(layer.mlp, "gate_up_proj") for layer in model.model.layers):
-            raise ValueError("prefetch='o+gate_up' needs the merged gate / up projection (merge_projections)")
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
         self.rope = apply_rotary_pos_emb
@@ -342,7 +292,6 @@ class StaticDecoder:
         self.split = attend in ("split", "prep", "prep-in-split")
         self.prep = {"prep": True, "prep-in-split": "in-split"}.get(attend, False)
         self.fold_norm = fold_norm
-        self.prefetch = prefetch
 
     @torch.no_grad()
     def step(self):
@@ -357,9 +306,9 @@ class StaticDecoder:
                     self.prep)
             if self.fold_norm:  # each layer ends with the next one's input norm (the final norm after the last)
                 nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.norm
-                h, x = self.layer_fn(*args, x=x, next_norm=nxt, prefetch=self.prefetch)
+                h, x = self.layer_fn(*args, x=x, next_norm=nxt)
             else:
-                h = self.layer_fn(*args, prefetch=self.prefetch)
+                h = self.layer_fn(*args)
         return self.m.lm_head(x if self.fold_norm else m.norm(h))
 
 
@@ -392,7 +341,7 @@ def module_bytes(mod: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure(model, label: str, attend: str = "filled", prefetch: str = "none") -> dict:
+def measure(model, label: str, attend: str = "filled") -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     lin = linear_bytes(model)
@@ -410,12 +359,12 @@ def measure(model, label: str, attend: str = "filled", prefetch: str = "none") -
            "prefill_ms_trials": [t * 1e3 for t in ts], "decode": {},
            "peak_mem_bytes_after": {"prefill": torch.cuda.max_memory_allocated()}}  # running peak, phase by phase
     for b in BATCHES:
-        dec = StaticDecoder(model, b, compiled=True, attend=attend, prefetch=prefetch)
+        dec = StaticDecoder(model, b, compiled=True, attend=attend)
         ms = _graph_ms(dec.step)
         res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3}
         del dec
         if b == 1:  # the same step with eager (unfused) elementwise work, for reference
-            dec = StaticDecoder(model, b, compiled=False, attend=attend, prefetch=prefetch)
+            dec = StaticDecoder(model, b, compiled=False, attend=attend)
             res["decode"][b]["step_ms_eager"] = _graph_ms(dec.step)
             del dec
         torch.cuda.empty_cache()
@@ -429,7 +378,7 @@ def measure(model, label: str, attend: str = "filled", prefetch: str = "none") -
 
 
 def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
-        pdl: bool = False, attend: str = "prep-in-split", prefetch: str = "none") -> dict:
+        pdl: bool = False, attend: str = "prep-in-split") -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
@@ -437,8 +386,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     switches stay on for the rest of the process, and the compiled decode step is rebuilt under them. ``attend``: the
     decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way): by default since
     session 18 our split-K kernel with q / k norm, rotary and the cache write inside it (the fastest measured path for
-    bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before.
-    ``prefetch``: what that attention kernel asks L2 for (``PREFETCH``; ``StaticDecoder``), every mode alike."""
+    bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before."""
     import json
 
     from qwenquant.bench.hw import environment
@@ -447,9 +395,6 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
 
     if attend not in ATTEND:  # before minutes of model building
         raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
-    if prefetch not in PREFETCH or (prefetch != "none" and attend not in ("split", "prep", "prep-in-split")):
-        raise ValueError(f"prefetch={prefetch!r} with attend={attend!r}: expected one of {', '.join(PREFETCH)}, and "
-                         "a split-K attend for any but 'none'")
     unknown = [m for m in modes if m not in E2E_MODES]
     if unknown:
         raise ValueError(f"unknown e2e mode(s) {unknown}; known: {', '.join(E2E_MODES)}")
@@ -471,7 +416,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     if merged:
         merge_projections(model)
         torch.cuda.empty_cache()
-    results = [measure(model, "bf16", attend, prefetch)]
+    results = [measure(model, "bf16", attend)]
     head = model.lm_head.weight.detach().to("cpu")
     summary = {}
 
@@ -494,9 +439,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                              "prep-in-split": f"split-K kernels over the {CTX // 2 + 1} filled positions, q / k norm, "
                                               "rotary and the cache write inside the split kernel",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
-               "fold_norm": True, "prefetch": prefetch,
-               "attention_merge": "split" if DA.MERGE_IN_SPLIT else "launch",
-               **({"gate_up_prefetch_bytes": GATE_UP_PREFETCH_BYTES} if prefetch == "o+gate_up" else {}),
+               "fold_norm": True,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
@@ -513,7 +456,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         quantize_model(model, originals, spec, mode, head=head, quantize_head=with_head)
         log.info("quantized %s in %.0fs", name, time.time() - t)
         try:
-            results.append(measure(model, name, attend, prefetch))
+            results.append(measure(model, name, attend))
         except (RuntimeError, ValueError) as e:
             log.warning("e2e %s failed: %s", name, str(e)[:500])
         save()

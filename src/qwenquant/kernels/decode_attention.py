@@ -31,8 +31,6 @@ CUDA graph captures both launches. On a CPU (and for shapes the kernel does not 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -47,38 +45,10 @@ except ImportError:  # CPU-only installs: the op falls back to the reference
 
 BLOCK_N = 16        # keys per inner step (tl.dot's minimum N)
 TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: splits are chosen so batch × KV heads × splits reaches this
-MAX_PREFETCH = 2       # tensors the split kernel may warm L2 with (the next projection's words and scales)
-# Where the slices of a split are merged: "launch" (default) — a merge kernel after the split kernel; "split" — the last
-# split program of each batch row × KV head to finish merges them all, meeting the others through an atomic counter as
-# the split-K GEMMs do (one launch per layer fewer). Measured on an H100 (session 19, results/attention_merge_step_h100
-# .json, Qwen3-8B decode step): "split" is 0.10-0.14 ms *slower* per step at batch 1 (the merging program walks 17
-# slices one after another, where the merge kernel spreads the work over 32 programs) and even at batch 8, so it is off.
-_merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "launch").strip()
-if _merge_env not in ("split", "launch"):
-    raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'launch' (a merge kernel after the split kernel) "
-                     "or 'split' (the last split program merges)")
-MERGE_IN_SPLIT = _merge_env == "split"
-_COUNTERS: dict[str, Tensor] = {}
-_RETIRED: list[Tensor] = []
-
-
-def meet_counters(device, n: int) -> Tensor:
-    """n zeroed int32 counters for the split programs' meeting, one set per device, grown on demand and kept: the
-    merging program re-zeroes its counter, so calls and CUDA-graph replays share them without a memset. Growing is
-    refused during graph capture (run the batch once eagerly first, as the decode step's warm-up does). One stream at a
-    time: two merging attention calls in flight at once on one device (two streams, two graphs replayed concurrently)
-    would share the counters."""
-    key = str(device)
-    cnt = _COUNTERS.get(key)
-    if cnt is None or cnt.numel() < n:
-        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode attention's meeting counters must grow to {n} during CUDA-graph capture; run "
-                               "this batch size once eagerly before capturing")
-        if cnt is not None:  # graphs captured earlier still point at the old counters: keep them alive
-            _RETIRED.append(cnt)
-        cnt = torch.zeros(n, device=device, dtype=torch.int32)
-        _COUNTERS[key] = cnt
-    return cnt
+# Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11 and b168672):
+# the split programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step:
+# the prefetch traffic delays their own loads), and the last split program merging the slices instead of the merge
+# kernel (+0.10-0.14 ms at batch 1: one program walks 17 slices in turn where the merge kernel uses 32 programs).
 
 
 def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
@@ -126,44 +96,24 @@ def kernel_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 @torch.library.custom_op("qwenquant::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prefetch: Tensor | None = None, prefetch2: Tensor | None = None) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
     """Attention of one query per sequence over the first ``filled`` positions of a static cache; shapes as
-    :func:`reference_decode_attention`. Triton split-K kernels where :func:`kernel_ok`, else the reference.
-    ``prefetch`` / ``prefetch2``: tensors — the weights of the projection that follows, words and scales — whose bytes
-    the split kernel asks L2 for while it runs (it is latency-bound and leaves DRAM idle); a hint that changes no
-    result, ignored off the Hopper path. Measured slower in the Qwen3-8B decode step (session 19, +0.05 ms at batch 1:
-    the prefetch traffic delays the kernel's own loads), so the e2e benchmark does not use it by default."""
+    :func:`reference_decode_attention`. Triton split-K kernels where :func:`kernel_ok`, else the reference."""
     check_operands(q, k, v, filled)
     if not kernel_ok(q, k, v):
         return reference_decode_attention(q, k, v, filled)
-    return _triton_decode_attention(q, k, v, filled, prefetch=(prefetch, prefetch2))
+    return _triton_decode_attention(q, k, v, filled)
 
 
 @decode_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, filled: int, prefetch=None, prefetch2=None) -> Tensor:
+def _(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
     return q.new_empty(q.shape)  # contiguous, as both real paths return
 
 
-def prefetch_regions(tensors, device) -> list[tuple[int, int]]:
-    """(device address, bytes) of at most ``MAX_PREFETCH`` of ``tensors`` for the split kernel's L2 hints: contiguous
-    CUDA tensors on ``device`` with a 16-byte aligned start, their length rounded down to 16 bytes (a hint may cover
-    less than asked). Empty where the bulk prefetch cannot compile (before sm_90, Triton's interpreter)."""
-    from qwenquant.kernels.overlap import prefetch_ok
-
-    tensors = [t for t in tensors or () if t is not None]
-    if not tensors or not prefetch_ok(device):
-        return []
-    out = [(t.data_ptr(), t.numel() * t.element_size() // 16 * 16) for t in tensors
-           if t.device == device and t.is_contiguous() and t.data_ptr() % 16 == 0]
-    return [r for r in out if r[1] > 0][:MAX_PREFETCH]
-
-
-def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep: dict | None = None,
-                             prefetch=None) -> Tensor:
+def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep: dict | None = None) -> Tensor:
     """The split and merge launches. ``prep``: q is the projection's raw output [B, 1, Hq, D] and ``prep`` holds
     ``decode_prep``'s other operands (k_new, v_new, q_weight, k_weight, eps, cos, sin, pos): the split programs
-    normalize and rotate q themselves, and the one that reads position ``pos`` writes its K / V first.
-    ``prefetch``: tensors (the next projection's weights) whose bytes the split programs ask L2 for as they start."""
+    normalize and rotate q themselves, and the one that reads position ``pos`` writes its K / V first."""
     b, hq, d = q.shape[0], (q.shape[2] if prep else q.shape[1]), q.shape[-1]
     hkv = k.shape[1]
     g = hq // hkv
@@ -184,18 +134,13 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
     else:
         sq_b, sq_h = q.stride(0), q.stride(1)
         extra = (q, q, q, q, q, q, q, 0.0, 0, 0, 0, 0, 0, 0)  # unread without PREP
-    regions = prefetch_regions(prefetch, q.device)
-    pf = [field for region in regions for field in region] + [0, 0] * (MAX_PREFETCH - len(regions))
-    meet = MERGE_IN_SPLIT and splits > 1
-    cnt = meet_counters(q.device, b * hkv) if meet else out
     _decode_attention_split[(b * hkv, splits)](
         q, k, v, acc, m, l, out, filled, per_split, d ** -0.5,
         sq_b, sq_h, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), *extra, *pf, cnt,
-        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, PREFETCH=len(regions), MEET=meet,
-        SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
+        out.stride(0), out.stride(1), *extra,
+        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, num_warps=4,
     )
-    if splits > 1 and not meet:
+    if splits > 1:
         _decode_attention_merge[(b * hq,)](
             acc, m, l, out, out.stride(0), out.stride(1),
             HKV=hkv, G=g, D=d, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
@@ -206,12 +151,12 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
 @torch.library.custom_op("qwenquant::decode_attention_prep", mutates_args=("k_cache", "v_cache"))
 def decode_attention_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float,
                           cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
-                          filled: int, prefetch: Tensor | None = None, prefetch2: Tensor | None = None) -> Tensor:
+                          filled: int) -> Tensor:
     """``decode_prep`` then ``decode_attention`` in one split kernel (+ the merge): q / k / v the qkv projection's
     output by heads [B, 1, H, D], the rest as ``decode_prep.reference_decode_prep``; returns the attention output
     [B, Hq, 1, D] over positions 0 … filled − 1 after writing the new K / V at ``pos`` (which must lie inside the
     cache: a device value, not checked on the GPU path). On a CPU, or where either kernel would not run, the two
-    references in turn. ``prefetch`` / ``prefetch2``: as :func:`decode_attention`'s."""
+    references in turn."""
     P.check_operands(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, pos)
     qt = q.transpose(1, 2)  # [B, Hq, 1, D] as the attention takes it (a view)
     check_operands(qt, k_cache, v_cache, filled)
@@ -221,33 +166,27 @@ def decode_attention_prep(q: Tensor, k: Tensor, v: Tensor, q_weight: Tensor, k_w
         return reference_decode_attention(qr, k_cache, v_cache, filled)
     return _triton_decode_attention(q, k_cache, v_cache, filled,
                                     prep=dict(k_new=k, v_new=v, q_weight=q_weight, k_weight=k_weight, eps=eps,
-                                              cos=cos, sin=sin, pos=pos), prefetch=(prefetch, prefetch2))
+                                              cos=cos, sin=sin, pos=pos))
 
 
 @decode_attention_prep.register_fake
-def _(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos, filled, prefetch=None, prefetch2=None):
+def _(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, pos, filled):
     b, _, hq, d = q.shape
     return q.new_empty(b, hq, 1, d)
 
 
 if triton is not None:
     from qwenquant.kernels.decode_prep import _norm_rope
-    from qwenquant.kernels.overlap import prefetch_l2_share
 
     @triton.jit
     def _decode_attention_split(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,
                       sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
                       kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, eps, skn_b, skn_h, svn_b, svn_h,
-                      sc_b, ss_b, pf_addr0, pf_bytes0, pf_addr1, pf_bytes1, cnt_ptr,
+                      sc_b, ss_b,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, PREP: tl.constexpr, PREFETCH: tl.constexpr, MEET: tl.constexpr,
-                      SPLITS_P2: tl.constexpr):
+                      SPLITS: tl.constexpr, PREP: tl.constexpr):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
-        if PREFETCH > 0:  # L2 hints for the next kernel's weights, first: DRAM idles while this kernel runs
-            prefetch_l2_share(pf_addr0, pf_bytes0, bh * SPLITS + s, tl.num_programs(0) * SPLITS)
-            if PREFETCH > 1:
-                prefetch_l2_share(pf_addr1, pf_bytes1, bh * SPLITS + s, tl.num_programs(0) * SPLITS)
         b = (bh // HKV).to(tl.int64)    # 64-bit offsets: a long cache at a large batch passes 2**31 elements
         h = (bh % HKV).to(tl.int64)
         rows = tl.arange(0, 16)         # the group's query heads, padded to tl.dot's 16 rows
@@ -302,29 +241,6 @@ if triton is not None:
             tl.store(acc_ptr + (prog * 16 + rows)[:, None] * D + d[None, :], acc)
             tl.store(m_ptr + prog * 16 + rows, m_i)
             tl.store(l_ptr + prog * 16 + rows, l_i)
-            if MEET:  # the last split of this (batch row, KV head) to finish merges them all: no merge launch
-                tl.debug_barrier()  # every thread's slice is stored before the release below
-                done = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") + 1
-                if done == SPLITS:
-                    first = bh.to(tl.int64) * SPLITS
-                    sl = tl.arange(0, SPLITS_P2)
-                    idx = (first + sl)[:, None] * 16 + rows[None, :]                          # [SPLITS_P2, 16]
-                    ok = (sl < SPLITS)[:, None] & live[None, :]
-                    m_s = tl.load(m_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                    l_s = tl.load(l_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
-                    m_all = tl.max(m_s, 0)                                                    # [16]
-                    m_all = tl.where(live, m_all, 0.0)  # padded rows: no slice, keep them finite
-                    den = tl.sum(l_s * tl.exp(m_s - m_all[None, :]), 0)
-                    o = tl.zeros([16, D], tl.float32)
-                    for j in range(SPLITS):  # the slices' outputs, each rescaled to the common max
-                        mj = tl.load(m_ptr + (first + j) * 16 + rows, mask=live, other=0.0, cache_modifier=".cg")
-                        aj = tl.load(acc_ptr + ((first + j) * 16 + rows)[:, None] * D + d[None, :],
-                                     mask=live[:, None], other=0.0, cache_modifier=".cg")
-                        o += aj * tl.exp(mj - m_all)[:, None]
-                    o = o / tl.where(live, den, 1.0)[:, None]
-                    tl.store(o_ptr + b * so_b + (h * G + rows)[:, None] * so_h + d[None, :],
-                             o.to(o_ptr.dtype.element_ty), mask=live[:, None])
-                    tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call (and the next graph replay)
 
     @triton.jit
     def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, o_ptr, so_b, so_h,
@@ -349,7 +265,7 @@ if triton is not None:
 
 
 def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, splits: int = 17, prep: bool = False, prefetch: int = 0, meet: bool = False):
+                     head_dim: int = 128, splits: int = 17, prep: bool = False):
     """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
     any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
     ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
@@ -367,13 +283,9 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                "kn_ptr": ptr, "vn_ptr": ptr, "qw_ptr": ptr, "kw_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr,
                "pos_ptr": "*i64", "eps": "fp32",
                **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")},
-               # as the launcher's ints are typed: addresses i64, byte counts (< 2**31) i32; cnt_ptr is ``out`` unless MEET
-               "pf_addr0": "i64", "pf_bytes0": "i32", "pf_addr1": "i64", "pf_bytes1": "i32",
-               "cnt_ptr": "*i32" if meet and splits > 1 else ptr,
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
-               "PREP": "constexpr", "PREFETCH": "constexpr", "MEET": "constexpr", "SPLITS_P2": "constexpr"}
-        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep,
-                  "PREFETCH": prefetch, "MEET": meet and splits > 1, "SPLITS_P2": triton.next_power_of_2(splits)}
+               "PREP": "constexpr"}
+        consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep}
     elif kernel == "merge":
         fn = _decode_attention_merge
         sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",

@@ -101,21 +101,6 @@ def prefetch_l2(ptrs, nbytes):
 
 
 @triton.jit
-def prefetch_l2_share(addr, nbytes, me, programs, LANES: tl.constexpr = 128):
-    """Ask L2 for this program's share of the ``nbytes`` bytes at device address ``addr`` (an int64; 16-byte aligned,
-    ``nbytes`` a multiple of 16): program ``me`` of ``programs`` takes a contiguous 1 / ``programs`` of the range and
-    issues it as ``LANES`` bulk prefetches of equal 16-byte multiples (the last ones shorter or skipped; 128 lanes:
-    one per thread of a 4-warp program, none repeated). For a kernel
-    that leaves DRAM idle to warm L2 with the weights of the kernel after it (``decode_attention``'s ``prefetch``)."""
-    piece = tl.cdiv(tl.cdiv(nbytes, programs * LANES), 16) * 16                              # bytes per lane
-    off = (me * LANES + tl.arange(0, LANES)).to(tl.int64) * piece                            # [LANES]
-    size = tl.maximum(tl.minimum(nbytes - off, piece), 0).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; } mov.u32 $0, 0;",
-        "=r,l,r", [addr + off, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def wait_for_producer(PDL: tl.constexpr):
     """Block until the kernel this one depends on has finished and its writes are visible (no-op without PDL).
     The compiled PTX has it ahead of every global load and store of the kernel (``overlap_session.py ptx``)."""
