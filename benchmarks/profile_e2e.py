@@ -15,6 +15,7 @@ time, time in CUDA launch calls on the host) — written in session 13 for its p
 (``bench.e2e.ATTEND``: ``filled`` SDPA, the default; ``split`` our split-K kernels; ``prep`` split after our q / k
 norm + rotary + cache-write kernel; ``masked``). Each layer's last residual add is folded into the next layer's norm
 (``StaticDecoder(fold_norm=True)``, the e2e default since session 18; ``E2E_PROFILE_FOLD=0`` runs the add alone).
+``E2E_PROFILE_EPILOGUES=1``: ``StaticDecoder(epilogues=True)`` (the add + norm and SiLU·mul in the projections' kernels).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",
 BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",") if b]
 ATTEND = os.environ.get("E2E_PROFILE_ATTEND", "filled")
 FOLD = os.environ.get("E2E_PROFILE_FOLD", "1") != "0"
+EPILOGUES = os.environ.get("E2E_PROFILE_EPILOGUES", "0") == "1"
 if ATTEND not in e2e.ATTEND:
     raise SystemExit(f"E2E_PROFILE_ATTEND={ATTEND!r}: expected one of {', '.join(e2e.ATTEND)}")
 REPLAYS = 5
@@ -152,7 +154,7 @@ def main() -> None:
         e2e.merge_projections(model)
     doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "merged_projections": merged, "attend": ATTEND,
            "fold_norm": FOLD,
-           "results": []}
+           "epilogues": EPILOGUES, "results": []}
     for label in ["bf16", *MODES]:
         if label != "bf16":
             spec, mode, with_head = e2e.E2E_MODES[label]
@@ -164,8 +166,8 @@ def main() -> None:
                   flush=True)
             torch.cuda.empty_cache()
         for b in BATCHES:
-            dec = e2e.StaticDecoder(model, b, compiled=True, attend=ATTEND, fold_norm=FOLD)
-            r = {"mode": label, "batch": b, **profile_step(dec.step)}
+            dec = e2e.StaticDecoder(model, b, compiled=True, attend=ATTEND, fold_norm=FOLD, epilogues=EPILOGUES)
+            r = {"mode": label, "batch": b, "epilogues": dec.epilogues, **profile_step(dec.step)}
             doc["results"].append(r)
             print(label, b, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items() if k in ("step_ms", "kernel_ms", "kernels_per_step")},
                   {k: (round(v["kernels"]), round(v["ms"], 3)) for k, v in r["by_class"].items()}, flush=True)

@@ -1,4 +1,4 @@
-"""The decode-step A/B benchmarks (``benchmarks/head_attention_b1.py`` on ``benchmarks/step_variants.py``) run only on
+"""The decode-step A/B benchmarks (``benchmarks/head_attention_b1.py``, ``epilogues_step.py`` on ``benchmarks/step_variants.py``) run only on
 the GPU machine; here their skeleton runs on a CPU with a tiny Qwen3, the bf16 variants, eager layers and a stub
 timer, so a broken script shows up before a GPU call is spent on it."""
 
@@ -14,8 +14,9 @@ transformers = pytest.importorskip("transformers")
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script,kind", [("head_attention_b1", "head_attention_b1")])
-def test_step_benchmark_skeleton_runs_on_cpu(script, kind, monkeypatch, tmp_path):
+@pytest.mark.parametrize("script,kind,bf16_variants", [("head_attention_b1", "head_attention_b1", 5),
+                                                       ("epilogues_step", "epilogues_step", 1)])
+def test_step_benchmark_skeleton_runs_on_cpu(script, kind, bf16_variants, monkeypatch, tmp_path):
     from test_e2e_layers import tiny_model
 
     from qwenquant.bench import e2e
@@ -33,7 +34,7 @@ def test_step_benchmark_skeleton_runs_on_cpu(script, kind, monkeypatch, tmp_path
 
     doc = time_step_variants(kind, f"{kind}.json", ["bf16"], mod.variants_for, batches=(2,), rounds=2)
     n = len(mod.variants_for("bf16"))
-    assert n >= 2 and len(doc["steps"]) == 2 * n == len(timed)
+    assert n == bf16_variants and len(doc["steps"]) == 2 * n == len(timed)
     assert all(s["mode"] == "bf16" and s["batch"] == 2 and s["step_ms"] == 1.0 for s in doc["steps"])
     assert json.loads((tmp_path / f"{kind}.json").read_text())["steps"] == doc["steps"]
 

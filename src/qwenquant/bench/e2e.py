@@ -36,6 +36,11 @@ from qwenquant.kernels.decode_prep import decode_prep
 from qwenquant.numerics import QuantSpec, quantize_weight
 from qwenquant.runtime.quant_linear import QuantLinear, concat_out_features
 
+try:
+    from qwenquant.runtime import fused
+except ImportError:  # no Triton: the projection epilogues (GPU-only) are never asked for
+    fused = None
+
 log = logging.getLogger(__name__)
 
 QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
@@ -170,7 +175,7 @@ def _mlp(mlp, x):
 
 
 def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False,
-                prep: bool | str = False, x=None, next_norm=None):
+                prep: bool | str = False, x=None, next_norm=None, epilogues: tuple[bool, bool, bool] = (False,) * 3):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``. Attention
     reads the first ``filled`` cache positions without a mask when given (positions 0 … pos: the same math as the
     mask, ``mask`` is then unused) — through our split-K kernels with ``split`` (``kernels/decode_attention.py``),
@@ -181,13 +186,32 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     ``x``: the layer's normalized input when the step before computed it; ``next_norm``: the next layer's input norm
     (the final norm after the last layer), then the return is (h, next_norm(h)) — the residual add and the next norm
     in one compiled kernel, as serving engines fuse them (vLLM's ``fused_add_rms_norm``), not an add kernel of its own
-    at the end of each layer."""
+    at the end of each layer.
+
+    ``epilogues`` (o, gate_up, down; ``StaticDecoder`` sets them where ``fused.epilogue_ok``): that projection's
+    neighbour work in its own kernel's epilogue (``fused.add_rmsnorm``: o with the residual add and the MLP's norm,
+    down with the add and ``next_norm``; ``fused.silu_mul``: gate_up with SiLU·mul) instead of compiled kernels of
+    their own."""
     a = layer.self_attn
+    mlp = layer.mlp
     b = h.shape[0]
     q, k, v = _qkv(a, layer.input_layernorm(h) if x is None else x)
     o = _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep)
-    h = h + a.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
-    h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+    o = o.transpose(1, 2).reshape(b, 1, -1)
+    norm = layer.post_attention_layernorm
+    if epilogues[0]:
+        h, x = fused.add_rmsnorm(a.o_proj, o, h, norm.weight, norm.variance_epsilon)
+    else:
+        h = h + a.o_proj(o)
+        x = norm(h)
+    if epilogues[1]:
+        act = fused.silu_mul(mlp.gate_up_proj, x)
+    else:
+        g, u = mlp.gate_up_proj(x).chunk(2, dim=-1) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj(x), mlp.up_proj(x))
+        act = mlp.act_fn(g) * u
+    if epilogues[2] and next_norm is not None:
+        return fused.add_rmsnorm(mlp.down_proj, act, h, next_norm.weight, next_norm.variance_epsilon)
+    h = h + mlp.down_proj(act)
     return h if next_norm is None else (h, next_norm(h))
 
 
@@ -268,10 +292,13 @@ class StaticDecoder:
     results/decode_attention_h100.json).
     ``fold_norm`` (default): each layer's last residual add is computed with the next layer's input norm (the
     final norm after the last layer) in one compiled kernel (``_layer_step``'s ``next_norm``); e2e files without a
-    ``fold_norm`` field ran an add kernel at the end of every layer."""
+    ``fold_norm`` field ran an add kernel at the end of every layer.
+    ``epilogues``: the projections that take it (``fused.epilogue_ok``: fused-mode W2/W4 layers at batch <= 8) do
+    their neighbour work in their kernel's epilogue (``_layer_step``): o and down the residual add and the next norm,
+    gate_up SiLU·mul — three compiled kernels fewer per layer; ``self.epilogues`` says which (o, gate_up, down) did."""
 
     def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda", compiled: bool = False,
-                 attend: str = "filled", fold_norm: bool = True):
+                 attend: str = "filled", fold_norm: bool = True, epilogues: bool = False):
         if attend not in ATTEND:
             raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
@@ -292,6 +319,13 @@ class StaticDecoder:
         self.split = attend in ("split", "prep", "prep-in-split")
         self.prep = {"prep": True, "prep-in-split": "in-split"}.get(attend, False)
         self.fold_norm = fold_norm
+        self.epilogues = (False,) * 3
+        if epilogues and fused is not None:
+            first = model.model.layers[0]
+            mlp = first.mlp
+            self.epilogues = (fused.epilogue_ok(first.self_attn.o_proj, batch),
+                              hasattr(mlp, "gate_up_proj") and fused.epilogue_ok(mlp.gate_up_proj, batch),
+                              fold_norm and fused.epilogue_ok(mlp.down_proj, batch))
 
     @torch.no_grad()
     def step(self):
@@ -306,9 +340,9 @@ class StaticDecoder:
                     self.prep)
             if self.fold_norm:  # each layer ends with the next one's input norm (the final norm after the last)
                 nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.norm
-                h, x = self.layer_fn(*args, x=x, next_norm=nxt)
+                h, x = self.layer_fn(*args, x=x, next_norm=nxt, epilogues=self.epilogues)
             else:
-                h = self.layer_fn(*args)
+                h = self.layer_fn(*args, epilogues=self.epilogues)
         return self.m.lm_head(x if self.fold_norm else m.norm(h))
 
 
@@ -341,7 +375,7 @@ def module_bytes(mod: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure(model, label: str, attend: str = "filled") -> dict:
+def measure(model, label: str, attend: str = "filled", epilogues: bool = False) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     lin = linear_bytes(model)
@@ -359,12 +393,12 @@ def measure(model, label: str, attend: str = "filled") -> dict:
            "prefill_ms_trials": [t * 1e3 for t in ts], "decode": {},
            "peak_mem_bytes_after": {"prefill": torch.cuda.max_memory_allocated()}}  # running peak, phase by phase
     for b in BATCHES:
-        dec = StaticDecoder(model, b, compiled=True, attend=attend)
+        dec = StaticDecoder(model, b, compiled=True, attend=attend, epilogues=epilogues)
         ms = _graph_ms(dec.step)
-        res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3}
+        res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3, "epilogues": list(dec.epilogues)}
         del dec
         if b == 1:  # the same step with eager (unfused) elementwise work, for reference
-            dec = StaticDecoder(model, b, compiled=False, attend=attend)
+            dec = StaticDecoder(model, b, compiled=False, attend=attend, epilogues=epilogues)
             res["decode"][b]["step_ms_eager"] = _graph_ms(dec.step)
             del dec
         torch.cuda.empty_cache()
@@ -378,7 +412,7 @@ def measure(model, label: str, attend: str = "filled") -> dict:
 
 
 def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
-        pdl: bool = False, attend: str = "prep-in-split") -> dict:
+        pdl: bool = False, attend: str = "prep-in-split", epilogues: bool = False) -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
@@ -386,7 +420,9 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     switches stay on for the rest of the process, and the compiled decode step is rebuilt under them. ``attend``: the
     decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way): by default since
     session 18 our split-K kernel with q / k norm, rotary and the cache write inside it (the fastest measured path for
-    bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before."""
+    bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before.
+    ``epilogues``: ``StaticDecoder(epilogues=True)`` for every decode step — the add + norm and SiLU·mul in the
+    projections' kernels where ``fused.epilogue_ok`` (fused W4 at batch <= 8); each decode entry records which."""
     import json
 
     from qwenquant.bench.hw import environment
@@ -416,7 +452,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     if merged:
         merge_projections(model)
         torch.cuda.empty_cache()
-    results = [measure(model, "bf16", attend)]
+    results = [measure(model, "bf16", attend, epilogues)]
     head = model.lm_head.weight.detach().to("cpu")
     summary = {}
 
@@ -439,7 +475,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                              "prep-in-split": f"split-K kernels over the {CTX // 2 + 1} filled positions, q / k norm, "
                                               "rotary and the cache write inside the split kernel",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
-               "fold_norm": True,
+               "fold_norm": True, "epilogues": epilogues,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
@@ -456,7 +492,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
         quantize_model(model, originals, spec, mode, head=head, quantize_head=with_head)
         log.info("quantized %s in %.0fs", name, time.time() - t)
         try:
-            results.append(measure(model, name, attend))
+            results.append(measure(model, name, attend, epilogues))
         except (RuntimeError, ValueError) as e:
             log.warning("e2e %s failed: %s", name, str(e)[:500])
         save()

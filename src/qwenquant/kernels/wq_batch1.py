@@ -47,14 +47,24 @@ from qwenquant.numerics.ktiled import SUB, tile_columns
 
 MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
 BITS_OK = (2, 4)
+# epilogues (``_batch1_kernel``'s EPI): what a program does with its [BN, M] block of x · Ŵᵀ besides storing it
+SILU_MUL = 1  # silu(gate) · up of a merged [gate; up] projection
+ADD_RMSNORM = 2  # residual add, then the next RMSNorm (one grid-wide counter)
+EPI_SILU_MUL: tl.constexpr = tl.constexpr(SILU_MUL)  # the same values, readable inside the kernels
+EPI_ADD_RMSNORM: tl.constexpr = tl.constexpr(ADD_RMSNORM)
 
 
 @triton.jit
-def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, tiles_per_split,
+def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, xn_ptr, eps, M, N, K, stride_xm,
+                   stride_ym, tiles_per_split,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-                   KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr):
+                   KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, EPI: tl.constexpr = 0,
+                   NB: tl.constexpr = 16):
     """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program (or its share of K when SPLITS > 1): KB k-tiles per step,
-    every word of a step in one load."""
+    every word of a step in one load. ``EPI`` (with SPLITS = 1): 0 stores y; ``EPI_SILU_MUL`` reads BN / 2 rows of
+    each half of a [gate; up] weight (N rows) and stores silu(gate) · up ([M, N / 2]); ``EPI_ADD_RMSNORM`` stores
+    h = r + y in y and the last program to finish writes rmsnorm(h) · nw to xn (``NB``: N rounded up to a power of
+    two)."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK  # columns per k-tile
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per scale group inside a k-tile
@@ -64,8 +74,16 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     KW = tl.multiple_of(K // CPW, SUBK)  # words per row
-    rn = pid * BN + tl.arange(0, BN)
-    rn_c = tl.where(rn < N, rn, 0)  # clamped rows: loads need no row mask, the store masks them
+    if EPI == EPI_SILU_MUL:  # rows j < BN/2 of gate (rows 0 … N/2-1), then the same rows of up (N/2 …)
+        HALF: tl.constexpr = BN // 2
+        rh = tl.arange(0, BN)
+        out_col = pid * HALF + rh % HALF
+        rn = out_col + (rh // HALF) * (N // 2)
+        row_ok = out_col < N // 2
+    else:
+        rn = pid * BN + tl.arange(0, BN)
+        row_ok = rn < N
+    rn_c = tl.where(row_ok, rn, 0)  # clamped rows: loads need no row mask, the store masks them
     rb = tl.arange(0, KB)  # k-tile within the step
     rj = tl.arange(0, SUBK)  # word within a k-tile (field t of word j is column t·SUBK + j of the k-tile)
     rm = tl.arange(0, BM)
@@ -94,12 +112,77 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride
             if t % FOLD == FOLD - 1:
                 acc += part * s[:, :, None]
     y = tl.sum(acc, axis=0)  # [BN, BM]
-    y_off = rm[None, :] * stride_ym + rn[:, None]
-    ymask = m_mask[None, :] & (rn[:, None] < N)
-    if SPLITS == 1:
-        tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=ymask)
-    else:  # the splits of one row block meet in the zeroed fp32 workspace; the last one stores y (wq_ktiled)
-        _add_partial(y, y_ptr, ws_ptr, cnt_ptr + pid, y_off, ymask, 1, SPLITS)
+    if EPI == EPI_SILU_MUL:
+        _store_silu_mul(y, y_ptr, pid, rm, m_mask, N // 2, stride_ym, BN, BM)
+    elif EPI == EPI_ADD_RMSNORM:
+        _store_add_rmsnorm(y, y_ptr, r_ptr, nw_ptr, xn_ptr, cnt_ptr, eps, rn, rm, m_mask, M, N, stride_ym, BM, NB)
+    else:
+        y_off = rm[None, :] * stride_ym + rn[:, None]
+        ymask = m_mask[None, :] & (rn[:, None] < N)
+        if SPLITS == 1:
+            tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=ymask)
+        else:  # the splits of one row block meet in the zeroed fp32 workspace; the last one stores y (wq_ktiled)
+            _add_partial(y, y_ptr, ws_ptr, cnt_ptr + pid, y_off, ymask, 1, SPLITS)
+
+
+@triton.jit
+def _store_silu_mul(y, out_ptr, pid, rm, m_mask, HALF_N, stride_om, BN: tl.constexpr, BM: tl.constexpr):
+    """y [BN, BM] fp32: rows 0 … BN/2-1 are gate, the rest the same columns of up. Each is rounded to the output
+    dtype first (what the unfused projection stores), then silu(gate) · up in fp32, rounded once (as torch.compile's
+    fused kernel of ``F.silu(g) * u``), stored to out [M, HALF_N] at columns pid·BN/2 …"""
+    HALF: tl.constexpr = BN // 2
+    dt = out_ptr.dtype.element_ty
+    yq = y.to(dt).to(tl.float32)
+    g, u = tl.split(tl.permute(tl.reshape(yq, [2, HALF, BM]), (1, 2, 0)))  # [HALF, BM] each
+    act = g * tl.sigmoid(g) * u
+    cols = pid * HALF + tl.arange(0, HALF)
+    tl.store(out_ptr + rm[None, :] * stride_om + cols[:, None], act.to(dt),
+             mask=m_mask[None, :] & (cols[:, None] < HALF_N))
+
+
+@triton.jit
+def _store_add_rmsnorm(y, h_ptr, r_ptr, nw_ptr, xn_ptr, cnt_ptr, eps, rn, rm, m_mask, M, N, stride_m,
+                       BM: tl.constexpr, NB: tl.constexpr):
+    """The residual add and the next RMSNorm after a projection, without their own launch. Each program stores
+    h = r + y for its columns (y rounded to the output dtype first, then the add in fp32 rounded once — the unfused
+    ``h + proj(x)``); then one grid-wide counter: the program that finishes last reads every h row back (L2) and
+    writes xn = rmsnorm(h) · nw as HF's Qwen3RMSNorm does (fp32 mean of squares, h · rsqrt(var + eps) rounded to
+    the dtype, times the weight), and re-zeroes the counter for the next call. Stores, CTA barrier, release /
+    acquire on the counter, and reads that bypass L1 (.cg): the order ``wq_ktiled._add_partial`` uses."""
+    dt = h_ptr.dtype.element_ty
+    off = rm[None, :] * stride_m + rn[:, None]
+    mask = m_mask[None, :] & (rn[:, None] < N)
+    r = tl.load(r_ptr + off, mask=mask, other=0.0)
+    tl.store(h_ptr + off, (r.to(tl.float32) + y.to(dt).to(tl.float32)).to(dt), mask=mask)
+    tl.debug_barrier()  # every thread's h is stored before the release below
+    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") + 1
+    if done == tl.num_programs(0):
+        cols = tl.arange(0, NB)
+        cmask = cols < N
+        nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        for m in tl.static_range(BM):
+            if m < M:
+                h = tl.load(h_ptr + m * stride_m + cols, mask=cmask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+                xn = (h * rstd).to(dt).to(tl.float32) * nw
+                tl.store(xn_ptr + m * stride_m + cols, xn.to(dt), mask=cmask)
+        tl.atomic_xchg(cnt_ptr, 0)
+
+
+def reference_silu_mul(y: Tensor) -> Tensor:
+    """The unfused math ``batch1_silu_mul`` replaces, on the projection's output y [M, N] (x's dtype): silu of the
+    first N/2 columns times the rest, in fp32, rounded to y's dtype."""
+    g, u = y.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u).to(y.dtype)
+
+
+def reference_add_rmsnorm(y: Tensor, residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The unfused math ``batch1_add_rmsnorm`` replaces, on the projection's output y [M, N] (x's dtype):
+    h = residual + y rounded to the dtype, then HF's Qwen3RMSNorm of h."""
+    h = (residual.float() + y.float()).to(y.dtype)
+    hf = h.float()
+    xn = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(y.dtype)
+    return h, (norm_weight.float() * xn.float()).to(y.dtype)
 
 
 def steps_for(k: int, bits: int, kb: int, split_k: int = 1) -> tuple[int, int, int]:
@@ -125,34 +208,92 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     ``num_stages`` > 1 lets Triton copy the next step's words and x ahead through shared memory (x padded to BM rows
     there: 16 k-tiles at 2 stages took 166 KB with N = 16 on 8 warps, 100 KB with N = 8 on 4 warps). ``out``: the
     [M, N] result tensor (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN."""
-    if x2.dim() != 2:
-        raise ValueError(f"batch1_gemm takes x as [M, K], got {tuple(x2.shape)}")
-    m, k = x2.shape
-    n = words.shape[0]
-    if bits not in BITS_OK:
-        raise ValueError(f"batch1_gemm runs {BITS_OK}-bit weights (scale after the MMA), got bits={bits}; use ktiled_gemm")
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"batch1_gemm takes 1 to {MAX_M} rows of x, got {m}; use ktiled_gemm or wgmma_gemm")
-    if bn < 16 or bn & (bn - 1) or kb < 1 or kb & (kb - 1) or split_k < 1:
-        raise ValueError(f"batch1_gemm: bn={bn}, kb={kb}, split_k={split_k}: expected bn a power of two >= 16, kb a "
-                         "power of two and split_k >= 1")
-    if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
-        raise ValueError(f"batch1_gemm: x must be contiguous bf16/fp16, got {x2.dtype}"
-                         f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
-    _check_operands(x2, words, sz, bits, group)
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, split_k, "batch1_gemm")
     y = result_tensor(x2, n, out, "batch1_gemm")
     kb, per, splits = steps_for(k, bits, kb, split_k)
     blocks = triton.cdiv(n, bn)
     ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)
-    launch_kernel(
-        _batch1_kernel, (blocks, splits), (x2, words, sz, y, ws, cnt, m, n, k, x2.stride(0), y.stride(0), per),
-        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED, num_warps=num_warps,
-        num_stages=num_stages)
+    _launch(x2, words, sz, y, ws, cnt, (y, y, y, 0.0), (blocks, splits), per, bits, group, bn, kb, splits,
+            num_warps, num_stages, 0)
     return y
 
 
+def batch1_silu_mul(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 32, kb: int = 4,
+                    num_warps: int = 4, num_stages: int = 2, out: Tensor | None = None) -> Tensor:
+    """silu(x2 · Ŵ_gateᵀ) · (x2 · Ŵ_upᵀ) -> [M, N / 2] for a merged [gate; up] weight of N rows (gate rows 0 …
+    N/2 - 1, up the rest; ``concat_out_features`` order): a decoder MLP's first projection and its activation in one
+    launch, where the unfused path writes [M, N] and reads it back in a SiLU·mul kernel. Each program reads BN / 2
+    rows of gate and the same rows of up (a row mapping, not a weight permutation: the layout is the k-tiled one
+    every other kernel reads) and stores BN / 2 output columns. Both halves are rounded to x's dtype before the
+    activation, as the unfused projection's output is. No split-K (the activation needs the whole sum)."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_silu_mul")
+    if n % 2:
+        raise ValueError(f"batch1_silu_mul: the merged [gate; up] weight has an odd row count N={n}")
+    y = result_tensor(x2, n // 2, out, "batch1_silu_mul")
+    kb, per, _ = steps_for(k, bits, kb, 1)
+    _launch(x2, words, sz, y, y, y, (y, y, y, 0.0), (triton.cdiv(n // 2, bn // 2), 1), per, bits, group, bn, kb, 1,
+            num_warps, num_stages, SILU_MUL)
+    return y
+
+
+def batch1_add_rmsnorm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, residual: Tensor,
+                       norm_weight: Tensor, eps: float, bn: int = 32, kb: int = 4, num_warps: int = 4,
+                       num_stages: int = 4) -> tuple[Tensor, Tensor]:
+    """(h, xn) with h = residual + x2 · Ŵᵀ and xn = RMSNorm(h) · norm_weight, both [M, N] in x's dtype: a
+    decoder's o or down projection, its residual add and the next norm in one launch (the unfused path: the
+    projection, then an add + norm kernel). The last program to finish normalizes every row (one grid-wide counter,
+    ``wq_ktiled``'s workspace counter 0, left zeroed); ``residual`` [M, N] and ``norm_weight`` [N] are only read.
+    No split-K."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_add_rmsnorm")
+    if residual.shape != (m, n) or residual.dtype != x2.dtype or not residual.is_contiguous():
+        raise ValueError(f"batch1_add_rmsnorm: residual {residual.dtype} {tuple(residual.shape)}: expected a "
+                         f"contiguous {x2.dtype} [{m}, {n}] tensor")
+    if norm_weight.shape != (n,) or not norm_weight.is_contiguous():
+        raise ValueError(f"batch1_add_rmsnorm: norm_weight {tuple(norm_weight.shape)}: expected a contiguous [{n}]")
+    if not eps > 0:
+        raise ValueError(f"batch1_add_rmsnorm: eps={eps}: expected > 0")
+    h = torch.empty_like(residual)
+    xn = torch.empty_like(residual)
+    kb, per, _ = steps_for(k, bits, kb, 1)
+    _, cnt = split_k_workspace(x2.device, 1, 1)
+    _launch(x2, words, sz, h, h, cnt, (residual, norm_weight, xn, float(eps)), (triton.cdiv(n, bn), 1), per, bits,
+            group, bn, kb, 1, num_warps, num_stages, ADD_RMSNORM)
+    return h, xn
+
+
+def _check(x2, words, sz, bits, group, bn, kb, split_k, who) -> tuple[int, int, int]:
+    """(M, K, N) after every check of the batch-1 kernel's operands and tile, each error naming ``who``."""
+    if x2.dim() != 2:
+        raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
+    m, k = x2.shape
+    if bits not in BITS_OK:
+        raise ValueError(f"{who} runs {BITS_OK}-bit weights (scale after the MMA), got bits={bits}; use ktiled_gemm")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"{who} takes 1 to {MAX_M} rows of x, got {m}; use ktiled_gemm or wgmma_gemm")
+    if bn < 16 or bn & (bn - 1) or kb < 1 or kb & (kb - 1) or split_k < 1:
+        raise ValueError(f"{who}: bn={bn}, kb={kb}, split_k={split_k}: expected bn a power of two >= 16, kb a "
+                         "power of two and split_k >= 1")
+    if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
+        raise ValueError(f"{who}: x must be contiguous bf16/fp16, got {x2.dtype}"
+                         f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
+    _check_operands(x2, words, sz, bits, group)
+    return m, k, words.shape[0]
+
+
+def _launch(x2, words, sz, y, ws, cnt, norm_args, grid, per, bits, group, bn, kb, splits, num_warps, num_stages,
+            epi):
+    m, k = x2.shape
+    r, nw, xn, eps = norm_args
+    launch_kernel(
+        _batch1_kernel, grid,
+        (x2, words, sz, y, ws, cnt, r, nw, xn, eps, m, words.shape[0], k, x2.stride(0), y.stride(0), per),
+        GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
+        EPI=epi, NB=triton.next_power_of_2(words.shape[0]) if epi == ADD_RMSNORM else 16, num_warps=num_warps,
+        num_stages=num_stages)
+
+
 def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4, splits: int = 1, bits: int = 4,
-                     group: int = 128, m: int = 1):
+                     group: int = 128, m: int = 1, epi: int = 0, n: int = 4096):
     """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
     specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
     Qwen3-8B's down projection at M = 1. The CPU tests read its registers and shared memory: a latency-bound kernel
@@ -160,12 +301,15 @@ def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+    epi = int(epi)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16",
+           "ws_ptr": "*fp32" if splits > 1 else "*bf16", "cnt_ptr": "*i32" if splits > 1 or epi == ADD_RMSNORM else "*bf16",
+           "r_ptr": "*bf16", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "eps": "fp32",
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "tiles_per_split": "i32"}
     const = {"GROUP": group, "BITS": bits, "SUBK": SUB, "BN": bn, "BM": 8 if m <= 8 else 16, "KB": kb, "SPLITS": splits,
-             "LOP3": True}
+             "LOP3": True, "EPI": epi, "NB": triton.next_power_of_2(n) if epi == ADD_RMSNORM else 16}
     names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("M", "tiles_per_split")}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in ("M", "tiles_per_split", "eps")}
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(fn=_batch1_kernel, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})

@@ -363,3 +363,70 @@ def forward_fused(layer, x: Tensor) -> Tensor:
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+# --- projections with their neighbours' work in the epilogue (decode, M <= EPILOGUE_MAX_M) -------------------------
+# A decode step at batch 1 is launch-bound between its GEMMs: on an H100 the W4 Qwen3-8B step spent 72 add + RMSNorm
+# kernels (2.0 us each) and 36 SiLU·mul kernels (1.2 us) per token, plus a launch gap each
+# (results/profile_e2e_prep_in_split_h100.json). The batch-1 kernel can do that work in its epilogue
+# (kernels/wq_batch1.py: ``batch1_silu_mul``, ``batch1_add_rmsnorm``); these wrappers pick its tile per shape and M
+# bucket with the same tuner (candidates: the ``BATCH1`` tiles without split-K, each timed with its epilogue).
+EPILOGUE_MAX_M = BATCH1_MAX_M
+
+
+def epilogue_ok(layer, m: int) -> bool:
+    """Whether :func:`silu_mul` / :func:`add_rmsnorm` run the batch-1 kernel's epilogue for ``layer`` at ``m`` rows:
+    a QuantLinear in ``fused`` mode (no bias, no activation quantization) with 2- or 4-bit affine weights the k-tiled
+    layout takes, on a CUDA device, m <= EPILOGUE_MAX_M. Static properties only — callers decide before a graph is
+    traced or captured, and the layer converts to the k-tiled layout at its first call as ``forward_fused`` does."""
+    from qwenquant.runtime.quant_linear import QuantLinear
+
+    if not (isinstance(layer, QuantLinear) and layer.mode == "fused" and layer.fmt == "affine" and layer.bias is None
+            and layer.act_bits is None and 1 <= m <= EPILOGUE_MAX_M and "ktiled" in FUSED_COPIES):
+        return False
+    bits, group = layer.meta["bits"], layer.meta["group_size"] or layer.in_features
+    return (bits in B1.BITS_OK and KT.ktiled_ok(bits, group, layer.out_features, layer.in_features)
+            and layer._device().type == "cuda")
+
+
+def _epilogue_call(layer, x: Tensor, kind: str, run) -> object:
+    """The tuned tile of the batch-1 kernel with epilogue ``kind`` for x [..., K]; ``run(x2, words, sz, bits,
+    group, cfg)`` launches one tile."""
+    if not epilogue_ok(layer, x.numel() // max(1, x.shape[-1])):
+        raise ValueError(f"{kind}: this layer / input does not take the batch-1 epilogue (fused.epilogue_ok): mode "
+                         f"{getattr(layer, 'mode', None)!r}, {x.numel() // max(1, x.shape[-1])} rows, {x.device}")
+    bits, group = check_layer(layer, x)
+    x2 = x.reshape(-1, layer.in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    ops = _operands(layer, bits, group)
+    words, sz = ops.ktiled.words, ops.ktiled.sz
+    key = (bits, group, layer.out_features, layer.in_features, m_bucket(x2.shape[0]), x2.dtype, kind)
+    tiles = {batch1_name(cfg): cfg for cfg in BATCH1 if cfg[4] == 1}
+    hit = TUNER.choices.get(key)
+    name = hit[0] if hit else TUNER.pick(key, {n: (lambda c=c: run(x2, words, sz, bits, group, c)) for n, c in tiles.items()})
+    return run(x2, words, sz, bits, group, tiles[name])
+
+
+def _silu_mul(layer, x: Tensor) -> Tensor:
+    """silu(gate) · up of a merged [gate; up] QuantLinear (``concat_out_features`` of gate and up): x [..., K] ->
+    [..., N / 2], one launch (``wq_batch1.batch1_silu_mul``). Raises where ``epilogue_ok`` is false."""
+    y = _epilogue_call(layer, x, "silu_mul", lambda x2, w, s, b, g, c: B1.batch1_silu_mul(x2, w, s, b, g, *c[:4]))
+    return y.reshape(*x.shape[:-1], layer.out_features // 2)
+
+
+def _add_rmsnorm(layer, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(h, xn): h = residual + layer(x) and xn = RMSNorm(h) · norm_weight (HF's Qwen3RMSNorm), x [..., K] and
+    residual [..., N] -> both [..., N], one launch (``wq_batch1.batch1_add_rmsnorm``). Raises where
+    ``epilogue_ok`` is false."""
+    r2 = residual.reshape(-1, layer.out_features)
+    if not r2.is_contiguous():
+        r2 = r2.contiguous()
+    h, xn = _epilogue_call(layer, x, "add_rmsnorm", lambda x2, w, s, b, g, c: B1.batch1_add_rmsnorm(
+        x2, w, s, b, g, r2, norm_weight, eps, *c[:4]))
+    return h.reshape(residual.shape), xn.reshape(residual.shape)
+
+
+# Triton launches behind a host-side tuner: opaque to torch.compile, as QuantLinear's GPU modes are
+silu_mul = torch.compiler.disable(_silu_mul)
+add_rmsnorm = torch.compiler.disable(_add_rmsnorm)
