@@ -26,6 +26,12 @@ row is written by one program, with a plain store. Where N is small the grid is 
 give 256 programs, about 2 per SM against 3 register-limited slots, and down's K = 12288 walks 6 steps — so
 ``split_k`` 2-3 is offered for those, at the price of the atomics the k-tiled grid measured.
 
+Epilogues (session 20): at batch 1 the decode step is launch-bound between its GEMMs, so the kernel can also do the
+work that follows a projection — ``batch1_silu_mul`` (gate_up: each program reads BN/2 rows of gate and the same rows
+of up and stores silu(gate)·up) and ``batch1_add_rmsnorm`` (o and down: the residual add per program, then the last
+program to finish normalizes each row for the next layer) — instead of a compiled kernel launch of their own.
+``reference_silu_mul`` / ``reference_add_rmsnorm`` are the unfused math they replace.
+
 Requirements: bits 2 or 4 (scale-after needs the code + magic exact in bf16/fp16), the k-tiled layout's shape rules
 (``ktiled_ok``), x with at most 16 rows (the MMA's N, padded; decode), x bf16 or fp16.
 Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_ktiled`` inverts the repack).
