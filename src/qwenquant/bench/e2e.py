@@ -175,7 +175,8 @@ def _mlp(mlp, x):
 
 
 def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False,
-                prep: bool | str = False, x=None, next_norm=None, epilogues: tuple[bool, bool, bool] = (False,) * 3):
+                prep: bool | str = False, x=None, next_norm=None, epilogues: tuple[bool, bool] = (False, False),
+                normed=None, hand_normed: bool = False):
     """One decoder layer for one new token per sequence: h [b, 1, hidden] -> h; writes K/V at ``pos``. Attention
     reads the first ``filled`` cache positions without a mask when given (positions 0 … pos: the same math as the
     mask, ``mask`` is then unused) — through our split-K kernels with ``split`` (``kernels/decode_attention.py``),
@@ -188,30 +189,46 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     in one compiled kernel, as serving engines fuse them (vLLM's ``fused_add_rms_norm``), not an add kernel of its own
     at the end of each layer.
 
-    ``epilogues`` (o, gate_up, down; ``StaticDecoder`` sets them where ``fused.epilogue_ok``): that projection's
-    neighbour work in its own kernel's epilogue (``fused.add_rmsnorm``: o with the residual add and the MLP's norm,
-    down with the add and ``next_norm``; ``fused.silu_mul``: gate_up with SiLU·mul) instead of compiled kernels of
-    their own."""
+    ``epilogues`` = (norm, silu) (``StaticDecoder`` sets them where ``fused.epilogue_ok``): norm — o and down add the
+    residual in their kernel and hand the next norm on unfinished (``fused.add_residual``: h · weight and partial
+    sums of h²), gate_up and the next layer's qkv finish it on their own sums (``fused.linear_normed``; ``normed``:
+    this layer's input so, ``hand_normed``: return (h, normed) for the next layer instead of (h, next_norm(h)));
+    silu — gate_up with SiLU·mul (``fused.silu_mul``). Each replaces a compiled kernel launch of its own."""
     a = layer.self_attn
     mlp = layer.mlp
+    norm_epi, silu_epi = epilogues
     b = h.shape[0]
-    q, k, v = _qkv(a, layer.input_layernorm(h) if x is None else x)
+    if normed is not None:
+        qkv = fused.linear_normed(a.qkv_proj, *normed, layer.input_layernorm.variance_epsilon)
+        q, k, v = (t.reshape(b, 1, -1, a.head_dim) for t in qkv.split(a.qkv_sizes, dim=-1))
+    else:
+        q, k, v = _qkv(a, layer.input_layernorm(h) if x is None else x)
     o = _attend(a, q, k, v, kc, vc, pos, cos, sin, mask, rope, filled, split, prep)
     o = o.transpose(1, 2).reshape(b, 1, -1)
-    norm = layer.post_attention_layernorm
-    if epilogues[0]:
-        h, x = fused.add_rmsnorm(a.o_proj, o, h, norm.weight, norm.variance_epsilon)
+    post = layer.post_attention_layernorm
+    eps = post.variance_epsilon
+    if norm_epi:
+        h, x, ss = fused.add_residual(a.o_proj, o, h, post.weight)  # x = h · weight, not yet divided by its RMS
     else:
         h = h + a.o_proj(o)
-        x = norm(h)
-    if epilogues[1]:
-        act = fused.silu_mul(mlp.gate_up_proj, x)
+        x, ss = post(h), None
+    if silu_epi:
+        act = fused.silu_mul(mlp.gate_up_proj, x, norm=None if ss is None else (eps, ss))
     else:
-        g, u = mlp.gate_up_proj(x).chunk(2, dim=-1) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj(x), mlp.up_proj(x))
+        if ss is not None:
+            gu = fused.linear_normed(mlp.gate_up_proj, x, ss, eps)
+        elif hasattr(mlp, "gate_up_proj"):
+            gu = mlp.gate_up_proj(x)
+        else:
+            gu = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+        g, u = gu.chunk(2, dim=-1)
         act = mlp.act_fn(g) * u
-    if epilogues[2] and next_norm is not None:
-        return fused.add_rmsnorm(mlp.down_proj, act, h, next_norm.weight, next_norm.variance_epsilon)
-    h = h + mlp.down_proj(act)
+    if norm_epi:
+        h, hw, ss = fused.add_residual(mlp.down_proj, act, h, (post if next_norm is None else next_norm).weight)
+        if hand_normed:
+            return h, (hw, ss)
+    else:
+        h = h + mlp.down_proj(act)
     return h if next_norm is None else (h, next_norm(h))
 
 
@@ -293,12 +310,13 @@ class StaticDecoder:
     ``fold_norm`` (default): each layer's last residual add is computed with the next layer's input norm (the
     final norm after the last layer) in one compiled kernel (``_layer_step``'s ``next_norm``); e2e files without a
     ``fold_norm`` field ran an add kernel at the end of every layer.
-    ``epilogues``: the projections that take it (``fused.epilogue_ok``: fused-mode W2/W4 layers at batch <= 8) do
-    their neighbour work in their kernel's epilogue (``_layer_step``): o and down the residual add and the next norm,
-    gate_up SiLU·mul — three compiled kernels fewer per layer; ``self.epilogues`` says which (o, gate_up, down) did."""
+    ``epilogues``: True, or some of ("norm", "silu"), where the merged projections take them (``fused.epilogue_ok``:
+    fused-mode W2/W4 layers at batch <= 8): the residual adds and RMSNorms inside the batch-1 GEMMs around them, and
+    SiLU·mul in gate_up's (``_layer_step``) — three compiled kernels fewer per layer; ``self.epilogues`` = (norm,
+    silu) says which ran."""
 
     def __init__(self, model, batch: int, ctx: int = CTX, device: str = "cuda", compiled: bool = False,
-                 attend: str = "filled", fold_norm: bool = True, epilogues: bool = False):
+                 attend: str = "filled", fold_norm: bool = True, epilogues: bool | tuple[str, ...] = False):
         if attend not in ATTEND:
             raise ValueError(f"attend={attend!r}: expected one of {', '.join(ATTEND)}")
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
@@ -319,13 +337,16 @@ class StaticDecoder:
         self.split = attend in ("split", "prep", "prep-in-split")
         self.prep = {"prep": True, "prep-in-split": "in-split"}.get(attend, False)
         self.fold_norm = fold_norm
-        self.epilogues = (False,) * 3
-        if epilogues and fused is not None:
-            first = model.model.layers[0]
-            mlp = first.mlp
-            self.epilogues = (fused.epilogue_ok(first.self_attn.o_proj, batch),
-                              hasattr(mlp, "gate_up_proj") and fused.epilogue_ok(mlp.gate_up_proj, batch),
-                              fold_norm and fused.epilogue_ok(mlp.down_proj, batch))
+        asked = {"norm", "silu"} if epilogues is True else set(epilogues or ())
+        if not asked <= {"norm", "silu"}:
+            raise ValueError(f"epilogues={epilogues!r}: expected True, False or some of ('norm', 'silu')")
+        self.epilogues = (False, False)
+        first = model.model.layers[0]
+        a, mlp = first.self_attn, first.mlp
+        if asked and fused is not None and hasattr(a, "qkv_proj") and hasattr(mlp, "gate_up_proj"):
+            gate_up = fused.epilogue_ok(mlp.gate_up_proj, batch)
+            norm = gate_up and all(fused.epilogue_ok(p, batch) for p in (a.qkv_proj, a.o_proj, mlp.down_proj))
+            self.epilogues = ("norm" in asked and norm, "silu" in asked and gate_up)
 
     @torch.no_grad()
     def step(self):
@@ -335,12 +356,16 @@ class StaticDecoder:
         mask = None if self.filled else (self.ar <= self.pos).view(1, 1, 1, -1)  # only the masked attention reads it
         layers = m.layers
         x = layers[0].input_layernorm(h) if self.fold_norm else None
+        normed = None
         for i, layer in enumerate(layers):
             args = (layer, h, self.kc[i], self.vc[i], self.pos, cos, sin, mask, self.rope, self.filled, self.split,
                     self.prep)
             if self.fold_norm:  # each layer ends with the next one's input norm (the final norm after the last)
                 nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else m.norm
-                h, x = self.layer_fn(*args, x=x, next_norm=nxt, epilogues=self.epilogues)
+                hand = self.epilogues[0] and i + 1 < len(layers)  # the next qkv finishes the norm in its kernel
+                h, out = self.layer_fn(*args, x=x, next_norm=nxt, epilogues=self.epilogues, normed=normed,
+                                       hand_normed=hand)
+                x, normed = (None, out) if hand else (out, None)
             else:
                 h = self.layer_fn(*args, epilogues=self.epilogues)
         return self.m.lm_head(x if self.fold_norm else m.norm(h))
@@ -395,7 +420,7 @@ def measure(model, label: str, attend: str = "filled", epilogues: bool = False) 
     for b in BATCHES:
         dec = StaticDecoder(model, b, compiled=True, attend=attend, epilogues=epilogues)
         ms = _graph_ms(dec.step)
-        res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3, "epilogues": list(dec.epilogues)}
+        res["decode"][b] = {"step_ms": ms, "tok_s": b / ms * 1e3, "epilogues": dict(zip(("norm", "silu"), dec.epilogues))}
         del dec
         if b == 1:  # the same step with eager (unfused) elementwise work, for reference
             dec = StaticDecoder(model, b, compiled=False, attend=attend, epilogues=epilogues)

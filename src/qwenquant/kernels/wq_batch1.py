@@ -26,11 +26,15 @@ row is written by one program, with a plain store. Where N is small the grid is 
 give 256 programs, about 2 per SM against 3 register-limited slots, and down's K = 12288 walks 6 steps — so
 ``split_k`` 2-3 is offered for those, at the price of the atomics the k-tiled grid measured.
 
-Epilogues (session 20): at batch 1 the decode step is launch-bound between its GEMMs, so the kernel can also do the
-work that follows a projection — ``batch1_silu_mul`` (gate_up: each program reads BN/2 rows of gate and the same rows
-of up and stores silu(gate)·up) and ``batch1_add_rmsnorm`` (o and down: the residual add per program, then the last
-program to finish normalizes each row for the next layer) — instead of a compiled kernel launch of their own.
-``reference_silu_mul`` / ``reference_add_rmsnorm`` are the unfused math they replace.
+Epilogues and an in-kernel norm (session 20). At batch 1 the decode step is launch-bound between its GEMMs, so the
+kernel also does the work around a projection that the unfused step launches kernels for: ``batch1_silu_mul``
+(gate_up: each program reads BN/2 rows of gate and the same rows of up and stores silu(gate)·up),
+``batch1_add_residual`` (o and down: h = residual + y, h times the next RMSNorm's weight, and each program's sums of
+h² over its columns) and ``norm=`` (qkv and gate_up: the input is that weighted h, and each row's sums are scaled by
+rsqrt(mean(h²) + eps) from the producer's partial sums) — so a layer's two add + RMSNorm kernels and its SiLU·mul
+kernel disappear, with no grid-wide wait (the last program normalizing for all, tried first, cost as much as the
+kernel it replaced). ``reference_silu_mul`` / ``reference_add_residual`` / ``reference_rmsnorm`` are the unfused
+math.
 
 Requirements: bits 2 or 4 (scale-after needs the code + magic exact in bf16/fp16), the k-tiled layout's shape rules
 (``ktiled_ok``), x with at most 16 rows (the MMA's N, padded; decode), x bf16 or fp16.
@@ -55,22 +59,27 @@ MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
 BITS_OK = (2, 4)
 # epilogues (``_batch1_kernel``'s EPI): what a program does with its [BN, M] block of x · Ŵᵀ besides storing it
 SILU_MUL = 1  # silu(gate) · up of a merged [gate; up] projection
-ADD_RMSNORM = 2  # residual add, then the next RMSNorm (one grid-wide counter)
+ADD_RESIDUAL = 2  # h = residual + y, and each program's sums of squares of its h columns (the next RMSNorm's input)
 EPI_SILU_MUL: tl.constexpr = tl.constexpr(SILU_MUL)  # the same values, readable inside the kernels
-EPI_ADD_RMSNORM: tl.constexpr = tl.constexpr(ADD_RMSNORM)
+EPI_ADD_RESIDUAL: tl.constexpr = tl.constexpr(ADD_RESIDUAL)
 
 
 @triton.jit
-def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, xn_ptr, eps, M, N, K, stride_xm,
-                   stride_ym, tiles_per_split,
+def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, hw_ptr, ss_in_ptr, ss_out_ptr, eps, P_IN,
+                   M, N, K, stride_xm, stride_ym, tiles_per_split,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                    KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, EPI: tl.constexpr = 0,
-                   NB: tl.constexpr = 16):
+                   NORM_IN: tl.constexpr = False, PB: tl.constexpr = 1):
     """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program (or its share of K when SPLITS > 1): KB k-tiles per step,
-    every word of a step in one load. ``EPI`` (with SPLITS = 1): 0 stores y; ``EPI_SILU_MUL`` reads BN / 2 rows of
-    each half of a [gate; up] weight (N rows) and stores silu(gate) · up ([M, N / 2]); ``EPI_ADD_RMSNORM`` stores
-    h = r + y in y and the last program to finish writes rmsnorm(h) · nw to xn (``NB``: N rounded up to a power of
-    two)."""
+    every word of a step in one load.
+
+    ``NORM_IN`` (SPLITS = 1): x is h · nw, a residual stream times the next RMSNorm's weight but not yet divided by
+    its root mean square, and the sums are multiplied by rsqrt(mean(h²) + eps) per row, mean(h²) from the P_IN
+    partial sums of squares at ss_in [P_IN, M] (``PB``: P_IN rounded up to a power of two) — both written by the
+    producing kernel's ``EPI_ADD_RESIDUAL``. ``EPI`` (SPLITS = 1): 0 stores y; ``EPI_SILU_MUL`` reads BN/2 rows of
+    each half of a [gate; up] weight (N rows) and stores silu(gate) · up ([M, N/2]); ``EPI_ADD_RESIDUAL`` stores
+    h = r + y, hw = h · nw (nw: the next norm's weight [N]) and the program's sums of squares of its h columns per row
+    at ss_out [program, M]."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK  # columns per k-tile
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per scale group inside a k-tile
@@ -118,10 +127,14 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
             if t % FOLD == FOLD - 1:
                 acc += part * s[:, :, None]
     y = tl.sum(acc, axis=0)  # [BN, BM]
+    if NORM_IN:
+        rp = tl.arange(0, PB)
+        ss = tl.load(ss_in_ptr + rp[:, None] * M + rm[None, :], mask=(rp[:, None] < P_IN) & m_mask[None, :], other=0.0)
+        y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)[None, :]
     if EPI == EPI_SILU_MUL:
         _store_silu_mul(y, y_ptr, pid, rm, m_mask, N // 2, stride_ym, BN, BM)
-    elif EPI == EPI_ADD_RMSNORM:
-        _store_add_rmsnorm(y, y_ptr, r_ptr, nw_ptr, xn_ptr, cnt_ptr, eps, rn, rm, m_mask, M, N, stride_ym, BM, NB)
+    elif EPI == EPI_ADD_RESIDUAL:
+        _store_add_residual(y, y_ptr, r_ptr, nw_ptr, hw_ptr, ss_out_ptr + pid * M, rn, rm, m_mask, N, stride_ym)
     else:
         y_off = rm[None, :] * stride_ym + rn[:, None]
         ymask = m_mask[None, :] & (rn[:, None] < N)
@@ -147,32 +160,22 @@ def _store_silu_mul(y, out_ptr, pid, rm, m_mask, HALF_N, stride_om, BN: tl.const
 
 
 @triton.jit
-def _store_add_rmsnorm(y, h_ptr, r_ptr, nw_ptr, xn_ptr, cnt_ptr, eps, rn, rm, m_mask, M, N, stride_m,
-                       BM: tl.constexpr, NB: tl.constexpr):
-    """The residual add and the next RMSNorm after a projection, without their own launch. Each program stores
-    h = r + y for its columns (y rounded to the output dtype first, then the add in fp32 rounded once — the unfused
-    ``h + proj(x)``); then one grid-wide counter: the program that finishes last reads every h row back (L2) and
-    writes xn = rmsnorm(h) · nw as HF's Qwen3RMSNorm does (fp32 mean of squares, h · rsqrt(var + eps) rounded to
-    the dtype, times the weight), and re-zeroes the counter for the next call. Stores, CTA barrier, release /
-    acquire on the counter, and reads that bypass L1 (.cg): the order ``wq_ktiled._add_partial`` uses."""
+def _store_add_residual(y, h_ptr, r_ptr, nw_ptr, hw_ptr, ss_ptr, rn, rm, m_mask, N, stride_m):
+    """The residual add after a projection, and what the next RMSNorm needs from it, without a kernel of its own:
+    h = r + y for the program's columns (y rounded to the dtype first, then the add in fp32 rounded once — the
+    unfused ``h + proj(x)``), hw = h · nw rounded (the norm's weight, applied here where it costs one load of BN
+    values, not in the consumer's K loop) and per row the sum of h² over those columns at ss [M] (this program's
+    slot). The consumer sums the slots (``NORM_IN``): no atomics, no counter, the same result every run."""
     dt = h_ptr.dtype.element_ty
     off = rm[None, :] * stride_m + rn[:, None]
     mask = m_mask[None, :] & (rn[:, None] < N)
     r = tl.load(r_ptr + off, mask=mask, other=0.0)
-    tl.store(h_ptr + off, (r.to(tl.float32) + y.to(dt).to(tl.float32)).to(dt), mask=mask)
-    tl.debug_barrier()  # every thread's h is stored before the release below
-    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") + 1
-    if done == tl.num_programs(0):
-        cols = tl.arange(0, NB)
-        cmask = cols < N
-        nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        for m in tl.static_range(BM):
-            if m < M:
-                h = tl.load(h_ptr + m * stride_m + cols, mask=cmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-                xn = (h * rstd).to(dt).to(tl.float32) * nw
-                tl.store(xn_ptr + m * stride_m + cols, xn.to(dt), mask=cmask)
-        tl.atomic_xchg(cnt_ptr, 0)
+    h = (r.to(tl.float32) + y.to(dt).to(tl.float32)).to(dt)
+    tl.store(h_ptr + off, h, mask=mask)
+    hf = tl.where(mask, h.to(tl.float32), 0.0)
+    nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(hw_ptr + off, (hf * nw[:, None]).to(dt), mask=mask)
+    tl.store(ss_ptr + rm, tl.sum(hf * hf, axis=0), mask=m_mask)
 
 
 def reference_silu_mul(y: Tensor) -> Tensor:
@@ -182,13 +185,19 @@ def reference_silu_mul(y: Tensor) -> Tensor:
     return (torch.nn.functional.silu(g) * u).to(y.dtype)
 
 
-def reference_add_rmsnorm(y: Tensor, residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The unfused math ``batch1_add_rmsnorm`` replaces, on the projection's output y [M, N] (x's dtype):
-    h = residual + y rounded to the dtype, then HF's Qwen3RMSNorm of h."""
-    h = (residual.float() + y.float()).to(y.dtype)
+def reference_rmsnorm(h: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """HF's Qwen3RMSNorm on h [M, N] (what ``norm=`` replaces): fp32 mean of squares, h · rsqrt(mean + eps) rounded to
+    h's dtype, times the weight, rounded."""
     hf = h.float()
-    xn = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(y.dtype)
-    return h, (norm_weight.float() * xn.float()).to(y.dtype)
+    xn = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return (norm_weight.float() * xn.float()).to(h.dtype)
+
+
+def reference_add_residual(y: Tensor, residual: Tensor, norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``batch1_add_residual`` computes, on the projection's output y [M, N] (x's dtype): h = residual + y
+    rounded to the dtype, h · norm_weight rounded, and the sum of h² per row [M] (fp32; the kernel's slots summed)."""
+    h = (residual.float() + y.float()).to(y.dtype)
+    return h, (h.float() * norm_weight.float()).to(y.dtype), h.float().pow(2).sum(-1)
 
 
 def steps_for(k: int, bits: int, kb: int, split_k: int = 1) -> tuple[int, int, int]:
@@ -202,7 +211,8 @@ def steps_for(k: int, bits: int, kb: int, split_k: int = 1) -> tuple[int, int, i
 
 
 def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, kb: int = 8,
-                num_warps: int = 4, num_stages: int = 1, split_k: int = 1, out: Tensor | None = None) -> Tensor:
+                num_warps: int = 4, num_stages: int = 1, split_k: int = 1, out: Tensor | None = None,
+                norm: tuple[float, Tensor] | None = None) -> Tensor:
     """x2 [M <= 16, K] bf16/fp16 with the k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype. ``bn`` weight rows per program (a multiple of 16), ``kb`` k-tiles per step (a power of two;
     lowered to one that divides a split's k-tiles). The MMA's N is 8 for M <= 8 (mma.m16n8k16), else 16.
@@ -213,62 +223,66 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     16 KB shared — three programs and 48 KB of words in flight per SM; 3.9 SASS instructions per weight in all.
     ``num_stages`` > 1 lets Triton copy the next step's words and x ahead through shared memory (x padded to BM rows
     there: 16 k-tiles at 2 stages took 166 KB with N = 16 on 8 warps, 100 KB with N = 8 on 4 warps). ``out``: the
-    [M, N] result tensor (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, kb, split_k, "batch1_gemm")
+    [M, N] result tensor (contiguous, x's dtype and device) instead of a new one — tests pass one filled with NaN.
+    ``norm`` = (eps, ss [P, M] fp32): x is hw = h · norm_weight from ``batch1_add_residual`` and the result is
+    RMSNorm(h)·norm_weight · Ŵᵀ — each row's sums times rsqrt(mean(h²) + eps), from the partial sums of squares ss
+    it returned with hw (no split-K then)."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, split_k, "batch1_gemm", norm)
     y = result_tensor(x2, n, out, "batch1_gemm")
-    kb, per, splits = steps_for(k, bits, kb, split_k)
+    kb, per, splits = steps_for(k, bits, kb, split_k if norm is None else 1)
     blocks = triton.cdiv(n, bn)
     ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)
-    _launch(x2, words, sz, y, ws, cnt, (y, y, y, 0.0), (blocks, splits), per, bits, group, bn, kb, splits,
-            num_warps, num_stages, 0)
+    _launch(x2, words, sz, y, ws, cnt, norm, None, (blocks, splits), per, bits, group, bn, kb, splits, num_warps,
+            num_stages, 0)
     return y
 
 
 def batch1_silu_mul(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 32, kb: int = 4,
-                    num_warps: int = 4, num_stages: int = 2, out: Tensor | None = None) -> Tensor:
+                    num_warps: int = 4, num_stages: int = 2, out: Tensor | None = None,
+                    norm: tuple[float, Tensor] | None = None) -> Tensor:
     """silu(x2 · Ŵ_gateᵀ) · (x2 · Ŵ_upᵀ) -> [M, N / 2] for a merged [gate; up] weight of N rows (gate rows 0 …
     N/2 - 1, up the rest; ``concat_out_features`` order): a decoder MLP's first projection and its activation in one
     launch, where the unfused path writes [M, N] and reads it back in a SiLU·mul kernel. Each program reads BN / 2
     rows of gate and the same rows of up (a row mapping, not a weight permutation: the layout is the k-tiled one
     every other kernel reads) and stores BN / 2 output columns. Both halves are rounded to x's dtype before the
-    activation, as the unfused projection's output is. No split-K (the activation needs the whole sum)."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_silu_mul")
+    activation, as the unfused projection's output is. ``norm``: as ``batch1_gemm``'s. No split-K."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_silu_mul", norm)
     if n % 2:
         raise ValueError(f"batch1_silu_mul: the merged [gate; up] weight has an odd row count N={n}")
     y = result_tensor(x2, n // 2, out, "batch1_silu_mul")
     kb, per, _ = steps_for(k, bits, kb, 1)
-    _launch(x2, words, sz, y, y, y, (y, y, y, 0.0), (triton.cdiv(n // 2, bn // 2), 1), per, bits, group, bn, kb, 1,
+    _launch(x2, words, sz, y, y, y, norm, None, (triton.cdiv(n // 2, bn // 2), 1), per, bits, group, bn, kb, 1,
             num_warps, num_stages, SILU_MUL)
     return y
 
 
-def batch1_add_rmsnorm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, residual: Tensor,
-                       norm_weight: Tensor, eps: float, bn: int = 32, kb: int = 4, num_warps: int = 4,
-                       num_stages: int = 4) -> tuple[Tensor, Tensor]:
-    """(h, xn) with h = residual + x2 · Ŵᵀ and xn = RMSNorm(h) · norm_weight, both [M, N] in x's dtype: a
-    decoder's o or down projection, its residual add and the next norm in one launch (the unfused path: the
-    projection, then an add + norm kernel). The last program to finish normalizes every row (one grid-wide counter,
-    ``wq_ktiled``'s workspace counter 0, left zeroed); ``residual`` [M, N] and ``norm_weight`` [N] are only read.
-    No split-K."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_add_rmsnorm")
+def batch1_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, residual: Tensor,
+                        norm_weight: Tensor, bn: int = 32, kb: int = 4, num_warps: int = 4,
+                        num_stages: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, hw, ss): h = residual + x2 · Ŵᵀ [M, N] in x's dtype (a decoder's o or down projection and its residual add
+    in one launch), hw = h · norm_weight (the next RMSNorm's weight [N]) and ss [programs, M] fp32, each program's sum
+    of h² over its BN columns per row. (hw, ss) is the next RMSNorm's output before the division by the root mean
+    square: the kernel that consumes it (``norm=(eps, ss)``) sums the slots and scales its own results, so the norm
+    costs no launch and no pass of its own. ``residual`` [M, N] is only read. No split-K."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_add_residual")
     if residual.shape != (m, n) or residual.dtype != x2.dtype or not residual.is_contiguous():
-        raise ValueError(f"batch1_add_rmsnorm: residual {residual.dtype} {tuple(residual.shape)}: expected a "
+        raise ValueError(f"batch1_add_residual: residual {residual.dtype} {tuple(residual.shape)}: expected a "
                          f"contiguous {x2.dtype} [{m}, {n}] tensor")
-    if norm_weight.shape != (n,) or not norm_weight.is_contiguous():
-        raise ValueError(f"batch1_add_rmsnorm: norm_weight {tuple(norm_weight.shape)}: expected a contiguous [{n}]")
-    if not eps > 0:
-        raise ValueError(f"batch1_add_rmsnorm: eps={eps}: expected > 0")
+    if norm_weight.shape != (n,) or not norm_weight.is_contiguous() or norm_weight.device != x2.device:
+        raise ValueError(f"batch1_add_residual: norm_weight {tuple(norm_weight.shape)} on {norm_weight.device}: "
+                         f"expected a contiguous [{n}] tensor on {x2.device}")
+    blocks = triton.cdiv(n, bn)
     h = torch.empty_like(residual)
-    xn = torch.empty_like(residual)
+    hw = torch.empty_like(residual)
+    ss = torch.empty(blocks, m, device=x2.device, dtype=torch.float32)
     kb, per, _ = steps_for(k, bits, kb, 1)
-    _, cnt = split_k_workspace(x2.device, 1, 1)
-    _launch(x2, words, sz, h, h, cnt, (residual, norm_weight, xn, float(eps)), (triton.cdiv(n, bn), 1), per, bits,
-            group, bn, kb, 1, num_warps, num_stages, ADD_RMSNORM)
-    return h, xn
+    _launch(x2, words, sz, h, h, h, None, (residual, norm_weight, hw, ss), (blocks, 1), per, bits, group, bn, kb, 1,
+            num_warps, num_stages, ADD_RESIDUAL)
+    return h, hw, ss
 
 
-def _check(x2, words, sz, bits, group, bn, kb, split_k, who) -> tuple[int, int, int]:
-    """(M, K, N) after every check of the batch-1 kernel's operands and tile, each error naming ``who``."""
+def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None) -> tuple[int, int, int]:
+    """(M, K, N) after every check of the batch-1 kernel's operands, tile and ``norm``, each error naming ``who``."""
     if x2.dim() != 2:
         raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
     m, k = x2.shape
@@ -283,39 +297,53 @@ def _check(x2, words, sz, bits, group, bn, kb, split_k, who) -> tuple[int, int, 
         raise ValueError(f"{who}: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
     _check_operands(x2, words, sz, bits, group)
+    if norm is not None:
+        eps, ss = norm
+        if not eps > 0:
+            raise ValueError(f"{who}: norm eps={eps}: expected > 0")
+        if ss.dim() != 2 or ss.shape[1] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
+            raise ValueError(f"{who}: norm sums of squares {ss.dtype} {tuple(ss.shape)}: expected contiguous float32 "
+                             f"[slots, {m}] (batch1_add_residual's second result)")
     return m, k, words.shape[0]
 
 
-def _launch(x2, words, sz, y, ws, cnt, norm_args, grid, per, bits, group, bn, kb, splits, num_warps, num_stages,
+def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, bn, kb, splits, num_warps, num_stages,
             epi):
+    """One launch of ``_batch1_kernel``; ``norm`` (eps, ss_in) and ``residual`` (r, nw, hw, ss_out) or None."""
     m, k = x2.shape
-    r, nw, xn, eps = norm_args
+    eps, ss_in = norm if norm is not None else (1.0, y)
+    r, nw, hw, ss_out = residual if residual is not None else (y, y, y, y)
     launch_kernel(
         _batch1_kernel, grid,
-        (x2, words, sz, y, ws, cnt, r, nw, xn, eps, m, words.shape[0], k, x2.stride(0), y.stride(0), per),
+        (x2, words, sz, y, ws, cnt, r, nw, hw, ss_in, ss_out, float(eps), ss_in.shape[0] if norm is not None else 1,
+         m, words.shape[0], k, x2.stride(0), y.stride(0), per),
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
-        EPI=epi, NB=triton.next_power_of_2(words.shape[0]) if epi == ADD_RMSNORM else 16, num_warps=num_warps,
-        num_stages=num_stages)
+        EPI=epi, NORM_IN=norm is not None, PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4, splits: int = 1, bits: int = 4,
-                     group: int = 128, m: int = 1, epi: int = 0, n: int = 4096):
+                     group: int = 128, m: int = 1, epi: int = 0, norm_slots: int = 0):
     """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
     specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
-    Qwen3-8B's down projection at M = 1. The CPU tests read its registers and shared memory: a latency-bound kernel
-    lives on programs per SM (session 19 judged a SiLU·mul prologue by them before spending a GPU call)."""
+    Qwen3-8B's down projection at M = 1. ``epi``: an epilogue (``SILU_MUL``, ``ADD_RESIDUAL``); ``norm_slots`` > 0:
+    ``NORM_IN`` with that many partial sums per row. The CPU tests read its registers and shared memory: a
+    latency-bound kernel lives on programs per SM (session 19 judged a SiLU·mul prologue by them before spending a
+    GPU call)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    epi = int(epi)
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16",
-           "ws_ptr": "*fp32" if splits > 1 else "*bf16", "cnt_ptr": "*i32" if splits > 1 or epi == ADD_RMSNORM else "*bf16",
-           "r_ptr": "*bf16", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "eps": "fp32",
+           "ws_ptr": "*fp32" if splits > 1 else "*bf16", "cnt_ptr": "*i32" if splits > 1 else "*bf16",
+           "r_ptr": "*bf16", "nw_ptr": "*bf16", "hw_ptr": "*bf16", "ss_in_ptr": "*fp32" if norm_slots else "*bf16",
+           "ss_out_ptr": "*fp32" if epi == ADD_RESIDUAL else "*bf16", "eps": "fp32", "P_IN": "i32",
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "tiles_per_split": "i32"}
     const = {"GROUP": group, "BITS": bits, "SUBK": SUB, "BN": bn, "BM": 8 if m <= 8 else 16, "KB": kb, "SPLITS": splits,
-             "LOP3": True, "EPI": epi, "NB": triton.next_power_of_2(n) if epi == ADD_RMSNORM else 16}
+             "LOP3": True, "EPI": epi, "NORM_IN": norm_slots > 0,
+             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1}
     names = list(sig)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in ("M", "tiles_per_split", "eps")}
+    unaligned = ("M", "tiles_per_split", "eps", "P_IN")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in unaligned}
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(fn=_batch1_kernel, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})

@@ -365,20 +365,22 @@ def forward_fused(layer, x: Tensor) -> Tensor:
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
-# --- projections with their neighbours' work in the epilogue (decode, M <= EPILOGUE_MAX_M) -------------------------
+# --- projections with their neighbours' work inside (decode, M <= EPILOGUE_MAX_M) -------------------------------
 # A decode step at batch 1 is launch-bound between its GEMMs: on an H100 the W4 Qwen3-8B step spent 72 add + RMSNorm
 # kernels (2.0 us each) and 36 SiLU·mul kernels (1.2 us) per token, plus a launch gap each
-# (results/profile_e2e_prep_in_split_h100.json). The batch-1 kernel can do that work in its epilogue
-# (kernels/wq_batch1.py: ``batch1_silu_mul``, ``batch1_add_rmsnorm``); these wrappers pick its tile per shape and M
-# bucket with the same tuner (candidates: the ``BATCH1`` tiles without split-K, each timed with its epilogue).
+# (results/profile_e2e_prep_in_split_h100.json). The batch-1 kernel does that work around its MMA instead
+# (kernels/wq_batch1.py): ``add_residual`` after o and down, ``norm=`` in qkv and gate_up, ``silu_mul`` for gate_up.
+# The tile is picked per shape, M bucket and variant by the same tuner (candidates: the ``BATCH1`` tiles without
+# split-K, each timed with its epilogue).
 EPILOGUE_MAX_M = BATCH1_MAX_M
 
 
 def epilogue_ok(layer, m: int) -> bool:
-    """Whether :func:`silu_mul` / :func:`add_rmsnorm` run the batch-1 kernel's epilogue for ``layer`` at ``m`` rows:
-    a QuantLinear in ``fused`` mode (no bias, no activation quantization) with 2- or 4-bit affine weights the k-tiled
-    layout takes, on a CUDA device, m <= EPILOGUE_MAX_M. Static properties only — callers decide before a graph is
-    traced or captured, and the layer converts to the k-tiled layout at its first call as ``forward_fused`` does."""
+    """Whether :func:`add_residual`, :func:`linear_normed` and :func:`silu_mul` run the batch-1 kernel for ``layer`` at
+    ``m`` rows: a QuantLinear in ``fused`` mode (no bias, no activation quantization) with 2- or 4-bit affine weights
+    the k-tiled layout takes, on a CUDA device, m <= EPILOGUE_MAX_M. Static properties only — callers decide before a
+    graph is traced or captured, and the layer converts to the k-tiled layout at its first call as ``forward_fused``
+    does."""
     from qwenquant.runtime.quant_linear import QuantLinear
 
     if not (isinstance(layer, QuantLinear) and layer.mode == "fused" and layer.fmt == "affine" and layer.bias is None
@@ -389,12 +391,13 @@ def epilogue_ok(layer, m: int) -> bool:
             and layer._device().type == "cuda")
 
 
-def _epilogue_call(layer, x: Tensor, kind: str, run) -> object:
-    """The tuned tile of the batch-1 kernel with epilogue ``kind`` for x [..., K]; ``run(x2, words, sz, bits,
-    group, cfg)`` launches one tile."""
-    if not epilogue_ok(layer, x.numel() // max(1, x.shape[-1])):
-        raise ValueError(f"{kind}: this layer / input does not take the batch-1 epilogue (fused.epilogue_ok): mode "
-                         f"{getattr(layer, 'mode', None)!r}, {x.numel() // max(1, x.shape[-1])} rows, {x.device}")
+def _batch1_call(layer, x: Tensor, kind: str, run) -> object:
+    """The tuned tile of the batch-1 kernel variant ``kind`` for x [..., K]; ``run(x2, words, sz, bits, group, cfg)``
+    launches one tile."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if not epilogue_ok(layer, rows):
+        raise ValueError(f"{kind}: this layer / input does not take the batch-1 kernel's epilogues (fused.epilogue_ok):"
+                         f" mode {getattr(layer, 'mode', None)!r}, {rows} rows, {x.device}")
     bits, group = check_layer(layer, x)
     x2 = x.reshape(-1, layer.in_features)
     if not x2.is_contiguous():
@@ -408,25 +411,40 @@ def _epilogue_call(layer, x: Tensor, kind: str, run) -> object:
     return run(x2, words, sz, bits, group, tiles[name])
 
 
-def _silu_mul(layer, x: Tensor) -> Tensor:
+def _rows(t: Tensor, n: int) -> Tensor:
+    t2 = t.reshape(-1, n)
+    return t2 if t2.is_contiguous() else t2.contiguous()
+
+
+def _add_residual(layer, x: Tensor, residual: Tensor, norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, hw, ss): h = residual + layer(x) [..., N], hw = h · norm_weight (the next RMSNorm's weight) and ss
+    [slots, M] fp32 partial sums of h² per row, in one launch (``wq_batch1.batch1_add_residual``). (hw, ss) is the
+    next norm's output before its division by the root mean square: :func:`linear_normed` / :func:`silu_mul` take it
+    in place of the normalized input. Raises where ``epilogue_ok`` is false."""
+    r2 = _rows(residual, layer.out_features)
+    h, hw, ss = _batch1_call(layer, x, "add_residual",
+                             lambda x2, w, s, b, g, c: B1.batch1_add_residual(x2, w, s, b, g, r2, norm_weight, *c[:4]))
+    return h.reshape(residual.shape), hw.reshape(residual.shape), ss
+
+
+def _linear_normed(layer, hw: Tensor, ss: Tensor, eps: float) -> Tensor:
+    """layer(RMSNorm(h) · weight) from :func:`add_residual`'s (hw, ss): the division by the root mean square happens
+    on the projection's sums, inside its kernel. Raises where ``epilogue_ok`` is false."""
+    y = _batch1_call(layer, hw, "normed", lambda x2, w, s, b, g, c: B1.batch1_gemm(x2, w, s, b, g, *c[:4],
+                                                                                   norm=(eps, ss)))
+    return y.reshape(*hw.shape[:-1], layer.out_features)
+
+
+def _silu_mul(layer, x: Tensor, norm: tuple[float, Tensor] | None = None) -> Tensor:
     """silu(gate) · up of a merged [gate; up] QuantLinear (``concat_out_features`` of gate and up): x [..., K] ->
-    [..., N / 2], one launch (``wq_batch1.batch1_silu_mul``). Raises where ``epilogue_ok`` is false."""
-    y = _epilogue_call(layer, x, "silu_mul", lambda x2, w, s, b, g, c: B1.batch1_silu_mul(x2, w, s, b, g, *c[:4]))
+    [..., N / 2], one launch (``wq_batch1.batch1_silu_mul``); ``norm`` = (eps, ss): x is :func:`add_residual`'s hw
+    and the input norm finishes inside too (as in :func:`linear_normed`). Raises where ``epilogue_ok`` is false."""
+    y = _batch1_call(layer, x, "silu_mul" if norm is None else "silu_mul normed",
+                     lambda x2, w, s, b, g, c: B1.batch1_silu_mul(x2, w, s, b, g, *c[:4], norm=norm))
     return y.reshape(*x.shape[:-1], layer.out_features // 2)
 
 
-def _add_rmsnorm(layer, x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(h, xn): h = residual + layer(x) and xn = RMSNorm(h) · norm_weight (HF's Qwen3RMSNorm), x [..., K] and
-    residual [..., N] -> both [..., N], one launch (``wq_batch1.batch1_add_rmsnorm``). Raises where
-    ``epilogue_ok`` is false."""
-    r2 = residual.reshape(-1, layer.out_features)
-    if not r2.is_contiguous():
-        r2 = r2.contiguous()
-    h, xn = _epilogue_call(layer, x, "add_rmsnorm", lambda x2, w, s, b, g, c: B1.batch1_add_rmsnorm(
-        x2, w, s, b, g, r2, norm_weight, eps, *c[:4]))
-    return h.reshape(residual.shape), xn.reshape(residual.shape)
-
-
 # Triton launches behind a host-side tuner: opaque to torch.compile, as QuantLinear's GPU modes are
+add_residual = torch.compiler.disable(_add_residual)
+linear_normed = torch.compiler.disable(_linear_normed)
 silu_mul = torch.compiler.disable(_silu_mul)
-add_rmsnorm = torch.compiler.disable(_add_rmsnorm)
