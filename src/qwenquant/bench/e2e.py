@@ -400,7 +400,7 @@ def module_bytes(mod: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure(model, label: str, attend: str = "filled", epilogues: bool = False) -> dict:
+def measure(model, label: str, attend: str = "filled", epilogues: bool | tuple[str, ...] = False) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     lin = linear_bytes(model)
@@ -437,7 +437,7 @@ def measure(model, label: str, attend: str = "filled", epilogues: bool = False) 
 
 
 def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
-        pdl: bool = False, attend: str = "prep-in-split", epilogues: bool = False) -> dict:
+        pdl: bool = False, attend: str = "prep-in-split", epilogues: bool | tuple[str, ...] = False) -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
@@ -446,8 +446,9 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way): by default since
     session 18 our split-K kernel with q / k norm, rotary and the cache write inside it (the fastest measured path for
     bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before.
-    ``epilogues``: ``StaticDecoder(epilogues=True)`` for every decode step — the add + norm and SiLU·mul in the
-    projections' kernels where ``fused.epilogue_ok`` (fused W4 at batch <= 8); each decode entry records which."""
+    ``epilogues``: ``StaticDecoder(epilogues=...)`` for every decode step (True, or some of "norm", "silu") — the
+    add + norm and SiLU·mul in the projections' kernels where ``fused.epilogue_ok`` (fused W4 at batch <=
+    ``fused.EPILOGUE_MAX_M``); each decode entry records which ran."""
     import json
 
     from qwenquant.bench.hw import environment
@@ -500,7 +501,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                              "prep-in-split": f"split-K kernels over the {CTX // 2 + 1} filled positions, q / k norm, "
                                               "rotary and the cache write inside the split kernel",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
-               "fold_norm": True, "epilogues": epilogues,
+               "fold_norm": True, "epilogues": epilogues, "epilogue_max_m": getattr(fused, "EPILOGUE_MAX_M", None),
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
