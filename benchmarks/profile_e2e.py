@@ -15,7 +15,8 @@ time, time in CUDA launch calls on the host) — written in session 13 for its p
 (``bench.e2e.ATTEND``: ``filled`` SDPA, the default; ``split`` our split-K kernels; ``prep`` split after our q / k
 norm + rotary + cache-write kernel; ``masked``). Each layer's last residual add is folded into the next layer's norm
 (``StaticDecoder(fold_norm=True)``, the e2e default since session 18; ``E2E_PROFILE_FOLD=0`` runs the add alone).
-``E2E_PROFILE_EPILOGUES=1``: ``StaticDecoder(epilogues=True)`` (the add + norm and SiLU·mul in the projections' kernels).
+``E2E_PROFILE_EPILOGUES=0``: without ``StaticDecoder(epilogues=True)`` (the e2e default since session 20: the residual
+adds, RMSNorms and SiLU·mul inside the batch-1 W4 kernels).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",
 BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",") if b]
 ATTEND = os.environ.get("E2E_PROFILE_ATTEND", "filled")
 FOLD = os.environ.get("E2E_PROFILE_FOLD", "1") != "0"
-EPILOGUES = os.environ.get("E2E_PROFILE_EPILOGUES", "0") == "1"
+EPILOGUES = os.environ.get("E2E_PROFILE_EPILOGUES", "1") == "1"
 if ATTEND not in e2e.ATTEND:
     raise SystemExit(f"E2E_PROFILE_ATTEND={ATTEND!r}: expected one of {', '.join(e2e.ATTEND)}")
 REPLAYS = 5

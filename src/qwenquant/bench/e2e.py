@@ -400,7 +400,7 @@ def module_bytes(mod: nn.Module) -> int:
 
 
 @torch.no_grad()
-def measure(model, label: str, attend: str = "filled", epilogues: bool | tuple[str, ...] = False) -> dict:
+def measure(model, label: str, attend: str = "filled", epilogues: bool | tuple[str, ...] = True) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     lin = linear_bytes(model)
@@ -437,7 +437,7 @@ def measure(model, label: str, attend: str = "filled", epilogues: bool | tuple[s
 
 
 def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None, merged: bool = True,
-        pdl: bool = False, attend: str = "prep-in-split", epilogues: bool | tuple[str, ...] = False) -> dict:
+        pdl: bool = False, attend: str = "prep-in-split", epilogues: bool | tuple[str, ...] = True) -> dict:
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
@@ -446,9 +446,11 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way): by default since
     session 18 our split-K kernel with q / k norm, rotary and the cache write inside it (the fastest measured path for
     bf16 and W4 alike, ``results/head_attention_b1_h100.json``); ``"filled"`` is cuDNN's SDPA as before.
-    ``epilogues``: ``StaticDecoder(epilogues=...)`` for every decode step (True, or some of "norm", "silu") — the
-    add + norm and SiLU·mul in the projections' kernels where ``fused.epilogue_ok`` (fused W4 at batch <=
-    ``fused.EPILOGUE_MAX_M``); each decode entry records which ran."""
+    ``epilogues``: ``StaticDecoder(epilogues=...)`` for every decode step (True, the default since session 20, or
+    some of "norm", "silu", or False) — the residual adds, RMSNorms and SiLU·mul inside the batch-1 W4 kernels where
+    ``fused.epilogue_ok`` (fused W2/W4 at batch <= ``fused.EPILOGUE_MAX_M``; 0.17 ms less per step at batch 1 and 8
+    on an H100, ``results/epilogues_step_h100.json``); each decode entry records which ran. bf16 has no such kernel
+    and keeps torch.compile's fused add + norm and SiLU·mul kernels."""
     import json
 
     from qwenquant.bench.hw import environment

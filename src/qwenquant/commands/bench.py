@@ -13,8 +13,8 @@ def register(subparsers) -> None:
                    "e2e — of bench.e2e.E2E_MODES (bf16 always runs first)")
     p.add_argument("--attend", default="prep-in-split", help="e2e: the decode attention of every mode (bench.e2e.ATTEND: "
                    "filled, split, prep, prep-in-split, masked)")
-    p.add_argument("--epilogues", action="store_true", help="e2e: the residual add + norm and SiLU·mul in the W4 "
-                   "projections' kernel epilogues at batch <= 8 (StaticDecoder(epilogues=True))")
+    p.add_argument("--no-epilogues", action="store_true", help="e2e: the residual adds + RMSNorms and SiLU·mul as "
+                   "compiled kernels of their own, not inside the batch-1 W4 kernels (the default at batch <= 8)")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--results", default="benchmarks/results", help="report: folder of result JSON")
     p.set_defaults(run=run)
@@ -44,7 +44,7 @@ def run(args) -> dict:
         res = gemm.run(models=args.models.split(","), modes=modes)
     else:
         res = e2e.run(modes=tuple(modes) if modes else tuple(e2e.E2E_MODES), out_path=args.out, attend=args.attend,
-                      epilogues=args.epilogues)
+                      epilogues=not args.no_epilogues)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, default=str)
