@@ -36,7 +36,7 @@ MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",
 BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",") if b]
 ATTEND = os.environ.get("E2E_PROFILE_ATTEND", "filled")
 FOLD = os.environ.get("E2E_PROFILE_FOLD", "1") != "0"
-EPILOGUES = os.environ.get("E2E_PROFILE_EPILOGUES", "1") == "1"
+EPILOGUES = os.environ.get("E2E_PROFILE_EPILOGUES", "1") != "0"
 if ATTEND not in e2e.ATTEND:
     raise SystemExit(f"E2E_PROFILE_ATTEND={ATTEND!r}: expected one of {', '.join(e2e.ATTEND)}")
 REPLAYS = 5

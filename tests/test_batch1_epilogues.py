@@ -30,6 +30,16 @@ def _weight(n, k, bits, group, device="cpu", seed=0):
     return kt.words.to(device), kt.sz.to(device)
 
 
+def _random_norms(model, seed=3):
+    """Every RMSNorm weight of an HF Qwen3 model random (1 + 0.5·N(0, 1)): a fresh model has them all 1, under
+    which a wrong norm weight in the wiring would go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RMSNorm"):
+            w = 1 + 0.5 * torch.randn(mod.weight.shape, generator=g)
+            mod.weight.data.copy_(w.to(mod.weight.dtype))
+
+
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -68,7 +78,9 @@ def check_epilogues(n_silu, n_res, k, bits, group, ms, tiles, dtype, device):
             kw = dict(bn=bn, kb=kb, num_warps=warps, num_stages=stages)
             y = B.batch1_gemm(x, wg, sg, bits, group, out=torch.full((m, n_silu), float("nan"), device=device,
                                                                      dtype=dtype), **kw)
-            note("silu_mul", _rel(B.batch1_silu_mul(x, wg, sg, bits, group, **kw), B.reference_silu_mul(y)))
+            act = B.batch1_silu_mul(x, wg, sg, bits, group, out=torch.full((m, n_silu // 2), float("nan"),
+                                                                           device=device, dtype=dtype), **kw)
+            note("silu_mul", _rel(act, B.reference_silu_mul(y)))
             y = B.batch1_gemm(x, wr, sr, bits, group, **kw)
             h_ref, hw_ref, ss_ref = B.reference_add_residual(y, r, nw_res)
             h_out, hw_out, ss_out = B.batch1_add_residual(x, wr, sr, bits, group, r, nw_res, **kw)
@@ -81,6 +93,12 @@ def check_epilogues(n_silu, n_res, k, bits, group, ms, tiles, dtype, device):
             note("normed_unfused", _rel(unfused, exact))
             note("silu_normed", _rel(B.batch1_silu_mul(hw, wg, sg, bits, group, norm=(1e-6, ss), **kw), exact_act))
             note("silu_normed_unfused", _rel(B.reference_silu_mul(unfused), exact_act))
+            # the chain as the decode step runs it: the producer's own (hw, ss) into the consumer, against the
+            # producer's h through HF's norm and the plain kernel (K = n_res here: the producer's N is the hidden size)
+            if n_res == k:
+                _, hw2, ss2 = B.batch1_add_residual(x, wr, sr, bits, group, r, nw, **kw)
+                plain = B.batch1_gemm(B.reference_rmsnorm(h_out, nw, 1e-6), wg, sg, bits, group, **kw)
+                note("chain", _rel(B.batch1_gemm(hw2, wg, sg, bits, group, norm=(1e-6, ss2), **kw), plain))
     return worst
 
 
@@ -89,19 +107,23 @@ def assert_close_to_unfused(worst, tol):
     assert worst["silu_mul"] < tol and worst["add_residual"] < tol and worst["sum_squares"] < 1e-5, worst
     assert worst["normed"] < 2 * worst["normed_unfused"] + 1e-4, worst
     assert worst["silu_normed"] < 2 * worst["silu_normed_unfused"] + 1e-4, worst
+    assert worst.get("chain", 0.0) < 4 * tol, worst
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numpy") is None, reason="the interpreter needs numpy")
 def test_epilogues_under_the_interpreter():
-    """N = 96 / 40 (partial last tiles: 48 and 40 output columns against 8 or 16 per program), M = 1 / 3 / 9 (the
-    MMA's N = 8 and 16), 4-bit g128 and 2-bit g64, one k-tile per step (K loops) and four; three partial sums."""
+    """N = 80 / 40 (partial last tiles: 40 output columns against 8 or 16 per program), M = 1 / 3 / 9 (the MMA's
+    N = 8 and 16), 4-bit g128 and 2-bit g64, one k-tile per step (K loops) and four; three partial sums; and the
+    producer's own hw / ss into the consumer (N = K = 512)."""
     script = textwrap.dedent("""
         import json, torch
         from tests.test_batch1_epilogues import check_epilogues
         out = {}
         for bits, group, k in ((4, 128, 512), (2, 64, 1024)):
-            out[f"{bits}"] = check_epilogues(96, 40, k, bits, group, (1, 3, 9), ((16, 1, 4, 1), (32, 4, 2, 1)),
+            out[f"{bits}"] = check_epilogues(80, 40, k, bits, group, (1, 3, 9), ((16, 1, 4, 1), (32, 4, 2, 1)),
                                              torch.float16, "cpu")
+        # the producer -> consumer chain: o-shaped producer of the hidden size (N = K) into a gate_up-shaped consumer
+        out["chain"] = check_epilogues(80, 512, 512, 4, 128, (1, 3), ((16, 2, 4, 1),), torch.float16, "cpu")
         print(json.dumps(out))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +144,7 @@ def test_epilogues_on_the_gpu_qwen3_8b_shapes():
     from qwenquant.runtime import fused
 
     tiles = [c[:4] for c in fused.BATCH1 if c[4] == 1]
-    worst = check_epilogues(24576, 4096, 4096, 4, 128, (1, 2, 5, 8), tiles, torch.bfloat16, "cuda")
+    worst = check_epilogues(24576, 4096, 4096, 4, 128, (1, 2, 5, 8), tiles, torch.bfloat16, "cuda")  # chain too
     assert_close_to_unfused(worst, 5e-3)
     print(worst)
 
@@ -170,6 +192,7 @@ def test_decode_step_with_epilogues_wires_them_as_the_unfused_step(monkeypatch):
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(cfg).eval()
+    _random_norms(model)
     e2e.merge_projections(model)
     calls = []
 
@@ -208,6 +231,13 @@ def test_decode_step_with_epilogues_wires_them_as_the_unfused_step(monkeypatch):
         assert calls == expect[flags], (flags, calls)
     for flags, out in logits.items():
         torch.testing.assert_close(out, logits[(False, False)], rtol=1e-5, atol=1e-5)
+    plain = {}
+    for asked in (False, True):  # without folding the add into the next norm: the layers return h alone
+        torch.manual_seed(1)
+        plain[asked] = e2e.StaticDecoder(model, 2, ctx=16, device="cpu", attend="split", fold_norm=False,
+                                         epilogues=asked).step()
+    torch.testing.assert_close(plain[True], plain[False], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[True], logits[(False, False)], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="epilogues=\\('silu', 'gelu'\\)"):
         e2e.StaticDecoder(model, 2, ctx=16, device="cpu", epilogues=("silu", "gelu"))
 
@@ -226,7 +256,9 @@ def test_decode_step_with_epilogues_matches_the_unfused_step_on_the_gpu():
                                    num_key_value_heads=2, head_dim=64, vocab_size=1000, max_position_embeddings=256,
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    _random_norms(model)
+    model = model.to("cuda", torch.bfloat16)
     originals = [getattr(p, n).weight.detach().float().cpu() for p, n in e2e.decoder_linears(model)]
     e2e.merge_projections(model)
     e2e.quantize_model(model, originals, QuantSpec(4, 128, False), "fused")

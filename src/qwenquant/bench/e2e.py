@@ -217,11 +217,11 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
     else:
         if ss is not None:
             gu = fused.linear_normed(mlp.gate_up_proj, x, ss, eps)
+            g, u = gu.chunk(2, dim=-1)
         elif hasattr(mlp, "gate_up_proj"):
-            gu = mlp.gate_up_proj(x)
+            g, u = mlp.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gu = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
-        g, u = gu.chunk(2, dim=-1)
+            g, u = mlp.gate_proj(x), mlp.up_proj(x)
         act = mlp.act_fn(g) * u
     if norm_epi:
         h, hw, ss = fused.add_residual(mlp.down_proj, act, h, (post if next_norm is None else next_norm).weight)
@@ -341,11 +341,12 @@ class StaticDecoder:
         if not asked <= {"norm", "silu"}:
             raise ValueError(f"epilogues={epilogues!r}: expected True, False or some of ('norm', 'silu')")
         self.epilogues = (False, False)
-        first = model.model.layers[0]
-        a, mlp = first.self_attn, first.mlp
-        if asked and fused is not None and hasattr(a, "qkv_proj") and hasattr(mlp, "gate_up_proj"):
-            gate_up = fused.epilogue_ok(mlp.gate_up_proj, batch)
-            norm = gate_up and all(fused.epilogue_ok(p, batch) for p in (a.qkv_proj, a.o_proj, mlp.down_proj))
+        layers = model.model.layers
+        if asked and fused is not None and all(hasattr(l.self_attn, "qkv_proj") and hasattr(l.mlp, "gate_up_proj")
+                                               for l in layers):  # every layer alike: one compiled step serves all
+            gate_up = all(fused.epilogue_ok(l.mlp.gate_up_proj, batch) for l in layers)
+            norm = gate_up and all(fused.epilogue_ok(p, batch) for l in layers
+                                   for p in (l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.down_proj))
             self.epilogues = ("norm" in asked and norm, "silu" in asked and gate_up)
 
     @torch.no_grad()
