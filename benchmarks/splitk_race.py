@@ -6,8 +6,8 @@ Follows ``lm_head_splitk_check.py`` (session 18): at M = 8 on the lm_head shape 
 with different tiles wrong on every run; M = 1 and 40 and the non-split / not-W-as-A / not-scale-after tiles were
 right. Every split-K k-tiled config the tuner offers at M = 2, 4, 8, 16, 32 runs five times on the Qwen3-8B decoder
 shapes and on N = 65,536 × K = 4096 (``SPLITK_RACE_SHAPES``, ``SPLITK_RACE_M`` narrow it); the worst relative error
-against the fp32 product is kept per (shape, M, config). The configs come from ``fused.KTILED_SMALL`` directly, the
-withdrawn ones included. Session 18 ran it with GPU-scope fences added to ``_add_partial`` (commit d247efc,
+against the fp32 product is kept per (shape, M, config). The configs are the tuner's own (``fused._ktiled_configs``);
+until session 19 this script built them from ``fused.KTILED_SMALL`` to include the ones then withdrawn. Session 18 ran it with GPU-scope fences added to ``_add_partial`` (commit d247efc,
 ``QWENQUANT_SPLITK_FENCE=1``, since removed: ``results/splitk_race_fence1_h100.json``) and without
 (``..._fence0_h100.json``); the cause it then pointed to — a zeroing store overtaking another thread's read — is
 fixed by a barrier in ``_add_partial``. Session 19 ran it on the fix (7bf7ba2 → ``results/splitk_race_barrier_h100.json``):
@@ -34,10 +34,9 @@ ROWS = [int(v) for v in os.environ.get("SPLITK_RACE_M", "2,4,8,16,32").split(","
 
 
 def candidates(m: int) -> dict:
-    """Every split-K k-tiled config of the small-M table at this M, including those the tuner withdrew."""
-    bm = max(16, 1 << (m - 1).bit_length())
-    return {f"ktiled {'A' if wa else 'B'} bn{bn} bm{bm} w{w} s{st} sk{sk}{' after' if sa else ''}":
-            ("ktiled", (bm, bn, wa, sk, w, st, sa, 0)) for bn, w, st, sk, wa, sa in fused.KTILED_SMALL if sk > 1}
+    """Every split-K k-tiled config the fused tuner offers a 4-bit layer at this M (``fused._ktiled_configs``; none
+    is withdrawn since the fix): name -> ("ktiled", config), split-K > 1 only."""
+    return {name: kc for name, kc in fused._ktiled_configs(m, 4).items() if kc[0] == "ktiled" and kc[1][3] > 1}
 
 
 @torch.no_grad()

@@ -166,12 +166,17 @@ def _qkv(a, x):
     return (q.reshape(b, t, -1, a.head_dim), k.reshape(b, t, -1, a.head_dim), v.reshape(b, t, -1, a.head_dim))
 
 
-def _mlp(mlp, x):
+def _gate_up_act(mlp, x):
+    """act(gate(x)) · up(x), merged or separate projections: the MLP up to the down projection."""
     if hasattr(mlp, "gate_up_proj"):
         g, u = mlp.gate_up_proj(x).chunk(2, dim=-1)
     else:
         g, u = mlp.gate_proj(x), mlp.up_proj(x)
-    return mlp.down_proj(mlp.act_fn(g) * u)
+    return mlp.act_fn(g) * u
+
+
+def _mlp(mlp, x):
+    return mlp.down_proj(_gate_up_act(mlp, x))
 
 
 def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None = None, split: bool = False,
@@ -214,15 +219,11 @@ def _layer_step(layer, h, kc, vc, pos, cos, sin, mask, rope, filled: int | None 
         x, ss = post(h), None
     if silu_epi:
         act = fused.silu_mul(mlp.gate_up_proj, x, norm=None if ss is None else (eps, ss))
-    else:
-        if ss is not None:
-            gu = fused.linear_normed(mlp.gate_up_proj, x, ss, eps)
-            g, u = gu.chunk(2, dim=-1)
-        elif hasattr(mlp, "gate_up_proj"):
-            g, u = mlp.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    elif ss is not None:
+        g, u = fused.linear_normed(mlp.gate_up_proj, x, ss, eps).chunk(2, dim=-1)
         act = mlp.act_fn(g) * u
+    else:
+        act = _gate_up_act(mlp, x)
     if norm_epi:
         h, hw, ss = fused.add_residual(mlp.down_proj, act, h, (post if next_norm is None else next_norm).weight)
         if hand_normed:

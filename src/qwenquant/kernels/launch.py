@@ -121,3 +121,29 @@ def launch_kernel(fn, grid: tuple, args: tuple, **kwargs) -> None:
 def cached_kernels() -> int:
     """How many compiled kernels the cache holds (tests, diagnostics)."""
     return sum(len(c) for c in _CACHES.values())
+
+
+def ptxas_usage(compiled, arch: str = "sm_90a") -> dict:
+    """Registers per thread, spilled bytes and shared memory of a kernel compiled offline (a module's
+    ``compile_for_sm90``), from ``ptxas -v`` — the Triton wheel's own ptxas, so no GPU is needed:
+    {"registers", "spill_bytes", "shared_bytes", "report"} (the report: ptxas's whole output, for its warnings).
+    Raises with the report if ptxas fails."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        info = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True)
+    report = info.stdout + info.stderr
+    if info.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {report[-2000:]}")
+    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
+            "shared_bytes": compiled.metadata.shared, "report": report}

@@ -303,7 +303,7 @@ def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None) -> tuple
             raise ValueError(f"{who}: norm eps={eps}: expected > 0")
         if ss.dim() != 2 or ss.shape[1] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
             raise ValueError(f"{who}: norm sums of squares {ss.dtype} {tuple(ss.shape)}: expected contiguous float32 "
-                             f"[slots, {m}] (batch1_add_residual's second result)")
+                             f"[slots, {m}] (batch1_add_residual's third result)")
     return m, k, words.shape[0]
 
 
@@ -347,28 +347,3 @@ def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4,
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(fn=_batch1_kernel, signature=sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-
-
-def sm90_usage(compiled) -> dict:
-    """Registers per thread, spilled bytes and shared memory of a ``compile_for_sm90`` build, from ptxas -v (the
-    Triton wheel's own ptxas; no GPU): {"registers", "spill_bytes", "shared_bytes", "report"}. Raises with the report
-    if ptxas fails."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(compiled.asm["ptx"])
-        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "k.cubin")],
-                              capture_output=True, text=True)
-    report = info.stdout + info.stderr
-    if info.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {report[-2000:]}")
-    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
-            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
-            "shared_bytes": compiled.metadata.shared, "report": report}
-

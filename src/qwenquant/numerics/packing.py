@@ -52,8 +52,10 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     """[..., n] integer codes in [0, 2**bits) -> [..., n*bits/8] uint8."""
     n = codes.shape[-1]
     _check(n, bits)
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):  # whole tensor, before any block
-        raise ValueError(f"codes out of range for {bits} bits: min {int(codes.min())}, max {int(codes.max())}")
+    if codes.numel():  # the whole tensor, before any block
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= 2**bits:
+            raise ValueError(f"codes out of range for {bits} bits: min {lo}, max {hi}")
     return by_row_blocks(lambda c: _pack_rows(c, bits), codes, n, n * bits // 8, torch.uint8)
 
 

@@ -353,9 +353,7 @@ def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | No
 
 def forward_fused(layer, x: Tensor) -> Tensor:
     bits, group = check_layer(layer, x)
-    x2 = x.reshape(-1, layer.in_features)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _rows(x, layer.in_features)
     ops = _operands(layer, bits, group, x2.shape[0])
     # a k-tiled layer has no checkpoint tensors: only the kernels on its layout (ops.ktiled) run
     ckpt = (layer.qweight, layer.scale, layer.zero) if layer.layout == "checkpoint" else (None, None, None)
@@ -401,19 +399,22 @@ def _batch1_call(layer, x: Tensor, kind: str, run) -> object:
         raise ValueError(f"{kind}: this layer / input does not take the batch-1 kernel's epilogues (fused.epilogue_ok):"
                          f" mode {getattr(layer, 'mode', None)!r}, {rows} rows, {x.device}")
     bits, group = check_layer(layer, x)
-    x2 = x.reshape(-1, layer.in_features)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _rows(x, layer.in_features)
     ops = _operands(layer, bits, group)
     words, sz = ops.ktiled.words, ops.ktiled.sz
     key = (bits, group, layer.out_features, layer.in_features, m_bucket(x2.shape[0]), x2.dtype, kind)
-    tiles = {batch1_name(cfg): cfg for cfg in BATCH1 if cfg[4] == 1}
     hit = TUNER.choices.get(key)
-    name = hit[0] if hit else TUNER.pick(key, {n: (lambda c=c: run(x2, words, sz, bits, group, c)) for n, c in tiles.items()})
-    return run(x2, words, sz, bits, group, tiles[name])
+    name = hit[0] if hit else TUNER.pick(key, {n: (lambda c=c: run(x2, words, sz, bits, group, c))
+                                               for n, c in _EPILOGUE_TILES.items()})
+    return run(x2, words, sz, bits, group, _EPILOGUE_TILES[name])
+
+
+# the batch-1 tiles the epilogue variants are tuned over: no split-K (the epilogue needs each output's whole sum)
+_EPILOGUE_TILES = {batch1_name(cfg): cfg for cfg in BATCH1 if cfg[4] == 1}
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
+    """t [..., n] as a contiguous [rows, n] (a view where it can be)."""
     t2 = t.reshape(-1, n)
     return t2 if t2.is_contiguous() else t2.contiguous()
 
