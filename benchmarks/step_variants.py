@@ -22,9 +22,13 @@ Variant = tuple[dict, Callable[[], dict]]
 
 @torch.no_grad()
 def time_step_variants(kind: str, out_name: str, modes: Iterable[str], variants_for: Callable[[str], list[Variant]],
-                       batches: Iterable[int] = (1,), rounds: int = 1, doc_extra: dict | None = None) -> dict:
+                       batches: Iterable[int] = (1,), rounds: int = 1, doc_extra: dict | None = None,
+                       after: Callable[[str, int, dict, "e2e.StaticDecoder"], dict] | None = None) -> dict:
     """Build the model once; for each mode (``bf16`` or an ``e2e.E2E_MODES`` name, quantized in that order), batch and
-    round, time every variant of ``variants_for(mode)`` round-robin. Writes ``$OUT/<out_name>`` and returns the doc."""
+    round, time every variant of ``variants_for(mode)`` round-robin. Writes ``$OUT/<out_name>`` and returns the doc.
+    Each decoder is built under ``torch.manual_seed(0)`` (its random cache and token ids alike for every variant);
+    ``after(mode, batch, fields, decoder)``, run after a timing, returns more fields for its record (a check of the
+    step's output)."""
     modes = list(modes)
     unknown = [m for m in modes if m != "bf16" and m not in e2e.E2E_MODES]
     if unknown or ("bf16" in modes and modes[0] != "bf16"):  # before minutes of model building
@@ -46,10 +50,13 @@ def time_step_variants(kind: str, out_name: str, modes: Iterable[str], variants_
                 for fields, setup in variants_for(mode):
                     kwargs = setup()
                     t = time.time()
+                    torch.manual_seed(0)
                     dec = e2e.StaticDecoder(model, b, compiled=True, **kwargs)
                     ms = e2e._graph_ms(dec.step)
-                    doc["steps"].append({"mode": mode, "batch": b, "round": r, **fields, "step_ms": ms,
-                                         "seconds": time.time() - t})
+                    rec = {"mode": mode, "batch": b, "round": r, **fields, "step_ms": ms, "seconds": time.time() - t}
+                    if after is not None:
+                        rec.update(after(mode, b, fields, dec))
+                    doc["steps"].append(rec)
                     print(mode, b, r, *fields.values(), round(ms, 4), flush=True)
                     del dec
                     torch.cuda.empty_cache()
