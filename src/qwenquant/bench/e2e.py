@@ -443,7 +443,8 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     """bf16, then each of ``modes``, on one model. ``merged``: q/k/v and gate/up as single projections
     (``merge_projections``, what serving engines run; bf16 gets the same merge) — False runs the seven
     separate projections of the HF layout. ``pdl``: programmatic dependent launch for every mode alike — torch.compile's
-    kernels (``torch._inductor.config.triton.enable_pdl``) and the k-tiled W4 kernels (``kernels/overlap.py``); both
+    kernels (``torch._inductor.config.triton.enable_pdl``) and ours (``kernels/overlap.py``: the k-tiled and batch-1 W4
+    kernels, the split-K attention; ``qwenquant bench e2e --pdl``); both
     switches stay on for the rest of the process, and the compiled decode step is rebuilt under them. ``attend``: the
     decode attention of every mode alike (``StaticDecoder``; the prefill is causal SDPA either way): by default since
     session 18 our split-K kernel with q / k norm, rotary and the cache write inside it (the fastest measured path for

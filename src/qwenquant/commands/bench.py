@@ -15,6 +15,8 @@ def register(subparsers) -> None:
                    "filled, split, prep, prep-in-split, masked)")
     p.add_argument("--no-epilogues", action="store_true", help="e2e: the residual adds + RMSNorms and SiLU·mul as "
                    "compiled kernels of their own, not inside the batch-1 W4 kernels (the default at batch <= 8)")
+    p.add_argument("--pdl", action="store_true", help="e2e: programmatic dependent launch for every mode — our kernels "
+                   "(QWENQUANT_PDL) and torch.compile's (its triton.enable_pdl); Hopper or newer")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--results", default="benchmarks/results", help="report: folder of result JSON")
     p.set_defaults(run=run)
@@ -44,7 +46,7 @@ def run(args) -> dict:
         res = gemm.run(models=args.models.split(","), modes=modes)
     else:
         res = e2e.run(modes=tuple(modes) if modes else tuple(e2e.E2E_MODES), out_path=args.out, attend=args.attend,
-                      epilogues=not args.no_epilogues)
+                      epilogues=not args.no_epilogues, pdl=args.pdl)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, default=str)
