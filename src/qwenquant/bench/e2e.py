@@ -457,7 +457,8 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
     import json
 
     from qwenquant.bench.hw import environment
-    from qwenquant.kernels import decode_attention, overlap
+    from qwenquant.kernels import decode_attention as attention_module
+    from qwenquant.kernels import overlap
     from qwenquant.runtime import auto, fused, native
 
     if attend not in ATTEND:  # before minutes of model building
@@ -506,7 +507,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                              "prep-in-split": f"split-K kernels over the {CTX // 2 + 1} filled positions, q / k norm, "
                                               "rotary and the cache write inside the split kernel",
                              "masked": f"SDPA over the whole {CTX}-position cache under a position mask"}[attend],
-               "attention_target_programs": decode_attention.TARGET_PROGRAMS,
+               "attention_target_programs": attention_module.TARGET_PROGRAMS,
                "fold_norm": True, "epilogues": epilogues, "epilogue_max_m": getattr(fused, "EPILOGUE_MAX_M", None),
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
