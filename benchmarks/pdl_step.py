@@ -1,5 +1,5 @@
-"""The decode step with programmatic dependent launch (PDL) for our kernels, and the attention's program target
-(session 21), A/B on the e2e benchmark's Qwen3-8B step (merged projections, split-K attention with its prep inside,
+"""The decode step with programmatic dependent launch (PDL) for our kernels, persistent batch-1 tiles, and the
+attention's program target (session 21), A/B on the e2e benchmark's Qwen3-8B step (merged projections, split-K attention with its prep inside,
 the batch-1 epilogues, compiled step, CUDA-graph replay), rounds round-robin.
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 benchmarks/pdl_step.py   # -> $OUT/pdl_step.json
@@ -11,15 +11,22 @@ merge, o, gate_up, down per layer) with 0.11 ms of gaps between them (``profile_
 kernels. The attention's split kernel aims at ``decode_attention.TARGET_PROGRAMS`` programs (264, ≈ 2 per SM, at
 every batch); session 18's isolated benchmark had 66 faster at batch 1 (6.8 vs 7.5 µs), never timed in the step.
 
+Persistent tiles (``fused.BATCH1_PERSISTENT``): gate_up has 768 row blocks of 32 rows for 264-396 resident
+programs, each filling and draining its own 4-step pipeline; a persistent program walks ≈ 3 blocks in one pipelined
+loop. The tuner times them beside the one-block-per-program tiles when ``fused.OFFER_BATCH1_PERSISTENT``; the
+variants without them use a tuner state of their own (tuned once per state, swapped in, not re-tuned per variant).
+
 Variants: ``pdl`` (our batch-1, k-tiled and attention kernels launched with PDL: ``overlap.PDL_ENABLED``;
-torch.compile's own kernels stay without it here, so no variant recompiles the step) × ``target`` (the attention's
-program target). ``PDL_MODES`` (default ``w4g128-fused+head``; bf16 always first, it runs our attention kernels too),
+torch.compile's own kernels stay without it here, so no variant recompiles the step) × ``persist`` (W4 only) ×
+``target`` (the attention's program target). ``PDL_MODES`` (default ``w4g128-fused+head``; bf16 always first, it runs our attention kernels too),
 ``PDL_BATCHES`` (default 1,8), ``PDL_ROUNDS`` (default 2), ``PDL_TARGETS`` (default 264,132,66).
 
-Correctness in the same run: after each timing, ``REPLAYS`` replays of a fresh CUDA graph of the step are compared
-with the first variant's logits (PDL off, the first target; same seed, same cache): ``replays_bit_equal`` counts the
-bit-identical ones (all of them where only PDL differs: the same kernels do the same arithmetic) and ``worst_rel`` the
-largest relative difference (another target splits the keys differently: bf16 rounding).
+Correctness in the same run: after each timing, ``REPLAYS`` replays of a fresh CUDA graph of the step:
+``replays_bit_equal`` counts those equal bit for bit to the graph's first replay (a race — a load ahead of its
+producer — would not repeat exactly), ``bit_equal_first_variant`` whether it equals the first variant's logits (PDL
+off, the first target, no persistent tiles; same seed, same cache: expected where only PDL differs, the same kernels
+doing the same arithmetic) and ``worst_rel`` the largest relative difference from them (another attention target or
+tile sums in another order: bf16 rounding).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from step_variants import time_step_variants  # the shared skeleton of the step A/B benchmarks
 
 from qwenquant.kernels import decode_attention, overlap
+from qwenquant.runtime import fused
 
 MODES = ["bf16", *[m for m in os.environ.get("PDL_MODES", "w4g128-fused+head").split(",") if m and m != "bf16"]]
 BATCHES = [int(b) for b in os.environ.get("PDL_BATCHES", "1,8").split(",") if b]
@@ -39,17 +47,36 @@ REPLAYS = 20
 _first: dict[tuple[str, int], torch.Tensor] = {}  # (mode, batch) -> the first variant's logits
 
 
-def _setup(pdl: bool, target: int):
+_tuned: dict[bool, dict] = {}  # OFFER_BATCH1_PERSISTENT -> the tuner's choices made under it
+
+
+def use_persistent(on: bool) -> None:
+    """Offer the persistent batch-1 tiles or not, with the tuner choices made under that setting."""
+    if fused.OFFER_BATCH1_PERSISTENT == on:
+        return
+    _tuned[fused.OFFER_BATCH1_PERSISTENT] = fused.TUNER.choices
+    fused.OFFER_BATCH1_PERSISTENT = on
+    fused._configs.cache_clear()  # the candidate lists are cached per shape
+    fused.TUNER.choices = _tuned.get(on, {})
+
+
+def _setup(pdl: bool, target: int, persist: bool):
     def setup() -> dict:
         overlap.PDL_ENABLED = pdl
         decode_attention.TARGET_PROGRAMS = target
+        use_persistent(persist)
         return {"attend": "prep-in-split", "epilogues": True}
     return setup
 
 
 def variants_for(mode: str) -> list:
-    pairs = [(False, TARGETS[0]), (True, TARGETS[0]), *[(True, t) for t in TARGETS[1:]], (False, TARGETS[-1])]
-    return [({"pdl": pdl, "target": t}, _setup(pdl, t)) for pdl, t in dict.fromkeys(pairs)]
+    t0 = TARGETS[0]
+    if mode == "bf16":  # no W4 kernel: the persistent tiles do not apply
+        asked = [(False, t0, False), (True, t0, False), *[(True, t, False) for t in TARGETS[1:]]]
+    else:
+        asked = [(False, t0, False), (True, t0, False), (False, t0, True), (True, t0, True),
+                 *[(True, t, True) for t in TARGETS[1:]]]
+    return [({"pdl": pdl, "target": t, "persist": p}, _setup(pdl, t, p)) for pdl, t, p in asked]
 
 
 def check_replays(mode: str, batch: int, fields: dict, dec) -> dict:
@@ -63,17 +90,19 @@ def check_replays(mode: str, batch: int, fields: dict, dec) -> dict:
         with torch.cuda.graph(graph, stream=stream):
             out = dec.step()
     torch.cuda.current_stream().wait_stream(stream)
-    ref = _first.setdefault((mode, batch), None)
+    own = None  # this graph's first replay: every later one must equal it bit for bit (a race would not)
     equal, worst = 0, 0.0
     for _ in range(REPLAYS):
         graph.replay()
         torch.cuda.synchronize()
-        if ref is None:
-            ref = _first[(mode, batch)] = out.detach().clone()
-        equal += bool(torch.equal(out, ref))
+        if own is None:
+            own = out.detach().clone()
+        ref = _first.setdefault((mode, batch), own)
+        equal += bool(torch.equal(out, own))
         worst = max(worst, float((out.double() - ref.double()).norm() / ref.double().norm()))
     del graph
-    return {"replays": REPLAYS, "replays_bit_equal": equal, "worst_rel": worst}
+    return {"replays": REPLAYS, "replays_bit_equal": equal, "worst_rel": worst,
+            "bit_equal_first_variant": bool(torch.equal(own, _first[(mode, batch)]))}
 
 
 if __name__ == "__main__":

@@ -25,18 +25,21 @@ def _operands(n=64, k=512, bits=4, group=128):
     (dict(bn=48), "bn=48"),
     (dict(kb=3), "kb=3"),
     (dict(split_k=0), "split_k=0"),
+    (dict(persist=-1), "persist=-1"),
+    (dict(persist=2, split_k=2), "persist=2 with split_k=2"),
     (dict(dtype=torch.float32), "torch.float32"),
     (dict(k=300), "K=300"),
 ])
 def test_bad_input_names_the_value(bad, match):
-    args = dict(m=1, k=512, bits=4, bn=16, kb=8, split_k=1, dtype=torch.bfloat16) | bad
+    args = dict(m=1, k=512, bits=4, bn=16, kb=8, split_k=1, persist=0, dtype=torch.bfloat16) | bad
     bits, k = args["bits"], args["k"]
     words, sz = _operands(k=k if k % 256 == 0 else 512, bits=bits)
     if k % 256:
         words = torch.zeros(64, k * bits // 32, dtype=torch.int32)
     x = torch.randn(args["m"], k).to(args["dtype"])
     with pytest.raises(ValueError, match=match):
-        B.batch1_gemm(x, words, sz, bits, 128, bn=args["bn"], kb=args["kb"], split_k=args["split_k"])
+        B.batch1_gemm(x, words, sz, bits, 128, bn=args["bn"], kb=args["kb"], split_k=args["split_k"],
+                      persist=args["persist"])
 
 
 def test_steps_divide_the_k_tiles():
@@ -55,7 +58,9 @@ def test_steps_divide_the_k_tiles():
 def test_batch1_matches_reference(bits, group, sym):
     """N = 200 (a partial last tile), M = 1 / 9 / 16 across the N = 8 / 16 MMA switch, against the fp64 product beside
     cuBLAS on the same Ŵ, results written into NaN-filled tensors. K = 4096 (16 k-tiles: kb 8 and 16 as asked) runs
-    every tile shape in bf16: 1-4 stages (the tuner's 3- and 4-stage tiles among them), split-K 2 and 5 (uneven shares); K = 3072 (12 k-tiles: kb lowered to 4,
+    every tile shape in bf16: 1-4 stages (the tuner's 3- and 4-stage tiles among them), split-K 2 and 5 (uneven shares),
+    a persistent tile (13 row blocks over fewer programs only on a GPU of < 13 SMs: this checks its launch; the walk
+    over several blocks is checked under the interpreter and on the 8B shapes in test_batch1_epilogues); K = 3072 (12 k-tiles: kb lowered to 4,
     several steps) and fp16 run the default tile and split-K 5. Fresh x each time. (Trimmed from a 140-launch grid
     per format that compiled for over 4 minutes on the H100 machine.)"""
     from qwenquant.kernels import wq_matmul as K
@@ -63,7 +68,7 @@ def test_batch1_matches_reference(bits, group, sym):
 
     n = 200
     every = ((16, 8, 4, 1, 1), (32, 4, 8, 1, 1), (16, 2, 2, 1, 1), (16, 16, 8, 1, 1), (16, 4, 4, 2, 1), (16, 8, 4, 1, 2),
-             (16, 4, 2, 3, 1), (32, 4, 4, 4, 1), (16, 4, 4, 1, 5))
+             (16, 4, 2, 3, 1), (32, 4, 4, 4, 1), (16, 4, 4, 1, 5), (16, 4, 4, 3, -1))  # split -1: persistent, 1 per SM
     default_and_sk5 = (every[0], every[-1])
     for k, dtype, tiles, ms in ((4096, torch.bfloat16, every, (1, 9, 16)), (3072, torch.bfloat16, default_and_sk5, (1, 16)),
                                 (4096, torch.float16, default_and_sk5, (1, 16))):
@@ -81,7 +86,7 @@ def test_batch1_matches_reference(bits, group, sym):
                 # a NaN-filled result: a row the kernel does not store fails instead of passing on a stale block
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 y = B.batch1_gemm(x, kt.words, kt.sz, bits, g, bn=bn, kb=kb, num_warps=warps, num_stages=stages,
-                                  split_k=sk, out=out)
+                                  split_k=max(sk, 1), persist=max(-sk, 0), out=out)
                 assert rel_err(y, ref) < 2 * cublas + 1e-4, (k, bn, kb, warps, stages, sk, m, dtype, rel_err(y, ref),
                                                              cublas)
         # split-K leaves its workspace and counters zeroed for the next call
@@ -112,3 +117,23 @@ def test_tuner_tiles_build_for_an_h100_without_spills(tile):
     use = ptxas_usage(B.compile_for_sm90(bn, kb, warps, stages, sk))
     assert use["spill_bytes"] == 0 and use["registers"] <= 168 and use["shared_bytes"] <= 227 * 1024, \
         {k: v for k, v in use.items() if k != "report"}
+
+
+@pytest.mark.parametrize("tile", range(4))
+def test_persistent_tiles_build_for_an_h100_at_their_programs_per_sm(tile):
+    """No GPU needed: each persistent batch-1 tile (``fused.BATCH1_PERSISTENT``), plain and in every epilogue variant
+    the decode step runs, compiles to sm_90a without spills, and its programs per SM fit an H100 SM's 64 K registers
+    and 227 KB of shared memory — else the grid would hold programs that wait for a slot. (The SiLU·mul variant holds
+    240-255 registers in the flattened loop, the normed one up to 243: two 4-warp programs per SM; the tuner may still
+    time the 3-per-SM tile on them, whose third program then waits for a slot.)"""
+    from qwenquant.kernels.launch import ptxas_usage
+    from qwenquant.runtime import fused
+
+    bn, kb, warps, stages, per_sm = fused.BATCH1_PERSISTENT[tile]
+    for epi, slots in ((0, 0), (0, 256), (B.SILU_MUL, 256), (B.ADD_RESIDUAL, 0)):
+        use = ptxas_usage(B.compile_for_sm90(bn, kb, warps, stages, epi=epi, norm_slots=slots, persist=True))
+        regs_per_program = -(-use["registers"] // 8) * 8 * 32 * warps  # allocated in units of 8 per thread
+        fits = min(65536 // regs_per_program, 227 * 1024 // max(use["shared_bytes"], 1))
+        assert use["spill_bytes"] == 0, (epi, use["spill_bytes"])
+        if slots == 0 or per_sm <= 2:  # the 3-per-SM tile is for the plain and add-residual kernels
+            assert fits >= per_sm, (epi, use["registers"], use["shared_bytes"], fits, per_sm)

@@ -85,8 +85,8 @@ def check_epilogues(n_silu, n_res, k, bits, group, ms, tiles, dtype, device):
         exact = exact_in @ wq.T
         g, u = exact.chunk(2, dim=-1)
         exact_act = torch.nn.functional.silu(g) * u
-        for bn, kb, warps, stages in tiles:
-            kw = dict(bn=bn, kb=kb, num_warps=warps, num_stages=stages)
+        for bn, kb, warps, stages, *persist in tiles:  # (bn, kb, warps, stages[, programs per SM])
+            kw = dict(bn=bn, kb=kb, num_warps=warps, num_stages=stages, persist=persist[0] if persist else 0)
             y = B.batch1_gemm(x, wg, sg, bits, group, out=torch.full((m, n_silu), float("nan"), device=device,
                                                                      dtype=dtype), **kw)
             act = B.batch1_silu_mul(x, wg, sg, bits, group, out=torch.full((m, n_silu // 2), float("nan"),
@@ -125,7 +125,7 @@ def assert_close_to_unfused(worst, tol):
 def test_epilogues_under_the_interpreter():
     """N = 80 / 40 (partial last tiles: 40 output columns against 8 or 16 per program), M = 1 / 3 / 9 (the MMA's
     N = 8 and 16), 4-bit g128 and 2-bit g64, one k-tile per step (K loops) and four; three partial sums; and the
-    producer's own hw / ss into the consumer (N = K = 512)."""
+    producer's own hw / ss into the consumer (N = K = 512); a persistent tile (programs walking several row blocks)."""
     script = textwrap.dedent("""
         import json, torch
         from tests.test_batch1_epilogues import check_epilogues
@@ -135,6 +135,8 @@ def test_epilogues_under_the_interpreter():
                                              torch.float16, "cpu")
         # the producer -> consumer chain: o-shaped producer of the hidden size (N = K) into a gate_up-shaped consumer
         out["chain"] = check_epilogues(80, 512, 512, 4, 128, (1, 3), ((16, 2, 4, 1),), torch.float16, "cpu")
+        # persistent: the interpreter's "SM count" is 4, so 4 programs walk gate_up's 5 and o's 3-5 row blocks
+        out["persistent"] = check_epilogues(80, 80, 512, 4, 128, (1, 3), ((16, 2, 4, 1, 1),), torch.float16, "cpu")
         print(json.dumps(out))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,10 +153,11 @@ def test_epilogues_under_the_interpreter():
 @pytest.mark.gpu
 @cuda
 def test_epilogues_on_the_gpu_qwen3_8b_shapes():
-    """gate_up (N = 24576) and o (N = 4096) of Qwen3-8B at K = 4096, M = 1-8, every tile the tuner offers them, bf16."""
+    """gate_up (N = 24576) and o (N = 4096) of Qwen3-8B at K = 4096, M = 1-8, every tile the tuner offers them (the
+    persistent ones too), bf16."""
     from qwenquant.runtime import fused
 
-    tiles = [c[:4] for c in fused.BATCH1 if c[4] == 1]
+    tiles = list(fused._EPILOGUE_TILES.values())  # (bn, kb, warps, stages, programs per SM or 0)
     worst = check_epilogues(24576, 4096, 4096, 4, 128, (1, 2, 5, 8), tiles, torch.bfloat16, "cuda")  # chain too
     assert_close_to_unfused(worst, 5e-3)
     print(worst)

@@ -43,6 +43,8 @@ Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_kt
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -70,7 +72,8 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
                    M, N, K, stride_xm, stride_ym, tiles_per_split,
                    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                    KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, EPI: tl.constexpr = 0,
-                   NORM_IN: tl.constexpr = False, PB: tl.constexpr = 1, PDL: tl.constexpr = False):
+                   NORM_IN: tl.constexpr = False, PB: tl.constexpr = 1, PDL: tl.constexpr = False,
+                   PERSIST: tl.constexpr = False):
     """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program (or its share of K when SPLITS > 1): KB k-tiles per step,
     every word of a step in one load.
 
@@ -79,18 +82,39 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
     partial sums of squares at ss_in [P_IN, M] (``PB``: P_IN rounded up to a power of two) — both written by the
     producing kernel's ``EPI_ADD_RESIDUAL``. ``EPI`` (SPLITS = 1): 0 stores y; ``EPI_SILU_MUL`` reads BN/2 rows of
     each half of a [gate; up] weight (N rows) and stores silu(gate) · up ([M, N/2]); ``EPI_ADD_RESIDUAL`` stores
-    h = r + y, hw = h · nw (nw: the next norm's weight [N]) and the program's sums of squares of its h columns per row
-    at ss_out [program, M]. ``PDL``: launched with programmatic dependent launch — the program waits for the kernel
-    before it (``griddepcontrol.wait``) after its index arithmetic and before its first load or store, and releases the
-    next one only by exiting (``kernels/overlap.py``'s TRIGGER 0)."""
+    h = r + y, hw = h · nw (nw: the next norm's weight [N]) and the row block's sums of squares of its h columns per
+    row at ss_out [row block, M]. ``PDL``: launched with programmatic dependent launch — the program waits for the
+    kernel before it (``griddepcontrol.wait``) at its start, before its first load or store, and releases the
+    next one only by exiting (``kernels/overlap.py``'s TRIGGER 0). ``PERSIST`` (SPLITS = 1): the grid is smaller than
+    the row blocks and each program walks blocks pid, pid + programs, … in one flattened loop (``tl.range(...,
+    flatten=True)``), so Triton's pipeliner copies the next block's first words while this block finishes."""
+    pid = tl.program_id(0)
+    wait_for_producer(PDL)  # x, ss_in and the residual are the previous kernel's; y may reuse a buffer it still reads
+    if PERSIST:
+        blocks = tl.cdiv(N // 2, BN // 2) if EPI == EPI_SILU_MUL else tl.cdiv(N, BN)
+        for tile in tl.range(pid, blocks, tl.num_programs(0), flatten=True):
+            _batch1_tile(tile, 0, x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, hw_ptr, ss_in_ptr,
+                         ss_out_ptr, eps, P_IN, M, N, K, stride_xm, stride_ym, tiles_per_split, GROUP, BITS, SUBK, BN,
+                         BM, KB, SPLITS, LOP3, EPI, NORM_IN, PB)
+    else:
+        _batch1_tile(pid, tl.program_id(1), x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, hw_ptr,
+                     ss_in_ptr, ss_out_ptr, eps, P_IN, M, N, K, stride_xm, stride_ym, tiles_per_split, GROUP, BITS,
+                     SUBK, BN, BM, KB, SPLITS, LOP3, EPI, NORM_IN, PB)
+
+
+@triton.jit
+def _batch1_tile(pid, pid_k, x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, hw_ptr, ss_in_ptr,
+                 ss_out_ptr, eps, P_IN, M, N, K, stride_xm, stride_ym, tiles_per_split,
+                 GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+                 KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, EPI: tl.constexpr,
+                 NORM_IN: tl.constexpr, PB: tl.constexpr):
+    """Row block ``pid`` (and K share ``pid_k``) of ``_batch1_kernel``."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK  # columns per k-tile
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per scale group inside a k-tile
     BPW: tl.constexpr = 8 // BITS  # fields per byte
     IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     MAGIC16: tl.constexpr = 128.0 if IS_BF16 else 1024.0
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
     KW = tl.multiple_of(K // CPW, SUBK)  # words per row
     if EPI == EPI_SILU_MUL:  # rows j < BN/2 of gate (rows 0 … N/2-1), then the same rows of up (N/2 …)
         HALF: tl.constexpr = BN // 2
@@ -109,7 +133,6 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
     acc = tl.zeros([KB, BN, BM], dtype=tl.float32)
     kt_start = pid_k * tiles_per_split
     kt_end = tl.minimum(kt_start + tiles_per_split, K // T)
-    wait_for_producer(PDL)  # x, ss_in and the residual are the previous kernel's; y may reuse a buffer it still reads
     for kt0 in range(kt_start, kt_end, KB):  # first k-tile of the step (KB divides tiles_per_split)
         # [KB, BN, SUB] words: k-tile b of rows rn — each row's KB·SUB words are contiguous in memory
         w = tl.load(w_ptr + rn_c[None, :, None] * KW + ((kt0 + rb) * SUBK)[:, None, None] + rj[None, None, :])
@@ -216,7 +239,7 @@ def steps_for(k: int, bits: int, kb: int, split_k: int = 1) -> tuple[int, int, i
 
 def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, kb: int = 8,
                 num_warps: int = 4, num_stages: int = 1, split_k: int = 1, out: Tensor | None = None,
-                norm: tuple[float, Tensor] | None = None, pdl: bool | None = None) -> Tensor:
+                norm: tuple[float, Tensor] | None = None, pdl: bool | None = None, persist: int = 0) -> Tensor:
     """x2 [M <= 16, K] bf16/fp16 with the k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype. ``bn`` weight rows per program (a multiple of 16), ``kb`` k-tiles per step (a power of two;
     lowered to one that divides a split's k-tiles). The MMA's N is 8 for M <= 8 (mma.m16n8k16), else 16.
@@ -231,46 +254,51 @@ def batch1_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn
     ``norm`` = (eps, ss [P, M] fp32): x is hw = h · norm_weight from ``batch1_add_residual`` and the result is
     RMSNorm(h)·norm_weight · Ŵᵀ — each row's sums times rsqrt(mean(h²) + eps), from the partial sums of squares ss
     it returned with hw (no split-K then). ``pdl``: programmatic dependent launch (default ``overlap.PDL_ENABLED``,
-    ``QWENQUANT_PDL=1``; only on Hopper and newer, never in the interpreter — ``overlap.pdl_ok``)."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, kb, split_k, "batch1_gemm", norm)
+    ``QWENQUANT_PDL=1``; only on Hopper and newer, never in the interpreter — ``overlap.pdl_ok``). ``persist`` > 0
+    (no split-K): at most that many programs per SM, each walking several row blocks in one flattened, pipelined
+    loop (``_batch1_kernel``'s PERSIST) — the next block's words arrive while this one finishes, where one program
+    per block pays its pipeline's fill and drain every few steps."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, split_k, "batch1_gemm", norm, persist)
     y = result_tensor(x2, n, out, "batch1_gemm")
     kb, per, splits = steps_for(k, bits, kb, split_k if norm is None else 1)
     blocks = triton.cdiv(n, bn)
     ws, cnt = (y, y) if splits == 1 else split_k_workspace(x2.device, m * n, blocks)
     _launch(x2, words, sz, y, ws, cnt, norm, None, (blocks, splits), per, bits, group, bn, kb, splits, num_warps,
-            num_stages, 0, pdl)
+            num_stages, 0, pdl, persist)
     return y
 
 
 def batch1_silu_mul(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 32, kb: int = 4,
                     num_warps: int = 4, num_stages: int = 2, out: Tensor | None = None,
-                    norm: tuple[float, Tensor] | None = None, pdl: bool | None = None) -> Tensor:
+                    norm: tuple[float, Tensor] | None = None, pdl: bool | None = None, persist: int = 0) -> Tensor:
     """silu(x2 · Ŵ_gateᵀ) · (x2 · Ŵ_upᵀ) -> [M, N / 2] for a merged [gate; up] weight of N rows (gate rows 0 …
     N/2 - 1, up the rest; ``concat_out_features`` order): a decoder MLP's first projection and its activation in one
     launch, where the unfused path writes [M, N] and reads it back in a SiLU·mul kernel. Each program reads BN / 2
     rows of gate and the same rows of up (a row mapping, not a weight permutation: the layout is the k-tiled one
     every other kernel reads) and stores BN / 2 output columns. Both halves are rounded to x's dtype before the
-    activation, as the unfused projection's output is. ``norm``, ``pdl``: as ``batch1_gemm``'s. No split-K."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_silu_mul", norm)
+    activation, as the unfused projection's output is. ``norm``, ``pdl``, ``persist``: as ``batch1_gemm``'s. No
+    split-K."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_silu_mul", norm, persist)
     if n % 2:
         raise ValueError(f"batch1_silu_mul: the merged [gate; up] weight has an odd row count N={n}")
     y = result_tensor(x2, n // 2, out, "batch1_silu_mul")
     kb, per, _ = steps_for(k, bits, kb, 1)
     _launch(x2, words, sz, y, y, y, norm, None, (triton.cdiv(n // 2, bn // 2), 1), per, bits, group, bn, kb, 1,
-            num_warps, num_stages, SILU_MUL, pdl)
+            num_warps, num_stages, SILU_MUL, pdl, persist)
     return y
 
 
 def batch1_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, residual: Tensor,
                         norm_weight: Tensor, bn: int = 32, kb: int = 4, num_warps: int = 4,
-                        num_stages: int = 4, pdl: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                        num_stages: int = 4, pdl: bool | None = None,
+                        persist: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(h, hw, ss): h = residual + x2 · Ŵᵀ [M, N] in x's dtype (a decoder's o or down projection and its residual add
     in one launch), hw = h · norm_weight (the next RMSNorm's weight [N]) and ss [programs, M] fp32, each program's sum
     of h² over its BN columns per row. (hw, ss) is the next RMSNorm's output before the division by the root mean
     square: the kernel that consumes it (``norm=(eps, ss)``) sums the slots and scales its own results, so the norm
-    costs no launch and no pass of its own. ``residual`` [M, N] is only read. ``pdl``: as ``batch1_gemm``'s. No
-    split-K."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_add_residual")
+    costs no launch and no pass of its own. ``residual`` [M, N] is only read. ``pdl``, ``persist``: as
+    ``batch1_gemm``'s (ss keeps one slot per row block either way). No split-K."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, kb, 1, "batch1_add_residual", None, persist)
     if residual.shape != (m, n) or residual.dtype != x2.dtype or not residual.is_contiguous():
         raise ValueError(f"batch1_add_residual: residual {residual.dtype} {tuple(residual.shape)}: expected a "
                          f"contiguous {x2.dtype} [{m}, {n}] tensor")
@@ -283,11 +311,11 @@ def batch1_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group:
     ss = torch.empty(blocks, m, device=x2.device, dtype=torch.float32)
     kb, per, _ = steps_for(k, bits, kb, 1)
     _launch(x2, words, sz, h, h, h, None, (residual, norm_weight, hw, ss), (blocks, 1), per, bits, group, bn, kb, 1,
-            num_warps, num_stages, ADD_RESIDUAL, pdl)
+            num_warps, num_stages, ADD_RESIDUAL, pdl, persist)
     return h, hw, ss
 
 
-def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None) -> tuple[int, int, int]:
+def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None, persist=0) -> tuple[int, int, int]:
     """(M, K, N) after every check of the batch-1 kernel's operands, tile and ``norm``, each error naming ``who``."""
     if x2.dim() != 2:
         raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
@@ -299,6 +327,9 @@ def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None) -> tuple
     if bn < 16 or bn & (bn - 1) or kb < 1 or kb & (kb - 1) or split_k < 1:
         raise ValueError(f"{who}: bn={bn}, kb={kb}, split_k={split_k}: expected bn a power of two >= 16, kb a "
                          "power of two and split_k >= 1")
+    if persist < 0 or (persist and split_k > 1):
+        raise ValueError(f"{who}: persist={persist} with split_k={split_k}: expected persist >= 0 (programs per SM; "
+                         "0 = one program per row block), and no split-K with it")
     if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
         raise ValueError(f"{who}: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
@@ -314,11 +345,14 @@ def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None) -> tuple
 
 
 def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, bn, kb, splits, num_warps, num_stages,
-            epi, pdl=None):
+            epi, pdl=None, persist=0):
     """One launch of ``_batch1_kernel``; ``norm`` (eps, ss_in) and ``residual`` (r, nw, hw, ss_out) or None;
-    ``pdl`` as ``overlap.pdl_ok`` resolves it."""
+    ``pdl`` as ``overlap.pdl_ok`` resolves it; ``persist`` > 0: ``grid[0]`` row blocks shared by at most that many
+    programs per SM."""
     m, k = x2.shape
     pdl = pdl_ok(x2.device, pdl)
+    if persist:
+        grid = (min(grid[0], persist * _sm_count(x2.device)), 1)
     eps, ss_in = norm if norm is not None else (1.0, y)
     r, nw, hw, ss_out = residual if residual is not None else (y, y, y, y)
     launch_kernel(
@@ -327,11 +361,24 @@ def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, b
          m, words.shape[0], k, x2.stride(0), y.stride(0), per),
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
         EPI=epi, NORM_IN=norm is not None, PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, PERSIST=persist > 0, num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the interpreter's CPU: 4, enough programs to exercise the loop)."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4, splits: int = 1, bits: int = 4,
-                     group: int = 128, m: int = 1, epi: int = 0, norm_slots: int = 0, pdl: bool = False):
+                     group: int = 128, m: int = 1, epi: int = 0, norm_slots: int = 0, pdl: bool = False,
+                     persist: bool = False):
     """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
     specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
     Qwen3-8B's down projection at M = 1. ``epi``: an epilogue (``SILU_MUL``, ``ADD_RESIDUAL``); ``norm_slots`` > 0:
@@ -348,7 +395,7 @@ def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4,
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "tiles_per_split": "i32"}
     const = {"GROUP": group, "BITS": bits, "SUBK": SUB, "BN": bn, "BM": 8 if m <= 8 else 16, "KB": kb, "SPLITS": splits,
              "LOP3": True, "EPI": epi, "NORM_IN": norm_slots > 0,
-             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1, "PDL": pdl}
+             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1, "PDL": pdl, "PERSIST": persist}
     names = list(sig)
     unaligned = ("M", "tiles_per_split", "eps", "P_IN")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in unaligned}

@@ -113,6 +113,14 @@ KTILED_GEMV = [(2, 4, 1, 1, 1), (4, 4, 1, 1, 1), (2, 8, 1, 2, 1), (4, 8, 1, 2, 1
 # .json; 2-4 stages, kb 2-8): qkv 9.56 us (bn16 kb4 w2 s3, 9.58 for bn16 kb8 w4 s2), o 6.69 (bn16 kb4 w2 s3; 7.47 for
 # the session-14 pick), gate_up 25.1 (bn32 kb4 w4 s2), down 13.7 (bn32 kb4 w4 s4; the best k-tiled tile 15.1)
 BATCH1 = [(16, 8, 4, 2, 1), (16, 4, 2, 3, 1), (32, 4, 4, 2, 1), (32, 4, 4, 4, 1)]
+# persistent batch-1 tiles (bn, kb, warps, stages, programs per SM; ``wq_batch1``'s ``persist``): where a weight has
+# more row blocks than the SMs hold programs (gate_up: 768 blocks of 32 rows, the lm_head 4748), each program walks
+# several blocks in one pipelined loop instead of filling and draining a pipeline per block. Programs per SM from an
+# offline sm_90a build (session 21): 2 — the SiLU·mul and normed variants of these tiles hold 240-255 registers (164
+# plain) and the 4-stage / 8-k-tile ones ≈ 100 KB of shared memory; 3 for the 3-stage bn32 tile of the plain and
+# add-residual kernels (the lm_head, o, down)
+BATCH1_PERSISTENT = [(32, 4, 4, 3, 2), (32, 4, 4, 4, 2), (16, 8, 4, 3, 2), (32, 4, 4, 3, 3)]
+OFFER_BATCH1_PERSISTENT = True  # False: the tuner times only one program per row block (A/B: benchmarks/pdl_step.py)
 BATCH1_MAX_M = 8  # offered up to this M bucket: one MMA column block (N = 8) holds every row of x
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
 # stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
@@ -242,6 +250,8 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
                         for bn, w, st, p in KTILED_STREAMK_SMALL})
         if m <= BATCH1_MAX_M and bits in B1.BITS_OK:  # the tuner times them against the k-tiled tiles
             out.update({batch1_name(cfg): ("batch1", cfg) for cfg in BATCH1})
+            if OFFER_BATCH1_PERSISTENT:
+                out.update({batch1_persistent_name(cfg): ("batch1p", cfg) for cfg in BATCH1_PERSISTENT})
         return out
     # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K and stream-K
     # only up to M = 256: their fp32 workspace is M·N floats and is kept at its largest size
@@ -267,6 +277,12 @@ def batch1_name(cfg: tuple) -> str:
     """The tuner's name of a ``BATCH1`` entry."""
     bn, kb, w, st, sk = cfg
     return f"batch1 bn{bn} kb{kb} w{w} s{st}" + (f" sk{sk}" if sk > 1 else "")
+
+
+def batch1_persistent_name(cfg: tuple) -> str:
+    """The tuner's name of a ``BATCH1_PERSISTENT`` entry (ends in ``p<programs per SM>``)."""
+    bn, kb, w, st, per_sm = cfg
+    return f"batch1 bn{bn} kb{kb} w{w} s{st} p{per_sm}"
 
 
 def wgmma_name(cfg: tuple) -> str:
@@ -317,6 +333,8 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         return WS.wgmma_ws_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "batch1":
         return B1.batch1_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
+    if kind == "batch1p":
+        return B1.batch1_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg[:4], persist=cfg[4])
     if kind == "ktiled_gemv":
         return KT.ktiled_gemv(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "gemv2":
@@ -405,12 +423,15 @@ def _batch1_call(layer, x: Tensor, kind: str, run) -> object:
     key = (bits, group, layer.out_features, layer.in_features, m_bucket(x2.shape[0]), x2.dtype, kind)
     hit = TUNER.choices.get(key)
     name = hit[0] if hit else TUNER.pick(key, {n: (lambda c=c: run(x2, words, sz, bits, group, c))
-                                               for n, c in _EPILOGUE_TILES.items()})
+                                               for n, c in _EPILOGUE_TILES.items()
+                                               if OFFER_BATCH1_PERSISTENT or not c[4]})
     return run(x2, words, sz, bits, group, _EPILOGUE_TILES[name])
 
 
-# the batch-1 tiles the epilogue variants are tuned over: no split-K (the epilogue needs each output's whole sum)
-_EPILOGUE_TILES = {batch1_name(cfg): cfg for cfg in BATCH1 if cfg[4] == 1}
+# the batch-1 tiles the epilogue variants are tuned over, as (bn, kb, warps, stages, programs per SM or 0): no split-K
+# (the epilogue needs each output's whole sum); the persistent ones too
+_EPILOGUE_TILES = {**{batch1_name(cfg): (*cfg[:4], 0) for cfg in BATCH1 if cfg[4] == 1},
+                   **{batch1_persistent_name(cfg): cfg for cfg in BATCH1_PERSISTENT}}
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
@@ -426,7 +447,8 @@ def _add_residual(layer, x: Tensor, residual: Tensor, norm_weight: Tensor) -> tu
     in place of the normalized input. Raises where ``epilogue_ok`` is false."""
     r2 = _rows(residual, layer.out_features)
     h, hw, ss = _batch1_call(layer, x, "add_residual",
-                             lambda x2, w, s, b, g, c: B1.batch1_add_residual(x2, w, s, b, g, r2, norm_weight, *c[:4]))
+                             lambda x2, w, s, b, g, c: B1.batch1_add_residual(x2, w, s, b, g, r2, norm_weight, *c[:4],
+                                                                              persist=c[4]))
     return h.reshape(residual.shape), hw.reshape(residual.shape), ss
 
 
@@ -434,7 +456,7 @@ def _linear_normed(layer, hw: Tensor, ss: Tensor, eps: float) -> Tensor:
     """layer(RMSNorm(h) · weight) from :func:`add_residual`'s (hw, ss): the division by the root mean square happens
     on the projection's sums, inside its kernel. Raises where ``epilogue_ok`` is false."""
     y = _batch1_call(layer, hw, "normed", lambda x2, w, s, b, g, c: B1.batch1_gemm(x2, w, s, b, g, *c[:4],
-                                                                                   norm=(eps, ss)))
+                                                                                   norm=(eps, ss), persist=c[4]))
     return y.reshape(*hw.shape[:-1], layer.out_features)
 
 
@@ -443,7 +465,7 @@ def _silu_mul(layer, x: Tensor, norm: tuple[float, Tensor] | None = None) -> Ten
     [..., N / 2], one launch (``wq_batch1.batch1_silu_mul``); ``norm`` = (eps, ss): x is :func:`add_residual`'s hw
     and the input norm finishes inside too (as in :func:`linear_normed`). Raises where ``epilogue_ok`` is false."""
     y = _batch1_call(layer, x, "silu_mul" if norm is None else "silu_mul normed",
-                     lambda x2, w, s, b, g, c: B1.batch1_silu_mul(x2, w, s, b, g, *c[:4], norm=norm))
+                     lambda x2, w, s, b, g, c: B1.batch1_silu_mul(x2, w, s, b, g, *c[:4], norm=norm, persist=c[4]))
     return y.reshape(*x.shape[:-1], layer.out_features // 2)
 
 
