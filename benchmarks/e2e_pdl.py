@@ -2,7 +2,7 @@
 
     python3 benchmarks/pdl_step.py && python3 benchmarks/e2e_pdl.py   # -> $OUT/e2e.json
 
-Reads ``$OUT/pdl_step.json``; takes the (pdl, attention target, persistent tiles) variant with the lowest median W4
+Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the (pdl, attention target, persistent tiles) variant with the lowest median W4
 step at batch 1, if its replays repeated bit for bit and stayed within bf16 rounding of the first variant's (equal to
 it where only PDL differs);
 sets ``decode_attention.TARGET_PROGRAMS`` and ``fused.OFFER_BATCH1_PERSISTENT`` to it and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
@@ -21,7 +21,7 @@ from qwenquant.kernels import decode_attention
 from qwenquant.runtime import fused
 
 out = os.environ.get("OUT", "runs")
-steps = json.load(open(os.path.join(out, "pdl_step.json")))["steps"]
+steps = json.load(open(os.environ.get("PDL_STEP_JSON", os.path.join(out, "pdl_step.json"))))["steps"]
 times: dict[tuple[int, bool, int, bool], list[float]] = {}
 bad = set()
 for s in steps:
