@@ -3,8 +3,7 @@
     python3 benchmarks/pdl_step.py && python3 benchmarks/e2e_pdl.py   # -> $OUT/e2e.json
 
 Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the (pdl, attention target, persistent tiles) variant with the lowest median W4
-step at batch 1, if its replays repeated bit for bit and stayed within bf16 rounding of the first variant's (equal to
-it where only PDL differs);
+step at batch 1, if its replays repeated bit for bit (and equal the first variant's where only PDL differs);
 sets ``decode_attention.TARGET_PROGRAMS`` and ``fused.OFFER_BATCH1_PERSISTENT`` to it and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
 W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on torch.compile's PDL too, for bf16 and
 W4 alike (the A/B kept it off to avoid recompiling the step per variant).
@@ -29,9 +28,12 @@ for s in steps:
     if s["mode"] != "bf16":
         times.setdefault(key, []).append(s["step_ms"])
     only_pdl_differs = not s["persist"] and s["target"] == steps[0]["target"]
-    if (s["worst_rel"] > 5e-3 or s["replays_bit_equal"] < s["replays"]
-            or (only_pdl_differs and not s["bit_equal_first_variant"])):
-        bad.add(key[1:])  # a variant whose output moved beyond rounding, or differed between replays: never picked
+    # never picked: a variant whose replays differ among themselves (a race), or that differs from the baseline where
+    # only PDL differs. Another attention target or tile sums in another order moves the random model's logits by up
+    # to 5e-2 (36 random layers amplify a rounding; session 21: the kernel itself is as close to SDPA at 66 programs
+    # as at 264), so worst_rel is recorded, not a criterion
+    if s["replays_bit_equal"] < s["replays"] or (only_pdl_differs and not s["bit_equal_first_variant"]):
+        bad.add(key[1:])
 median = {k: statistics.median(v) for k, v in times.items()}
 best = min((k for k in median if k[0] == 1 and k[1:] not in bad), key=median.get)
 _, pdl, target, persist = best
