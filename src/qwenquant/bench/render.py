@@ -83,13 +83,17 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
     for e in e2es:
         env = e["env"]
         layout = e.get("projections", "separate q, k, v, o, gate, up, down")  # files before the merge have no field
-        pdl = [who for who, on in (("torch.compile's kernels", e.get("inductor_pdl", e.get("pdl"))), ("the W4 kernels", e.get("pdl"))) if on]
+        ours = "our W4 and attention kernels" if "attention_target_programs" in e else "the W4 kernels"  # since s21
+        pdl = [who for who, on in (("torch.compile's kernels", e.get("inductor_pdl", e.get("pdl"))), (ours, e.get("pdl"))) if on]
         copies = f", fused holds: {_fused_weights(e)}" + (
             f", programmatic dependent launch for {' and '.join(pdl)} (every mode)" if pdl else "")
         lines += ["", f"## End to end: {e['model']}, projections {layout}{copies}, {env.get('gpu')} — `{e['_file']}`", "",
                   f"torch {env['torch']}, Triton {env['triton']}, commit `{env['commit']}`, {env['date']}. Prefill: 2048 tokens, "
                   f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions "
-                  f"(attention: {e.get('attention', 'SDPA over the whole cache under a position mask')}), CUDA-graph replay"
+                  f"(attention: {e.get('attention', 'SDPA over the whole cache under a position mask')}"
+                  + (f"; split kernel aiming at {e['attention_target_programs']} programs"
+                     if "split" in e.get("attention", "") and "attention_target_programs" in e else "")
+                  + "), CUDA-graph replay"
                   + (", each layer's elementwise work fused by torch.compile; `b1 eager` is the same step with eager "
                      "modules (one kernel per op)" if any("step_ms_eager" in r["decode"]["1"] for r in e["results"]) else "")
                   + ".", ""]
