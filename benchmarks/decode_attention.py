@@ -33,7 +33,7 @@ def main() -> None:
     hq, hkv, d = QWEN3_8B["num_attention_heads"], QWEN3_8B["num_key_value_heads"], QWEN3_8B["head_dim"]
     pos = CTX // 2  # as bench.e2e.StaticDecoder: attend over positions 0 … pos
     rows = []
-    default_target = DA.TARGET_PROGRAMS
+    default_target = DA.TARGET_PROGRAMS, DA.BATCH1_TARGET_PROGRAMS
     for b in (1, 8, 32, 128):
         kc = torch.randn(b, hkv, CTX, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
@@ -67,7 +67,7 @@ def main() -> None:
         def split(target):
             kc.index_copy_(2, p, k)
             vc.index_copy_(2, p, v)
-            DA.TARGET_PROGRAMS = target
+            DA.TARGET_PROGRAMS = DA.BATCH1_TARGET_PROGRAMS = target  # at every batch
             return DA.decode_attention(q, kc, vc, pos + 1)
 
         ref = masked().float()
@@ -80,7 +80,7 @@ def main() -> None:
         res = {"batch": b, "us": {}, "err": {}}
         check_and_time(cands, ref, res)
         prep_block(b, hq, hkv, d, kc, vc, pos, res)
-        DA.TARGET_PROGRAMS = default_target
+        DA.TARGET_PROGRAMS, DA.BATCH1_TARGET_PROGRAMS = default_target
         print(b, {a: (round(t, 2) if isinstance(t, float) else t[:60]) for a, t in res["us"].items()}, flush=True)
         rows.append(res)
     with open(os.path.join(out, "decode_attention.json"), "w") as f:
@@ -117,12 +117,12 @@ def prep_block(b, hq, hkv, d, kc, vc, pos, res):
     ref = DA.reference_decode_attention(qr, kf, vf, pos + 1)
 
     def prep_then_split(target):
-        DA.TARGET_PROGRAMS = target
+        DA.TARGET_PROGRAMS = DA.BATCH1_TARGET_PROGRAMS = target
         qq = DP.decode_prep(q, k, v, qw, kw, 1e-6, cos, sin, kc, vc, p)
         return DA.decode_attention(qq, kc, vc, pos + 1)
 
     def in_split(target):
-        DA.TARGET_PROGRAMS = target
+        DA.TARGET_PROGRAMS = DA.BATCH1_TARGET_PROGRAMS = target
         return DA.decode_attention_prep(q, k, v, qw, kw, 1e-6, cos, sin, kc, vc, p, pos + 1)
 
     cands = {**{f"prep + split, {t} programs": (lambda t=t: prep_then_split(t)) for t in (8, 66, 264)},

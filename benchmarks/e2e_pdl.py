@@ -37,7 +37,7 @@ for s in steps:
 median = {k: statistics.median(v) for k, v in times.items()}
 best = min((k for k in median if k[0] == 1 and k[1:] not in bad), key=median.get)
 _, pdl, target, persist = best
-decode_attention.TARGET_PROGRAMS = target
+decode_attention.TARGET_PROGRAMS = decode_attention.BATCH1_TARGET_PROGRAMS = target  # every batch alike, as the A/B
 fused.OFFER_BATCH1_PERSISTENT = persist
 print("pdl", pdl, "target", target, "persistent tiles", persist, "excluded", sorted(bad), {str(k): round(v, 4) for k, v in median.items()},
       flush=True)

@@ -8,8 +8,9 @@ Why. With the epilogues (session 20) a W4 batch-1 step is ≈ 216 of our kernels
 merge, o, gate_up, down per layer) with 0.11 ms of gaps between them (``profile_e2e_epilogues_h100.json``). PDL
 (``kernels/overlap.py``) lets each kernel's launch overlap the previous one's drain: each program waits
 (``griddepcontrol.wait``) before its first load. Session 9 measured 0-3 % on a step then full of torch.compile's
-kernels. The attention's split kernel aims at ``decode_attention.TARGET_PROGRAMS`` programs (264, ≈ 2 per SM, at
-every batch); session 18's isolated benchmark had 66 faster at batch 1 (6.8 vs 7.5 µs), never timed in the step.
+kernels. The attention's split kernel aimed at 264 programs (≈ 2 per SM) at every batch; session 18's isolated
+benchmark had 66 faster at batch 1 (6.8 vs 7.5 µs), never timed in the step. A variant's target applies at every
+batch (``TARGET_PROGRAMS`` and ``BATCH1_TARGET_PROGRAMS``; since this run the default is 66 at batch 1, 264 above).
 
 Persistent tiles (``fused.BATCH1_PERSISTENT``): gate_up has 768 row blocks of 32 rows for 264-396 resident
 programs, each filling and draining its own 4-step pipeline; a persistent program walks ≈ 3 blocks in one pipelined
@@ -63,7 +64,7 @@ def use_persistent(on: bool) -> None:
 def _setup(pdl: bool, target: int, persist: bool):
     def setup() -> dict:
         overlap.PDL_ENABLED = pdl
-        decode_attention.TARGET_PROGRAMS = target
+        decode_attention.TARGET_PROGRAMS = decode_attention.BATCH1_TARGET_PROGRAMS = target
         use_persistent(persist)
         return {"attend": "prep-in-split", "epilogues": True}
     return setup

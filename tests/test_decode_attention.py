@@ -29,12 +29,22 @@ def test_plan_splits_covers_every_position_once(batch, kv_heads, filled):
     splits, per = DA.plan_splits(batch, kv_heads, filled)
     assert per % DA.BLOCK_N == 0 and splits >= 1
     assert (splits - 1) * per < filled <= splits * per  # no empty split, none missing
-    if batch * kv_heads >= DA.TARGET_PROGRAMS:
+    target = DA.BATCH1_TARGET_PROGRAMS if batch == 1 else DA.TARGET_PROGRAMS
+    if batch * kv_heads >= target:
         assert splits == 1
     else:
-        assert batch * kv_heads * splits <= DA.TARGET_PROGRAMS + batch * kv_heads * (per // DA.BLOCK_N)
+        assert batch * kv_heads * splits <= target + batch * kv_heads * (per // DA.BLOCK_N)
     with pytest.raises(ValueError, match="filled=0"):
         DA.plan_splits(1, 8, 0)
+
+
+def test_batch_1_takes_its_own_program_target():
+    """Qwen3-8B's 8 KV heads over 257 positions: 9 splits of 32 keys at batch 1 (the measured faster plan there), 5 of
+    64 at batch 8 (264 programs' plan); an explicit target overrides both."""
+    assert (DA.BATCH1_TARGET_PROGRAMS, DA.TARGET_PROGRAMS) == (66, 264)
+    assert DA.plan_splits(1, 8, 257) == (9, 32)
+    assert DA.plan_splits(8, 8, 257) == (5, 64)
+    assert DA.plan_splits(1, 8, 257, target=264) == (17, 16)
 
 
 def test_reference_is_the_attention_math_and_the_op_falls_back_on_cpu():

@@ -47,6 +47,10 @@ except ImportError:  # CPU-only installs: the op falls back to the reference
 
 BLOCK_N = 16        # keys per inner step (tl.dot's minimum N)
 TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: splits are chosen so batch × KV heads × splits reaches this
+# at batch 1, fewer and longer splits (Qwen3-8B, 257 positions: 9 of 32 keys, not 17 of 16): H100, prep inside the split
+# kernel — isolated 6.8 vs 7.5 us per layer (session 18, results/decode_attention_prep_h100.json, where 264 was faster
+# at batch 8: 10.1 vs 11.0 us), in the W4 decode step 2.494 vs 2.520 ms (session 21, results/pdl_step_h100.json)
+BATCH1_TARGET_PROGRAMS = 66
 # Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11 and b168672):
 # the split programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step:
 # the prefetch traffic delays their own loads), and the last split program merging the slices instead of the merge
@@ -60,10 +64,12 @@ def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> 
 
 
 def plan_splits(batch: int, kv_heads: int, filled: int, target: int | None = None) -> tuple[int, int]:
-    """(splits, keys per split): at most ``target`` programs (default ``TARGET_PROGRAMS``) over batch × kv_heads ×
+    """(splits, keys per split): at most ``target`` programs (default ``TARGET_PROGRAMS``, ``BATCH1_TARGET_PROGRAMS``
+    at batch 1) over batch × kv_heads ×
     splits, each split a whole number of ``BLOCK_N`` blocks, none empty. Rounding a split up to whole blocks can
     leave fewer programs than the target (1 × 1 × 5000 positions: 157 splits of 32 keys, not 264)."""
-    target = TARGET_PROGRAMS if target is None else target
+    if target is None:
+        target = BATCH1_TARGET_PROGRAMS if batch == 1 else TARGET_PROGRAMS
     if filled < 1:
         raise ValueError(f"decode attention over filled={filled} positions: expected at least 1")
     blocks = triton.cdiv(filled, BLOCK_N) if triton else -(-filled // BLOCK_N)
