@@ -4,7 +4,7 @@
 
 Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the (pdl, attention target, persistent tiles) variant with the lowest median W4
 step at batch 1, if its replays repeated bit for bit (and equal the first variant's where only PDL differs);
-sets ``decode_attention.TARGET_PROGRAMS`` and ``fused.OFFER_BATCH1_PERSISTENT`` to it and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
+sets ``decode_attention.BATCH1_TARGET_PROGRAMS`` (batch 1 only) and ``fused.OFFER_BATCH1_PERSISTENT`` to it and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
 W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on torch.compile's PDL too, for bf16 and
 W4 alike (the A/B kept it off to avoid recompiling the step per variant).
 """
@@ -37,7 +37,7 @@ for s in steps:
 median = {k: statistics.median(v) for k, v in times.items()}
 best = min((k for k in median if k[0] == 1 and k[1:] not in bad), key=median.get)
 _, pdl, target, persist = best
-decode_attention.TARGET_PROGRAMS = decode_attention.BATCH1_TARGET_PROGRAMS = target  # every batch alike, as the A/B
+decode_attention.BATCH1_TARGET_PROGRAMS = target  # picked at batch 1; above it TARGET_PROGRAMS stays (264)
 fused.OFFER_BATCH1_PERSISTENT = persist
 print("pdl", pdl, "target", target, "persistent tiles", persist, "excluded", sorted(bad), {str(k): round(v, 4) for k, v in median.items()},
       flush=True)

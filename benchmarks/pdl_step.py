@@ -57,7 +57,6 @@ def use_persistent(on: bool) -> None:
         return
     _tuned[fused.OFFER_BATCH1_PERSISTENT] = fused.TUNER.choices
     fused.OFFER_BATCH1_PERSISTENT = on
-    fused._configs.cache_clear()  # the candidate lists are cached per shape
     fused.TUNER.choices = _tuned.get(on, {})
 
 

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton")  # the GPU kernels' extra
 from qwenquant.kernels import wq_batch1 as B  # noqa: E402
 from qwenquant.kernels import wq_ktiled as KT  # noqa: E402
+from qwenquant.runtime import fused  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,7 +70,7 @@ def test_batch1_matches_reference(bits, group, sym):
     n = 200
     every = ((16, 8, 4, 1, 1), (32, 4, 8, 1, 1), (16, 2, 2, 1, 1), (16, 16, 8, 1, 1), (16, 4, 4, 2, 1), (16, 8, 4, 1, 2),
              (16, 4, 2, 3, 1), (32, 4, 4, 4, 1), (16, 4, 4, 1, 5), (16, 4, 4, 3, -1))  # split -1: persistent, 1 per SM
-    default_and_sk5 = (every[0], every[-1])
+    default_and_sk5 = (every[0], (16, 4, 4, 1, 5))
     for k, dtype, tiles, ms in ((4096, torch.bfloat16, every, (1, 9, 16)), (3072, torch.bfloat16, default_and_sk5, (1, 16)),
                                 (4096, torch.float16, default_and_sk5, (1, 16))):
         g = k if group is None else group
@@ -119,7 +120,7 @@ def test_tuner_tiles_build_for_an_h100_without_spills(tile):
         {k: v for k, v in use.items() if k != "report"}
 
 
-@pytest.mark.parametrize("tile", range(4))
+@pytest.mark.parametrize("tile", range(len(fused.BATCH1_PERSISTENT)))
 def test_persistent_tiles_build_for_an_h100_at_their_programs_per_sm(tile):
     """No GPU needed: each persistent batch-1 tile (``fused.BATCH1_PERSISTENT``), plain and in every epilogue variant
     the decode step runs, compiles to sm_90a without spills, and its programs per SM fit an H100 SM's 64 K registers

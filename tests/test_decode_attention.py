@@ -89,7 +89,7 @@ INTERPRETED = textwrap.dedent(
             (1, 16, 1, 32, 64, 1, 264, "plain"), (3, 8, 2, 64, 48, 33, 1, "plain"),
             (1, 32, 8, 128, 24, 24, 264, "plain"), (2, 8, 2, 32, 40, 37, 264, "transposed"),
             (2, 16, 1, 16, 40, 40, 264, "offset")]:
-        DA.TARGET_PROGRAMS = target
+        DA.TARGET_PROGRAMS = DA.BATCH1_TARGET_PROGRAMS = target  # batch 1 too
         q = torch.randn(b, 1, hq, d, dtype=torch.float16).transpose(1, 2)   # [b, hq, 1, d] as the decode step's
         if layout == "transposed":
             k, v = (torch.randn(b, ctx, hkv, d, dtype=torch.float16).transpose(1, 2) for _ in range(2))
@@ -210,7 +210,7 @@ INTERPRETED_PREP = textwrap.dedent(
     for b, hq, hkv, d, ctx, filled, pos, target in [(1, 8, 2, 64, 48, 40, None, 264), (2, 4, 4, 16, 40, 17, None, 264),
             (1, 16, 1, 32, 64, 1, None, 264), (3, 8, 2, 64, 48, 33, None, 1), (1, 8, 2, 32, 40, 20, 13, 264),
             (1, 8, 2, 32, 40, 20, 31, 264)]:
-        DA.TARGET_PROGRAMS = target
+        DA.TARGET_PROGRAMS = DA.BATCH1_TARGET_PROGRAMS = target  # batch 1 too
         o = prep_operands(b, hq, hkv, d, ctx, filled, pos=pos)
         y64, kc64, vc64 = exact_prep_attention(o, filled)
         before = o["k_cache"].clone()

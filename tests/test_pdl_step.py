@@ -19,7 +19,7 @@ from qwenquant.kernels import decode_attention as A
 from qwenquant.kernels import wq_batch1 as B
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-_MEMORY_OP = re.compile(r"(ld|st|atom|red)\.global|cp\.async")
+_MEMORY_OP = re.compile(r"(@!?%p\d+\s+)?((ld|st|atom|red)\.global|cp\.async)")  # predicated ones too
 
 
 def _wait_precedes_memory(ptx: str) -> tuple[int, int]:
@@ -32,7 +32,7 @@ def _wait_precedes_memory(ptx: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kernel", ["batch1 add_residual", "batch1 silu_mul normed", "batch1 split-k",
-                                    "attention split prep", "attention merge"])
+                                    "batch1 persistent silu_mul normed", "attention split prep", "attention merge"])
 def test_pdl_builds_wait_before_the_first_memory_access(kernel):
     """Offline sm_90a builds (the Triton wheel's ptxas, no GPU): with PDL the wait is the first thing that touches
     global memory, and it costs no registers, spills or shared memory against the same kernel without PDL."""
@@ -42,6 +42,8 @@ def test_pdl_builds_wait_before_the_first_memory_access(kernel):
              "batch1 silu_mul normed": lambda pdl: B.compile_for_sm90(32, 4, 4, 2, epi=B.SILU_MUL, norm_slots=128,
                                                                       pdl=pdl),
              "batch1 split-k": lambda pdl: B.compile_for_sm90(16, 8, 4, 2, splits=2, pdl=pdl),
+             "batch1 persistent silu_mul normed": lambda pdl: B.compile_for_sm90(32, 4, 4, 3, epi=B.SILU_MUL,
+                                                                                 norm_slots=128, pdl=pdl, persist=True),
              "attention split prep": lambda pdl: A.compile_for_sm90("split", prep=True, pdl=pdl),
              "attention merge": lambda pdl: A.compile_for_sm90("merge", pdl=pdl)}[kernel]
     plain, with_pdl = build(False), build(True)

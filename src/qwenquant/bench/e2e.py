@@ -512,6 +512,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                "fold_norm": True, "epilogues": epilogues, "epilogue_max_m": getattr(fused, "EPILOGUE_MAX_M", None),
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
+               "batch1_persistent": getattr(fused, "OFFER_BATCH1_PERSISTENT", None),
                "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:

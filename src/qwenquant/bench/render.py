@@ -91,7 +91,10 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                   f"torch {env['torch']}, Triton {env['triton']}, commit `{env['commit']}`, {env['date']}. Prefill: 2048 tokens, "
                   f"batch 1, eager. Decode: one token per sequence, static KV cache of {e['ctx']} positions "
                   f"(attention: {e.get('attention', 'SDPA over the whole cache under a position mask')}"
-                  + (f"; split kernel aiming at {e['attention_target_programs']} programs"
+                  + (f"; split kernel aiming at "
+                     + (f"{e['attention_target_programs_batch1']} programs at batch 1, "
+                        if e.get("attention_target_programs_batch1") else "")
+                     + f"{e['attention_target_programs']} programs" + (" above" if e.get("attention_target_programs_batch1") else "")
                      if "split" in e.get("attention", "") and "attention_target_programs" in e else "")
                   + "), CUDA-graph replay"
                   + (", each layer's elementwise work fused by torch.compile; `b1 eager` is the same step with eager "

@@ -46,7 +46,7 @@ except ImportError:  # CPU-only installs: the op falls back to the reference
     triton = None
 
 BLOCK_N = 16        # keys per inner step (tl.dot's minimum N)
-TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: splits are chosen so batch × KV heads × splits reaches this
+TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: above batch 1, splits are chosen so batch × KV heads × splits reaches this
 # at batch 1, fewer and longer splits (Qwen3-8B, 257 positions: 9 of 32 keys, not 17 of 16): H100, prep inside the split
 # kernel — isolated 6.8 vs 7.5 us per layer (session 18, results/decode_attention_prep_h100.json, where 264 was faster
 # at batch 8: 10.1 vs 11.0 us), in the W4 decode step 2.494 vs 2.520 ms (session 21, results/pdl_step_h100.json)
@@ -67,7 +67,7 @@ def plan_splits(batch: int, kv_heads: int, filled: int, target: int | None = Non
     """(splits, keys per split): at most ``target`` programs (default ``TARGET_PROGRAMS``, ``BATCH1_TARGET_PROGRAMS``
     at batch 1) over batch × kv_heads ×
     splits, each split a whole number of ``BLOCK_N`` blocks, none empty. Rounding a split up to whole blocks can
-    leave fewer programs than the target (1 × 1 × 5000 positions: 157 splits of 32 keys, not 264)."""
+    leave fewer programs than the target (1 × 1 × 5000 positions at a target of 264: 157 splits of 32 keys, not 264)."""
     if target is None:
         target = BATCH1_TARGET_PROGRAMS if batch == 1 else TARGET_PROGRAMS
     if filled < 1:

@@ -29,7 +29,7 @@ give 256 programs, about 2 per SM against 3 register-limited slots, and down's K
 Epilogues and an in-kernel norm (session 20). At batch 1 the decode step is launch-bound between its GEMMs, so the
 kernel also does the work around a projection that the unfused step launches kernels for: ``batch1_silu_mul``
 (gate_up: each program reads BN/2 rows of gate and the same rows of up and stores silu(gate)·up),
-``batch1_add_residual`` (o and down: h = residual + y, h times the next RMSNorm's weight, and each program's sums of
+``batch1_add_residual`` (o and down: h = residual + y, h times the next RMSNorm's weight, and each row block's sums of
 h² over its columns) and ``norm=`` (qkv and gate_up: the input is that weighted h, and each row's sums are scaled by
 rsqrt(mean(h²) + eps) from the producer's partial sums) — so a layer's two add + RMSNorm kernels and its SiLU·mul
 kernel disappear, with no grid-wide wait (the last program normalizing for all, tried first, cost as much as the
@@ -62,7 +62,7 @@ MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
 BITS_OK = (2, 4)
 # epilogues (``_batch1_kernel``'s EPI): what a program does with its [BN, M] block of x · Ŵᵀ besides storing it
 SILU_MUL = 1  # silu(gate) · up of a merged [gate; up] projection
-ADD_RESIDUAL = 2  # h = residual + y, and each program's sums of squares of its h columns (the next RMSNorm's input)
+ADD_RESIDUAL = 2  # h = residual + y, and each row block's sums of squares of its h columns (the next RMSNorm's input)
 EPI_SILU_MUL: tl.constexpr = tl.constexpr(SILU_MUL)  # the same values, readable inside the kernels
 EPI_ADD_RESIDUAL: tl.constexpr = tl.constexpr(ADD_RESIDUAL)
 
@@ -85,8 +85,8 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
     h = r + y, hw = h · nw (nw: the next norm's weight [N]) and the row block's sums of squares of its h columns per
     row at ss_out [row block, M]. ``PDL``: launched with programmatic dependent launch — the program waits for the
     kernel before it (``griddepcontrol.wait``) at its start, before its first load or store, and releases the
-    next one only by exiting (``kernels/overlap.py``'s TRIGGER 0). ``PERSIST`` (SPLITS = 1): the grid is smaller than
-    the row blocks and each program walks blocks pid, pid + programs, … in one flattened loop (``tl.range(...,
+    next one only by exiting (``kernels/overlap.py``'s TRIGGER 0). ``PERSIST`` (SPLITS = 1): the grid holds at most as many
+    programs as row blocks and each program walks blocks pid, pid + programs, … in one flattened loop (``tl.range(...,
     flatten=True)``), so Triton's pipeliner copies the next block's first words while this block finishes."""
     pid = tl.program_id(0)
     wait_for_producer(PDL)  # x, ss_in and the residual are the previous kernel's; y may reuse a buffer it still reads
@@ -191,7 +191,7 @@ def _store_add_residual(y, h_ptr, r_ptr, nw_ptr, hw_ptr, ss_ptr, rn, rm, m_mask,
     """The residual add after a projection, and what the next RMSNorm needs from it, without a kernel of its own:
     h = r + y for the program's columns (y rounded to the dtype first, then the add in fp32 rounded once — the
     unfused ``h + proj(x)``), hw = h · nw rounded (the norm's weight, applied here where it costs one load of BN
-    values, not in the consumer's K loop) and per row the sum of h² over those columns at ss [M] (this program's
+    values, not in the consumer's K loop) and per row the sum of h² over those columns at ss [M] (this row block's
     slot). The consumer sums the slots (``NORM_IN``): no atomics, no counter, the same result every run."""
     dt = h_ptr.dtype.element_ty
     off = rm[None, :] * stride_m + rn[:, None]
@@ -293,8 +293,8 @@ def batch1_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group:
                         num_stages: int = 4, pdl: bool | None = None,
                         persist: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(h, hw, ss): h = residual + x2 · Ŵᵀ [M, N] in x's dtype (a decoder's o or down projection and its residual add
-    in one launch), hw = h · norm_weight (the next RMSNorm's weight [N]) and ss [programs, M] fp32, each program's sum
-    of h² over its BN columns per row. (hw, ss) is the next RMSNorm's output before the division by the root mean
+    in one launch), hw = h · norm_weight (the next RMSNorm's weight [N]) and ss [row blocks, M] fp32, each row block's
+    sum of h² over its BN columns per row. (hw, ss) is the next RMSNorm's output before the division by the root mean
     square: the kernel that consumes it (``norm=(eps, ss)``) sums the slots and scales its own results, so the norm
     costs no launch and no pass of its own. ``residual`` [M, N] is only read. ``pdl``, ``persist``: as
     ``batch1_gemm``'s (ss keeps one slot per row block either way). No split-K."""
@@ -327,9 +327,10 @@ def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None, persist=
     if bn < 16 or bn & (bn - 1) or kb < 1 or kb & (kb - 1) or split_k < 1:
         raise ValueError(f"{who}: bn={bn}, kb={kb}, split_k={split_k}: expected bn a power of two >= 16, kb a "
                          "power of two and split_k >= 1")
-    if persist < 0 or (persist and split_k > 1):
-        raise ValueError(f"{who}: persist={persist} with split_k={split_k}: expected persist >= 0 (programs per SM; "
-                         "0 = one program per row block), and no split-K with it")
+    if persist < 0:
+        raise ValueError(f"{who}: persist={persist}: expected >= 0 (programs per SM; 0 = one program per row block)")
+    if persist and split_k > 1 and norm is None:
+        raise ValueError(f"{who}: persist={persist} with split_k={split_k}: the persistent loop has no split-K")
     if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
         raise ValueError(f"{who}: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
@@ -382,7 +383,8 @@ def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4,
     """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
     specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
     Qwen3-8B's down projection at M = 1. ``epi``: an epilogue (``SILU_MUL``, ``ADD_RESIDUAL``); ``norm_slots`` > 0:
-    ``NORM_IN`` with that many partial sums per row; ``pdl``: the ``PDL`` build. The CPU tests read its registers and
+    ``NORM_IN`` with that many partial sums per row; ``pdl`` / ``persist``: the ``PDL`` / ``PERSIST`` builds (how many
+    programs per SM a persistent launch runs is the launcher's business, not the build's). The CPU tests read its registers and
     shared memory: a latency-bound kernel lives on programs per SM (session 19 judged a SiLU·mul prologue by them before spending a
     GPU call)."""
     from triton.backends.compiler import GPUTarget

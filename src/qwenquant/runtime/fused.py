@@ -120,7 +120,9 @@ BATCH1 = [(16, 8, 4, 2, 1), (16, 4, 2, 3, 1), (32, 4, 4, 2, 1), (32, 4, 4, 4, 1)
 # plain) and the 4-stage / 8-k-tile ones ≈ 100 KB of shared memory; 3 for the 3-stage bn32 tile of the plain and
 # add-residual kernels (the lm_head, o, down)
 BATCH1_PERSISTENT = [(32, 4, 4, 3, 2), (32, 4, 4, 4, 2), (16, 8, 4, 3, 2), (32, 4, 4, 3, 3)]
-OFFER_BATCH1_PERSISTENT = True  # False: the tuner times only one program per row block (A/B: benchmarks/pdl_step.py)
+# False: the tuner times only one program per row block (A/B: benchmarks/pdl_step.py). Read when a shape is tuned;
+# choices already made stay (the candidate tables always hold the persistent tiles, so a choice runs either way)
+OFFER_BATCH1_PERSISTENT = True
 BATCH1_MAX_M = 8  # offered up to this M bucket: one MMA column block (N = 8) holds every row of x
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
 # stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
@@ -250,8 +252,7 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
                         for bn, w, st, p in KTILED_STREAMK_SMALL})
         if m <= BATCH1_MAX_M and bits in B1.BITS_OK:  # the tuner times them against the k-tiled tiles
             out.update({batch1_name(cfg): ("batch1", cfg) for cfg in BATCH1})
-            if OFFER_BATCH1_PERSISTENT:
-                out.update({batch1_persistent_name(cfg): ("batch1p", cfg) for cfg in BATCH1_PERSISTENT})
+            out.update({batch1_persistent_name(cfg): ("batch1p", cfg) for cfg in BATCH1_PERSISTENT})
         return out
     # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K and stream-K
     # only up to M = 256: their fp32 workspace is M·N floats and is kept at its largest size
@@ -362,7 +363,8 @@ def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | No
     configs = _configs(m_bucket(m), k, group, bits, tinygemm=use_tiny, ktiled=use_kt, wgmma=use_wg)
     hit = TUNER.choices.get(key)
     if hit is None:
-        cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, ops)) for name, kc in configs.items()}
+        cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, ops)) for name, kc in configs.items()
+                 if OFFER_BATCH1_PERSISTENT or kc[0] != "batch1p"}
         name = TUNER.pick(key, cands)
     else:
         name = hit[0]
