@@ -16,15 +16,15 @@ import os
 import statistics
 
 from qwenquant.bench import e2e
-from qwenquant.kernels import decode_attention
+from qwenquant.kernels import decode_attention, overlap
 from qwenquant.runtime import fused
 
 out = os.environ.get("OUT", "runs")
 steps = json.load(open(os.environ.get("PDL_STEP_JSON", os.path.join(out, "pdl_step.json"))))["steps"]
-times: dict[tuple[int, bool, int, bool], list[float]] = {}
+times: dict[tuple[int, bool, int, bool, bool], list[float]] = {}
 bad = set()
 for s in steps:
-    key = (s["batch"], s["pdl"], s["target"], s["persist"])
+    key = (s["batch"], s["pdl"], s["target"], s["persist"], s.get("release", False))
     if s["mode"] != "bf16":
         times.setdefault(key, []).append(s["step_ms"])
     only_pdl_differs = not s["persist"] and s["target"] == steps[0]["target"]
@@ -36,10 +36,11 @@ for s in steps:
         bad.add(key[1:])
 median = {k: statistics.median(v) for k, v in times.items()}
 best = min((k for k in median if k[0] == 1 and k[1:] not in bad), key=median.get)
-_, pdl, target, persist = best
+_, pdl, target, persist, release = best
 decode_attention.BATCH1_TARGET_PROGRAMS = target  # picked at batch 1; above it TARGET_PROGRAMS stays (264)
 fused.OFFER_BATCH1_PERSISTENT = persist
-print("pdl", pdl, "target", target, "persistent tiles", persist, "excluded", sorted(bad), {str(k): round(v, 4) for k, v in median.items()},
+overlap.RELEASE_AT_START = release
+print("pdl", pdl, "target", target, "persistent tiles", persist, "release at start", release, "excluded", sorted(bad), {str(k): round(v, 4) for k, v in median.items()},
       flush=True)
 modes = tuple(m for m in os.environ.get("E2E_PDL_MODES", "w4g128-fused,w4g128-fused+head").split(",") if m)
 e2e.run(modes=modes, out_path=os.path.join(out, "e2e.json"), pdl=pdl)  # records the attention's target too

@@ -20,7 +20,9 @@ variants without them use a tuner state of their own (tuned once per state, swap
 Variants: ``pdl`` (our batch-1, k-tiled and attention kernels launched with PDL: ``overlap.PDL_ENABLED``;
 torch.compile's own kernels stay without it here, so no variant recompiles the step) × ``persist`` (W4 only) ×
 ``target`` (the attention's program target). ``PDL_MODES`` (default ``w4g128-fused+head``; bf16 always first, it runs our attention kernels too),
-``PDL_BATCHES`` (default 1,8), ``PDL_ROUNDS`` (default 2), ``PDL_TARGETS`` (default 264,132,66).
+``PDL_BATCHES`` (default 1,8), ``PDL_ROUNDS`` (default 2), ``PDL_TARGETS`` (default 264,132,66), ``PDL_RELEASE=1``
+(each PDL variant again with ``overlap.RELEASE_AT_START``: the batch-1 and attention kernels release the next kernel
+right after their wait instead of at exit; session 21's run had it off).
 
 Correctness in the same run: after each timing, ``REPLAYS`` replays of a fresh CUDA graph of the step:
 ``replays_bit_equal`` counts those equal bit for bit to the graph's first replay (a race — a load ahead of its
@@ -44,6 +46,7 @@ MODES = ["bf16", *[m for m in os.environ.get("PDL_MODES", "w4g128-fused+head").s
 BATCHES = [int(b) for b in os.environ.get("PDL_BATCHES", "1,8").split(",") if b]
 ROUNDS = int(os.environ.get("PDL_ROUNDS", "2"))
 TARGETS = [int(t) for t in os.environ.get("PDL_TARGETS", "264,132,66").split(",") if t]
+RELEASE = os.environ.get("PDL_RELEASE", "0") == "1"  # each PDL variant also with overlap.RELEASE_AT_START
 REPLAYS = 20
 _first: dict[tuple[str, int], torch.Tensor] = {}  # (mode, batch) -> the first variant's logits
 
@@ -60,9 +63,10 @@ def use_persistent(on: bool) -> None:
     fused.TUNER.choices = _tuned.get(on, {})
 
 
-def _setup(pdl: bool, target: int, persist: bool):
+def _setup(pdl: bool, target: int, persist: bool, release: bool = False):
     def setup() -> dict:
         overlap.PDL_ENABLED = pdl
+        overlap.RELEASE_AT_START = release
         decode_attention.TARGET_PROGRAMS = decode_attention.BATCH1_TARGET_PROGRAMS = target
         use_persistent(persist)
         return {"attend": "prep-in-split", "epilogues": True}
@@ -76,7 +80,8 @@ def variants_for(mode: str) -> list:
     else:
         asked = [(False, t0, False), (True, t0, False), (False, t0, True), (True, t0, True),
                  *[(True, t, True) for t in TARGETS[1:]]]
-    return [({"pdl": pdl, "target": t, "persist": p}, _setup(pdl, t, p)) for pdl, t, p in asked]
+    asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0]] if RELEASE else [])
+    return [({"pdl": pdl, "target": t, "persist": p, "release": r}, _setup(pdl, t, p, r)) for pdl, t, p, r in asked]
 
 
 def check_replays(mode: str, batch: int, fields: dict, dec) -> dict:

@@ -55,6 +55,21 @@ def test_pdl_builds_wait_before_the_first_memory_access(kernel):
         use["shared_bytes"] == base["shared_bytes"], (kernel, use["registers"], base["registers"])
 
 
+@pytest.mark.parametrize("kernel", ["batch1", "attention split", "attention merge"])
+def test_release_at_start_builds_the_release_after_the_wait(kernel):
+    """``overlap.RELEASE_AT_START`` (offline sm_90a builds): ``griddepcontrol.launch_dependents`` right after the wait,
+    before any global memory access; without it no release instruction at all (the next kernel launches at exit)."""
+    build = {"batch1": lambda r: B.compile_for_sm90(32, 4, 4, 4, epi=B.ADD_RESIDUAL, pdl=True, release_at_start=r),
+             "attention split": lambda r: A.compile_for_sm90("split", prep=True, pdl=True, release_at_start=r),
+             "attention merge": lambda r: A.compile_for_sm90("merge", pdl=True, release_at_start=r)}[kernel]
+    assert "griddepcontrol.launch_dependents" not in build(False).asm["ptx"]
+    ptx = build(True).asm["ptx"]
+    lines = [line.strip() for line in ptx.splitlines()]
+    release = next(i for i, line in enumerate(lines) if line.startswith("griddepcontrol.launch_dependents"))
+    wait, first = _wait_precedes_memory(ptx)
+    assert wait < release < first, (wait, release, first)
+
+
 def test_pdl_is_off_on_a_cpu_whatever_is_asked():
     from qwenquant.kernels import overlap
 
@@ -66,8 +81,9 @@ def test_pdl_is_off_on_a_cpu_whatever_is_asked():
 @torch.no_grad()
 def test_decode_step_with_pdl_replays_bit_equal_to_stream_order():
     """A small Qwen3 in fused W4 (every projection a batch-1 kernel with its epilogues, split-K attention with its
-    prep inside) at batch 1 and 5: 30 CUDA-graph replays of the step with PDL on give the logits of the step launched
-    in stream order, bit for bit, and the kernels were built and launched for PDL."""
+    prep inside) at batch 1 and 5: 30 CUDA-graph replays of the step with PDL on (released at exit, and right after the
+    wait: ``overlap.RELEASE_AT_START``) give the logits of the step launched in stream order, bit for bit, and the
+    kernels were built and launched for PDL."""
     transformers = pytest.importorskip("transformers")
     from qwenquant.bench import e2e
     from qwenquant.kernels import launch, overlap
@@ -81,15 +97,15 @@ def test_decode_step_with_pdl_replays_bit_equal_to_stream_order():
     originals = [getattr(p, n).weight.detach().float().cpu() for p, n in e2e.decoder_linears(model)]
     e2e.merge_projections(model)
     e2e.quantize_model(model, originals, QuantSpec(4, 128, False), "fused")
-    saved = overlap.PDL_ENABLED
+    saved = overlap.PDL_ENABLED, overlap.RELEASE_AT_START
     try:
-        for b in (1, 5):
+        for b, release in ((1, False), (5, False), (1, True), (5, True)):
             overlap.PDL_ENABLED = False
             torch.manual_seed(1)
             dec = e2e.StaticDecoder(model, b, ctx=256, device="cuda", attend="prep-in-split", epilogues=True)
             assert dec.epilogues == (True, True)
             ref = dec.step().clone()
-            overlap.PDL_ENABLED = True
+            overlap.PDL_ENABLED, overlap.RELEASE_AT_START = True, release
             dec.step()  # compile the PDL builds outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -97,10 +113,10 @@ def test_decode_step_with_pdl_replays_bit_equal_to_stream_order():
             for i in range(30):
                 graph.replay()
                 torch.cuda.synchronize()
-                assert torch.equal(out, ref), (b, i, float((out.float() - ref.float()).abs().max()))
+                assert torch.equal(out, ref), (b, release, i, float((out.float() - ref.float()).abs().max()))
             del graph
     finally:
-        overlap.PDL_ENABLED = saved
+        overlap.PDL_ENABLED, overlap.RELEASE_AT_START = saved
     batch1 = [e.kernel for key, e in launch._CACHES.get(id(B._batch1_kernel), {}).items() if ("PDL", True) in key[1]]
     attention = [ck for kernel in (A._decode_attention_split, A._decode_attention_merge)
                  for cache in kernel.device_caches.values() for ck in cache[0].values()

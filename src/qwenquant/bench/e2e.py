@@ -513,7 +513,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "batch1_persistent": getattr(fused, "OFFER_BATCH1_PERSISTENT", None),
-               "pdl": overlap.pdl_ok("cuda"), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
+               "pdl": overlap.pdl_ok("cuda"), "pdl_release_at_start": getattr(overlap, "RELEASE_AT_START", False), "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:
             with open(out_path, "w") as f:

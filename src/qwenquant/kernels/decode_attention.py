@@ -41,7 +41,8 @@ try:
     import triton
     import triton.language as tl
 
-    from qwenquant.kernels.overlap import pdl_ok, wait_for_producer
+    from qwenquant.kernels import overlap
+    from qwenquant.kernels.overlap import pdl_ok, release_dependents, wait_for_producer
 except ImportError:  # CPU-only installs: the op falls back to the reference
     triton = None
 
@@ -127,7 +128,7 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
     g = hq // hkv
     splits, per_split = plan_splits(b, hkv, filled)
     pdl = pdl_ok(q.device)  # programmatic dependent launch (``QWENQUANT_PDL=1``): each program waits at its start
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = {"launch_pdl": True, "RELEASE_AT_START": overlap.RELEASE_AT_START} if pdl else {}
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
     if splits == 1:
         acc = m = l = out  # unused: the split kernel normalizes and writes ``out`` itself
@@ -195,7 +196,8 @@ if triton is not None:
                       kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, eps, skn_b, skn_h, svn_b, svn_h,
                       sc_b, ss_b,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, PREP: tl.constexpr, PDL: tl.constexpr = False):
+                      SPLITS: tl.constexpr, PREP: tl.constexpr, PDL: tl.constexpr = False,
+                      RELEASE_AT_START: tl.constexpr = False):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
         b = (bh // HKV).to(tl.int64)    # 64-bit offsets: a long cache at a large batch passes 2**31 elements
@@ -204,6 +206,8 @@ if triton is not None:
         d = tl.arange(0, D)
         live = rows < G
         wait_for_producer(PDL)          # q (and with PREP the new K / V) come from the kernel before
+        if RELEASE_AT_START:            # overlap.RELEASE_AT_START: the next kernel may launch now
+            release_dependents(PDL)
         q = tl.load(q_ptr + b * sq_b + (h * G + rows)[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
         start = s * per_split           # positions: 32-bit here, 64-bit once they multiply a stride (``n`` below)
         end = tl.minimum(start + per_split, filled)
@@ -257,8 +261,10 @@ if triton is not None:
     @triton.jit
     def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, o_ptr, so_b, so_h,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                      SPLITS_P2: tl.constexpr, PDL: tl.constexpr = False):
+                      SPLITS_P2: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AT_START: tl.constexpr = False):
         wait_for_producer(PDL)               # the split kernel's slices
+        if RELEASE_AT_START:
+            release_dependents(PDL)
         pid = tl.program_id(0).to(tl.int64)  # batch row * Hq + query head (64-bit offsets, as the split kernel)
         hq = HKV * G
         b = pid // hq
@@ -278,7 +284,8 @@ if triton is not None:
 
 
 def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
-                     head_dim: int = 128, splits: int = 17, prep: bool = False, pdl: bool = False):
+                     head_dim: int = 128, splits: int = 17, prep: bool = False, pdl: bool = False,
+                     release_at_start: bool = False):
     """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
     any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
     ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
@@ -297,16 +304,16 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                "pos_ptr": "*i64", "eps": "fp32",
                **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")},
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
-               "PREP": "constexpr", "PDL": "constexpr"}
+               "PREP": "constexpr", "PDL": "constexpr", "RELEASE_AT_START": "constexpr"}
         consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep,
-                  "PDL": pdl}
+                  "PDL": pdl, "RELEASE_AT_START": release_at_start}
     elif kernel == "merge":
         fn = _decode_attention_merge
         sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "SPLITS": "constexpr", "SPLITS_P2": "constexpr",
-               "PDL": "constexpr"}
+               "PDL": "constexpr", "RELEASE_AT_START": "constexpr"}
         consts = {"HKV": kv_heads, "G": group, "D": head_dim, "SPLITS": splits,
-                  "SPLITS_P2": triton.next_power_of_2(splits), "PDL": pdl}
+                  "SPLITS_P2": triton.next_power_of_2(splits), "PDL": pdl, "RELEASE_AT_START": release_at_start}
     else:
         raise ValueError(f"kernel={kernel!r}: expected 'split' or 'merge'")
     names = list(sig)

@@ -67,6 +67,11 @@ if _env not in ("0", "1"):
     raise ValueError(f"QWENQUANT_PDL={_env!r}: expected 0 (launch kernels in stream order) or 1 (programmatic "
                      "dependent launch on Hopper and newer)")
 PDL_ENABLED = _env == "1"
+# where the batch-1 W4 kernel and the decode attention kernels (session 21) release the next kernel under PDL: False —
+# at exit (TRIGGER 0, measured: results/pdl_step_h100.json); True — right after their wait (TRIGGER 1: the next
+# kernel is launched once every program of this one has started, and its programs take SM slots as this one's
+# finish, parked at their own wait). True is not measured yet: benchmarks/pdl_step.py with PDL_RELEASE=1 A/Bs it
+RELEASE_AT_START = False
 
 
 @functools.lru_cache(maxsize=None)

@@ -52,7 +52,8 @@ from torch import Tensor
 
 from qwenquant.kernels.launch import launch_kernel
 from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED
-from qwenquant.kernels.overlap import pdl_ok, wait_for_producer
+from qwenquant.kernels import overlap
+from qwenquant.kernels.overlap import pdl_ok, release_dependents, wait_for_producer
 from qwenquant.kernels.tiles import result_tensor
 from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _scale_and_zneg,
                                          split_k_workspace)
@@ -73,7 +74,7 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
                    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                    KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, EPI: tl.constexpr = 0,
                    NORM_IN: tl.constexpr = False, PB: tl.constexpr = 1, PDL: tl.constexpr = False,
-                   PERSIST: tl.constexpr = False):
+                   PERSIST: tl.constexpr = False, RELEASE_AT_START: tl.constexpr = False):
     """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program (or its share of K when SPLITS > 1): KB k-tiles per step,
     every word of a step in one load.
 
@@ -85,11 +86,13 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
     h = r + y, hw = h · nw (nw: the next norm's weight [N]) and the row block's sums of squares of its h columns per
     row at ss_out [row block, M]. ``PDL``: launched with programmatic dependent launch — the program waits for the
     kernel before it (``griddepcontrol.wait``) at its start, before its first load or store, and releases the
-    next one only by exiting (``kernels/overlap.py``'s TRIGGER 0). ``PERSIST`` (SPLITS = 1): the grid holds at most as many
+    next one by exiting (``kernels/overlap.py``'s TRIGGER 0) or, with ``RELEASE_AT_START``, right after its wait. ``PERSIST`` (SPLITS = 1): the grid holds at most as many
     programs as row blocks and each program walks blocks pid, pid + programs, … in one flattened loop (``tl.range(...,
     flatten=True)``), so Triton's pipeliner copies the next block's first words while this block finishes."""
     pid = tl.program_id(0)
     wait_for_producer(PDL)  # x, ss_in and the residual are the previous kernel's; y may reuse a buffer it still reads
+    if RELEASE_AT_START:
+        release_dependents(PDL)
     if PERSIST:
         blocks = tl.cdiv(N // 2, BN // 2) if EPI == EPI_SILU_MUL else tl.cdiv(N, BN)
         for tile in tl.range(pid, blocks, tl.num_programs(0), flatten=True):
@@ -362,7 +365,7 @@ def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, b
          m, words.shape[0], k, x2.stride(0), y.stride(0), per),
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
         EPI=epi, NORM_IN=norm is not None, PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
-        PDL=pdl, PERSIST=persist > 0, num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, PERSIST=persist > 0, RELEASE_AT_START=pdl and overlap.RELEASE_AT_START, num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -379,11 +382,11 @@ def _cuda_sm_count(index: int) -> int:
 
 def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4, splits: int = 1, bits: int = 4,
                      group: int = 128, m: int = 1, epi: int = 0, norm_slots: int = 0, pdl: bool = False,
-                     persist: bool = False):
+                     persist: bool = False, release_at_start: bool = False):
     """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
     specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
     Qwen3-8B's down projection at M = 1. ``epi``: an epilogue (``SILU_MUL``, ``ADD_RESIDUAL``); ``norm_slots`` > 0:
-    ``NORM_IN`` with that many partial sums per row; ``pdl`` / ``persist``: the ``PDL`` / ``PERSIST`` builds (how many
+    ``NORM_IN`` with that many partial sums per row; ``pdl`` / ``persist`` / ``release_at_start``: those builds (how many
     programs per SM a persistent launch runs is the launcher's business, not the build's). The CPU tests read its registers and
     shared memory: a latency-bound kernel lives on programs per SM (session 19 judged a SiLU·mul prologue by them before spending a
     GPU call)."""
@@ -397,7 +400,8 @@ def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4,
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "tiles_per_split": "i32"}
     const = {"GROUP": group, "BITS": bits, "SUBK": SUB, "BN": bn, "BM": 8 if m <= 8 else 16, "KB": kb, "SPLITS": splits,
              "LOP3": True, "EPI": epi, "NORM_IN": norm_slots > 0,
-             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1, "PDL": pdl, "PERSIST": persist}
+             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1, "PDL": pdl, "PERSIST": persist,
+             "RELEASE_AT_START": release_at_start}
     names = list(sig)
     unaligned = ("M", "tiles_per_split", "eps", "P_IN")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in unaligned}
