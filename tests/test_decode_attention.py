@@ -265,3 +265,111 @@ def test_prep_in_split_on_gpu_qwen3_8b_shape(batch, filled):
     assert float((o["k_cache"].double() - kc64).norm() / kc64.norm()) < 1e-2
     assert (o["k_cache"] != before).any(-1).nonzero()[:, 2].unique().tolist() == [filled - 1]
     assert torch.equal(o["v_cache"][:, :, filled - 1], o["v"][:, 0])
+
+
+MEET_INTERPRETED = """
+import json, torch
+from qwenquant.kernels import decode_attention as DA
+from tests.test_decode_attention import prep_operands, exact_prep_attention
+torch.manual_seed(0)
+out = {}
+for b, hq, hkv, d, ctx, filled in [(2, 8, 2, 64, 200, 150), (1, 4, 1, 32, 64, 64), (3, 4, 2, 16, 40, 17),
+                                   (1, 32, 8, 128, 300, 257)]:
+    q = torch.randn(b, hq, 1, d, dtype=torch.float16)
+    k = torch.randn(b, hkv, ctx, d, dtype=torch.float16)
+    v = torch.randn_like(k)
+    ys = {}
+    for meet in (True, False):
+        DA.MERGE_IN_SPLIT = meet
+        ys[meet] = DA._triton_decode_attention(q, k, v, filled)
+    ref = DA.reference_decode_attention(q.double(), k.double(), v.double(), filled)
+    out[f"b{b} hq{hq} splits{DA.plan_splits(b, hkv, filled)[0]}"] = dict(
+        meet=float((ys[True].double() - ref).norm() / ref.norm()),
+        launch=float((ys[False].double() - ref).norm() / ref.norm()),
+        counters=int(DA._COUNTERS["cpu"].abs().sum()))
+# with the prep inside (the decode step's path), Qwen3-8B heads at batch 1
+o = prep_operands(1, 32, 8, 128, 300, 257)
+y64, _, _ = exact_prep_attention(o, 257)
+DA.MERGE_IN_SPLIT = True
+y = DA._triton_decode_attention(o["q"], o["k_cache"], o["v_cache"], 257, prep=dict(k_new=o["k"], v_new=o["v"],
+    q_weight=o["q_weight"], k_weight=o["k_weight"], eps=o["eps"], cos=o["cos"], sin=o["sin"], pos=o["pos"]))
+out["prep b1"] = dict(meet=float((y.double() - y64).norm() / y64.norm()), launch=0.0,
+                      counters=int(DA._COUNTERS["cpu"].abs().sum()))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_merge_inside_the_split_kernel_under_the_interpreter():
+    """``MERGE_IN_SPLIT``: the last split program of each (batch row, KV head) merges the slices (no merge launch) —
+    the same attention as the merge kernel within fp16 rounding, G = 1 / 2 / 4 (padded to 2 and 4), the Qwen3-8B
+    heads with the prep inside, and every meeting counter back to zero for the next call."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "src"), os.path.join(root, "tests")])}
+    r = subprocess.run([sys.executable, "-c", MEET_INTERPRETED], capture_output=True, text=True, env=env, cwd=root,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    cases = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(cases) == 5 and all(int(k.split("splits")[1]) > 1 for k in cases if "splits" in k), cases
+    for name, c in cases.items():
+        assert c["meet"] < 2e-3 + 2 * c["launch"] and c["counters"] == 0, (name, c)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_split_kernel_meeting_compiles_to_release_acquire():
+    """The meeting in the sm_90a build: a CTA barrier after the slice's stores, then one acq_rel GPU-scope atomic
+    add; the merging program reads the slices past L1 (``ld.global.cg``) and resets the counter; no atomic without
+    MEET; the unrolled merge holds no spills."""
+    from qwenquant.kernels.launch import ptxas_usage
+
+    c = DA.compile_for_sm90("split", splits=9, prep=True, meet=True)
+    ptx = c.asm["ptx"]
+    add = ptx.index("atom.global.gpu.acq_rel.add")
+    assert "bar.sync" in ptx[ptx.rindex("st.global", 0, add):add]
+    assert ptx.index("ld.global.cg", add) > add and "atom.global.gpu.acq_rel.exch" in ptx[add:]
+    assert "atom." not in DA.compile_for_sm90("split", splits=9, prep=True, meet=False).asm["ptx"]
+    assert ptxas_usage(c)["spill_bytes"] == 0
+
+
+def test_attention_merge_setting_is_checked_by_value():
+    env = {**os.environ, "QWENQUANT_ATTN_MERGE": "kernel"}
+    r = subprocess.run([sys.executable, "-c", "import qwenquant.kernels.decode_attention"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "QWENQUANT_ATTN_MERGE='kernel'" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_merge_in_split_on_gpu_in_graph_replays(batch):
+    """On the GPU, with the meeting's timing real: the prep-in-split attention merged in the split kernel matches the
+    fp64 math and the merge-kernel path, and 30 CUDA-graph replays reproduce the eager result bit for bit (a lost
+    or stale slice, or a counter not reset, would show as a changed output)."""
+    torch.manual_seed(batch)
+    o = prep_operands(batch, 32, 8, 128, 512, 257, dtype=torch.bfloat16, device="cuda")
+    y64, _, _ = exact_prep_attention(o, 257)
+    saved = DA.MERGE_IN_SPLIT
+    try:
+        outs = {}
+        for meet in (False, True):
+            DA.MERGE_IN_SPLIT = meet
+            op = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in o.items()}
+            outs[meet] = DA.decode_attention_prep(**op, filled=257)
+        assert DA.plan_splits(batch, 8, 257)[0] > 1
+        for y in outs.values():
+            assert float((y.double() - y64).norm() / y64.norm()) < 1e-2
+        assert float((outs[True].float() - outs[False].float()).norm() / outs[False].float().norm()) < 1e-2
+        op = {n: (t.clone() if torch.is_tensor(t) else t) for n, t in o.items()}
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = DA.decode_attention_prep(**op, filled=257)
+        for _ in range(30):
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, outs[True])
+        assert int(DA._COUNTERS[str(y.device)].abs().sum()) == 0
+    finally:
+        DA.MERGE_IN_SPLIT = saved

@@ -17,7 +17,8 @@ Two kernels:
    softmax over its keys in blocks of ``BLOCK_N`` and writes the slice's unnormalized output [G, D] (fp32) with its running
    max and sum. With one split it normalizes and writes the output itself (large batches have programs enough).
 2. ``_decode_attention_merge``, grid (batch × query heads): rescales each slice by exp(m_s − max m) and divides
-   by the rescaled sum: the exact softmax over all positions.
+   by the rescaled sum: the exact softmax over all positions. With ``MERGE_IN_SPLIT`` the last split program of each
+   (batch row, KV head) does this instead (``_merge_slices``; off by default, not yet timed in this form).
 
 With ``PREP`` the split kernel also does ``decode_prep``'s work (``kernels/decode_prep.py``): each program normalizes
 and rotates its group's raw q rows (the projection's output), and the program whose slice holds the new position
@@ -30,6 +31,8 @@ CUDA graph captures both launches. On a CPU (and for shapes the kernel does not 
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +55,39 @@ TARGET_PROGRAMS = 264  # ≈ 2 per SM of an H100: above batch 1, splits are chos
 # kernel — isolated 6.8 vs 7.5 us per layer (session 18, results/decode_attention_prep_h100.json, where 264 was faster
 # at batch 8: 10.1 vs 11.0 us), in the W4 decode step 2.494 vs 2.520 ms (session 21, results/pdl_step_h100.json)
 BATCH1_TARGET_PROGRAMS = 66
-# Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11 and b168672):
-# the split programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step:
-# the prefetch traffic delays their own loads), and the last split program merging the slices instead of the merge
-# kernel (+0.10-0.14 ms at batch 1: one program walks 17 slices in turn where the merge kernel uses 32 programs).
+# Merge the slices in the split kernel instead of a second launch: the last split program of each (batch row, KV head)
+# to finish — they meet through an acq_rel counter, as the split-K GEMMs do — merges them. Session 19 measured the
+# first form slower (+0.10-0.14 ms per W4 step at batch 1: its merging program loaded 17 slices one after another);
+# this form issues every slice's loads at once (the loop over slices unrolled, G rows rather than 16), untimed yet:
+# QWENQUANT_ATTN_MERGE=split turns it on, benchmarks/pdl_step.py with PDL_MERGE=1 A/Bs it. Default: the merge kernel.
+_merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "launch").strip()
+if _merge_env not in ("split", "launch"):
+    raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'launch' (a merge kernel after the split kernel) "
+                     "or 'split' (the last split program of each KV head merges)")
+MERGE_IN_SPLIT = _merge_env == "split"
+_COUNTERS: dict[str, Tensor] = {}
+_RETIRED: list[Tensor] = []  # counters replaced by larger ones: graphs captured earlier still point at them
+
+
+def meet_counters(device, n: int) -> Tensor:
+    """n zeroed int32 counters for the split programs' meeting, one set per device, grown on demand and kept: the
+    merging program re-zeroes its counter, so calls and CUDA-graph replays share them without a memset. Growing is
+    refused during graph capture (run the batch once eagerly first, as the decode step's warm-up does)."""
+    key = str(device)
+    cnt = _COUNTERS.get(key)
+    if cnt is None or cnt.numel() < n:
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention's meeting counters must grow to {n} during CUDA-graph capture; run "
+                               "this batch size once eagerly before capturing")
+        if cnt is not None:
+            _RETIRED.append(cnt)
+        cnt = torch.zeros(max(n, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
+        _COUNTERS[key] = cnt
+    return cnt
+# Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11): the split
+# programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step: the
+# prefetch traffic delays their own loads). The in-split merge below is session 19's b168672 with its slices loaded
+# at once.
 
 
 def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
@@ -136,6 +168,8 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
         acc = torch.empty(b * hkv * splits, 16, d, device=q.device, dtype=torch.float32)  # [programs, G pad, D]
         m = torch.empty(b * hkv * splits, 16, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
+    meet = MERGE_IN_SPLIT and splits > 1
+    cnt = meet_counters(q.device, b * hkv) if meet else out  # unread without MEET
     if prep:
         p = prep
         sq_b, sq_h = q.stride(0), q.stride(2)
@@ -148,10 +182,11 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
     _decode_attention_split[(b * hkv, splits)](
         q, k, v, acc, m, l, out, filled, per_split, d ** -0.5,
         sq_b, sq_h, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), *extra,
-        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, PDL=pdl, num_warps=4, **launch,
+        out.stride(0), out.stride(1), *extra, cnt,
+        HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, PDL=pdl, MEET=meet,
+        G2=triton.next_power_of_2(g), num_warps=4, **launch,
     )
-    if splits > 1:
+    if splits > 1 and not meet:
         _decode_attention_merge[(b * hq,)](
             acc, m, l, out, out.stride(0), out.stride(1),
             HKV=hkv, G=g, D=d, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
@@ -194,10 +229,10 @@ if triton is not None:
     def _decode_attention_split(q_ptr, k_ptr, v_ptr, acc_ptr, m_ptr, l_ptr, o_ptr, filled, per_split, sm_scale,
                       sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
                       kn_ptr, vn_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, eps, skn_b, skn_h, svn_b, svn_h,
-                      sc_b, ss_b,
+                      sc_b, ss_b, cnt_ptr,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPLITS: tl.constexpr, PREP: tl.constexpr, PDL: tl.constexpr = False,
-                      RELEASE_AT_START: tl.constexpr = False):
+                      RELEASE_AT_START: tl.constexpr = False, MEET: tl.constexpr = False, G2: tl.constexpr = 4):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
         b = (bh // HKV).to(tl.int64)    # 64-bit offsets: a long cache at a large batch passes 2**31 elements
@@ -257,6 +292,36 @@ if triton is not None:
             tl.store(acc_ptr + (prog * 16 + rows)[:, None] * D + d[None, :], acc)
             tl.store(m_ptr + prog * 16 + rows, m_i)
             tl.store(l_ptr + prog * 16 + rows, l_i)
+            if MEET:  # the last split of this (batch row, KV head) to finish merges them all: no merge launch
+                tl.debug_barrier()  # every thread's slice is stored before the release below
+                done = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") + 1
+                if done == SPLITS:
+                    _merge_slices(acc_ptr, m_ptr, l_ptr, o_ptr, bh.to(tl.int64) * SPLITS, b * so_b + h * G * so_h,
+                                  so_h, G, G2, D, SPLITS)
+                    tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call (and the next graph replay)
+
+    @triton.jit
+    def _merge_slices(acc_ptr, m_ptr, l_ptr, o_ptr, first, o_off, so_h, G: tl.constexpr, G2: tl.constexpr,
+                      D: tl.constexpr, SPLITS: tl.constexpr):
+        """The exact softmax over SPLITS slices (slots first … first + SPLITS - 1, G live rows each) into o: every
+        slice's max, sum and output loaded at once (the loop unrolled: ``SPLITS`` loads of [G2, D] in flight, read
+        past L1 — they were written by other programs), rescaled to the common max."""
+        rg = tl.arange(0, G2)
+        d = tl.arange(0, D)
+        live = rg < G
+        m_all = tl.full([G2], float("-inf"), tl.float32)
+        for j in tl.static_range(SPLITS):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + (first + j) * 16 + rg, mask=live, other=0.0,
+                                              cache_modifier=".cg"))
+        den = tl.zeros([G2], tl.float32)
+        o = tl.zeros([G2, D], tl.float32)
+        for j in tl.static_range(SPLITS):
+            w = tl.exp(tl.load(m_ptr + (first + j) * 16 + rg, mask=live, other=0.0, cache_modifier=".cg") - m_all)
+            den += w * tl.load(l_ptr + (first + j) * 16 + rg, mask=live, other=0.0, cache_modifier=".cg")
+            o += w[:, None] * tl.load(acc_ptr + ((first + j) * 16 + rg)[:, None] * D + d[None, :], mask=live[:, None],
+                                      other=0.0, cache_modifier=".cg")
+        o = o / tl.where(live, den, 1.0)[:, None]
+        tl.store(o_ptr + o_off + rg[:, None] * so_h + d[None, :], o.to(o_ptr.dtype.element_ty), mask=live[:, None])
 
     @triton.jit
     def _decode_attention_merge(acc_ptr, m_ptr, l_ptr, o_ptr, so_b, so_h,
@@ -285,7 +350,7 @@ if triton is not None:
 
 def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
                      head_dim: int = 128, splits: int = 17, prep: bool = False, pdl: bool = False,
-                     release_at_start: bool = False):
+                     release_at_start: bool = False, meet: bool = False):
     """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
     any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
     ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
@@ -302,11 +367,13 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                                            "so_h")},
                "kn_ptr": ptr, "vn_ptr": ptr, "qw_ptr": ptr, "kw_ptr": ptr, "cos_ptr": ptr, "sin_ptr": ptr,
                "pos_ptr": "*i64", "eps": "fp32",
-               **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")},
+               **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")}, "cnt_ptr": "*i32",
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
-               "PREP": "constexpr", "PDL": "constexpr", "RELEASE_AT_START": "constexpr"}
+               "PREP": "constexpr", "PDL": "constexpr", "RELEASE_AT_START": "constexpr", "MEET": "constexpr",
+               "G2": "constexpr"}
         consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep,
-                  "PDL": pdl, "RELEASE_AT_START": release_at_start}
+                  "PDL": pdl, "RELEASE_AT_START": release_at_start, "MEET": meet,
+                  "G2": triton.next_power_of_2(group)}
     elif kernel == "merge":
         fn = _decode_attention_merge
         sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",
