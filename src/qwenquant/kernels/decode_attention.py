@@ -60,6 +60,9 @@ BATCH1_TARGET_PROGRAMS = 66
 # first form slower (+0.10-0.14 ms per W4 step at batch 1: its merging program loaded 17 slices one after another);
 # this form issues every slice's loads at once (the loop over slices unrolled, G rows rather than 16), untimed yet:
 # QWENQUANT_ATTN_MERGE=split turns it on, benchmarks/pdl_step.py with PDL_MERGE=1 A/Bs it. Default: the merge kernel.
+# Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11): the split
+# programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step: the
+# prefetch traffic delays their own loads).
 _merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "launch").strip()
 if _merge_env not in ("split", "launch"):
     raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'launch' (a merge kernel after the split kernel) "
@@ -84,10 +87,6 @@ def meet_counters(device, n: int) -> Tensor:
         cnt = torch.zeros(max(n, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
         _COUNTERS[key] = cnt
     return cnt
-# Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11): the split
-# programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step: the
-# prefetch traffic delays their own loads). The in-split merge below is session 19's b168672 with its slices loaded
-# at once.
 
 
 def reference_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int) -> Tensor:
