@@ -21,10 +21,11 @@ from qwenquant.runtime import fused
 
 out = os.environ.get("OUT", "runs")
 steps = json.load(open(os.environ.get("PDL_STEP_JSON", os.path.join(out, "pdl_step.json"))))["steps"]
-times: dict[tuple[int, bool, int, bool, bool, bool], list[float]] = {}
+times: dict[tuple[int, bool, int, bool, bool, bool, bool], list[float]] = {}
 bad = set()
 for s in steps:
-    key = (s["batch"], s["pdl"], s["target"], s["persist"], s.get("release", False), s.get("merge", False))
+    key = (s["batch"], s["pdl"], s["target"], s["persist"], s.get("release", False), s.get("merge", False),
+           s.get("attn_release", False))
     if s["mode"] != "bf16":
         times.setdefault(key, []).append(s["step_ms"])
     only_pdl_differs = not s["persist"] and not s.get("merge") and s["target"] == steps[0]["target"]
@@ -36,12 +37,13 @@ for s in steps:
         bad.add(key[1:])
 median = {k: statistics.median(v) for k, v in times.items()}
 best = min((k for k in median if k[0] == 1 and k[1:] not in bad), key=median.get)
-_, pdl, target, persist, release, merge = best
+_, pdl, target, persist, release, merge, attn_release = best
 decode_attention.BATCH1_TARGET_PROGRAMS = target  # picked at batch 1; above it TARGET_PROGRAMS stays (264)
 fused.OFFER_BATCH1_PERSISTENT = persist
 overlap.RELEASE_AT_START = release
+overlap.ATTENTION_RELEASE_AT_START = attn_release
 decode_attention.MERGE_IN_SPLIT = merge
-print("pdl", pdl, "target", target, "persistent tiles", persist, "release at start", release, "merge in split", merge,
+print("pdl", pdl, "target", target, "persistent tiles", persist, "release at start", release, "merge in split", merge, "attention release at start", attn_release,
       "excluded", sorted(bad), {str(k): round(v, 4) for k, v in median.items()},
       flush=True)
 modes = tuple(m for m in os.environ.get("E2E_PDL_MODES", "w4g128-fused,w4g128-fused+head").split(",") if m)

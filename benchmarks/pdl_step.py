@@ -22,8 +22,10 @@ torch.compile's own kernels stay without it here, so no variant recompiles the s
 ``target`` (the attention's program target). ``PDL_MODES`` (default ``w4g128-fused+head``; bf16 always first, it runs our attention kernels too),
 ``PDL_BATCHES`` (default 1,8), ``PDL_ROUNDS`` (default 2), ``PDL_TARGETS`` (default 264,132,66), ``PDL_RELEASE=1``
 (each PDL variant again with ``overlap.RELEASE_AT_START``: the batch-1 and attention kernels release the next kernel
-right after their wait instead of at exit; session 21's run had it off), ``PDL_MERGE=1`` (each PDL variant again with
-``decode_attention.MERGE_IN_SPLIT``: the last split program merges, no merge launch).
+right after their wait instead of at exit; session 21's run had it off), ``PDL_ATTN_RELEASE=1`` (the same with
+``overlap.ATTENTION_RELEASE_AT_START``: the attention kernels only; session 22), ``PDL_MERGE=1`` (each PDL variant again
+with ``decode_attention.MERGE_IN_SPLIT``: the last split program merges, no merge launch), ``PDL_PERSIST=0`` (no
+persistent-tile variants).
 
 Correctness in the same run: after each timing, ``REPLAYS`` replays of a fresh CUDA graph of the step:
 ``replays_bit_equal`` counts those equal bit for bit to the graph's first replay (a race — a load ahead of its
@@ -48,7 +50,9 @@ BATCHES = [int(b) for b in os.environ.get("PDL_BATCHES", "1,8").split(",") if b]
 ROUNDS = int(os.environ.get("PDL_ROUNDS", "2"))
 TARGETS = [int(t) for t in os.environ.get("PDL_TARGETS", "264,132,66").split(",") if t]
 RELEASE = os.environ.get("PDL_RELEASE", "0") == "1"  # each PDL variant also with overlap.RELEASE_AT_START
+ATTN_RELEASE = os.environ.get("PDL_ATTN_RELEASE", "0") == "1"  # ... with overlap.ATTENTION_RELEASE_AT_START
 MERGE = os.environ.get("PDL_MERGE", "0") == "1"  # each PDL variant also with decode_attention.MERGE_IN_SPLIT
+PERSIST = os.environ.get("PDL_PERSIST", "1") == "1"  # the W4 variants with persistent batch-1 tiles too
 REPLAYS = 20
 _first: dict[tuple[str, int], torch.Tensor] = {}  # (mode, batch) -> the first variant's logits
 
@@ -65,10 +69,12 @@ def use_persistent(on: bool) -> None:
     fused.TUNER.choices = _tuned.get(on, {})
 
 
-def _setup(pdl: bool, target: int, persist: bool, release: bool = False, merge: bool = False):
+def _setup(pdl: bool, target: int, persist: bool, release: bool = False, merge: bool = False,
+           attn_release: bool = False):
     def setup() -> dict:
         overlap.PDL_ENABLED = pdl
         overlap.RELEASE_AT_START = release
+        overlap.ATTENTION_RELEASE_AT_START = attn_release
         decode_attention.MERGE_IN_SPLIT = merge
         decode_attention.TARGET_PROGRAMS = decode_attention.BATCH1_TARGET_PROGRAMS = target
         use_persistent(persist)
@@ -78,15 +84,17 @@ def _setup(pdl: bool, target: int, persist: bool, release: bool = False, merge: 
 
 def variants_for(mode: str) -> list:
     t0 = TARGETS[0]
-    if mode == "bf16":  # no W4 kernel: the persistent tiles do not apply
+    if mode == "bf16" or not PERSIST:  # bf16: no W4 kernel, the persistent tiles do not apply
         asked = [(False, t0, False), (True, t0, False), *[(True, t, False) for t in TARGETS[1:]]]
     else:
         asked = [(False, t0, False), (True, t0, False), (False, t0, True), (True, t0, True),
                  *[(True, t, True) for t in TARGETS[1:]]]
     asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0]] if RELEASE else [])
+    asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0] and not a[3]] if ATTN_RELEASE else [])
+    # (pdl, target, persist, release, attention release) -> + merge
     asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0]] if MERGE else [])
-    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "merge": m}, _setup(pdl, t, p, r, m))
-            for pdl, t, p, r, m in asked]
+    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "attn_release": ar, "merge": m},
+             _setup(pdl, t, p, r, m, ar)) for pdl, t, p, r, ar, m in asked]
 
 
 def check_replays(mode: str, batch: int, fields: dict, dec) -> dict:

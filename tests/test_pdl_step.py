@@ -81,8 +81,9 @@ def test_pdl_is_off_on_a_cpu_whatever_is_asked():
 @torch.no_grad()
 def test_decode_step_with_pdl_replays_bit_equal_to_stream_order():
     """A small Qwen3 in fused W4 (every projection a batch-1 kernel with its epilogues, split-K attention with its
-    prep inside) at batch 1 and 5: 30 CUDA-graph replays of the step with PDL on (released at exit, and right after the
-    wait: ``overlap.RELEASE_AT_START``) give the logits of the step launched in stream order, bit for bit, and the
+    prep inside) at batch 1 and 5: 30 CUDA-graph replays of the step with PDL on (released at exit, right after the
+    wait: ``overlap.RELEASE_AT_START``, and right after it in the attention kernels only:
+    ``overlap.ATTENTION_RELEASE_AT_START``) give the logits of the step launched in stream order, bit for bit, and the
     kernels were built and launched for PDL."""
     transformers = pytest.importorskip("transformers")
     from qwenquant.bench import e2e
@@ -97,15 +98,16 @@ def test_decode_step_with_pdl_replays_bit_equal_to_stream_order():
     originals = [getattr(p, n).weight.detach().float().cpu() for p, n in e2e.decoder_linears(model)]
     e2e.merge_projections(model)
     e2e.quantize_model(model, originals, QuantSpec(4, 128, False), "fused")
-    saved = overlap.PDL_ENABLED, overlap.RELEASE_AT_START
+    saved = overlap.PDL_ENABLED, overlap.RELEASE_AT_START, overlap.ATTENTION_RELEASE_AT_START
     try:
-        for b, release in ((1, False), (5, False), (1, True), (5, True)):
+        for b, release in ((1, False), (5, False), (1, True), (5, True), (1, "attention"), (5, "attention")):
             overlap.PDL_ENABLED = False
             torch.manual_seed(1)
             dec = e2e.StaticDecoder(model, b, ctx=256, device="cuda", attend="prep-in-split", epilogues=True)
             assert dec.epilogues == (True, True)
             ref = dec.step().clone()
-            overlap.PDL_ENABLED, overlap.RELEASE_AT_START = True, release
+            overlap.PDL_ENABLED, overlap.RELEASE_AT_START = True, release is True
+            overlap.ATTENTION_RELEASE_AT_START = release == "attention"
             dec.step()  # compile the PDL builds outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -116,7 +118,7 @@ def test_decode_step_with_pdl_replays_bit_equal_to_stream_order():
                 assert torch.equal(out, ref), (b, release, i, float((out.float() - ref.float()).abs().max()))
             del graph
     finally:
-        overlap.PDL_ENABLED, overlap.RELEASE_AT_START = saved
+        overlap.PDL_ENABLED, overlap.RELEASE_AT_START, overlap.ATTENTION_RELEASE_AT_START = saved
     batch1 = [e.kernel for key, e in launch._CACHES.get(id(B._batch1_kernel), {}).items() if ("PDL", True) in key[1]]
     attention = [ck for kernel in (A._decode_attention_split, A._decode_attention_merge)
                  for cache in kernel.device_caches.values() for ck in cache[0].values()

@@ -515,6 +515,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
                "batch1_persistent": fused.OFFER_BATCH1_PERSISTENT,
                "pdl": overlap.pdl_ok("cuda"), "pdl_release_at_start": overlap.RELEASE_AT_START,
+               "pdl_attention_release_at_start": overlap.ATTENTION_RELEASE_AT_START,
                "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,
                "results": results, "summary": summary, "tuning": tuning}
         if out_path:

@@ -159,7 +159,8 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
     g = hq // hkv
     splits, per_split = plan_splits(b, hkv, filled)
     pdl = pdl_ok(q.device)  # programmatic dependent launch (``QWENQUANT_PDL=1``): each program waits at its start
-    launch = {"launch_pdl": True, "RELEASE_AT_START": overlap.RELEASE_AT_START} if pdl else {}
+    release = overlap.RELEASE_AT_START or overlap.ATTENTION_RELEASE_AT_START
+    launch = {"launch_pdl": True, "RELEASE_AT_START": release} if pdl else {}
     out = torch.empty(b, hq, 1, d, device=q.device, dtype=q.dtype)
     if splits == 1:
         acc = m = l = out  # unused: the split kernel normalizes and writes ``out`` itself

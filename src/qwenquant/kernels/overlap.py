@@ -70,8 +70,13 @@ PDL_ENABLED = _env == "1"
 # where the batch-1 W4 kernel and the decode attention kernels (session 21) release the next kernel under PDL: False —
 # at exit (TRIGGER 0, measured: results/pdl_step_h100.json); True — right after their wait (TRIGGER 1: the next
 # kernel is launched once every program of this one has started, and its programs take SM slots as this one's
-# finish, parked at their own wait). True is not measured yet: benchmarks/pdl_step.py with PDL_RELEASE=1 A/Bs it
+# finish, parked at their own wait). Session 22 (benchmarks/pdl_step.py, PDL_RELEASE=1): True costs the W4 batch-1
+# step 0.37 ms (2.87 vs 2.50 ms) — the batch-1 GEMMs run about two waves of programs, and the next kernel's parked
+# programs hold the slots the second wave needs — while bf16's step, where only the attention kernels are ours,
+# gained 0.03-0.05 ms. Hence the second knob: only the attention kernels (66 split programs at batch 1, half the
+# SMs) release at their start, the GEMMs at exit (benchmarks/pdl_step.py, PDL_ATTN_RELEASE=1)
 RELEASE_AT_START = False
+ATTENTION_RELEASE_AT_START = False
 
 
 @functools.lru_cache(maxsize=None)
