@@ -58,8 +58,11 @@ BATCH1_TARGET_PROGRAMS = 66
 # Merge the slices in the split kernel instead of a second launch: the last split program of each (batch row, KV head)
 # to finish — they meet through an acq_rel counter, as the split-K GEMMs do — merges them. Session 19 measured the
 # first form slower (+0.10-0.14 ms per W4 step at batch 1: its merging program loaded 17 slices one after another);
-# this form issues every slice's loads at once (the loop over slices unrolled, G rows rather than 16), untimed yet:
-# QWENQUANT_ATTN_MERGE=split turns it on, benchmarks/pdl_step.py with PDL_MERGE=1 A/Bs it. Default: the merge kernel.
+# this form issues every slice's loads at once (the loop over slices unrolled, G rows rather than 16): W4 step at batch 1
+# with PDL 2.461 vs 2.502 ms (session 22, results/pdl_step_s22_h100.json; the two rounds 0.02 and 0.07 ms apart), bf16
+# unchanged. Opt-in (QWENQUANT_ATTN_MERGE=split; benchmarks/pdl_step.py with PDL_MERGE=1 A/Bs it), not the default:
+# the meeting counters are one set per device (``meet_counters``), so decodes on two concurrent streams would share
+# them. Default: the merge kernel.
 # Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11): the split
 # programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step: the
 # prefetch traffic delays their own loads).
