@@ -96,6 +96,11 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                         if e.get("attention_target_programs_batch1") else "")
                      + f"{e['attention_target_programs']} programs" + (" above" if e.get("attention_target_programs_batch1") else "")
                      if "split" in e.get("attention", "") and "attention_target_programs" in e else "")
+                  + ("; the slices merged by the split kernel's last program, no merge launch"
+                     if e.get("attention_merge_in_split") else "")
+                  + ("; our kernels release the next kernel at their start" if e.get("pdl_release_at_start") else
+                     "; the attention kernels release the next kernel at their start"
+                     if e.get("pdl_attention_release_at_start") else "")
                   + "), CUDA-graph replay"
                   + (", each layer's elementwise work fused by torch.compile; `b1 eager` is the same step with eager "
                      "modules (one kernel per op)" if any("step_ms_eager" in r["decode"]["1"] for r in e["results"]) else "")
