@@ -35,23 +35,13 @@ import triton.language as tl
 
 from qwenquant.bench.gemm import MODEL_SHAPES, W4, l2_copies, time_interleaved
 from qwenquant.bench.hw import environment
+from read_floor import _read_kernel, copy_bandwidth  # benchmarks/ is on the path: this script's own folder
 
 SUB = 32  # words per k-tile of the k-tiled layout (``numerics.ktiled.SUB``)
 # (bn, kb, stages, warps): the tuner's batch-1 tiles (``fused.BATCH1``: gate_up takes bn32 kb4 w4 s2), deeper
 # pipelines of it, and the whole of K = 4096 in one step (kb16, one stage)
 TILES = [(32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 4, 4), (16, 8, 2, 4), (16, 4, 3, 2), (32, 16, 1, 4)]
 PER_SM = [0, 3]  # 0: one program per row block (occupancy as registers allow); 3: the real kernel's 3 per SM, persistent
-
-
-@triton.jit
-def _flat_kernel(src, out, n_words, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Each program xors ITERS·BLOCK consecutive words (``read_floor``'s read kernel)."""
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.int32)
-    for i in tl.static_range(ITERS):
-        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        acc ^= tl.load(src + offs, mask=offs < n_words, other=0)
-    tl.store(out + pid, tl.xor_sum(acc, 0))
 
 
 @triton.jit
@@ -134,7 +124,7 @@ def shape_rows(proj: str, n: int, k: int, copy_bw: float | None) -> list[dict]:
     calls, per_call, nbytes = {}, {}, {}
 
     grid = triton.cdiv(n * kw, 1024 * 4)
-    flat = lambda w: _flat_kernel[(grid,)](w, out, n * kw, BLOCK=1024, ITERS=4, num_warps=4)  # noqa: E731
+    flat = lambda w: _read_kernel[(grid,)](w, out, n * kw, BLOCK=1024, ITERS=4, num_warps=4)  # noqa: E731
     flat(copies[0])
     if int(_xor_reduce(out[:grid])) == int(_xor_reduce(copies[0].view(-1))):
         calls["flat"] = lambda: [flat(w) for w in copies]
@@ -177,8 +167,6 @@ def shape_rows(proj: str, n: int, k: int, copy_bw: float | None) -> list[dict]:
 
 
 def main():
-    from read_floor import copy_bandwidth  # noqa: E402  (benchmarks/ on the path when run from there or by file)
-
     copy_bw = copy_bandwidth()
     rows = []
     only = [p for p in os.environ.get("PATTERN_PROJ", "").split(",") if p]
@@ -192,7 +180,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()
