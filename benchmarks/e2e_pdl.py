@@ -2,9 +2,10 @@
 
     python3 benchmarks/pdl_step.py && python3 benchmarks/e2e_pdl.py   # -> $OUT/e2e.json
 
-Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the (pdl, attention target, persistent tiles) variant with the lowest median W4
-step at batch 1, if its replays repeated bit for bit (and equal the first variant's where only PDL differs);
-sets ``decode_attention.BATCH1_TARGET_PROGRAMS`` (batch 1 only) and ``fused.OFFER_BATCH1_PERSISTENT`` to it and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
+Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the variant (``KNOBS``: PDL, attention
+target, persistent tiles, release points, merge in split) with the lowest median W4 step at batch 1, if its replays
+repeated bit for bit (and equal the first variant's where only PDL and the release point differ); sets the modules'
+knobs to it (the attention target at batch 1 only) and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
 W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on torch.compile's PDL too, for bf16 and
 W4 alike (the A/B kept it off to avoid recompiling the step per variant).
 """
@@ -19,32 +20,57 @@ from qwenquant.bench import e2e
 from qwenquant.kernels import decode_attention, overlap
 from qwenquant.runtime import fused
 
-out = os.environ.get("OUT", "runs")
-steps = json.load(open(os.environ.get("PDL_STEP_JSON", os.path.join(out, "pdl_step.json"))))["steps"]
-times: dict[tuple[int, bool, int, bool, bool, bool, bool], list[float]] = {}
-bad = set()
-for s in steps:
-    key = (s["batch"], s["pdl"], s["target"], s["persist"], s.get("release", False), s.get("merge", False),
-           s.get("attn_release", False))
-    if s["mode"] != "bf16":
-        times.setdefault(key, []).append(s["step_ms"])
-    only_pdl_differs = not s["persist"] and not s.get("merge") and s["target"] == steps[0]["target"]
-    # never picked: a variant whose replays differ among themselves (a race), or that differs from the baseline where
-    # only PDL differs. Another attention target or tile sums in another order moves the random model's logits by up
-    # to 5e-2 (36 random layers amplify a rounding; session 21: the kernel itself is as close to SDPA at 66 programs
-    # as at 264), so worst_rel is recorded, not a criterion
-    if s["replays_bit_equal"] < s["replays"] or (only_pdl_differs and not s["bit_equal_first_variant"]):
-        bad.add(key[1:])
-median = {k: statistics.median(v) for k, v in times.items()}
-best = min((k for k in median if k[0] == 1 and k[1:] not in bad), key=median.get)
-_, pdl, target, persist, release, merge, attn_release = best
-decode_attention.BATCH1_TARGET_PROGRAMS = target  # picked at batch 1; above it TARGET_PROGRAMS stays (264)
-fused.OFFER_BATCH1_PERSISTENT = persist
-overlap.RELEASE_AT_START = release
-overlap.ATTENTION_RELEASE_AT_START = attn_release
-decode_attention.MERGE_IN_SPLIT = merge
-print("pdl", pdl, "target", target, "persistent tiles", persist, "release at start", release, "merge in split", merge, "attention release at start", attn_release,
-      "excluded", sorted(bad), {str(k): round(v, 4) for k, v in median.items()},
-      flush=True)
-modes = tuple(m for m in os.environ.get("E2E_PDL_MODES", "w4g128-fused,w4g128-fused+head").split(",") if m)
-e2e.run(modes=modes, out_path=os.path.join(out, "e2e.json"), pdl=pdl)  # records the attention's target too
+# a variant's fields in pdl_step.json, with the value a file written before the field existed means
+KNOBS = {"pdl": False, "target": 264, "persist": False, "release": False, "merge": False, "attn_release": False}
+
+
+def choose(steps: list[dict]) -> tuple[dict, list[dict], dict]:
+    """(the fastest trustworthy W4 variant at batch 1, the excluded variants, median ms per variant as a string).
+
+    Never picked: a variant whose replays differ among themselves (a race), or that differs from the first variant
+    where only PDL or its release point differ (the same kernels doing the same arithmetic). Another attention target,
+    merge in split or tile sums in another order move the random model's logits by up to 5e-2 (36 random layers
+    amplify a rounding; session 21: the kernel itself is as close to SDPA at 66 programs as at 264), so their
+    ``worst_rel`` is recorded, not a criterion."""
+    first = steps[0]
+    times: dict[tuple, list[float]] = {}
+    bad = set()
+    for s in steps:
+        knobs = tuple(s.get(k, default) for k, default in KNOBS.items())
+        if s["mode"] != "bf16" and s["batch"] == 1:
+            times.setdefault(knobs, []).append(s["step_ms"])
+        only_launch_differs = (not s.get("persist") and not s.get("merge")
+                               and s.get("target", 264) == first.get("target", 264))
+        if s["replays_bit_equal"] < s["replays"] or (only_launch_differs and not s["bit_equal_first_variant"]):
+            bad.add(knobs)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    ok = [k for k in median if k not in bad]
+    if not ok:
+        raise SystemExit(f"e2e_pdl: no W4 variant at batch 1 passed the replay checks (excluded: {sorted(bad)})")
+    best = min(ok, key=median.get)
+    as_dict = lambda k: dict(zip(KNOBS, k))  # noqa: E731
+    return as_dict(best), [as_dict(k) for k in sorted(bad)], {str(as_dict(k)): round(v, 4) for k, v in median.items()}
+
+
+def apply(choice: dict) -> None:
+    """Set the modules' knobs to a variant (the attention target for batch 1 only; above it TARGET_PROGRAMS stays)."""
+    decode_attention.BATCH1_TARGET_PROGRAMS = choice["target"]
+    fused.OFFER_BATCH1_PERSISTENT = choice["persist"]
+    overlap.RELEASE_AT_START = choice["release"]
+    overlap.ATTENTION_RELEASE_AT_START = choice["attn_release"]
+    decode_attention.MERGE_IN_SPLIT = choice["merge"]
+
+
+def main() -> None:
+    out = os.environ.get("OUT", "runs")
+    with open(os.environ.get("PDL_STEP_JSON", os.path.join(out, "pdl_step.json"))) as f:
+        steps = json.load(f)["steps"]
+    choice, excluded, median = choose(steps)
+    apply(choice)
+    print("chosen", choice, "excluded", excluded, median, flush=True)
+    modes = tuple(m for m in os.environ.get("E2E_PDL_MODES", "w4g128-fused,w4g128-fused+head").split(",") if m)
+    e2e.run(modes=modes, out_path=os.path.join(out, "e2e.json"), pdl=choice["pdl"])  # records the knobs too
+
+
+if __name__ == "__main__":
+    main()
