@@ -71,9 +71,9 @@ PDL_ENABLED = _env == "1"
 # at exit (TRIGGER 0, measured: results/pdl_step_h100.json); True — right after their wait (TRIGGER 1: the next
 # kernel is launched once every program of this one has started, and its programs take SM slots as this one's
 # finish, parked at their own wait). Session 22 (benchmarks/pdl_step.py, PDL_RELEASE=1): True costs the W4 batch-1
-# step 0.37 ms (2.87 vs 2.50 ms) — the batch-1 GEMMs run about two waves of programs, and the next kernel's parked
-# programs hold the slots the second wave needs — while bf16's step, where only the attention kernels are ours,
-# gained 0.03-0.05 ms. The second knob: only the attention kernels (66 split programs at batch 1, half the SMs) release
+# step 0.37 ms (2.87 vs 2.50 ms; why is open: the next kernel launches only once every program of this one has
+# released or exited, so its parked programs take no slot this one still needs) while bf16's step, where only the
+# attention kernels are ours, gained 0.03-0.05 ms. The second knob: only the attention kernels (66 split programs at batch 1, half the SMs) release
 # at their start, the GEMMs at exit (benchmarks/pdl_step.py, PDL_ATTN_RELEASE=1) — W4 +0.015 ms, bf16 -0.04 ms
 # (session 22, results/pdl_step_s22_attn_release_h100.json). Both off by default
 RELEASE_AT_START = False
