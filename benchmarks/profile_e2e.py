@@ -16,7 +16,11 @@ time, time in CUDA launch calls on the host) — written in session 13 for its p
 norm + rotary + cache-write kernel; ``masked``). Each layer's last residual add is folded into the next layer's norm
 (``StaticDecoder(fold_norm=True)``, the e2e default since session 18; ``E2E_PROFILE_FOLD=0`` runs the add alone).
 ``E2E_PROFILE_EPILOGUES=0``: without ``StaticDecoder(epilogues=True)`` (the e2e default since session 20: the residual
-adds, RMSNorms and SiLU·mul inside the batch-1 W4 kernels).
+adds, RMSNorms and SiLU·mul inside the batch-1 W4 kernels). ``E2E_PROFILE_RELEASE`` (with ``QWENQUANT_PDL=1``):
+``exit`` (default), ``start`` (``overlap.RELEASE_AT_START``: every PDL kernel of ours releases the next one right
+after its wait) or ``attention`` (``overlap.ATTENTION_RELEASE_AT_START``) — session 22's open question: why releasing
+at the start costs the W4 step 0.37 ms. With PDL a kernel's profiled duration includes its programs' time parked at
+the wait, so compare per-class kernel time and the step time together.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 
 from qwenquant.bench import e2e
 from qwenquant.bench.hw import environment
+from qwenquant.kernels import overlap
 
 OUT = os.environ.get("OUT", "runs/profile_e2e")
 MODES = [m for m in os.environ.get("E2E_PROFILE_MODES", "w4g128-fused").split(",") if m]
@@ -37,6 +42,9 @@ BATCHES = [int(b) for b in os.environ.get("E2E_PROFILE_BATCHES", "1").split(",")
 ATTEND = os.environ.get("E2E_PROFILE_ATTEND", "filled")
 FOLD = os.environ.get("E2E_PROFILE_FOLD", "1") != "0"
 EPILOGUES = os.environ.get("E2E_PROFILE_EPILOGUES", "1") != "0"
+RELEASE = os.environ.get("E2E_PROFILE_RELEASE", "exit")
+if RELEASE not in ("exit", "start", "attention"):
+    raise SystemExit(f"E2E_PROFILE_RELEASE={RELEASE!r}: expected exit, start or attention")
 if ATTEND not in e2e.ATTEND:
     raise SystemExit(f"E2E_PROFILE_ATTEND={ATTEND!r}: expected one of {', '.join(e2e.ATTEND)}")
 REPLAYS = 5
@@ -147,6 +155,8 @@ def profile_prefill(model, tokens: int = 2048) -> dict:
 @torch.no_grad()
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
+    overlap.RELEASE_AT_START = RELEASE == "start"
+    overlap.ATTENTION_RELEASE_AT_START = RELEASE == "attention"
     model = e2e.build_model()
     originals = [getattr(p, n).weight.detach().to("cpu") for p, n in e2e.decoder_linears(model)]
     head = model.lm_head.weight.detach().to("cpu")  # the bf16 lm_head, for the +head modes
@@ -155,7 +165,7 @@ def main() -> None:
         e2e.merge_projections(model)
     doc = {"kind": "profile_e2e", "env": environment(), "ctx": e2e.CTX, "merged_projections": merged, "attend": ATTEND,
            "fold_norm": FOLD,
-           "epilogues": EPILOGUES, "results": []}
+           "epilogues": EPILOGUES, "pdl": overlap.PDL_ENABLED, "release": RELEASE, "results": []}
     for label in ["bf16", *MODES]:
         if label != "bf16":
             spec, mode, with_head = e2e.E2E_MODES[label]
