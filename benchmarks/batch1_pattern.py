@@ -20,6 +20,7 @@ Candidates per shape (all timed round-robin over copies that overflow L2, as ``b
   flat                     ``read_floor``'s best flat read of the same code bytes (b1024 i4 w4)
   pattern bnR kbK sS wW    the batch-1 tile's loads (R rows, K k-tiles of 32 words per step, S pipeline stages)
   pattern+alu …            the same loads with the nibble arithmetic
+  pattern[+alu] tma …      the same steps, each one TMA box of [BN, KB·32] words instead of per-thread cp.async
   w4-fused                 the real kernel (QuantLinear ``fused`` at M = 1, tuned; codes + scales)
 Every candidate's result is checked against torch on the same words before it is timed (a wrong one is dropped).
 """
@@ -32,6 +33,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qwenquant.bench.gemm import MODEL_SHAPES, W4, l2_copies, time_interleaved
 from qwenquant.bench.hw import environment
@@ -42,16 +44,19 @@ SUB = 32  # words per k-tile of the k-tiled layout (``numerics.ktiled.SUB``)
 # pipelines of it, and the whole of K = 4096 in one step (kb16, one stage)
 TILES = [(32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 4, 4), (16, 8, 2, 4), (16, 4, 3, 2), (32, 16, 1, 4)]
 PER_SM = [0, 3]  # 0: one program per row block (occupancy as registers allow); 3: the real kernel's 3 per SM, persistent
+LOADS = ["cp.async", "tma"]  # per-thread copies (what Triton makes of the real kernel's loads) or one TMA box per step
 
 
 @triton.jit
 def _pattern_kernel(w_ptr, x0, out_ptr, KW, N, BN: tl.constexpr, KBW: tl.constexpr, STAGES: tl.constexpr,
-                    ALU: tl.constexpr, PERSIST: tl.constexpr):
+                    ALU: tl.constexpr, PERSIST: tl.constexpr, TMA: tl.constexpr = False):
     """Row block ``b`` (rows b·BN …) of a [N, KW] word matrix, walked in steps of KBW words per row as
     ``wq_batch1._batch1_tile`` does; one block per program, or with ``PERSIST`` blocks pid, pid + programs, … (a grid
     of c programs per SM: the real kernel's 163 registers allow 3, this one's 72 would let 7 in). Without ``ALU`` the
     program xors the words; with it, every word's 8 nibbles t times x0 + t are summed in fp32 (stored as the float's
-    bits; x is a scalar argument so that the only loads are the words)."""
+    bits; x is a scalar argument so that the only loads are the words). ``TMA``: ``w_ptr`` is a host tensor
+    descriptor of the [N, KW] words with [BN, KBW] boxes, and each step is one TMA copy (Hopper's bulk tensor load,
+    pipelined through shared memory by Triton) instead of per-thread cp.async."""
     pid = tl.program_id(0)
     rw = tl.arange(0, KBW)
     acc_i = tl.zeros([BN, KBW], tl.int32)
@@ -61,7 +66,10 @@ def _pattern_kernel(w_ptr, x0, out_ptr, KW, N, BN: tl.constexpr, KBW: tl.constex
     for blk in range(pid, last, step):
         rn = blk * BN + tl.arange(0, BN)
         for k0 in tl.range(0, KW, KBW, num_stages=STAGES):
-            w = tl.load(w_ptr + rn[:, None] * KW + k0 + rw[None, :])  # [BN, KBW] words
+            if TMA:
+                w = w_ptr.load([blk * BN, k0])  # [BN, KBW] words, one bulk copy
+            else:
+                w = tl.load(w_ptr + rn[:, None] * KW + k0 + rw[None, :])  # [BN, KBW] words
             if ALU:
                 for t in tl.static_range(8):
                     acc_f += ((w >> (4 * t)) & 15).to(tl.float32) * (x0 + t)
@@ -130,19 +138,27 @@ def shape_rows(proj: str, n: int, k: int, copy_bw: float | None) -> list[dict]:
         calls["flat"] = lambda: [flat(w) for w in copies]
         per_call["flat"], nbytes["flat"] = len(copies), code_bytes
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
-    for (bn, kb, stages, warps), per_sm, alu in [(t, c, a) for t in TILES for c in PER_SM for a in (False, True)]:
-        if kw % (kb * SUB) or n % bn:
+    grid = [(t, c, a, ld) for t in TILES for c in PER_SM for a in (False, True) for ld in LOADS]
+    for (bn, kb, stages, warps), per_sm, alu, loads in grid:
+        if kw % (kb * SUB) or n % bn or (loads == "tma" and stages < 2):
             continue
         programs = per_sm * nsm
-        name = f"pattern{'+alu' if alu else ''} bn{bn} kb{kb} s{stages} w{warps}" + (f" c{per_sm}" if per_sm else "")
-        run = lambda w, bn=bn, kb=kb, st=stages, wp=warps, alu=alu, p=programs: _pattern_kernel[(p or n // bn,)](  # noqa: E731
-            w, x0, out, kw, n, BN=bn, KBW=kb * SUB, STAGES=st, ALU=alu, PERSIST=p > 0, num_warps=wp)
+        name = (f"pattern{'+alu' if alu else ''}{' tma' if loads == 'tma' else ''} bn{bn} kb{kb} s{stages} w{warps}"
+                + (f" c{per_sm}" if per_sm else ""))
+        args = [TensorDescriptor.from_tensor(w, [bn, kb * SUB]) for w in copies] if loads == "tma" else copies
+        run = lambda w, bn=bn, kb=kb, st=stages, wp=warps, alu=alu, p=programs, tma=loads == "tma": (  # noqa: E731
+            _pattern_kernel[(p or n // bn,)](w, x0, out, kw, n, BN=bn, KBW=kb * SUB, STAGES=st, ALU=alu,
+                                             PERSIST=p > 0, TMA=tma, num_warps=wp))
         out.zero_()
-        run(copies[0])
+        try:
+            run(args[0])
+        except Exception as e:  # a variant that does not build here is reported, not fatal
+            print(f"{proj} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
         if not check(copies[0], x0, out, bn, alu, programs):
             print(f"{proj} {name}: wrong result, dropped", flush=True)
             continue
-        calls[name] = lambda run=run: [run(w) for w in copies]
+        calls[name] = lambda run=run, args=args: [run(a) for a in args]
         per_call[name], nbytes[name] = len(copies), code_bytes
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     qs = []
