@@ -18,7 +18,7 @@ Two kernels:
    max and sum. With one split it normalizes and writes the output itself (large batches have programs enough).
 2. ``_decode_attention_merge``, grid (batch × query heads): rescales each slice by exp(m_s − max m) and divides
    by the rescaled sum: the exact softmax over all positions. With ``MERGE_IN_SPLIT`` the last split program of each
-   (batch row, KV head) does this instead (``_merge_slices``; off by default, not yet timed in this form).
+   (batch row, KV head) does this instead (``_merge_slices``; opt-in, ``MERGE_IN_SPLIT`` below says what it measured and why it is not the default).
 
 With ``PREP`` the split kernel also does ``decode_prep``'s work (``kernels/decode_prep.py``): each program normalizes
 and rotates its group's raw q rows (the projection's output), and the program whose slice holds the new position

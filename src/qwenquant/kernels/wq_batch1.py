@@ -365,7 +365,8 @@ def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, b
          m, words.shape[0], k, x2.stride(0), y.stride(0), per),
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
         EPI=epi, NORM_IN=norm is not None, PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
-        PDL=pdl, PERSIST=persist > 0, RELEASE_AT_START=pdl and overlap.RELEASE_AT_START, num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, PERSIST=persist > 0, RELEASE_AT_START=pdl and overlap.RELEASE_AT_START, num_warps=num_warps,
+        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
 
 
 def _sm_count(device: torch.device) -> int:

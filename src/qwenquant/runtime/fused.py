@@ -280,6 +280,11 @@ def batch1_name(cfg: tuple) -> str:
     return f"batch1 bn{bn} kb{kb} w{w} s{st}" + (f" sk{sk}" if sk > 1 else "")
 
 
+def _offered(persistent: bool) -> bool:
+    """Whether the tuner times a candidate: the persistent batch-1 tiles only while ``OFFER_BATCH1_PERSISTENT``."""
+    return OFFER_BATCH1_PERSISTENT or not persistent
+
+
 def batch1_persistent_name(cfg: tuple) -> str:
     """The tuner's name of a ``BATCH1_PERSISTENT`` entry (ends in ``p<programs per SM>``)."""
     bn, kb, w, st, per_sm = cfg
@@ -364,7 +369,7 @@ def fused_matmul(x2: Tensor, qw: Tensor | None, s: Tensor | None, z: Tensor | No
     hit = TUNER.choices.get(key)
     if hit is None:
         cands = {name: (lambda kc=kc: _run(*kc, x2, qw, s, z, bits, group, ops)) for name, kc in configs.items()
-                 if OFFER_BATCH1_PERSISTENT or kc[0] != "batch1p"}
+                 if _offered(persistent=kc[0] == "batch1p")}
         name = TUNER.pick(key, cands)
     else:
         name = hit[0]
@@ -425,8 +430,7 @@ def _batch1_call(layer, x: Tensor, kind: str, run) -> object:
     key = (bits, group, layer.out_features, layer.in_features, m_bucket(x2.shape[0]), x2.dtype, kind)
     hit = TUNER.choices.get(key)
     name = hit[0] if hit else TUNER.pick(key, {n: (lambda c=c: run(x2, words, sz, bits, group, c))
-                                               for n, c in _EPILOGUE_TILES.items()
-                                               if OFFER_BATCH1_PERSISTENT or not c[4]})
+                                               for n, c in _EPILOGUE_TILES.items() if _offered(persistent=c[4] > 0)})
     return run(x2, words, sz, bits, group, _EPILOGUE_TILES[name])
 
 
