@@ -131,15 +131,15 @@ def shape_rows(proj: str, n: int, k: int, copy_bw: float | None) -> list[dict]:
     out = torch.empty(n * kw // 1024 + 1, device="cuda", dtype=torch.int32)
     calls, per_call, nbytes = {}, {}, {}
 
-    grid = triton.cdiv(n * kw, 1024 * 4)
-    flat = lambda w: _read_kernel[(grid,)](w, out, n * kw, BLOCK=1024, ITERS=4, num_warps=4)  # noqa: E731
+    flat_grid = triton.cdiv(n * kw, 1024 * 4)
+    flat = lambda w: _read_kernel[(flat_grid,)](w, out, n * kw, BLOCK=1024, ITERS=4, num_warps=4)  # noqa: E731
     flat(copies[0])
-    if int(_xor_reduce(out[:grid])) == int(_xor_reduce(copies[0].view(-1))):
+    if int(_xor_reduce(out[:flat_grid])) == int(_xor_reduce(copies[0].view(-1))):
         calls["flat"] = lambda: [flat(w) for w in copies]
         per_call["flat"], nbytes["flat"] = len(copies), code_bytes
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = [(t, c, a, ld) for t in TILES for c in PER_SM for a in (False, True) for ld in LOADS]
-    for (bn, kb, stages, warps), per_sm, alu, loads in grid:
+    variants = [(t, c, a, ld) for t in TILES for c in PER_SM for a in (False, True) for ld in LOADS]
+    for (bn, kb, stages, warps), per_sm, alu, loads in variants:
         if kw % (kb * SUB) or n % bn or (loads == "tma" and stages < 2):
             continue
         programs = per_sm * nsm
