@@ -3,7 +3,7 @@
     python3 benchmarks/pdl_step.py && python3 benchmarks/e2e_pdl.py   # -> $OUT/e2e.json
 
 Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the variant (``KNOBS``: PDL, attention
-target, persistent tiles, release points, merge in split) with the lowest median W4 step at batch 1, if its replays
+target, persistent tiles, release points, merge in split, whole slices) with the lowest median W4 step at batch 1, if its replays
 repeated bit for bit (and equal the first variant's where only PDL and the release point differ); sets the modules'
 knobs to it (the attention target at batch 1 only) and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
 W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on torch.compile's PDL too, for bf16 and
@@ -21,7 +21,8 @@ from qwenquant.kernels import decode_attention, overlap
 from qwenquant.runtime import fused
 
 # a variant's fields in pdl_step.json, with the value a file written before the field existed means
-KNOBS = {"pdl": False, "target": 264, "persist": False, "release": False, "merge": False, "attn_release": False}
+KNOBS = {"pdl": False, "target": 264, "persist": False, "release": False, "merge": False, "attn_release": False,
+         "whole": 0}
 
 
 def choose(steps: list[dict]) -> tuple[dict, list[dict], dict]:
@@ -39,7 +40,7 @@ def choose(steps: list[dict]) -> tuple[dict, list[dict], dict]:
         knobs = tuple(s.get(k, default) for k, default in KNOBS.items())
         if s["mode"] != "bf16" and s["batch"] == 1:
             times.setdefault(knobs, []).append(s["step_ms"])
-        only_launch_differs = (not s.get("persist") and not s.get("merge")
+        only_launch_differs = (not s.get("persist") and not s.get("merge") and not s.get("whole")
                                and s.get("target", 264) == first.get("target", 264))
         if s["replays_bit_equal"] < s["replays"] or (only_launch_differs and not s["bit_equal_first_variant"]):
             bad.add(knobs)
@@ -59,6 +60,7 @@ def apply(choice: dict) -> None:
     overlap.RELEASE_AT_START = choice["release"]
     overlap.ATTENTION_RELEASE_AT_START = choice["attn_release"]
     decode_attention.MERGE_IN_SPLIT = choice["merge"]
+    decode_attention.WHOLE_SLICE_MAX = choice["whole"]
 
 
 def main() -> None:

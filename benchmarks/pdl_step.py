@@ -24,8 +24,9 @@ torch.compile's own kernels stay without it here, so no variant recompiles the s
 (each PDL variant again with ``overlap.RELEASE_AT_START``: the batch-1 and attention kernels release the next kernel
 right after their wait instead of at exit; session 21's run had it off), ``PDL_ATTN_RELEASE=1`` (the same with
 ``overlap.ATTENTION_RELEASE_AT_START``: the attention kernels only; session 22), ``PDL_MERGE=1`` (each PDL variant again
-with ``decode_attention.MERGE_IN_SPLIT``: the last split program merges, no merge launch), ``PDL_PERSIST=0`` (no
-persistent-tile variants).
+with ``decode_attention.MERGE_IN_SPLIT``: the last split program merges, no merge launch), ``PDL_WHOLE=1`` (each PDL
+variant again with ``decode_attention.WHOLE_SLICE_MAX = 64``: slices of at most 64 positions loaded at once, ahead of
+the wait; session 23), ``PDL_PERSIST=0`` (no persistent-tile variants).
 
 Correctness in the same run: after each timing, ``REPLAYS`` replays of a fresh CUDA graph of the step:
 ``replays_bit_equal`` counts those equal bit for bit to the graph's first replay (a race — a load ahead of its
@@ -52,6 +53,7 @@ TARGETS = [int(t) for t in os.environ.get("PDL_TARGETS", "264,132,66").split(","
 RELEASE = os.environ.get("PDL_RELEASE", "0") == "1"  # each PDL variant also with overlap.RELEASE_AT_START
 ATTN_RELEASE = os.environ.get("PDL_ATTN_RELEASE", "0") == "1"  # ... with overlap.ATTENTION_RELEASE_AT_START
 MERGE = os.environ.get("PDL_MERGE", "0") == "1"  # each PDL variant also with decode_attention.MERGE_IN_SPLIT
+WHOLE = 64 if os.environ.get("PDL_WHOLE", "0") == "1" else 0  # ... also with decode_attention.WHOLE_SLICE_MAX
 PERSIST = os.environ.get("PDL_PERSIST", "1") == "1"  # the W4 variants with persistent batch-1 tiles too
 REPLAYS = 20
 _first: dict[tuple[str, int], torch.Tensor] = {}  # (mode, batch) -> the first variant's logits
@@ -70,12 +72,13 @@ def use_persistent(on: bool) -> None:
 
 
 def _setup(pdl: bool, target: int, persist: bool, release: bool = False, merge: bool = False,
-           attn_release: bool = False):
+           attn_release: bool = False, whole: int = 0):
     def setup() -> dict:
         overlap.PDL_ENABLED = pdl
         overlap.RELEASE_AT_START = release
         overlap.ATTENTION_RELEASE_AT_START = attn_release
         decode_attention.MERGE_IN_SPLIT = merge
+        decode_attention.WHOLE_SLICE_MAX = whole
         decode_attention.TARGET_PROGRAMS = decode_attention.BATCH1_TARGET_PROGRAMS = target
         use_persistent(persist)
         return {"attend": "prep-in-split", "epilogues": True}
@@ -93,8 +96,9 @@ def variants_for(mode: str) -> list:
     asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0] and not a[3]] if ATTN_RELEASE else [])
     # (pdl, target, persist, release, attention release) -> + merge
     asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0]] if MERGE else [])
-    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "attn_release": ar, "merge": m},
-             _setup(pdl, t, p, r, m, ar)) for pdl, t, p, r, ar, m in asked]
+    asked = [(*a, 0) for a in asked] + ([(*a, WHOLE) for a in asked if a[0]] if WHOLE else [])
+    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "attn_release": ar, "merge": m, "whole": w},
+             _setup(pdl, t, p, r, m, ar, w)) for pdl, t, p, r, ar, m, w in asked]
 
 
 def check_replays(mode: str, batch: int, fields: dict, dec) -> dict:

@@ -107,7 +107,11 @@ INTERPRETED = textwrap.dedent(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
-def test_kernels_under_the_interpreter():
+@pytest.mark.parametrize("whole", ["0", "64"])
+def test_kernels_under_the_interpreter(whole, monkeypatch):
+    """Every case of ``INTERPRETED`` against the fp64 math, stepping through each slice (``QWENQUANT_ATTN_WHOLE=0``)
+    and loading it at once (64: slices of 16 to 48 positions, padded to 16 / 64, the tail masked)."""
+    monkeypatch.setenv("QWENQUANT_ATTN_WHOLE", whole)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -229,10 +233,14 @@ INTERPRETED_PREP = textwrap.dedent(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
-def test_prep_in_split_kernel_under_the_interpreter():
+@pytest.mark.parametrize("whole", ["0", "64"])
+def test_prep_in_split_kernel_under_the_interpreter(whole, monkeypatch):
     """The split kernel with q / k norm, rotary and the cache write inside (PREP) against the fp64 math: the output,
-    the written K row (only at ``pos``) and the V row copied exactly — wherever ``pos`` lies."""
+    the written K row (only at ``pos``) and the V row copied exactly — wherever ``pos`` lies; stepping and, with
+    whole slices, loading the cache before the new row is written and substituting that row in registers."""
     from test_decode_prep import run_interpreted
+
+    monkeypatch.setenv("QWENQUANT_ATTN_WHOLE", whole)
 
     cases = run_interpreted(INTERPRETED_PREP)
     assert len(cases) == 6 and any(k.endswith("splits1") for k in cases) and any(k.endswith("splits3") for k in cases), cases
@@ -253,8 +261,11 @@ def test_prep_in_split_kernel_compiles_for_sm90():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch", [1, 8, 128])
 @pytest.mark.parametrize("filled", [1, 257])
-def test_prep_in_split_on_gpu_qwen3_8b_shape(batch, filled):
-    """bf16 (the interpreter truncates bf16, so this is the bf16 check), Qwen3-8B heads, several splits at batch 1."""
+@pytest.mark.parametrize("whole", [0, 64])
+def test_prep_in_split_on_gpu_qwen3_8b_shape(batch, filled, whole, monkeypatch):
+    """bf16 (the interpreter truncates bf16, so this is the bf16 check), Qwen3-8B heads, several splits at batch 1;
+    stepping through each slice and (``WHOLE_SLICE_MAX``) loading slices of up to 64 positions at once."""
+    monkeypatch.setattr(DA, "WHOLE_SLICE_MAX", whole)
     torch.manual_seed(batch + filled)
     o = prep_operands(batch, 32, 8, 128, 512, filled, dtype=torch.bfloat16, device="cuda")
     y64, kc64, _ = exact_prep_attention(o, filled)
@@ -300,10 +311,12 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
-def test_merge_inside_the_split_kernel_under_the_interpreter():
+@pytest.mark.parametrize("whole", ["0", "64"])
+def test_merge_inside_the_split_kernel_under_the_interpreter(whole, monkeypatch):
     """``MERGE_IN_SPLIT``: the last split program of each (batch row, KV head) merges the slices (no merge launch) —
     the same attention as the merge kernel within fp16 rounding, G = 1 / 2 / 4 (padded to 2 and 4), the Qwen3-8B
-    heads with the prep inside, and every meeting counter back to zero for the next call."""
+    heads with the prep inside, and every meeting counter back to zero for the next call; stepping and whole slices."""
+    monkeypatch.setenv("QWENQUANT_ATTN_WHOLE", whole)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "src"), os.path.join(root, "tests")])}
@@ -332,6 +345,30 @@ def test_split_kernel_meeting_compiles_to_release_acquire():
     assert ptx.index("ld.global.cg", add) > add and "atom.global.gpu.acq_rel.exch" in ptx[add:]
     assert "atom." not in DA.compile_for_sm90("split", splits=9, prep=True, meet=False).asm["ptx"]
     assert ptxas_usage(c)["spill_bytes"] == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_whole_slice_loads_the_cache_before_the_wait():
+    """Whole slices with the prep and PDL in the sm_90a build: the slice's K and V loads are issued before
+    ``griddepcontrol.wait`` (they overlap it; older steps' rows), q's after it; the tile fits without spills and both
+    products stay on the tensor cores. Without the prep the cache loads wait (the kernel before may have written it)."""
+    from qwenquant.kernels.launch import ptxas_usage
+
+    c = DA.compile_for_sm90("split", splits=8, prep=True, pdl=True, whole=64)
+    ptx = c.asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx[:wait].count("ld.global") >= 2 and "mma.sync" in ptx[wait:]
+    assert ptxas_usage(c)["spill_bytes"] == 0
+    plain = DA.compile_for_sm90("split", splits=8, prep=False, pdl=True, whole=64).asm["ptx"]
+    assert "ld.global" not in plain[:plain.index("griddepcontrol.wait")]
+
+
+def test_whole_slice_setting_is_checked_by_value():
+    for bad in ("8", "256", "yes"):
+        env = {**os.environ, "QWENQUANT_ATTN_WHOLE": bad}
+        r = subprocess.run([sys.executable, "-c", "import qwenquant.kernels.decode_attention"], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert r.returncode != 0 and f"QWENQUANT_ATTN_WHOLE={bad!r}" in r.stderr, bad
 
 
 def test_attention_merge_setting_is_checked_by_value():

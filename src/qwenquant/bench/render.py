@@ -98,6 +98,8 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                      if "split" in e.get("attention", "") and "attention_target_programs" in e else "")
                   + ("; the slices merged by the split kernel's last program, no merge launch"
                      if e.get("attention_merge_in_split") else "")
+                  + (f"; slices of at most {e['attention_whole_slice_max']} positions loaded at once, before the wait"
+                     if e.get("attention_whole_slice_max") else "")
                   + ("; our kernels release the next kernel at their start" if e.get("pdl_release_at_start") else
                      "; the attention kernels release the next kernel at their start"
                      if e.get("pdl_attention_release_at_start") else "")

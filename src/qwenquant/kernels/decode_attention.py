@@ -66,6 +66,16 @@ BATCH1_TARGET_PROGRAMS = 66
 # Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11): the split
 # programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step: the
 # prefetch traffic delays their own loads).
+# Whole slices (session 23): where a split holds at most this many positions (Qwen3-8B at batch 1, 512 cached: 8 splits
+# of 64), each program loads its slice's K and V at once — with the prep inside, *before* its PDL wait, since those rows
+# are earlier steps' writes — and runs one softmax instead of stepping BLOCK_N keys at a time. 0: always step. A/B:
+# benchmarks/pdl_step.py with PDL_WHOLE=1; QWENQUANT_ATTN_WHOLE=<positions> sets it (16 … 128: two [positions, D] tiles
+# in registers).
+_whole_env = os.environ.get("QWENQUANT_ATTN_WHOLE", "0").strip()
+if not (_whole_env.isdigit() and (int(_whole_env) == 0 or 16 <= int(_whole_env) <= 128)):
+    raise ValueError(f"QWENQUANT_ATTN_WHOLE={_whole_env!r}: expected 0 (step through each slice) or a number of "
+                     "positions from 16 to 128 (load a slice that short at once)")
+WHOLE_SLICE_MAX = int(_whole_env)
 _merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "launch").strip()
 if _merge_env not in ("split", "launch"):
     raise ValueError(f"QWENQUANT_ATTN_MERGE={_merge_env!r}: expected 'launch' (a merge kernel after the split kernel) "
@@ -172,6 +182,7 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
         m = torch.empty(b * hkv * splits, 16, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
     meet = MERGE_IN_SPLIT and splits > 1
+    whole = triton.next_power_of_2(per_split) if per_split <= WHOLE_SLICE_MAX else 0
     cnt = meet_counters(q.device, b * hkv) if meet else out  # unread without MEET
     if prep:
         p = prep
@@ -187,7 +198,7 @@ def _triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, filled: int, prep:
         sq_b, sq_h, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), *extra, cnt,
         HKV=hkv, G=g, D=d, BLOCK_N=BLOCK_N, SPLITS=splits, PREP=prep is not None, PDL=pdl, MEET=meet,
-        G2=triton.next_power_of_2(g), num_warps=4, **launch,
+        G2=triton.next_power_of_2(g), WHOLE=whole, num_warps=4, **launch,
     )
     if splits > 1 and not meet:
         _decode_attention_merge[(b * hq,)](
@@ -235,7 +246,8 @@ if triton is not None:
                       sc_b, ss_b, cnt_ptr,
                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPLITS: tl.constexpr, PREP: tl.constexpr, PDL: tl.constexpr = False,
-                      RELEASE_AT_START: tl.constexpr = False, MEET: tl.constexpr = False, G2: tl.constexpr = 4):
+                      RELEASE_AT_START: tl.constexpr = False, MEET: tl.constexpr = False, G2: tl.constexpr = 4,
+                      WHOLE: tl.constexpr = 0):
         bh = tl.program_id(0)           # batch row * HKV + KV head
         s = tl.program_id(1)            # which slice of the positions
         b = (bh // HKV).to(tl.int64)    # 64-bit offsets: a long cache at a large batch passes 2**31 elements
@@ -243,12 +255,21 @@ if triton is not None:
         rows = tl.arange(0, 16)         # the group's query heads, padded to tl.dot's 16 rows
         d = tl.arange(0, D)
         live = rows < G
+        start = s * per_split           # positions: 32-bit here, 64-bit once they multiply a stride (``n`` below)
+        end = tl.minimum(start + per_split, filled)
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        if WHOLE > 0:  # the slice (at most WHOLE positions) in one load of K and one of V, no loop (``WHOLE_SLICE_MAX``)
+            nw = start + tl.arange(0, WHOLE)
+            keep_w = nw < end
+            if PREP:  # the cached rows are older steps' writes: load them before the wait, overlapping it; the new
+                # position's row (stale here) is replaced below by the K / V this program computes
+                kb_w = tl.load(k_base + nw.to(tl.int64)[:, None] * sk_t + d[None, :], mask=keep_w[:, None], other=0.0)
+                vb_w = tl.load(v_base + nw.to(tl.int64)[:, None] * sv_t + d[None, :], mask=keep_w[:, None], other=0.0)
         wait_for_producer(PDL)          # q (and with PREP the new K / V) come from the kernel before
         if RELEASE_AT_START:            # overlap.RELEASE_AT_START: the next kernel may launch now
             release_dependents(PDL)
         q = tl.load(q_ptr + b * sq_b + (h * G + rows)[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
-        start = s * per_split           # positions: 32-bit here, 64-bit once they multiply a stride (``n`` below)
-        end = tl.minimum(start + per_split, filled)
         if PREP:  # q is the projection's raw output: norm + rotary here (decode_prep's math, per program)
             dt = q.dtype
             c = tl.load(cos_ptr + b * sc_b + d).to(tl.float32)
@@ -259,7 +280,19 @@ if triton is not None:
                            qw_ptr, d, c, sn, eps, D, dt)
             t = tl.load(pos_ptr).to(tl.int32)  # the new position; its K / V are written by the program that
             # reads it (or by the last program when it lies past ``filled``), before that program's loop
-            if ((t >= start) & (t < end)) | ((s == SPLITS - 1) & (t >= filled)):
+            owner = ((t >= start) & (t < end)) | ((s == SPLITS - 1) & (t >= filled))
+            if WHOLE > 0:  # every program rotates the new K (one row); the owner stores it, all substitute it
+                kx = tl.load(kn_ptr + b * skn_b + h * skn_h + d[None, :]).to(tl.float32)                # [1, D]
+                kp = tl.load(kn_ptr + b * skn_b + h * skn_h + ((d + D // 2) % D)[None, :]).to(tl.float32)
+                kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
+                vr = tl.load(vn_ptr + b * svn_b + h * svn_h + d)                                        # [D]
+                tt = t.to(tl.int64)
+                tl.store(k_ptr + b * sk_b + h * sk_h + tt * sk_t + d[None, :], kr, mask=owner)
+                tl.store(v_ptr + b * sv_b + h * sv_h + tt * sv_t + d, vr, mask=owner)
+                new_row = (nw == t)[:, None]
+                kb_w = tl.where(new_row, kr.to(kb_w.dtype), kb_w)
+                vb_w = tl.where(new_row, vr[None, :].to(vb_w.dtype), vb_w)
+            elif owner:
                 kx = tl.load(kn_ptr + b * skn_b + h * skn_h + d[None, :]).to(tl.float32)                # [1, D]
                 kp = tl.load(kn_ptr + b * skn_b + h * skn_h + ((d + D // 2) % D)[None, :]).to(tl.float32)
                 kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
@@ -267,25 +300,34 @@ if triton is not None:
                 tl.store(k_ptr + b * sk_b + h * sk_h + tt * sk_t + d[None, :], kr)
                 tl.store(v_ptr + b * sv_b + h * sv_h + tt * sv_t + d, tl.load(vn_ptr + b * svn_b + h * svn_h + d))
                 tl.debug_barrier()  # the row is in the cache before any thread of this program reads it
-        m_i = tl.full([16], float("-inf"), tl.float32)
-        l_i = tl.zeros([16], tl.float32)
-        acc = tl.zeros([16, D], tl.float32)
-        k_base = k_ptr + b * sk_b + h * sk_h
-        v_base = v_ptr + b * sv_b + h * sv_h
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            keep = n < end
-            n = n.to(tl.int64)
-            kb = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=keep[:, None], other=0.0)   # [BLOCK_N, D]
-            qk = tl.dot(q, tl.trans(kb)) * sm_scale                                                # [16, BLOCK_N]
-            qk = tl.where(keep[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vb = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=keep[:, None], other=0.0)   # [BLOCK_N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-            m_i = m_new
+        if WHOLE > 0:  # the softmax over the whole slice at once (no rescaling steps)
+            if not PREP:  # the cache's rows may be the kernel before's writes: load after the wait
+                kb_w = tl.load(k_base + nw.to(tl.int64)[:, None] * sk_t + d[None, :], mask=keep_w[:, None], other=0.0)
+                vb_w = tl.load(v_base + nw.to(tl.int64)[:, None] * sv_t + d[None, :], mask=keep_w[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(kb_w)) * sm_scale                                              # [16, WHOLE]
+            qk = tl.where(keep_w[None, :], qk, float("-inf"))
+            m_i = tl.max(qk, 1)
+            p = tl.exp(qk - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            acc = tl.dot(p.to(vb_w.dtype), vb_w)                                                    # [16, D]
+        else:
+            m_i = tl.full([16], float("-inf"), tl.float32)
+            l_i = tl.zeros([16], tl.float32)
+            acc = tl.zeros([16, D], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                keep = n < end
+                n = n.to(tl.int64)
+                kb = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=keep[:, None], other=0.0)   # [BLOCK_N, D]
+                qk = tl.dot(q, tl.trans(kb)) * sm_scale                                                # [16, BLOCK_N]
+                qk = tl.where(keep[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vb = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=keep[:, None], other=0.0)   # [BLOCK_N, D]
+                acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+                m_i = m_new
         if SPLITS == 1:
             o = acc / l_i[:, None]
             tl.store(o_ptr + b * so_b + (h * G + rows)[:, None] * so_h + d[None, :], o.to(o_ptr.dtype.element_ty),
@@ -353,7 +395,7 @@ if triton is not None:
 
 def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16, kv_heads: int = 8, group: int = 4,
                      head_dim: int = 128, splits: int = 17, prep: bool = False, pdl: bool = False,
-                     release_at_start: bool = False, meet: bool = False):
+                     release_at_start: bool = False, meet: bool = False, whole: int = 0):
     """Compile ``_decode_attention_split`` (``kernel="split"``) or ``_decode_attention_merge`` for an H100 (sm_90a) on
     any machine, GPU or not (the Triton wheel carries ptxas): Triton's compiled kernel (``.asm['ptx' | 'cubin']``,
     ``.metadata.shared``). The CPU tests use it to check that the real (not interpreted) kernels build, without a GPU
@@ -373,10 +415,10 @@ def compile_for_sm90(kernel: str = "split", dtype: torch.dtype = torch.bfloat16,
                **{name: "i32" for name in ("skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "ss_b")}, "cnt_ptr": "*i32",
                "HKV": "constexpr", "G": "constexpr", "D": "constexpr", "BLOCK_N": "constexpr", "SPLITS": "constexpr",
                "PREP": "constexpr", "PDL": "constexpr", "RELEASE_AT_START": "constexpr", "MEET": "constexpr",
-               "G2": "constexpr"}
+               "G2": "constexpr", "WHOLE": "constexpr"}
         consts = {"HKV": kv_heads, "G": group, "D": head_dim, "BLOCK_N": BLOCK_N, "SPLITS": splits, "PREP": prep,
                   "PDL": pdl, "RELEASE_AT_START": release_at_start, "MEET": meet,
-                  "G2": triton.next_power_of_2(group)}
+                  "G2": triton.next_power_of_2(group), "WHOLE": whole}
     elif kernel == "merge":
         fn = _decode_attention_merge
         sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": ptr, "so_b": "i32", "so_h": "i32",
