@@ -69,12 +69,13 @@ BATCH1_TARGET_PROGRAMS = 66
 # Whole slices (session 23): where a split holds at most this many positions (Qwen3-8B at batch 1, 512 cached: 8 splits
 # of 64), each program loads its slice's K and V at once — with the prep inside, *before* its PDL wait, since those rows
 # are earlier steps' writes — and runs one softmax instead of stepping BLOCK_N keys at a time. 0: always step. A/B:
-# benchmarks/pdl_step.py with PDL_WHOLE=1; QWENQUANT_ATTN_WHOLE=<positions> sets it (16 … 128: two [positions, D] tiles
-# in registers).
+# benchmarks/pdl_step.py with PDL_WHOLE=1; QWENQUANT_ATTN_WHOLE=<positions> sets it, 16 … 64: the slice's two
+# [positions, D] tiles sit in registers — sm_90a, D = 128, 4 warps: 168 registers at 32 positions, 255 at 64, and at
+# 128 ptxas spills 6 KB per thread.
 _whole_env = os.environ.get("QWENQUANT_ATTN_WHOLE", "0").strip()
-if not (_whole_env.isdigit() and (int(_whole_env) == 0 or 16 <= int(_whole_env) <= 128)):
+if not (_whole_env.isdigit() and (int(_whole_env) == 0 or 16 <= int(_whole_env) <= 64)):
     raise ValueError(f"QWENQUANT_ATTN_WHOLE={_whole_env!r}: expected 0 (step through each slice) or a number of "
-                     "positions from 16 to 128 (load a slice that short at once)")
+                     "positions from 16 to 64 (load a slice that short at once)")
 WHOLE_SLICE_MAX = int(_whole_env)
 _merge_env = os.environ.get("QWENQUANT_ATTN_MERGE", "launch").strip()
 if _merge_env not in ("split", "launch"):
