@@ -138,3 +138,30 @@ def test_persistent_tiles_build_for_an_h100_at_their_programs_per_sm(tile):
         assert use["spill_bytes"] == 0, (epi, use["spill_bytes"])
         if slots == 0 or per_sm <= 2:  # the 3-per-SM tile is for the plain and add-residual kernels
             assert fits >= per_sm, (epi, use["registers"], use["shared_bytes"], fits, per_sm)
+
+
+@pytest.mark.parametrize("epi,slots", [(0, 0), (B.SILU_MUL, 128), (B.ADD_RESIDUAL, 0)])
+def test_register_cap_fits_four_programs_per_sm(epi, slots):
+    """No GPU needed: with ``maxnreg=128`` (``MAX_REGISTERS``, session 23's A/B) the 2-stage bn32 tile of every kernel the
+    decode step runs builds to sm_90a within 128 registers — four 4-warp programs per SM by registers and shared
+    memory, against three uncapped — at the price of a little local memory (ptxas spills under 128 bytes)."""
+    from qwenquant.kernels.launch import ptxas_usage
+
+    capped = ptxas_usage(B.compile_for_sm90(32, 4, 4, 2, epi=epi, norm_slots=slots, maxnreg=128))
+    free = ptxas_usage(B.compile_for_sm90(32, 4, 4, 2, epi=epi, norm_slots=slots))
+    per_sm = lambda use: min(65536 // (-(-use["registers"] // 8) * 8 * 32 * 4),  # noqa: E731
+                             227 * 1024 // use["shared_bytes"])
+    assert capped["registers"] <= 128 and capped["spill_bytes"] < 128, capped["report"]
+    assert (per_sm(capped), per_sm(free)) == (4, 3), (capped["registers"], free["registers"], capped["shared_bytes"])
+
+
+def test_register_cap_setting_is_checked_by_value():
+    import os
+    import subprocess
+    import sys
+
+    for bad in ("32", "300", "lots"):
+        env = {**os.environ, "QWENQUANT_BATCH1_MAXNREG": bad}
+        r = subprocess.run([sys.executable, "-c", "import qwenquant.kernels.wq_batch1"], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert r.returncode != 0 and f"QWENQUANT_BATCH1_MAXNREG={bad!r}" in r.stderr, bad

@@ -44,6 +44,7 @@ Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_kt
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -60,6 +61,15 @@ from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_m
 from qwenquant.numerics.ktiled import SUB, tile_columns
 
 MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
+# Registers per thread the batch-1 kernels may use (Triton's ``maxnreg``; None: ptxas decides, 158-168 on sm_90a for
+# every tile of ``fused.BATCH1``, so 3 programs of 4 warps per SM). Session 23's pattern benchmark found the batch-1
+# GEMMs bound by the dequantization's issue and latency, not their loads, and its stand-in faster with more programs per
+# SM; at 128 four fit (ptxas then spills 64-80 bytes per thread). A/B: benchmarks/pdl_step.py with PDL_MAXNREG=128.
+_maxnreg_env = os.environ.get("QWENQUANT_BATCH1_MAXNREG", "").strip()
+if _maxnreg_env and not (_maxnreg_env.isdigit() and 64 <= int(_maxnreg_env) <= 255):
+    raise ValueError(f"QWENQUANT_BATCH1_MAXNREG={_maxnreg_env!r}: expected a register count from 64 to 255, or unset "
+                     "(ptxas decides)")
+MAX_REGISTERS: int | None = int(_maxnreg_env) if _maxnreg_env else None
 BITS_OK = (2, 4)
 # epilogues (``_batch1_kernel``'s EPI): what a program does with its [BN, M] block of x · Ŵᵀ besides storing it
 SILU_MUL = 1  # silu(gate) · up of a merged [gate; up] projection
@@ -366,7 +376,8 @@ def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, b
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
         EPI=epi, NORM_IN=norm is not None, PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
         PDL=pdl, PERSIST=persist > 0, RELEASE_AT_START=pdl and overlap.RELEASE_AT_START, num_warps=num_warps,
-        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
+        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS and not _INTERPRETED else {}))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -383,7 +394,7 @@ def _cuda_sm_count(index: int) -> int:
 
 def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4, splits: int = 1, bits: int = 4,
                      group: int = 128, m: int = 1, epi: int = 0, norm_slots: int = 0, pdl: bool = False,
-                     persist: bool = False, release_at_start: bool = False):
+                     persist: bool = False, release_at_start: bool = False, maxnreg: int | None = None):
     """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
     specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
     Qwen3-8B's down projection at M = 1. ``epi``: an epilogue (``SILU_MUL``, ``ADD_RESIDUAL``); ``norm_slots`` > 0:
@@ -408,4 +419,5 @@ def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4,
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in unaligned}
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(fn=_batch1_kernel, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})})
