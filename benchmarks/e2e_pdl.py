@@ -7,7 +7,9 @@ target, persistent tiles, release points, merge in split, whole slices, batch-1 
 repeated bit for bit (and equal the first variant's where only PDL and the release point differ); sets the modules'
 knobs to it (the attention target at batch 1 only) and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
 W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on torch.compile's PDL too, for bf16 and
-W4 alike (the A/B kept it off to avoid recompiling the step per variant).
+W4 alike (the A/B kept it off to avoid recompiling the step per variant). ``E2E_PDL_SET="merge=1,whole=64"`` sets
+knobs on top of the choice (an A/B of one knob, run on top of what earlier A/Bs chose: session 23's register cap after
+its merge + whole-slice A/B); the e2e file records every knob as run.
 """
 
 from __future__ import annotations
@@ -64,11 +66,23 @@ def apply(choice: dict) -> None:
     wq_batch1.MAX_REGISTERS = choice["maxnreg"] or None
 
 
+def overrides(text: str) -> dict:
+    """``E2E_PDL_SET``'s "knob=value,…" as KNOBS values (booleans for the on/off knobs, integers for the others)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in KNOBS or not value.strip().isdigit():
+            raise SystemExit(f"E2E_PDL_SET: {item!r}: expected knob=integer with knob one of {sorted(KNOBS)}")
+        out[name] = bool(int(value)) if isinstance(KNOBS[name], bool) else int(value)
+    return out
+
+
 def main() -> None:
     out = os.environ.get("OUT", "runs")
     with open(os.environ.get("PDL_STEP_JSON", os.path.join(out, "pdl_step.json"))) as f:
         steps = json.load(f)["steps"]
     choice, excluded, median = choose(steps)
+    choice.update(overrides(os.environ.get("E2E_PDL_SET", "")))
     apply(choice)
     print("chosen", choice, "excluded", excluded, median, flush=True)
     modes = tuple(m for m in os.environ.get("E2E_PDL_MODES", "w4g128-fused,w4g128-fused+head").split(",") if m)

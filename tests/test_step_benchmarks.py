@@ -140,3 +140,12 @@ def test_pdl_step_variant_counts(flags, w4, bf16, monkeypatch):
     got_w4, got_bf16 = mod.variants_for("w4g128-fused+head"), mod.variants_for("bf16")
     assert (len(got_w4), len(got_bf16)) == (w4, bf16), ([v for v, _ in got_w4], [v for v, _ in got_bf16])
     assert all(v["pdl"] or not (v["release"] or v["attn_release"] or v["merge"]) for v, _ in got_w4 + got_bf16)
+
+
+def test_e2e_pdl_overrides_parse_knobs_by_name(monkeypatch):
+    mod = _e2e_pdl(monkeypatch)
+    assert mod.overrides("merge=1, whole=64,maxnreg=128") == {"merge": True, "whole": 64, "maxnreg": 128}
+    assert mod.overrides("") == {}
+    for bad in ("merg=1", "whole=lots", "whole"):
+        with pytest.raises(SystemExit, match="E2E_PDL_SET"):
+            mod.overrides(bad)
