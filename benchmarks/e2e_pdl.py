@@ -3,7 +3,8 @@
     python3 benchmarks/pdl_step.py && python3 benchmarks/e2e_pdl.py   # -> $OUT/e2e.json
 
 Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the variant (``KNOBS``: PDL, attention
-target, persistent tiles, release points, merge in split, whole slices, batch-1 register cap) with the lowest median W4 step at batch 1, if its replays
+target, persistent tiles, release points, merge in split, whole slices, batch-1 register cap,
+zero after the MMA) with the lowest median W4 step at batch 1, if its replays
 repeated bit for bit (and equal the first variant's where only PDL and the release point differ); sets the modules'
 knobs to it (the attention target at batch 1 only) and runs ``e2e.run(modes=E2E_PDL_MODES, pdl=...)`` (default both
 W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on torch.compile's PDL too, for bf16 and
@@ -24,7 +25,7 @@ from qwenquant.runtime import fused
 
 # a variant's fields in pdl_step.json, with the value a file written before the field existed means
 KNOBS = {"pdl": False, "target": 264, "persist": False, "release": False, "merge": False, "attn_release": False,
-         "whole": 0, "maxnreg": 0}
+         "whole": 0, "maxnreg": 0, "zero_after": False}
 
 
 def choose(steps: list[dict]) -> tuple[dict, list[dict], dict]:
@@ -43,6 +44,7 @@ def choose(steps: list[dict]) -> tuple[dict, list[dict], dict]:
         if s["mode"] != "bf16" and s["batch"] == 1:
             times.setdefault(knobs, []).append(s["step_ms"])
         only_launch_differs = (not s.get("persist") and not s.get("merge") and not s.get("whole")
+                               and not s.get("zero_after")
                                and s.get("target", 264) == first.get("target", 264))
         if s["replays_bit_equal"] < s["replays"] or (only_launch_differs and not s["bit_equal_first_variant"]):
             bad.add(knobs)
@@ -64,6 +66,7 @@ def apply(choice: dict) -> None:
     decode_attention.MERGE_IN_SPLIT = choice["merge"]
     decode_attention.WHOLE_SLICE_MAX = choice["whole"]
     wq_batch1.MAX_REGISTERS = choice["maxnreg"] or None
+    wq_batch1.ZERO_AFTER = choice["zero_after"]
 
 
 def overrides(text: str) -> dict:

@@ -28,7 +28,7 @@ def test_step_benchmark_skeleton_runs_on_cpu(script, kind, bf16_variants, monkey
     for module, names in ((overlap, ("PDL_ENABLED", "RELEASE_AT_START", "ATTENTION_RELEASE_AT_START")),
                           (decode_attention, ("MERGE_IN_SPLIT", "TARGET_PROGRAMS", "BATCH1_TARGET_PROGRAMS",
                                               "WHOLE_SLICE_MAX")),
-                          (fused, ("OFFER_BATCH1_PERSISTENT",)), (wq_batch1, ("MAX_REGISTERS",))):
+                          (fused, ("OFFER_BATCH1_PERSISTENT",)), (wq_batch1, ("MAX_REGISTERS", "ZERO_AFTER"))):
         for name in names:
             monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setattr(fused.TUNER, "choices", fused.TUNER.choices)
@@ -77,7 +77,7 @@ def test_e2e_pdl_chooses_what_the_committed_ab_measured_fastest(name, merge, mon
     steps = json.loads((BENCH / "results" / name).read_text())["steps"]
     choice, excluded, median = mod.choose(steps)
     assert choice == {"pdl": True, "target": 66, "persist": False, "release": False, "merge": merge,
-                      "attn_release": False, "whole": 0, "maxnreg": 0}, (choice, median)
+                      "attn_release": False, "whole": 0, "maxnreg": 0, "zero_after": False}, (choice, median)
     assert excluded == []
 
 
@@ -105,18 +105,19 @@ def test_e2e_pdl_never_chooses_a_variant_that_raced_or_changed_where_only_the_la
                                                 "a": (mod.overlap, "ATTENTION_RELEASE_AT_START"),
                                                 "m": (mod.decode_attention, "MERGE_IN_SPLIT"),
                                                 "w": (mod.decode_attention, "WHOLE_SLICE_MAX"),
-                                                "n": (mod.wq_batch1, "MAX_REGISTERS")}.items()}
+                                                "n": (mod.wq_batch1, "MAX_REGISTERS"),
+                                                "z": (mod.wq_batch1, "ZERO_AFTER")}.items()}
     try:
         mod.apply(choice)
         assert mod.decode_attention.BATCH1_TARGET_PROGRAMS == 66 and mod.fused.OFFER_BATCH1_PERSISTENT
         assert not (mod.overlap.RELEASE_AT_START or mod.overlap.ATTENTION_RELEASE_AT_START
                     or mod.decode_attention.MERGE_IN_SPLIT or mod.decode_attention.WHOLE_SLICE_MAX
-                    or mod.wq_batch1.MAX_REGISTERS)
+                    or mod.wq_batch1.MAX_REGISTERS or mod.wq_batch1.ZERO_AFTER)
     finally:
         mod.decode_attention.BATCH1_TARGET_PROGRAMS, mod.fused.OFFER_BATCH1_PERSISTENT = saved["t"], saved["p"]
         mod.overlap.RELEASE_AT_START, mod.overlap.ATTENTION_RELEASE_AT_START = saved["r"], saved["a"]
         mod.decode_attention.MERGE_IN_SPLIT, mod.decode_attention.WHOLE_SLICE_MAX = saved["m"], saved["w"]
-        mod.wq_batch1.MAX_REGISTERS = saved["n"]
+        mod.wq_batch1.MAX_REGISTERS, mod.wq_batch1.ZERO_AFTER = saved["n"], saved["z"]
 
 
 # W4: none, PDL, persistent, PDL + persistent, PDL + persistent at 132 and 66 programs; bf16 has no persistent tiles.
@@ -126,7 +127,8 @@ def test_e2e_pdl_never_chooses_a_variant_that_raced_or_changed_where_only_the_la
 @pytest.mark.parametrize("flags,w4,bf16", [({}, 6, 4), ({"MERGE": True, "PERSIST": False, "ATTN_RELEASE": True}, 5, 5),
                                            ({"RELEASE": True, "MERGE": True}, 18, 13),
                                            ({"MERGE": True, "PERSIST": False, "WHOLE": 64}, 5, 5),
-                                           ({"PERSIST": False, "WHOLE": 64, "MAXNREG": 128}, 5, 3)])
+                                           ({"PERSIST": False, "WHOLE": 64, "MAXNREG": 128}, 5, 3),
+                                           ({"PERSIST": False, "MAXNREG": 128, "ZERO_AFTER": True}, 5, 2)])
 def test_pdl_step_variant_counts(flags, w4, bf16, monkeypatch):
     """``pdl_step.py``'s variants under its env flags (TARGETS 264,132,66 unless set): each flag adds every PDL
     variant again with that knob on."""
