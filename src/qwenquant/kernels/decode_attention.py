@@ -66,12 +66,14 @@ BATCH1_TARGET_PROGRAMS = 66
 # Tried on an H100 and removed (session 19, benchmarks/NOTES.md; the code is in git history at 490dc11): the split
 # programs asking L2 for the next projection's weights while they run (+0.05 ms per Qwen3-8B decode step: the
 # prefetch traffic delays their own loads).
-# Whole slices (session 23): where a split holds at most this many positions (Qwen3-8B at batch 1, 512 cached: 8 splits
-# of 64), each program loads its slice's K and V at once — with the prep inside, *before* its PDL wait, since those rows
-# are earlier steps' writes — and runs one softmax instead of stepping BLOCK_N keys at a time. 0: always step. A/B:
-# benchmarks/pdl_step.py with PDL_WHOLE=1; QWENQUANT_ATTN_WHOLE=<positions> sets it, 16 … 64: the slice's two
-# [positions, D] tiles sit in registers — sm_90a, D = 128, 4 warps: 168 registers at 32 positions, 255 at 64, and at
-# 128 ptxas spills 6 KB per thread.
+# Whole slices (session 23): where a split holds at most this many positions (Qwen3-8B at batch 1 in the e2e benchmark,
+# 257 filled: 9 splits of 32), each program loads its slice's K and V at once — with the prep inside, *before* its PDL
+# wait, since those rows are earlier steps' writes — and runs one softmax instead of stepping BLOCK_N keys at a time.
+# The early loads rely on the kernel before this one having waited for *its* producer (every PDL kernel here waits at
+# its start; a kernel launched without PDL runs in stream order), so everything older is complete when these programs
+# start. 0: always step. Measured: ≈ 0.01 ms per W4 decode step at batch 1 (results/pdl_step_s23_whole_h100.json), so
+# opt-in. QWENQUANT_ATTN_WHOLE=<positions> sets it, 16 … 64: the slice's two [positions, D] tiles sit in registers —
+# sm_90a, D = 128, 4 warps: 168 registers at 32 positions, 255 at 64, and at 128 ptxas spills 6 KB per thread.
 _whole_env = os.environ.get("QWENQUANT_ATTN_WHOLE", "0").strip()
 if not (_whole_env.isdigit() and (int(_whole_env) == 0 or 16 <= int(_whole_env) <= 64)):
     raise ValueError(f"QWENQUANT_ATTN_WHOLE={_whole_env!r}: expected 0 (step through each slice) or a number of "
@@ -282,24 +284,17 @@ if triton is not None:
             t = tl.load(pos_ptr).to(tl.int32)  # the new position; its K / V are written by the program that
             # reads it (or by the last program when it lies past ``filled``), before that program's loop
             owner = ((t >= start) & (t < end)) | ((s == SPLITS - 1) & (t >= filled))
+            k_new = kn_ptr + b * skn_b + h * skn_h
+            v_new = vn_ptr + b * svn_b + h * svn_h
+            k_row = k_ptr + b * sk_b + h * sk_h + t.to(tl.int64) * sk_t
+            v_row = v_ptr + b * sv_b + h * sv_h + t.to(tl.int64) * sv_t
             if WHOLE > 0:  # every program rotates the new K (one row); the owner stores it, all substitute it
-                kx = tl.load(kn_ptr + b * skn_b + h * skn_h + d[None, :]).to(tl.float32)                # [1, D]
-                kp = tl.load(kn_ptr + b * skn_b + h * skn_h + ((d + D // 2) % D)[None, :]).to(tl.float32)
-                kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
-                vr = tl.load(vn_ptr + b * svn_b + h * svn_h + d)                                        # [D]
-                tt = t.to(tl.int64)
-                tl.store(k_ptr + b * sk_b + h * sk_h + tt * sk_t + d[None, :], kr, mask=owner)
-                tl.store(v_ptr + b * sv_b + h * sv_h + tt * sv_t + d, vr, mask=owner)
+                kr, vr = _store_new_kv(k_new, v_new, k_row, v_row, owner, kw_ptr, d, c, sn, eps, D, dt)
                 new_row = (nw == t)[:, None]
                 kb_w = tl.where(new_row, kr.to(kb_w.dtype), kb_w)
                 vb_w = tl.where(new_row, vr[None, :].to(vb_w.dtype), vb_w)
             elif owner:
-                kx = tl.load(kn_ptr + b * skn_b + h * skn_h + d[None, :]).to(tl.float32)                # [1, D]
-                kp = tl.load(kn_ptr + b * skn_b + h * skn_h + ((d + D // 2) % D)[None, :]).to(tl.float32)
-                kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
-                tt = t.to(tl.int64)
-                tl.store(k_ptr + b * sk_b + h * sk_h + tt * sk_t + d[None, :], kr)
-                tl.store(v_ptr + b * sv_b + h * sv_h + tt * sv_t + d, tl.load(vn_ptr + b * svn_b + h * svn_h + d))
+                _store_new_kv(k_new, v_new, k_row, v_row, True, kw_ptr, d, c, sn, eps, D, dt)
                 tl.debug_barrier()  # the row is in the cache before any thread of this program reads it
         if WHOLE > 0:  # the softmax over the whole slice at once (no rescaling steps)
             if not PREP:  # the cache's rows may be the kernel before's writes: load after the wait
@@ -345,6 +340,19 @@ if triton is not None:
                     _merge_slices(acc_ptr, m_ptr, l_ptr, o_ptr, bh.to(tl.int64) * SPLITS, b * so_b + h * G * so_h,
                                   so_h, G, G2, D, SPLITS)
                     tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call (and the next graph replay)
+
+    @triton.jit
+    def _store_new_kv(k_new, v_new, k_row, v_row, store, kw_ptr, d, c, sn, eps, D: tl.constexpr, dt: tl.constexpr):
+        """The new position's K (normalized, rotated: [1, D]) and V ([D]) from the projection's output at k_new /
+        v_new, stored at the cache rows k_row / v_row where ``store``; returned for a program that uses them in
+        registers."""
+        kx = tl.load(k_new + d[None, :]).to(tl.float32)                                                 # [1, D]
+        kp = tl.load(k_new + ((d + D // 2) % D)[None, :]).to(tl.float32)
+        kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
+        vr = tl.load(v_new + d)                                                                          # [D]
+        tl.store(k_row + d[None, :], kr, mask=store)
+        tl.store(v_row + d, vr, mask=store)
+        return kr, vr
 
     @triton.jit
     def _merge_slices(acc_ptr, m_ptr, l_ptr, o_ptr, first, o_off, so_h, G: tl.constexpr, G2: tl.constexpr,
