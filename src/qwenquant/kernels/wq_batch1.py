@@ -57,8 +57,7 @@ from qwenquant.kernels import overlap
 from qwenquant.kernels.overlap import pdl_ok, release_dependents, wait_for_producer
 from qwenquant.kernels.tiles import result_tensor
 from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _field_plus_magic,
-                                         _scale_and_zneg,
-                                         split_k_workspace)
+                                         _scale_and_zneg, split_k_workspace)
 from qwenquant.numerics.ktiled import SUB, tile_columns
 
 MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
@@ -74,8 +73,8 @@ MAX_REGISTERS: int | None = int(_maxnreg_env) if _maxnreg_env else None
 # The zero point after the MMA (session 23; off until a GPU A/B, QWENQUANT_BATCH1_ZERO_AFTER=1): the tile feeds the MMA
 # magic + code straight from PRMT + LOP3 — no paired FMA per two weights — and takes (magic + zero) · Σ x off each
 # scale group's partial sums, Σ x from a second MMA of a ones tile with the same x slices (so it lands in the partial
-# sums' register layout: no shuffles). The fp32 sums carry magic · Σ x (≈ 128×) before the correction: ≈ 7 of fp32's
-# 24 bits, far below the bf16 output's rounding.
+# sums' register layout: no shuffles). The fp32 sums carry magic · Σ x before the correction (≈ 128× with bf16 x, 1024×
+# with fp16): ≈ 7 / 10 of fp32's 24 bits, still far below the 16-bit output's rounding.
 _zero_after_env = os.environ.get("QWENQUANT_BATCH1_ZERO_AFTER", "0").strip()
 if _zero_after_env not in ("0", "1"):
     raise ValueError(f"QWENQUANT_BATCH1_ZERO_AFTER={_zero_after_env!r}: expected 0 (the zero subtracted per pair of "
@@ -399,8 +398,7 @@ def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, b
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
         EPI=epi, NORM_IN=norm is not None, PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
         PDL=pdl, PERSIST=persist > 0, RELEASE_AT_START=pdl and overlap.RELEASE_AT_START, ZERO_AFTER=ZERO_AFTER,
-        num_warps=num_warps,
-        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
         **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS and not _INTERPRETED else {}))
 
 
