@@ -363,19 +363,12 @@ def test_whole_slice_loads_the_cache_before_the_wait():
     assert "ld.global" not in plain[:plain.index("griddepcontrol.wait")]
 
 
-def test_whole_slice_setting_is_checked_by_value():
-    for bad in ("8", "128", "yes"):
-        env = {**os.environ, "QWENQUANT_ATTN_WHOLE": bad}
-        r = subprocess.run([sys.executable, "-c", "import qwenquant.kernels.decode_attention"], capture_output=True,
-                           text=True, env=env, timeout=120)
-        assert r.returncode != 0 and f"QWENQUANT_ATTN_WHOLE={bad!r}" in r.stderr, bad
+@pytest.mark.parametrize("variable,value", [("QWENQUANT_ATTN_WHOLE", "8"), ("QWENQUANT_ATTN_WHOLE", "128"),
+                                            ("QWENQUANT_ATTN_WHOLE", "yes"), ("QWENQUANT_ATTN_MERGE", "kernel")])
+def test_attention_settings_are_checked_by_value(variable, value):
+    from tests.settings_check import import_refuses
 
-
-def test_attention_merge_setting_is_checked_by_value():
-    env = {**os.environ, "QWENQUANT_ATTN_MERGE": "kernel"}
-    r = subprocess.run([sys.executable, "-c", "import qwenquant.kernels.decode_attention"], capture_output=True,
-                       text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "QWENQUANT_ATTN_MERGE='kernel'" in r.stderr
+    assert import_refuses("qwenquant.kernels.decode_attention", variable, value)
 
 
 @pytest.mark.gpu
