@@ -284,17 +284,26 @@ if triton is not None:
             t = tl.load(pos_ptr).to(tl.int32)  # the new position; its K / V are written by the program that
             # reads it (or by the last program when it lies past ``filled``), before that program's loop
             owner = ((t >= start) & (t < end)) | ((s == SPLITS - 1) & (t >= filled))
-            k_new = kn_ptr + b * skn_b + h * skn_h
-            v_new = vn_ptr + b * svn_b + h * svn_h
-            k_row = k_ptr + b * sk_b + h * sk_h + t.to(tl.int64) * sk_t
-            v_row = v_ptr + b * sv_b + h * sv_h + t.to(tl.int64) * sv_t
+            # (the new row's load / rotation / store is written out in both branches: as one shared @triton.jit
+            # helper the stepping build spilled 8 bytes, tests/test_pdl_step.py)
             if WHOLE > 0:  # every program rotates the new K (one row); the owner stores it, all substitute it
-                kr, vr = _store_new_kv(k_new, v_new, k_row, v_row, owner, kw_ptr, d, c, sn, eps, D, dt)
+                kx = tl.load(kn_ptr + b * skn_b + h * skn_h + d[None, :]).to(tl.float32)                # [1, D]
+                kp = tl.load(kn_ptr + b * skn_b + h * skn_h + ((d + D // 2) % D)[None, :]).to(tl.float32)
+                kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
+                vr = tl.load(vn_ptr + b * svn_b + h * svn_h + d)                                        # [D]
+                tt = t.to(tl.int64)
+                tl.store(k_ptr + b * sk_b + h * sk_h + tt * sk_t + d[None, :], kr, mask=owner)
+                tl.store(v_ptr + b * sv_b + h * sv_h + tt * sv_t + d, vr, mask=owner)
                 new_row = (nw == t)[:, None]
                 kb_w = tl.where(new_row, kr.to(kb_w.dtype), kb_w)
                 vb_w = tl.where(new_row, vr[None, :].to(vb_w.dtype), vb_w)
             elif owner:
-                _store_new_kv(k_new, v_new, k_row, v_row, True, kw_ptr, d, c, sn, eps, D, dt)
+                kx = tl.load(kn_ptr + b * skn_b + h * skn_h + d[None, :]).to(tl.float32)                # [1, D]
+                kp = tl.load(kn_ptr + b * skn_b + h * skn_h + ((d + D // 2) % D)[None, :]).to(tl.float32)
+                kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
+                tt = t.to(tl.int64)
+                tl.store(k_ptr + b * sk_b + h * sk_h + tt * sk_t + d[None, :], kr)
+                tl.store(v_ptr + b * sv_b + h * sv_h + tt * sv_t + d, tl.load(vn_ptr + b * svn_b + h * svn_h + d))
                 tl.debug_barrier()  # the row is in the cache before any thread of this program reads it
         if WHOLE > 0:  # the softmax over the whole slice at once (no rescaling steps)
             if not PREP:  # the cache's rows may be the kernel before's writes: load after the wait
@@ -340,19 +349,6 @@ if triton is not None:
                     _merge_slices(acc_ptr, m_ptr, l_ptr, o_ptr, bh.to(tl.int64) * SPLITS, b * so_b + h * G * so_h,
                                   so_h, G, G2, D, SPLITS)
                     tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call (and the next graph replay)
-
-    @triton.jit
-    def _store_new_kv(k_new, v_new, k_row, v_row, store, kw_ptr, d, c, sn, eps, D: tl.constexpr, dt: tl.constexpr):
-        """The new position's K (normalized, rotated: [1, D]) and V ([D]) from the projection's output at k_new /
-        v_new, stored at the cache rows k_row / v_row where ``store``; returned for a program that uses them in
-        registers."""
-        kx = tl.load(k_new + d[None, :]).to(tl.float32)                                                 # [1, D]
-        kp = tl.load(k_new + ((d + D // 2) % D)[None, :]).to(tl.float32)
-        kr = _norm_rope(kx, kp, kw_ptr, d, c, sn, eps, D, dt)
-        vr = tl.load(v_new + d)                                                                          # [D]
-        tl.store(k_row + d[None, :], kr, mask=store)
-        tl.store(v_row + d, vr, mask=store)
-        return kr, vr
 
     @triton.jit
     def _merge_slices(acc_ptr, m_ptr, l_ptr, o_ptr, first, o_off, so_h, G: tl.constexpr, G2: tl.constexpr,
