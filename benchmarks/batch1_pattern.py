@@ -37,7 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qwenquant.bench.gemm import MODEL_SHAPES, W4, l2_copies, time_interleaved
 from qwenquant.bench.hw import environment
-from read_floor import _read_kernel, copy_bandwidth  # benchmarks/ is on the path: this script's own folder
+from read_floor import _read_kernel, copy_bandwidth, xor_all  # benchmarks/ is on the path: this script's own folder
 
 SUB = 32  # words per k-tile of the k-tiled layout (``numerics.ktiled.SUB``)
 # (bn, kb, stages, warps): the tuner's batch-1 tiles (``fused.BATCH1``: gate_up takes bn32 kb4 w4 s2), deeper
@@ -134,7 +134,7 @@ def shape_rows(proj: str, n: int, k: int, copy_bw: float | None) -> list[dict]:
     flat_grid = triton.cdiv(n * kw, 1024 * 4)
     flat = lambda w: _read_kernel[(flat_grid,)](w, out, n * kw, BLOCK=1024, ITERS=4, num_warps=4)  # noqa: E731
     flat(copies[0])
-    if int(_xor_reduce(out[:flat_grid])) == int(_xor_reduce(copies[0].view(-1))):
+    if xor_all(out[:flat_grid]) == xor_all(copies[0].view(-1)):  # read_floor's own check of the flat read
         calls["flat"] = lambda: [flat(w) for w in copies]
         per_call["flat"], nbytes["flat"] = len(copies), code_bytes
     nsm = torch.cuda.get_device_properties(0).multi_processor_count

@@ -339,14 +339,9 @@ def _codes_plus_magic(src, sel, BITS: tl.constexpr, IS_BF16: tl.constexpr, LOP3:
 @triton.jit
 def _field_plus_magic(w, T_IDX: tl.constexpr, BITS: tl.constexpr, BPW: tl.constexpr, IS_BF16: tl.constexpr,
                       LOP3: tl.constexpr):
-    """magic + code of field ``T_IDX`` of every word of ``w``: ``_field_minus_zero``'s field selection, no zero."""
-    b = T_IDX // BPW
-    r = T_IDX % BPW
-    src = w >> (r * BITS) if r > 0 else w
-    if not LOP3:
-        src = w >> (T_IDX * BITS)
-    sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
-    return _codes_plus_magic(src, tl.full(src.shape, sel, tl.int32), BITS, IS_BF16, LOP3)
+    """magic + code of field ``T_IDX`` of every word of ``w``: ``_field_minus_zero`` without the zero."""
+    src, sel = _field_source(w, T_IDX, BITS, BPW, LOP3)
+    return _codes_plus_magic(src, sel, BITS, IS_BF16, LOP3)
 
 
 @triton.jit
@@ -364,13 +359,21 @@ def _field_minus_zero(w, zneg, T_IDX: tl.constexpr, BITS: tl.constexpr, BPW: tl.
     """(code - zero) of field ``T_IDX`` of every word of ``w`` (any shape; ``zneg`` already in w's shape), as exact
     small integers in x's 16-bit type: the word shifted so the field sits at the bottom of its byte, then
     ``_codes_minus_zero``'s PRMT / LOP3 / paired FMA."""
+    src, sel = _field_source(w, T_IDX, BITS, BPW, LOP3)
+    return _codes_minus_zero(src, sel, zneg, BITS, IS_BF16, LOP3)
+
+
+@triton.jit
+def _field_source(w, T_IDX: tl.constexpr, BITS: tl.constexpr, BPW: tl.constexpr, LOP3: tl.constexpr):
+    """(the words shifted so field ``T_IDX`` sits at the bottom of its byte, the PRMT selector gathering that byte of
+    two words into the two half-words) — what ``_codes_minus_zero`` / ``_codes_plus_magic`` take."""
     b = T_IDX // BPW  # the byte holding field T_IDX
     r = T_IDX % BPW  # its position inside the byte
     src = w >> (r * BITS) if r > 0 else w
     if not LOP3:  # interpreter: the plain path reads the field from its byte directly
         src = w >> (T_IDX * BITS)
     sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
-    return _codes_minus_zero(src, tl.full(src.shape, sel, tl.int32), zneg, BITS, IS_BF16, LOP3)
+    return src, tl.full(src.shape, sel, tl.int32)
 
 
 @triton.jit
