@@ -151,3 +151,44 @@ def test_e2e_pdl_overrides_parse_knobs_by_name(monkeypatch):
     for bad in ("merg=1", "whole=lots", "whole"):
         with pytest.raises(SystemExit, match="E2E_PDL_SET"):
             mod.overrides(bad)
+
+
+def test_batch1_knobs_sets_each_variant_around_its_call_and_sums_the_layer(monkeypatch, tmp_path):
+    """``benchmarks/batch1_knobs.py`` on a CPU: each variant's call sees its own knobs and tuner state and leaves the
+    modules as they were (also when the call raises); the layer ratio is bf16's summed time over the variant's."""
+    from qwenquant.bench.gemm import GemmResult
+    from qwenquant.kernels import wq_batch1
+    from qwenquant.runtime import fused
+
+    monkeypatch.setattr(wq_batch1, "ZERO_AFTER", False)
+    monkeypatch.setattr(wq_batch1, "MAX_REGISTERS", None)
+    monkeypatch.setattr(fused.TUNER, "choices", {"outside": 1})
+    monkeypatch.syspath_prepend(str(BENCH))
+    knobs = __import__("batch1_knobs")
+    monkeypatch.setattr(knobs, "_choices", {})
+
+    seen = knobs._with_knobs("w4g128-fused+both")(lambda x: (wq_batch1.ZERO_AFTER, wq_batch1.MAX_REGISTERS,
+                                                              fused.TUNER.choices), None)
+    assert seen[:2] == (True, 128) and seen[2] is knobs._choices["w4g128-fused+both"] and seen[2] == {}
+
+    def boom(x):
+        raise RuntimeError("kernel failed")
+    with pytest.raises(RuntimeError):
+        knobs._with_knobs("w4g128-fused+zero_after")(boom, None)
+    assert (wq_batch1.ZERO_AFTER, wq_batch1.MAX_REGISTERS, fused.TUNER.choices) == (False, None, {"outside": 1})
+
+    # the aggregation, on a stub bench_shape: bf16 takes 2 ms per projection, a variant v takes 1 + index(v) / 10
+    names = list(knobs.KNOB_SETTINGS)
+
+    def stub(model, proj, n, k, rows, modes, ceil):
+        assert list(modes) == ["bf16", *names]
+        return [GemmResult(model, proj, n, k, m, name, 2.0 if name == "bf16" else 1.0 + names.index(name) / 10,
+                           1, 1, 0.1, 0.5, None, 0.0) for m in rows for name in modes]
+    monkeypatch.setattr(knobs, "bench_shape", stub)
+    monkeypatch.setattr(knobs, "ceilings", lambda: {"copy_bytes_per_s": 1.0})
+    monkeypatch.setattr(knobs, "environment", lambda: {"gpu": "none"})
+    out = knobs.main()
+    assert out["layer_speedup_vs_bf16"][1] == {"bf16": 1.0, **{v: round(2.0 / (1.0 + i / 10), 4)
+                                                               for i, v in enumerate(names)}}
+    assert len(out["results"]) == 4 * len(names + ["bf16"])
+    json.dumps(out, default=str)
