@@ -26,10 +26,9 @@ right after their wait instead of at exit; session 21's run had it off), ``PDL_A
 ``overlap.ATTENTION_RELEASE_AT_START``: the attention kernels only; session 22), ``PDL_MERGE=1`` (each PDL variant again
 with ``decode_attention.MERGE_IN_SPLIT``: the last split program merges, no merge launch), ``PDL_WHOLE=1`` (each PDL
 variant again with ``decode_attention.WHOLE_SLICE_MAX = 64``: slices of at most 64 positions loaded at once, ahead of
-the wait; session 23), ``PDL_MAXNREG=<n>`` (each W4 PDL variant again with ``wq_batch1.MAX_REGISTERS = n``: at 128
-four batch-1 programs fit per SM instead of 3; session 23), ``PDL_ZERO_AFTER=1`` (each W4 PDL variant again with
-``wq_batch1.ZERO_AFTER``: the zero point taken off after the MMA, no FMA per two weights; session 23), ``PDL_PERSIST=0``
-(no persistent-tile variants).
+the wait; session 23), ``PDL_PERSIST=0`` (no persistent-tile variants). Session 25 timed two batch-1 levers here and
+removed them (a register cap of 128, the zero point after the MMA: +0.31-0.37 and +0.75-0.82 ms per step;
+``results/pdl_step_s25_levers_h100.json``, benchmarks/NOTES.md).
 
 Correctness in the same run: after each timing, ``REPLAYS`` replays of a fresh CUDA graph of the step:
 ``replays_bit_equal`` counts those equal bit for bit to the graph's first replay (a race — a load ahead of its
@@ -46,7 +45,7 @@ import os
 import torch
 from step_variants import time_step_variants  # the shared skeleton of the step A/B benchmarks
 
-from qwenquant.kernels import decode_attention, overlap, wq_batch1
+from qwenquant.kernels import decode_attention, overlap
 from qwenquant.runtime import fused
 
 MODES = ["bf16", *[m for m in os.environ.get("PDL_MODES", "w4g128-fused+head").split(",") if m and m != "bf16"]]
@@ -57,8 +56,6 @@ RELEASE = os.environ.get("PDL_RELEASE", "0") == "1"  # each PDL variant also wit
 ATTN_RELEASE = os.environ.get("PDL_ATTN_RELEASE", "0") == "1"  # ... with overlap.ATTENTION_RELEASE_AT_START
 MERGE = os.environ.get("PDL_MERGE", "0") == "1"  # each PDL variant also with decode_attention.MERGE_IN_SPLIT
 WHOLE = 64 if os.environ.get("PDL_WHOLE", "0") == "1" else 0  # ... also with decode_attention.WHOLE_SLICE_MAX
-MAXNREG = int(os.environ.get("PDL_MAXNREG", "0"))  # ... W4 also with wq_batch1.MAX_REGISTERS (0: not offered)
-ZERO_AFTER = os.environ.get("PDL_ZERO_AFTER", "0") == "1"  # ... W4 also with wq_batch1.ZERO_AFTER
 PERSIST = os.environ.get("PDL_PERSIST", "1") == "1"  # the W4 variants with persistent batch-1 tiles too
 REPLAYS = 20
 _first: dict[tuple[str, int], torch.Tensor] = {}  # (mode, batch) -> the first variant's logits
@@ -77,10 +74,8 @@ def use_persistent(on: bool) -> None:
 
 
 def _setup(pdl: bool, target: int, persist: bool, release: bool = False, merge: bool = False,
-           attn_release: bool = False, whole: int = 0, maxnreg: int = 0, zero_after: bool = False):
+           attn_release: bool = False, whole: int = 0):
     def setup() -> dict:
-        wq_batch1.MAX_REGISTERS = maxnreg or None
-        wq_batch1.ZERO_AFTER = zero_after
         overlap.PDL_ENABLED = pdl
         overlap.RELEASE_AT_START = release
         overlap.ATTENTION_RELEASE_AT_START = attn_release
@@ -104,11 +99,8 @@ def variants_for(mode: str) -> list:
     # (pdl, target, persist, release, attention release) -> + merge
     asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0]] if MERGE else [])
     asked = [(*a, 0) for a in asked] + ([(*a, WHOLE) for a in asked if a[0]] if WHOLE else [])
-    asked = [(*a, 0) for a in asked] + ([(*a, MAXNREG) for a in asked if a[0]] if MAXNREG and mode != "bf16" else [])
-    asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0]] if ZERO_AFTER and mode != "bf16" else [])
-    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "attn_release": ar, "merge": m, "whole": w,
-              "maxnreg": n, "zero_after": z}, _setup(pdl, t, p, r, m, ar, w, n, z))
-            for pdl, t, p, r, ar, m, w, n, z in asked]
+    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "attn_release": ar, "merge": m, "whole": w},
+             _setup(pdl, t, p, r, m, ar, w)) for pdl, t, p, r, ar, m, w in asked]
 
 
 def check_replays(mode: str, batch: int, fields: dict, dec) -> dict:

@@ -21,14 +21,14 @@ def test_step_benchmark_skeleton_runs_on_cpu(script, kind, bf16_variants, monkey
     from test_e2e_layers import tiny_model
 
     from qwenquant.bench import e2e
-    from qwenquant.kernels import decode_attention, overlap, wq_batch1
+    from qwenquant.kernels import decode_attention, overlap
     from qwenquant.runtime import fused
 
     # the variants' setups set these module knobs; restored after the test
     for module, names in ((overlap, ("PDL_ENABLED", "RELEASE_AT_START", "ATTENTION_RELEASE_AT_START")),
                           (decode_attention, ("MERGE_IN_SPLIT", "TARGET_PROGRAMS", "BATCH1_TARGET_PROGRAMS",
                                               "WHOLE_SLICE_MAX")),
-                          (fused, ("OFFER_BATCH1_PERSISTENT",)), (wq_batch1, ("MAX_REGISTERS", "ZERO_AFTER"))):
+                          (fused, ("OFFER_BATCH1_PERSISTENT",))):
         for name in names:
             monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setattr(fused.TUNER, "choices", fused.TUNER.choices)
@@ -69,15 +69,18 @@ def _e2e_pdl(monkeypatch):
     return __import__("e2e_pdl")
 
 
-@pytest.mark.parametrize("name,merge", [("pdl_step_s22_h100.json", True), ("pdl_step_s22_attn_release_h100.json", True)])
+@pytest.mark.parametrize("name,merge", [("pdl_step_s22_h100.json", True), ("pdl_step_s22_attn_release_h100.json", True),
+                                        ("pdl_step_s25_levers_h100.json", False)])
 def test_e2e_pdl_chooses_what_the_committed_ab_measured_fastest(name, merge, monkeypatch):
     """On session 22's committed A/Bs: PDL, 66 programs, per-block tiles, release at exit, merge in split (the fastest
-    W4 median at batch 1 in both files; its logits differ from the first variant's by rounding, which is allowed)."""
+    W4 median at batch 1 in both files; its logits differ from the first variant's by rounding, which is allowed).
+    Session 25's file also holds variants of two knobs since removed (register cap, zero after): skipped, PDL alone
+    chosen (that run had no merge variant)."""
     mod = _e2e_pdl(monkeypatch)
     steps = json.loads((BENCH / "results" / name).read_text())["steps"]
     choice, excluded, median = mod.choose(steps)
     assert choice == {"pdl": True, "target": 66, "persist": False, "release": False, "merge": merge,
-                      "attn_release": False, "whole": 0, "maxnreg": 0, "zero_after": False}, (choice, median)
+                      "attn_release": False, "whole": 0}, (choice, median)
     assert excluded == []
 
 
@@ -104,31 +107,25 @@ def test_e2e_pdl_never_chooses_a_variant_that_raced_or_changed_where_only_the_la
                                                 "r": (mod.overlap, "RELEASE_AT_START"),
                                                 "a": (mod.overlap, "ATTENTION_RELEASE_AT_START"),
                                                 "m": (mod.decode_attention, "MERGE_IN_SPLIT"),
-                                                "w": (mod.decode_attention, "WHOLE_SLICE_MAX"),
-                                                "n": (mod.wq_batch1, "MAX_REGISTERS"),
-                                                "z": (mod.wq_batch1, "ZERO_AFTER")}.items()}
+                                                "w": (mod.decode_attention, "WHOLE_SLICE_MAX")}.items()}
     try:
         mod.apply(choice)
         assert mod.decode_attention.BATCH1_TARGET_PROGRAMS == 66 and mod.fused.OFFER_BATCH1_PERSISTENT
         assert not (mod.overlap.RELEASE_AT_START or mod.overlap.ATTENTION_RELEASE_AT_START
-                    or mod.decode_attention.MERGE_IN_SPLIT or mod.decode_attention.WHOLE_SLICE_MAX
-                    or mod.wq_batch1.MAX_REGISTERS or mod.wq_batch1.ZERO_AFTER)
+                    or mod.decode_attention.MERGE_IN_SPLIT or mod.decode_attention.WHOLE_SLICE_MAX)
     finally:
         mod.decode_attention.BATCH1_TARGET_PROGRAMS, mod.fused.OFFER_BATCH1_PERSISTENT = saved["t"], saved["p"]
         mod.overlap.RELEASE_AT_START, mod.overlap.ATTENTION_RELEASE_AT_START = saved["r"], saved["a"]
         mod.decode_attention.MERGE_IN_SPLIT, mod.decode_attention.WHOLE_SLICE_MAX = saved["m"], saved["w"]
-        mod.wq_batch1.MAX_REGISTERS, mod.wq_batch1.ZERO_AFTER = saved["n"], saved["z"]
 
 
 # W4: none, PDL, persistent, PDL + persistent, PDL + persistent at 132 and 66 programs; bf16 has no persistent tiles.
 # session 22's third call (one target, no persistent tiles): none, PDL, + attention release, + merge, + both.
 # RELEASE then MERGE: each adds every PDL variant so far again (W4 4 → 10 → 18, bf16 3 → 7 → 13); session 23's call
-# (one target, no persistent tiles): none, PDL, + merge, + whole slices, + both; and the register cap (W4 only)
+# (one target, no persistent tiles): none, PDL, + merge, + whole slices, + both
 @pytest.mark.parametrize("flags,w4,bf16", [({}, 6, 4), ({"MERGE": True, "PERSIST": False, "ATTN_RELEASE": True}, 5, 5),
                                            ({"RELEASE": True, "MERGE": True}, 18, 13),
-                                           ({"MERGE": True, "PERSIST": False, "WHOLE": 64}, 5, 5),
-                                           ({"PERSIST": False, "WHOLE": 64, "MAXNREG": 128}, 5, 3),
-                                           ({"PERSIST": False, "MAXNREG": 128, "ZERO_AFTER": True}, 5, 2)])
+                                           ({"MERGE": True, "PERSIST": False, "WHOLE": 64}, 5, 5)])
 def test_pdl_step_variant_counts(flags, w4, bf16, monkeypatch):
     """``pdl_step.py``'s variants under its env flags (TARGETS 264,132,66 unless set): each flag adds every PDL
     variant again with that knob on."""
@@ -146,49 +143,8 @@ def test_pdl_step_variant_counts(flags, w4, bf16, monkeypatch):
 
 def test_e2e_pdl_overrides_parse_knobs_by_name(monkeypatch):
     mod = _e2e_pdl(monkeypatch)
-    assert mod.overrides("merge=1, whole=64,maxnreg=128") == {"merge": True, "whole": 64, "maxnreg": 128}
+    assert mod.overrides("merge=1, whole=64,target=132") == {"merge": True, "whole": 64, "target": 132}
     assert mod.overrides("") == {}
-    for bad in ("merg=1", "whole=lots", "whole"):
+    for bad in ("merg=1", "whole=lots", "whole", "maxnreg=128"):  # a removed knob is refused by name too
         with pytest.raises(SystemExit, match="E2E_PDL_SET"):
             mod.overrides(bad)
-
-
-def test_batch1_knobs_sets_each_variant_around_its_call_and_sums_the_layer(monkeypatch, tmp_path):
-    """``benchmarks/batch1_knobs.py`` on a CPU: each variant's call sees its own knobs and tuner state and leaves the
-    modules as they were (also when the call raises); the layer ratio is bf16's summed time over the variant's."""
-    from qwenquant.bench.gemm import GemmResult
-    from qwenquant.kernels import wq_batch1
-    from qwenquant.runtime import fused
-
-    monkeypatch.setattr(wq_batch1, "ZERO_AFTER", False)
-    monkeypatch.setattr(wq_batch1, "MAX_REGISTERS", None)
-    monkeypatch.setattr(fused.TUNER, "choices", {"outside": 1})
-    monkeypatch.syspath_prepend(str(BENCH))
-    knobs = __import__("batch1_knobs")
-    monkeypatch.setattr(knobs, "_choices", {})
-
-    seen = knobs._with_knobs("w4g128-fused+both")(lambda x: (wq_batch1.ZERO_AFTER, wq_batch1.MAX_REGISTERS,
-                                                              fused.TUNER.choices), None)
-    assert seen[:2] == (True, 128) and seen[2] is knobs._choices["w4g128-fused+both"] and seen[2] == {}
-
-    def boom(x):
-        raise RuntimeError("kernel failed")
-    with pytest.raises(RuntimeError):
-        knobs._with_knobs("w4g128-fused+zero_after")(boom, None)
-    assert (wq_batch1.ZERO_AFTER, wq_batch1.MAX_REGISTERS, fused.TUNER.choices) == (False, None, {"outside": 1})
-
-    # the aggregation, on a stub bench_shape: bf16 takes 2 ms per projection, a variant v takes 1 + index(v) / 10
-    names = list(knobs.KNOB_SETTINGS)
-
-    def stub(model, proj, n, k, rows, modes, ceil):
-        assert list(modes) == ["bf16", *names]
-        return [GemmResult(model, proj, n, k, m, name, 2.0 if name == "bf16" else 1.0 + names.index(name) / 10,
-                           1, 1, 0.1, 0.5, None, 0.0) for m in rows for name in modes]
-    monkeypatch.setattr(knobs, "bench_shape", stub)
-    monkeypatch.setattr(knobs, "ceilings", lambda: {"copy_bytes_per_s": 1.0})
-    monkeypatch.setattr(knobs, "environment", lambda: {"gpu": "none"})
-    out = knobs.main()
-    assert out["layer_speedup_vs_bf16"][1] == {"bf16": 1.0, **{v: round(2.0 / (1.0 + i / 10), 4)
-                                                               for i, v in enumerate(names)}}
-    assert len(out["results"]) == 4 * len(names + ["bf16"])
-    json.dumps(out, default=str)

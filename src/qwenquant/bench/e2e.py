@@ -458,7 +458,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
 
     from qwenquant.bench.hw import environment
     from qwenquant.kernels import decode_attention as attention_module
-    from qwenquant.kernels import overlap, wq_batch1
+    from qwenquant.kernels import overlap
     from qwenquant.runtime import auto, fused, native
 
     if attend not in ATTEND:  # before minutes of model building
@@ -514,8 +514,7 @@ def run(modes=tuple(E2E_MODES), n_layers: int = 36, out_path: str | None = None,
                "fold_norm": True, "epilogues": epilogues, "epilogue_max_m": fused.EPILOGUE_MAX_M,
                "projections": "merged qkv, gate_up" if merged else "separate q, k, v, o, gate, up, down",
                "fused_copies": ",".join(sorted(fused.FUSED_COPIES)) or "none", "fused_weights": fused.describe_weights(),
-               "batch1_persistent": fused.OFFER_BATCH1_PERSISTENT, "batch1_max_registers": wq_batch1.MAX_REGISTERS,
-               "batch1_zero_after": wq_batch1.ZERO_AFTER,
+               "batch1_persistent": fused.OFFER_BATCH1_PERSISTENT,
                "pdl": overlap.pdl_ok("cuda"), "pdl_release_at_start": overlap.RELEASE_AT_START,
                "pdl_attention_release_at_start": overlap.ATTENTION_RELEASE_AT_START,
                "inductor_pdl": _inductor_pdl(), "wgmma_ws": fused.OFFER_WGMMA_WS,

@@ -100,9 +100,6 @@ def render(results_dir: str = "benchmarks/results", out_md: str = "BENCHMARKS.md
                      if e.get("attention_merge_in_split") else "")
                   + (f"; slices of at most {e['attention_whole_slice_max']} positions loaded at once, before the wait"
                      if e.get("attention_whole_slice_max") else "")
-                  + (f"; batch-1 W4 kernels capped at {e['batch1_max_registers']} registers"
-                     if e.get("batch1_max_registers") else "")
-                  + ("; batch-1 W4 kernels take the zero point off after the MMA" if e.get("batch1_zero_after") else "")
                   + ("; our kernels release the next kernel at their start" if e.get("pdl_release_at_start") else
                      "; the attention kernels release the next kernel at their start"
                      if e.get("pdl_attention_release_at_start") else "")

@@ -44,7 +44,6 @@ Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors (``unpack_kt
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -56,30 +55,11 @@ from qwenquant.kernels.overlap import INTERPRETED as _INTERPRETED
 from qwenquant.kernels import overlap
 from qwenquant.kernels.overlap import pdl_ok, release_dependents, wait_for_producer
 from qwenquant.kernels.tiles import result_tensor
-from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _field_plus_magic,
-                                         _scale_and_zneg, split_k_workspace)
+from qwenquant.kernels.wq_ktiled import (_add_partial, _check_operands, _field_minus_zero, _scale_and_zneg,
+                                         split_k_workspace)
 from qwenquant.numerics.ktiled import SUB, tile_columns
 
 MAX_M = 16  # rows of x: the MMA's N (x is padded to 16)
-# Registers per thread the batch-1 kernels may use (Triton's ``maxnreg``; None: ptxas decides, 158-168 on sm_90a for
-# every tile of ``fused.BATCH1``, so 3 programs of 4 warps per SM). Session 23's pattern benchmark found the batch-1
-# GEMMs bound by the dequantization's issue and latency, not their loads, and its stand-in faster with more programs per
-# SM; at 128 four fit (ptxas then spills 64-80 bytes per thread). A/B: benchmarks/pdl_step.py with PDL_MAXNREG=128.
-_maxnreg_env = os.environ.get("QWENQUANT_BATCH1_MAXNREG", "").strip()
-if _maxnreg_env and not (_maxnreg_env.isdigit() and 64 <= int(_maxnreg_env) <= 255):
-    raise ValueError(f"QWENQUANT_BATCH1_MAXNREG={_maxnreg_env!r}: expected a register count from 64 to 255, or unset "
-                     "(ptxas decides)")
-MAX_REGISTERS: int | None = int(_maxnreg_env) if _maxnreg_env else None
-# The zero point after the MMA (session 23; off until a GPU A/B, QWENQUANT_BATCH1_ZERO_AFTER=1): the tile feeds the MMA
-# magic + code straight from PRMT + LOP3 — no paired FMA per two weights — and takes (magic + zero) · Σ x off each
-# scale group's partial sums, Σ x from a second MMA of a ones tile with the same x slices (so it lands in the partial
-# sums' register layout: no shuffles). The fp32 sums carry magic · Σ x before the correction (≈ 128× with bf16 x, 1024×
-# with fp16): ≈ 7 / 10 of fp32's 24 bits, still far below the 16-bit output's rounding.
-_zero_after_env = os.environ.get("QWENQUANT_BATCH1_ZERO_AFTER", "0").strip()
-if _zero_after_env not in ("0", "1"):
-    raise ValueError(f"QWENQUANT_BATCH1_ZERO_AFTER={_zero_after_env!r}: expected 0 (the zero subtracted per pair of "
-                     "weights) or 1 (per scale group, after the MMA)")
-ZERO_AFTER = _zero_after_env == "1"
 BITS_OK = (2, 4)
 # epilogues (``_batch1_kernel``'s EPI): what a program does with its [BN, M] block of x · Ŵᵀ besides storing it
 SILU_MUL = 1  # silu(gate) · up of a merged [gate; up] projection
@@ -94,8 +74,7 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
                    GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                    KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, EPI: tl.constexpr = 0,
                    NORM_IN: tl.constexpr = False, PB: tl.constexpr = 1, PDL: tl.constexpr = False,
-                   PERSIST: tl.constexpr = False, RELEASE_AT_START: tl.constexpr = False,
-                   ZERO_AFTER: tl.constexpr = False):
+                   PERSIST: tl.constexpr = False, RELEASE_AT_START: tl.constexpr = False):
     """y[:, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ for one program (or its share of K when SPLITS > 1): KB k-tiles per step,
     every word of a step in one load.
 
@@ -119,11 +98,11 @@ def _batch1_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, 
         for tile in tl.range(pid, blocks, tl.num_programs(0), flatten=True):
             _batch1_tile(tile, 0, x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, hw_ptr, ss_in_ptr,
                          ss_out_ptr, eps, P_IN, M, N, K, stride_xm, stride_ym, tiles_per_split, GROUP, BITS, SUBK, BN,
-                         BM, KB, SPLITS, LOP3, EPI, NORM_IN, PB, ZERO_AFTER)
+                         BM, KB, SPLITS, LOP3, EPI, NORM_IN, PB)
     else:
         _batch1_tile(pid, tl.program_id(1), x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr, nw_ptr, hw_ptr,
                      ss_in_ptr, ss_out_ptr, eps, P_IN, M, N, K, stride_xm, stride_ym, tiles_per_split, GROUP, BITS,
-                     SUBK, BN, BM, KB, SPLITS, LOP3, EPI, NORM_IN, PB, ZERO_AFTER)
+                     SUBK, BN, BM, KB, SPLITS, LOP3, EPI, NORM_IN, PB)
 
 
 @triton.jit
@@ -131,10 +110,8 @@ def _batch1_tile(pid, pid_k, x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr
                  ss_out_ptr, eps, P_IN, M, N, K, stride_xm, stride_ym, tiles_per_split,
                  GROUP: tl.constexpr, BITS: tl.constexpr, SUBK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                  KB: tl.constexpr, SPLITS: tl.constexpr, LOP3: tl.constexpr, EPI: tl.constexpr,
-                 NORM_IN: tl.constexpr, PB: tl.constexpr, ZERO_AFTER: tl.constexpr = False):
-    """Row block ``pid`` (and K share ``pid_k``) of ``_batch1_kernel``. ``ZERO_AFTER``: the MMA takes magic + code
-    (PRMT + LOP3 per pair of weights, no FMA); a second MMA of a ones tile with the same x slices gives Σ x per row
-    already in the partial sums' shape, and each scale group's sums lose (magic + zero) · Σ x (module's ``ZERO_AFTER``)."""
+                 NORM_IN: tl.constexpr, PB: tl.constexpr):
+    """Row block ``pid`` (and K share ``pid_k``) of ``_batch1_kernel``."""
     CPW: tl.constexpr = 32 // BITS
     T: tl.constexpr = CPW * SUBK  # columns per k-tile
     FOLD: tl.constexpr = GROUP // SUBK if GROUP < T else CPW  # fields per scale group inside a k-tile
@@ -168,25 +145,16 @@ def _batch1_tile(pid, pid_k, x_ptr, w_ptr, sz_ptr, y_ptr, ws_ptr, cnt_ptr, r_ptr
                 g = (col0 + t * SUBK) // GROUP  # [KB]
                 sz = tl.load(sz_ptr + g[:, None] * N + rn_c[None, :])  # [KB, BN] int32
                 s, zneg = _scale_and_zneg(sz, x_ptr.dtype.element_ty, MAGIC16)
-            if ZERO_AFTER:
-                wt = _field_plus_magic(w, t, BITS, BPW, IS_BF16, LOP3)  # [KB, BN, SUB] magic + code
-            else:
-                wt = _field_minus_zero(w, zneg[:, :, None] + tl.zeros(w.shape, zneg.dtype), t, BITS, BPW, IS_BF16,
-                                       LOP3)  # [KB, BN, SUB] code - zero
+            wt = _field_minus_zero(w, zneg[:, :, None] + tl.zeros(w.shape, zneg.dtype), t, BITS, BPW, IS_BF16,
+                                   LOP3)  # [KB, BN, SUB] code - zero
             # x slice t of every k-tile, transposed for the MMA: [KB, SUB, BM]
             xt = tl.load(x_ptr + rm[None, None, :] * stride_xm + (col0 + t * SUBK)[:, None, None] + rj[None, :, None],
                          mask=m_mask[None, None, :], other=0.0)
             if t % FOLD == 0:
                 part = tl.dot(wt, xt)  # [KB, BN, BM]: one partial sum per k-tile
-                if ZERO_AFTER:  # [KB, BN, BM]: Σ x over the group's columns so far, every row alike
-                    xs = tl.dot(tl.full(wt.shape, 1.0, wt.dtype), xt)
             else:
                 part = tl.dot(wt, xt, part)
-                if ZERO_AFTER:
-                    xs = tl.dot(tl.full(wt.shape, 1.0, wt.dtype), xt, xs)
             if t % FOLD == FOLD - 1:
-                if ZERO_AFTER:  # Σ (magic + code)·x − (magic + zero)·Σ x = Σ (code − zero)·x
-                    part = part + zneg.to(tl.float32)[:, :, None] * xs
                 acc += part * s[:, :, None]
     y = tl.sum(acc, axis=0)  # [BN, BM]
     if NORM_IN:
@@ -397,9 +365,8 @@ def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, b
          m, words.shape[0], k, x2.stride(0), y.stride(0), per),
         GROUP=group, BITS=bits, SUBK=SUB, BN=bn, BM=8 if m <= 8 else 16, KB=kb, SPLITS=splits, LOP3=not _INTERPRETED,
         EPI=epi, NORM_IN=norm is not None, PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
-        PDL=pdl, PERSIST=persist > 0, RELEASE_AT_START=pdl and overlap.RELEASE_AT_START, ZERO_AFTER=ZERO_AFTER,
-        num_warps=num_warps, num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
-        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS and not _INTERPRETED else {}))
+        PDL=pdl, PERSIST=persist > 0, RELEASE_AT_START=pdl and overlap.RELEASE_AT_START, num_warps=num_warps,
+        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -416,8 +383,7 @@ def _cuda_sm_count(index: int) -> int:
 
 def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4, splits: int = 1, bits: int = 4,
                      group: int = 128, m: int = 1, epi: int = 0, norm_slots: int = 0, pdl: bool = False,
-                     persist: bool = False, release_at_start: bool = False, maxnreg: int | None = None,
-                     zero_after: bool = False):
+                     persist: bool = False, release_at_start: bool = False):
     """Compile ``_batch1_kernel`` for an H100 (sm_90a) on any machine (the Triton wheel carries ptxas), as the launcher
     specializes it for ``m`` rows (x padded to 8 MMA columns up to M = 8); the default is the tile the tuner takes for
     Qwen3-8B's down projection at M = 1. ``epi``: an epilogue (``SILU_MUL``, ``ADD_RESIDUAL``); ``norm_slots`` > 0:
@@ -436,11 +402,10 @@ def compile_for_sm90(bn: int = 32, kb: int = 4, warps: int = 4, stages: int = 4,
     const = {"GROUP": group, "BITS": bits, "SUBK": SUB, "BN": bn, "BM": 8 if m <= 8 else 16, "KB": kb, "SPLITS": splits,
              "LOP3": True, "EPI": epi, "NORM_IN": norm_slots > 0,
              "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1, "PDL": pdl, "PERSIST": persist,
-             "RELEASE_AT_START": release_at_start, "ZERO_AFTER": zero_after}
+             "RELEASE_AT_START": release_at_start}
     names = list(sig)
     unaligned = ("M", "tiles_per_split", "eps", "P_IN")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in unaligned}
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(fn=_batch1_kernel, signature=sig, constexprs=const, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})

@@ -315,36 +315,6 @@ def _codes_minus_zero(src, sel, zneg, BITS: tl.constexpr, IS_BF16: tl.constexpr,
 
 
 @triton.jit
-def _codes_plus_magic(src, sel, BITS: tl.constexpr, IS_BF16: tl.constexpr, LOP3: tl.constexpr):
-    """``_codes_minus_zero`` without its paired FMA: magic + code (128 + code in bf16, 1024 + code in fp16), exact.
-    The caller takes (magic + zero) · Σ x off after the MMA, once per scale group (``wq_batch1``'s ``ZERO_AFTER``):
-    PRMT + LOP3 per pair of weights."""
-    if LOP3:
-        if IS_BF16:
-            out = tl.inline_asm_elementwise(
-                "{ .reg .b32 p; prmt.b32 p, $1, $2, $3; lop3.b32 $0, p, $5, 0x43004300, 0xEA; }",
-                "=r,r,r,r,r,r,r", [src, sel, tl.full(src.shape, ((1 << BITS) - 1) * 0x10001, tl.int32)],
-                dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(
-                "{ .reg .b32 p; prmt.b32 p, $1, $2, $3; lop3.b32 $0, p, $5, 0x64006400, 0xEA; }",
-                "=r,r,r,r,r,r,r", [src, sel, tl.full(src.shape, ((1 << BITS) - 1) * 0x10001, tl.int32)],
-                dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        code = (src & ((1 << BITS) - 1)).to(tl.float32)
-        out = (code + (128.0 if IS_BF16 else 1024.0)).to(tl.bfloat16 if IS_BF16 else tl.float16)
-    return out
-
-
-@triton.jit
-def _field_plus_magic(w, T_IDX: tl.constexpr, BITS: tl.constexpr, BPW: tl.constexpr, IS_BF16: tl.constexpr,
-                      LOP3: tl.constexpr):
-    """magic + code of field ``T_IDX`` of every word of ``w``: ``_field_minus_zero`` without the zero."""
-    src, sel = _field_source(w, T_IDX, BITS, BPW, LOP3)
-    return _codes_plus_magic(src, sel, BITS, IS_BF16, LOP3)
-
-
-@triton.jit
 def _scale_and_zneg(sz, DTYPE: tl.constexpr, MAGIC16: tl.constexpr):
     """The packed scale/zero words (``fp16 scale bits << 16 | zero``, any shape) as the fp32 scale and
     -(MAGIC16 + zero) in x's 16-bit type (exact: the zero is a small integer)."""
@@ -359,21 +329,13 @@ def _field_minus_zero(w, zneg, T_IDX: tl.constexpr, BITS: tl.constexpr, BPW: tl.
     """(code - zero) of field ``T_IDX`` of every word of ``w`` (any shape; ``zneg`` already in w's shape), as exact
     small integers in x's 16-bit type: the word shifted so the field sits at the bottom of its byte, then
     ``_codes_minus_zero``'s PRMT / LOP3 / paired FMA."""
-    src, sel = _field_source(w, T_IDX, BITS, BPW, LOP3)
-    return _codes_minus_zero(src, sel, zneg, BITS, IS_BF16, LOP3)
-
-
-@triton.jit
-def _field_source(w, T_IDX: tl.constexpr, BITS: tl.constexpr, BPW: tl.constexpr, LOP3: tl.constexpr):
-    """(the words shifted so field ``T_IDX`` sits at the bottom of its byte, the PRMT selector gathering that byte of
-    two words into the two half-words) — what ``_codes_minus_zero`` / ``_codes_plus_magic`` take."""
     b = T_IDX // BPW  # the byte holding field T_IDX
     r = T_IDX % BPW  # its position inside the byte
     src = w >> (r * BITS) if r > 0 else w
     if not LOP3:  # interpreter: the plain path reads the field from its byte directly
         src = w >> (T_IDX * BITS)
     sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
-    return src, tl.full(src.shape, sel, tl.int32)
+    return _codes_minus_zero(src, tl.full(src.shape, sel, tl.int32), zneg, BITS, IS_BF16, LOP3)
 
 
 @triton.jit
