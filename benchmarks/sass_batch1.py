@@ -16,10 +16,6 @@ import re
 import subprocess
 import sys
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 from qwenquant.kernels import wq_batch1 as B  # noqa: E402
@@ -27,15 +23,9 @@ from sass_ktiled import BIN  # noqa: E402
 
 
 def build(bn: int, kb: int, warps: int, stages: int, bm: int = 8, bits: int = 4, group: int = 128):
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*bf16", "cnt_ptr": "*bf16",
-           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "tiles_per_split": "i32"}
-    const = {"GROUP": group, "BITS": bits, "SUBK": 32, "BN": bn, "BM": bm, "KB": kb, "SPLITS": 1, "LOP3": True}
-    # every argument but M (1 at decode) and the k-tiles per split specialized as divisible by 16, as the launcher
-    # does for the Qwen3 shapes; split-K off (ws / cnt are y then, as batch1_gemm passes them)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig)) if i not in (6, 11)}
-    sig.update({name: "constexpr" for name in const})
-    src = ASTSource(fn=B._batch1_kernel, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    """The kernel as the launcher specializes it (``wq_batch1.compile_for_sm90``, which the CPU tests keep in step with
+    the kernel's signature): ``bm`` 8 is the decode build (M ≤ 8), 16 the M = 9–16 one."""
+    return B.compile_for_sm90(bn, kb, warps, stages, bits=bits, group=group, m=1 if bm <= 8 else 16)
 
 
 def report(bn: int, kb: int, warps: int, stages: int, bm: int = 8) -> str:
