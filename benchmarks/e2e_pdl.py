@@ -25,6 +25,10 @@ from qwenquant.runtime import fused
 # a variant's fields in pdl_step.json, with the value a file written before the field existed means
 KNOBS = {"pdl": False, "target": 264, "persist": False, "release": False, "merge": False, "attn_release": False,
          "whole": 0}
+# the knobs that change the arithmetic (tile sums, softmax order); the others change only how kernels launch, so a
+# variant differing from the first only in those must reproduce its logits bit for bit (a new knob that changes the
+# arithmetic must be listed here, or its variants are held to bit equality and excluded)
+ARITHMETIC = ("target", "persist", "merge", "whole")
 # knobs a pdl_step.json may hold that no longer exist (session 25 timed them, they lost and went): such variants are
 # skipped, so a committed file still picks among what this code can run
 RETIRED = ("maxnreg", "zero_after")
@@ -45,8 +49,7 @@ def choose(steps: list[dict]) -> tuple[dict, list[dict], dict]:
         knobs = tuple(s.get(k, default) for k, default in KNOBS.items())
         if s["mode"] != "bf16" and s["batch"] == 1:
             times.setdefault(knobs, []).append(s["step_ms"])
-        only_launch_differs = (not s.get("persist") and not s.get("merge") and not s.get("whole")
-                               and s.get("target", 264) == first.get("target", 264))
+        only_launch_differs = all(s.get(k, KNOBS[k]) == first.get(k, KNOBS[k]) for k in ARITHMETIC)
         if s["replays_bit_equal"] < s["replays"] or (only_launch_differs and not s["bit_equal_first_variant"]):
             bad.add(knobs)
     median = {k: statistics.median(v) for k, v in times.items()}
