@@ -9,7 +9,8 @@ sets the modules' knobs to it (the attention target at batch 1 only) and runs ``
 pdl=...)`` (default both W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on
 torch.compile's PDL too, for bf16 and W4 alike (the A/B kept it off to avoid recompiling the step per variant).
 ``E2E_PDL_SET="merge=1,whole=64"`` sets knobs on top of the choice (an A/B of one knob, run on top of what earlier
-A/Bs chose); the e2e file records every knob as run. Variants of knobs since removed (``RETIRED``, in files of session 25) are never chosen.
+A/Bs chose); the e2e file records every knob as run. Variants of knobs since removed (``RETIRED``, in files of
+session 25) are never chosen.
 """
 
 from __future__ import annotations
