@@ -1,0 +1,290 @@
+"""Batch-1 (M <= 8) W4A16 for Hopper in Gluon: each word's fields land straight in the MMA operand registers.
+
+Why. ``wq_batch1`` (Triton) is latency-bound at decode: ≈ 12 warps per SM and 3.84 SASS instructions per weight
+(offline sm_90a, the gate_up tile), of which the dequantization proper (PRMT + LOP3 + one paired add per two weights)
+is only 1.5; the rest is the shared-memory round trip of the words (cp.async, LDS into the dot layout), the address
+arithmetic around it and per-step bookkeeping (benchmarks/NOTES.md, sessions 23-25: every Triton-level lever on it —
+register cap, zero after the MMA, smaller tiles, stages, persistence, TMA — was measured and lost). Triton chooses the
+dot operand's register layout itself; Gluon lets the kernel name it, so the words can be loaded from global memory
+directly into the registers that become the MMA's A operand, with no shared memory and no shuffle.
+
+The K permutation. An MMA sums over K in any order as long as both operands agree. In the k-tiled layout
+(``numerics.ktiled``) word j of k-tile b holds columns b·256 + t·32 + j, t = 0 … 7 (4-bit). The A operand of
+``mma_v2`` with ``k_width = 4`` gives each thread 4 consecutive *logical* K values per 16 (lanes c = 0 … 3 take
+4c … 4c + 3, registers step i = 0 … 7 take 16 i more). Define, per k-tile half H (fields 4H … 4H + 3, i.e. columns
+H·128 … H·128 + 127 — one scale group for any group that is a multiple of 128):
+
+    logical K = e + 4c + 16 i   <->   column (4H + e)·32 + 8c + i   (e = 0 … 3)
+
+so the four values a thread holds for (row, c, i) are fields 4H … 4H + 3 of *one* word, j = 8c + i: each thread
+loads words 8c … 8c + 7 of its rows (two 16-byte loads per row and k-tile) and unpacks them in place. x is loaded
+with the same permutation (16-byte loads along i, then a register repack into pairs along e). The layouts are
+written out as linear layouts and every conversion between them is checked to move no data (``assert_trivial``) at
+compile time.
+
+Unpacking (exact small integers, as ``wq_batch1``; the scale is applied after the MMA, per group and row):
+bf16 — PRMT puts byte b of w and of w >> 4 in the two halves, LOP3 keeps each low nibble | the exponent of 128, one
+bf16x2 add of -(128 + zero): 3 instructions per two weights plus one shift per word. fp16 — no shift: PRMT puts byte
+b in both halves, LOP3 keeps the low nibble of half 0 and the high nibble of half 1 (1024 + f, 1024 + 16 f: fp16's 10
+mantissa bits hold both, bf16's 7 do not), one f16x2 FMA by (1, 1/16) plus (-(1024 + zero), -(64 + zero)).
+
+Program: BN weight rows (16 per MMA row tile) × W warps; warp w takes k-tiles w, w + W, … (the mma layout's batch
+dimension is the k-tile, so each warp runs its own MMA chain), the next step's words, x and scales loaded before
+this step's arithmetic (``prefetch``), and the W partial sums meet once at the end (a cross-warp reduction through
+shared memory). Offline sm_90a (``compile_for_sm90``): BN 16 × 4 warps holds 128 registers (four programs, 16 warps
+per SM), ≈ 3.1 SASS per weight in its loop; BN 32 × 4 warps 175 registers, ≈ 2.7.
+
+Requirements: an sm_90 GPU with Gluon; 4-bit k-tiled words, group a multiple of 128; x bf16/fp16 with 1 to 8 rows;
+N a multiple of BN; K a multiple of 256·W. Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qwenquant.kernels.launch import launch_kernel
+from qwenquant.kernels.tiles import result_tensor
+from qwenquant.kernels.wq_ktiled import _check_operands
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    GLUON = True
+except ImportError:  # pragma: no cover
+    GLUON = False
+
+MAX_M = 8  # rows of x: the MMA's N
+BITS = 4
+TILE = 256  # columns per k-tile (4-bit)
+# (bn, warps, prefetch) offered for timing; the first is the default
+CONFIGS = ((16, 4, True), (32, 4, True), (16, 8, True), (16, 4, False), (32, 2, True), (16, 2, True))
+
+
+def mma_ok(device: torch.device | str, bits: int, group: int, m: int, n: int, k: int, bn: int = 16,
+           warps: int = 4) -> bool:
+    """Whether ``batch1_mma_gemm`` can run this problem on ``device`` with this tile."""
+    device = torch.device(device)
+    if not GLUON or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    return (bits == BITS and group % 128 == 0 and k % group == 0 and 1 <= m <= MAX_M and n % bn == 0
+            and k % (TILE * warps) == 0)
+
+
+if GLUON:
+
+    @gluon.constexpr_function
+    def _layouts(W, BN):
+        """The kernel's register layouts, as linear layouts (bases: which tensor index each register / lane / warp
+        bit adds). mma: the [W, BN, 8] accumulator (warps over the k-tile batch); a / b: its operands, k_width 4;
+        words_ld: [W, BN, 4 (c), 8 (i)] words as loaded (8 consecutive words per thread and row); words: [W, BN, 32]
+        with l = c + 4 i, the registers in the order the A operand wants them; unpack: [W, BN, 32, 4 (e)] words ×
+        fields; x_ld: [W, 4 (e), 4 (c), 8 (i), 8 (n)] x as loaded (8 consecutive columns per thread)."""
+        mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+        a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+        b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+        row_bits = BN.bit_length() - 4  # row 8, 16, 32 … in registers (rows 1, 2, 4 are lanes)
+        warps3 = [[1 << q, 0, 0] for q in range(W.bit_length() - 1)]
+        words_ld = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]] + [[0, 8 << r, 0, 0] for r in range(row_bits)],
+            lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
+            warp_bases=[w + [0] for w in warps3], block_bases=[], shape=[W, BN, 4, 8])
+        regs3 = [[0, 8, 0], [0, 0, 4], [0, 0, 8], [0, 0, 16]] + [[0, 8 << r, 0] for r in range(1, row_bits)]
+        lanes3 = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+        words = gl.DistributedLinearLayout(reg_bases=regs3, lane_bases=lanes3, warp_bases=warps3, block_bases=[],
+                                           shape=[W, BN, 32])
+        unpack = gl.DistributedLinearLayout(reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2]] + [r + [0] for r in regs3],
+                                            lane_bases=[v + [0] for v in lanes3], warp_bases=[w + [0] for w in warps3],
+                                            block_bases=[], shape=[W, BN, 32, 4])
+        x_ld = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0]],
+            lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 0, 4]],
+            warp_bases=[w + [0, 0] for w in warps3], block_bases=[], shape=[W, 4, 4, 8, 8])
+        return mma, a, b, words_ld, words, unpack, x_ld
+
+    @gluon.constexpr_function
+    def _unpack_asm(H, IS_BF16):
+        """PTX for 4 values, fields 4H … 4H + 3 of one word (byte b = 2H, then 2H + 1; byte b holds fields 2b and
+        2b + 1 in its low and high nibble) -> two 16-bit pairs of (code - zero).
+        bf16: $2 = w, $6 = w >> 4, $10 = the row's (-(128 + zero)) pair. fp16: $2 = w, $6 / $7 = the constant pair
+        (1, 1/16), $8 / $9 = the row's (-(1024 + zero), -(64 + zero)) pair."""
+        if IS_BF16:
+            s0, s1 = [b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12) for b in (2 * H, 2 * H + 1)]
+            return (f"{{ .reg .b32 p, q; prmt.b32 p, $2, $6, {s0}; prmt.b32 q, $2, $6, {s1}; "
+                    f"lop3.b32 p, p, {0x000F000F}, {0x43004300}, 0xEA; lop3.b32 q, q, {0x000F000F}, {0x43004300}, 0xEA; "
+                    f"add.rn.bf16x2 $0, p, $10; add.rn.bf16x2 $1, q, $10; }}")
+        s0, s1 = 2 * H * 0x1111, (2 * H + 1) * 0x1111
+        return (f"{{ .reg .b32 p, q; prmt.b32 p, $2, 0, {s0}; prmt.b32 q, $2, 0, {s1}; "
+                f"lop3.b32 p, p, {0x00F0000F}, {0x64006400}, 0xEA; lop3.b32 q, q, {0x00F0000F}, {0x64006400}, 0xEA; "
+                f"fma.rn.f16x2 $0, p, $6, $8; fma.rn.f16x2 $1, q, $7, $9; }}")
+
+    @gluon.jit
+    def _unpack_half(words, zneg, zneg16, H: gl.constexpr, unpack: gl.constexpr, a_l: gl.constexpr,
+                     IS_BF16: gl.constexpr):
+        """Fields 4H … 4H + 3 of every word [W, BN, 32] -> the A operand [W, BN, 128] of (code - zero), logical K
+        = 4 l + e. ``zneg`` / ``zneg16`` [W, BN]: -(magic + zero) and (fp16) -(magic / 16 + zero) per row."""
+        W: gl.constexpr = words.shape[0]
+        BN: gl.constexpr = words.shape[1]
+        shape: gl.constexpr = [W, BN, 32, 4]
+        S3: gl.constexpr = gl.SliceLayout(3, unpack)
+        we = gl.expand_dims(gl.convert_layout(words, S3, assert_trivial=True), 3) + gl.zeros(shape, gl.int32, unpack)
+        zlo = gl.expand_dims(gl.expand_dims(gl.convert_layout(zneg, gl.SliceLayout(2, S3)), 2), 3)
+        ASM: gl.constexpr = _unpack_asm(H, IS_BF16)
+        if IS_BF16:
+            te = gl.expand_dims(gl.convert_layout(words >> 4, S3, assert_trivial=True), 3)
+            we, te = gl.broadcast(we, te)
+            we, ze = gl.broadcast(we, zlo)
+            out = gl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r,r", [we, te, ze], dtype=ze.dtype,
+                                            is_pure=True, pack=4)
+        else:
+            E: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, unpack)))
+            odd = (gl.arange(0, 4, layout=E) % 2 == 1)[None, None, None, :]  # a byte's high nibble: 1024 + 16 f
+            zhi = gl.expand_dims(gl.expand_dims(gl.convert_layout(zneg16, gl.SliceLayout(2, S3)), 2), 3)
+            ze = gl.where(odd, zhi, zlo)
+            te = gl.where(odd, gl.full(shape, 0.0625, zneg.dtype, unpack), gl.full(shape, 1.0, zneg.dtype, unpack))
+            we, ze = gl.broadcast(we, ze)
+            out = gl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r", [we, te, ze], dtype=ze.dtype,
+                                            is_pure=True, pack=4)
+        return gl.convert_layout(gl.reshape(out, [W, BN, 128]), a_l, assert_trivial=True)
+
+    @gluon.jit
+    def _load_x(x_ptr, M, stride_xm, kt, H: gl.constexpr, W: gl.constexpr, x_ld: gl.constexpr, b_l: gl.constexpr):
+        """x's columns of half H of k-tiles kt + w (w = 0 … W-1) as the B operand [W, 128, 8]: logical K
+        e + 4c + 16i is column (4H + e)·32 + 8c + i; rows of x at or past M are zeros (no load)."""
+        L0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
+        L1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
+        L2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
+        L3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, x_ld))))
+        L4: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, x_ld))))
+        bw = gl.arange(0, W, layout=L0)
+        e = gl.arange(0, 4, layout=L1)
+        c = gl.arange(0, 4, layout=L2)
+        i = gl.arange(0, 8, layout=L3)
+        n = gl.arange(0, 8, layout=L4)
+        off = (((kt + bw) * 256)[:, None, None, None, None] + ((4 * H + e) * 32)[None, :, None, None, None]
+               + (8 * c)[None, None, :, None, None] + i[None, None, None, :, None]
+               + (n * stride_xm)[None, None, None, None, :])
+        xv = gl.load(x_ptr + off, mask=(n < M)[None, None, None, None, :], other=0.0)  # [W, e, c, i, n]
+        xv = gl.permute(xv, (0, 3, 2, 1, 4))  # [W, i, c, e, n]: logical K = 16 i + 4 c + e
+        return gl.convert_layout(gl.reshape(xv, [W, 128, 8]), b_l)
+
+    @gluon.jit
+    def _half(acc, zero, words, sz, b, H: gl.constexpr, MAGIC: gl.constexpr, DT: gl.constexpr,
+              words_l: gl.constexpr, unpack: gl.constexpr, a_l: gl.constexpr, IS_BF16: gl.constexpr):
+        """acc + scale · Σ (code - zero)·x over half H of each warp's k-tile (one scale group)."""
+        s = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        zf = (sz & 0xFFFF).to(gl.float32)
+        zneg = gl.convert_layout((-(zf + MAGIC)).to(DT), gl.SliceLayout(2, words_l))
+        zneg16 = gl.convert_layout((-(zf + MAGIC / 16)).to(DT), gl.SliceLayout(2, words_l))
+        a = _unpack_half(words, zneg, zneg16, H, unpack, a_l, IS_BF16)
+        part = mma_v2(a, b, zero)
+        return acc + part * s[:, :, None]
+
+    @gluon.jit
+    def _batch1_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym, GROUP: gl.constexpr,
+                           BN: gl.constexpr, W: gl.constexpr, IS_BF16: gl.constexpr, PREFETCH: gl.constexpr):
+        """y[:M, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ, one row block per program, all of K (see the module docstring)."""
+        mma: gl.constexpr = _layouts(W, BN)[0]
+        a_l: gl.constexpr = _layouts(W, BN)[1]
+        b_l: gl.constexpr = _layouts(W, BN)[2]
+        words_ld: gl.constexpr = _layouts(W, BN)[3]
+        words_l: gl.constexpr = _layouts(W, BN)[4]
+        unpack: gl.constexpr = _layouts(W, BN)[5]
+        x_ld: gl.constexpr = _layouts(W, BN)[6]
+        MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
+        DT: gl.constexpr = gl.bfloat16 if IS_BF16 else gl.float16
+        Q: gl.constexpr = GROUP // 128  # k-tile halves per scale group
+        n0 = gl.program_id(0) * BN
+        kw = gl.multiple_of(K // 8, 32)  # words per row
+        # word offsets [W, BN, 4 (c), 8 (i)] of k-tile w: row n0 + r, word w·32 + 8c + i
+        P0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, words_ld)))
+        P1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, words_ld)))
+        P2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, words_ld)))
+        P3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, words_ld)))
+        bw = gl.arange(0, W, layout=P0)
+        r = gl.arange(0, BN, layout=P1)
+        c = gl.arange(0, 4, layout=P2)
+        i = gl.arange(0, 8, layout=P3)
+        woff = (bw[:, None, None, None] * 32 + ((n0 + r) * kw)[None, :, None, None] + (8 * c)[None, None, :, None]
+                + i[None, None, None, :])
+        # scale/zero words [W, BN] in the accumulator's row layout: half h of k-tile t is group (2t + h) // Q
+        sb = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, mma)))
+        rows = (n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma))))[None, :]
+        acc = gl.zeros([W, BN, 8], gl.float32, mma)
+        zero = gl.zeros([W, BN, 8], gl.float32, mma)
+        n_kt = K // 256
+        words = gl.load(w_ptr + woff)
+        x0 = _load_x(x_ptr, M, stride_xm, 0, 0, W, x_ld, b_l)
+        x1 = _load_x(x_ptr, M, stride_xm, 0, 1, W, x_ld, b_l)
+        sz0 = gl.load(sz_ptr + ((2 * sb) // Q)[:, None] * N + rows)
+        sz1 = gl.load(sz_ptr + ((2 * sb + 1) // Q)[:, None] * N + rows)
+        for kt in range(0, n_kt, W):
+            # the next step's operands (the last step reloads its own: no masks in the loop) before this step's math
+            nk = gl.minimum(kt + W, n_kt - W) if PREFETCH else kt
+            words_n = gl.load(w_ptr + woff + nk * 32)
+            x0n = _load_x(x_ptr, M, stride_xm, nk, 0, W, x_ld, b_l)
+            x1n = _load_x(x_ptr, M, stride_xm, nk, 1, W, x_ld, b_l)
+            sz0n = gl.load(sz_ptr + ((2 * (nk + sb)) // Q)[:, None] * N + rows)
+            sz1n = gl.load(sz_ptr + ((2 * (nk + sb) + 1) // Q)[:, None] * N + rows)
+            if not PREFETCH:
+                words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
+            w3 = gl.convert_layout(gl.reshape(gl.permute(words, (0, 1, 3, 2)), [W, BN, 32]), words_l)
+            acc = _half(acc, zero, w3, sz0, x0, 0, MAGIC, DT, words_l, unpack, a_l, IS_BF16)
+            acc = _half(acc, zero, w3, sz1, x1, 1, MAGIC, DT, words_l, unpack, a_l, IS_BF16)
+            if PREFETCH:
+                words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
+        y = gl.sum(acc, axis=0)  # [BN, 8]: the W warps' partial sums meet
+        Y: gl.constexpr = gl.SliceLayout(0, mma)
+        yr = gl.arange(0, BN, layout=gl.SliceLayout(1, Y))
+        ym = gl.arange(0, 8, layout=gl.SliceLayout(0, Y))
+        gl.store(y_ptr + ym[None, :] * stride_ym + (n0 + yr)[:, None], y.to(DT), mask=(ym < M)[None, :])
+
+
+def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
+                    prefetch: bool = True, out: Tensor | None = None) -> Tensor:
+    """x2 [M <= 8, K] bf16/fp16 with the 4-bit k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
+    y [M, N] in x's dtype, on an sm_90 GPU. ``bn`` rows per program (16 or 32), ``warps`` k-tiles per step (one per
+    warp), ``prefetch``: the next step's loads issued before this step's arithmetic. ``out``: as ``batch1_gemm``'s."""
+    who = "batch1_mma_gemm"
+    if x2.dim() != 2:
+        raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
+    m, k = x2.shape
+    n = words.shape[0] if words.dim() == 2 else -1
+    if bits != BITS or group % 128:
+        raise ValueError(f"{who} runs 4-bit weights with a group that is a multiple of 128, got bits={bits}, "
+                         f"group={group}; use wq_batch1.batch1_gemm")
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"{who} takes 1 to {MAX_M} rows of x, got {m}; use wq_batch1.batch1_gemm or ktiled_gemm")
+    if bn not in (16, 32, 64) or warps not in (1, 2, 4, 8):
+        raise ValueError(f"{who}: bn={bn}, warps={warps}: expected bn in (16, 32, 64) and warps in (1, 2, 4, 8)")
+    if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
+        raise ValueError(f"{who}: x must be contiguous bf16/fp16, got {x2.dtype}")
+    _check_operands(x2, words, sz, bits, group)
+    if n % bn or k % (TILE * warps):
+        raise ValueError(f"{who}: N={n} must be a multiple of bn={bn} and K={k} of {TILE}·warps={TILE * warps}")
+    if not mma_ok(x2.device, bits, group, m, n, k, bn, warps):
+        raise ValueError(f"{who} needs an sm_90 GPU with Gluon, got {x2.device}; use wq_batch1.batch1_gemm")
+    y = result_tensor(x2, n, out, who)
+    launch_kernel(_batch1_mma_kernel, (n // bn,), (x2, words, sz, y, m, n, k, x2.stride(0), y.stride(0)),
+                  GROUP=group, BN=bn, W=warps, IS_BF16=x2.dtype == torch.bfloat16, PREFETCH=prefetch, num_warps=warps)
+    return y
+
+
+def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype: torch.dtype = torch.bfloat16,
+                     group: int = 128):
+    """Compile the kernel for an H100 (sm_90a) on any machine (no GPU needed; ``launch.ptxas_usage`` reads its
+    registers). The layout conversions' ``assert_trivial`` checks run here: a build is the proof that the words reach
+    the MMA operand without moving between threads."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    sig = {"x_ptr": ptr, "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_ym": "i32"}
+    const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16, "PREFETCH": prefetch}
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a != "M"}
+    sig.update({name: "constexpr" for name in const})
+    src = gluon._runtime.GluonASTSource(fn=_batch1_mma_kernel, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
