@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from qwenquant.kernels.launch import launch_kernel
+from qwenquant.kernels.overlap import pdl_ok
 from qwenquant.kernels.tiles import result_tensor
 from qwenquant.kernels.wq_ktiled import _check_operands
 
@@ -183,8 +184,13 @@ if GLUON:
 
     @gluon.jit
     def _batch1_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym, GROUP: gl.constexpr,
-                           BN: gl.constexpr, W: gl.constexpr, IS_BF16: gl.constexpr, PREFETCH: gl.constexpr):
-        """y[:M, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ, one row block per program, all of K (see the module docstring)."""
+                           BN: gl.constexpr, W: gl.constexpr, IS_BF16: gl.constexpr, PREFETCH: gl.constexpr,
+                           PDL: gl.constexpr = False):
+        """y[:M, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ, one row block per program, all of K (see the module docstring).
+        ``PDL``: launched with programmatic dependent launch — ``griddepcontrol.wait`` before the first load (the
+        first step's words ahead of it, which no kernel writes, made ptxas spill 72 bytes in the loop at 128
+        registers, or hold 136 with the scales after it: three programs per SM instead of four; offline sm_90a); the
+        next kernel is released when the programs exit."""
         mma: gl.constexpr = _layouts(W, BN)[0]
         a_l: gl.constexpr = _layouts(W, BN)[1]
         b_l: gl.constexpr = _layouts(W, BN)[2]
@@ -214,11 +220,13 @@ if GLUON:
         acc = gl.zeros([W, BN, 8], gl.float32, mma)
         zero = gl.zeros([W, BN, 8], gl.float32, mma)
         n_kt = K // 256
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
         words = gl.load(w_ptr + woff)
-        x0 = _load_x(x_ptr, M, stride_xm, 0, 0, W, x_ld, b_l)
-        x1 = _load_x(x_ptr, M, stride_xm, 0, 1, W, x_ld, b_l)
         sz0 = gl.load(sz_ptr + ((2 * sb) // Q)[:, None] * N + rows)
         sz1 = gl.load(sz_ptr + ((2 * sb + 1) // Q)[:, None] * N + rows)
+        x0 = _load_x(x_ptr, M, stride_xm, 0, 0, W, x_ld, b_l)
+        x1 = _load_x(x_ptr, M, stride_xm, 0, 1, W, x_ld, b_l)
         for kt in range(0, n_kt, W):
             # the next step's operands (the last step reloads its own: no masks in the loop) before this step's math
             nk = gl.minimum(kt + W, n_kt - W) if PREFETCH else kt
@@ -242,10 +250,11 @@ if GLUON:
 
 
 def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
-                    prefetch: bool = True, out: Tensor | None = None) -> Tensor:
+                    prefetch: bool = True, out: Tensor | None = None, pdl: bool | None = None) -> Tensor:
     """x2 [M <= 8, K] bf16/fp16 with the 4-bit k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype, on an sm_90 GPU. ``bn`` rows per program (16 or 32), ``warps`` k-tiles per step (one per
-    warp), ``prefetch``: the next step's loads issued before this step's arithmetic. ``out``: as ``batch1_gemm``'s."""
+    warp), ``prefetch``: the next step's loads issued before this step's arithmetic. ``out``: as ``batch1_gemm``'s.
+    ``pdl``: programmatic dependent launch (default ``overlap.PDL_ENABLED``; ``overlap.pdl_ok``)."""
     who = "batch1_mma_gemm"
     if x2.dim() != 2:
         raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
@@ -266,13 +275,15 @@ def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int
     if not mma_ok(x2.device, bits, group, m, n, k, bn, warps):
         raise ValueError(f"{who} needs an sm_90 GPU with Gluon, got {x2.device}; use wq_batch1.batch1_gemm")
     y = result_tensor(x2, n, out, who)
+    pdl = pdl_ok(x2.device, pdl)
     launch_kernel(_batch1_mma_kernel, (n // bn,), (x2, words, sz, y, m, n, k, x2.stride(0), y.stride(0)),
-                  GROUP=group, BN=bn, W=warps, IS_BF16=x2.dtype == torch.bfloat16, PREFETCH=prefetch, num_warps=warps)
+                  GROUP=group, BN=bn, W=warps, IS_BF16=x2.dtype == torch.bfloat16, PREFETCH=prefetch, PDL=pdl,
+                  num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
 def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype: torch.dtype = torch.bfloat16,
-                     group: int = 128):
+                     group: int = 128, pdl: bool = False):
     """Compile the kernel for an H100 (sm_90a) on any machine (no GPU needed; ``launch.ptxas_usage`` reads its
     registers). The layout conversions' ``assert_trivial`` checks run here: a build is the proof that the words reach
     the MMA operand without moving between threads."""
@@ -282,7 +293,7 @@ def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype:
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     sig = {"x_ptr": ptr, "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_ym": "i32"}
-    const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16, "PREFETCH": prefetch}
+    const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16, "PREFETCH": prefetch, "PDL": pdl}
     names = list(sig)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a != "M"}
     sig.update({name: "constexpr" for name in const})
