@@ -60,11 +60,19 @@ def _partials(h, slots):
     return torch.stack([c.float().pow(2).sum(-1) for c in h.chunk(slots, dim=-1)]).contiguous()
 
 
-def check_epilogues(n_silu, n_res, k, bits, group, ms, tiles, dtype, device):
+def _batch1_tile(bn, kb, warps, stages, *persist):
+    """``wq_batch1``'s keywords for a tile (bn, kb, warps, stages[, programs per SM])."""
+    return dict(bn=bn, kb=kb, num_warps=warps, num_stages=stages, persist=persist[0] if persist else 0)
+
+
+def check_epilogues(n_silu, n_res, k, bits, group, ms, tiles, dtype, device, kernels=None, tile_kw=_batch1_tile):
     """Every tile and M, fresh random inputs: SiLU·mul and the residual add against the plain kernel's output through
     the unfused math (results into fresh tensors, the plain kernel's into NaN-filled ones); the in-kernel RMSNorm
     (``norm=``, with and without SiLU·mul) against the exact product in fp64, next to the unfused path's error
-    (``reference_rmsnorm`` then the plain kernel): returns the worst relative errors, ``*_unfused`` for the latter."""
+    (``reference_rmsnorm`` then the plain kernel): returns the worst relative errors, ``*_unfused`` for the latter.
+    ``kernels``: an object with ``batch1_gemm`` / ``batch1_silu_mul`` / ``batch1_add_residual`` of ``wq_batch1``'s
+    signatures (default ``wq_batch1`` itself), ``tile_kw`` turning a tile into their keywords."""
+    K1 = B if kernels is None else kernels
     wg, sg = _weight(n_silu, k, bits, group, device, seed=1)  # [gate; up], K = k
     wr, sr = _weight(n_res, k, bits, group, device, seed=2)  # o / down: N = n_res
     wq = KT.dequantize_ktiled(wg, sg, bits, group, k, torch.float64)
@@ -85,31 +93,32 @@ def check_epilogues(n_silu, n_res, k, bits, group, ms, tiles, dtype, device):
         exact = exact_in @ wq.T
         g, u = exact.chunk(2, dim=-1)
         exact_act = torch.nn.functional.silu(g) * u
-        for bn, kb, warps, stages, *persist in tiles:  # (bn, kb, warps, stages[, programs per SM])
-            kw = dict(bn=bn, kb=kb, num_warps=warps, num_stages=stages, persist=persist[0] if persist else 0)
-            y = B.batch1_gemm(x, wg, sg, bits, group, out=torch.full((m, n_silu), float("nan"), device=device,
+        for tile in tiles:
+            kw = tile_kw(*tile)
+            bn = kw["bn"]
+            y = K1.batch1_gemm(x, wg, sg, bits, group, out=torch.full((m, n_silu), float("nan"), device=device,
                                                                      dtype=dtype), **kw)
-            act = B.batch1_silu_mul(x, wg, sg, bits, group, out=torch.full((m, n_silu // 2), float("nan"),
+            act = K1.batch1_silu_mul(x, wg, sg, bits, group, out=torch.full((m, n_silu // 2), float("nan"),
                                                                            device=device, dtype=dtype), **kw)
             note("silu_mul", _rel(act, B.reference_silu_mul(y)))
-            y = B.batch1_gemm(x, wr, sr, bits, group, **kw)
+            y = K1.batch1_gemm(x, wr, sr, bits, group, **kw)
             h_ref, hw_ref, ss_ref = B.reference_add_residual(y, r, nw_res)
-            h_out, hw_out, ss_out = B.batch1_add_residual(x, wr, sr, bits, group, r, nw_res, **kw)
+            h_out, hw_out, ss_out = K1.batch1_add_residual(x, wr, sr, bits, group, r, nw_res, **kw)
             assert ss_out.shape == (-(-n_res // bn), m)
             note("add_residual", max(_rel(h_out, h_ref), _rel(hw_out, hw_ref)))
             note("sum_squares", _rel(ss_out.sum(0), ss_ref))
             xn = B.reference_rmsnorm(h, nw, 1e-6)
-            unfused = B.batch1_gemm(xn, wg, sg, bits, group, **kw)
-            note("normed", _rel(B.batch1_gemm(hw, wg, sg, bits, group, norm=(1e-6, ss), **kw), exact))
+            unfused = K1.batch1_gemm(xn, wg, sg, bits, group, **kw)
+            note("normed", _rel(K1.batch1_gemm(hw, wg, sg, bits, group, norm=(1e-6, ss), **kw), exact))
             note("normed_unfused", _rel(unfused, exact))
-            note("silu_normed", _rel(B.batch1_silu_mul(hw, wg, sg, bits, group, norm=(1e-6, ss), **kw), exact_act))
+            note("silu_normed", _rel(K1.batch1_silu_mul(hw, wg, sg, bits, group, norm=(1e-6, ss), **kw), exact_act))
             note("silu_normed_unfused", _rel(B.reference_silu_mul(unfused), exact_act))
             # the chain as the decode step runs it: the producer's own (hw, ss) into the consumer, against the
             # producer's h through HF's norm and the plain kernel (K = n_res here: the producer's N is the hidden size)
             if n_res == k:
-                _, hw2, ss2 = B.batch1_add_residual(x, wr, sr, bits, group, r, nw, **kw)
-                plain = B.batch1_gemm(B.reference_rmsnorm(h_out, nw, 1e-6), wg, sg, bits, group, **kw)
-                note("chain", _rel(B.batch1_gemm(hw2, wg, sg, bits, group, norm=(1e-6, ss2), **kw), plain))
+                _, hw2, ss2 = K1.batch1_add_residual(x, wr, sr, bits, group, r, nw, **kw)
+                plain = K1.batch1_gemm(B.reference_rmsnorm(h_out, nw, 1e-6), wg, sg, bits, group, **kw)
+                note("chain", _rel(K1.batch1_gemm(hw2, wg, sg, bits, group, norm=(1e-6, ss2), **kw), plain))
     return worst
 
 

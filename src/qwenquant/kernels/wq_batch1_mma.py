@@ -41,6 +41,7 @@ N a multiple of BN; K a multiple of 256·W. Reference: ``wq_matmul.reference_mat
 from __future__ import annotations
 
 import torch
+import triton
 from torch import Tensor
 
 from qwenquant.kernels.launch import launch_kernel
@@ -183,14 +184,17 @@ if GLUON:
         return acc + part * s[:, :, None]
 
     @gluon.jit
-    def _batch1_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym, GROUP: gl.constexpr,
-                           BN: gl.constexpr, W: gl.constexpr, IS_BF16: gl.constexpr, PREFETCH: gl.constexpr,
-                           PDL: gl.constexpr = False):
+    def _batch1_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, r_ptr, nw_ptr, hw_ptr, ss_in_ptr, ss_out_ptr, eps, P_IN,
+                           M, N, K, stride_xm, stride_ym, GROUP: gl.constexpr, BN: gl.constexpr, W: gl.constexpr,
+                           IS_BF16: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False,
+                           EPI: gl.constexpr = 0, NORM_IN: gl.constexpr = False, PB: gl.constexpr = 1):
         """y[:M, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ, one row block per program, all of K (see the module docstring).
         ``PDL``: launched with programmatic dependent launch — ``griddepcontrol.wait`` before the first load (the
         first step's words ahead of it, which no kernel writes, made ptxas spill 72 bytes in the loop at 128
         registers, or hold 136 with the scales after it: three programs per SM instead of four; offline sm_90a); the
-        next kernel is released when the programs exit."""
+        next kernel is released when the programs exit. ``EPI`` / ``NORM_IN`` / ``PB`` and the pointers beside them:
+        ``wq_batch1._batch1_kernel``'s epilogues and input norm, the same math (``wq_batch1.SILU_MUL``: the program's
+        rows are BN/2 of gate and the same rows of up, N/2 apart)."""
         mma: gl.constexpr = _layouts(W, BN)[0]
         a_l: gl.constexpr = _layouts(W, BN)[1]
         b_l: gl.constexpr = _layouts(W, BN)[2]
@@ -201,7 +205,7 @@ if GLUON:
         MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
         DT: gl.constexpr = gl.bfloat16 if IS_BF16 else gl.float16
         Q: gl.constexpr = GROUP // 128  # k-tile halves per scale group
-        n0 = gl.program_id(0) * BN
+        pid = gl.program_id(0)
         kw = gl.multiple_of(K // 8, 32)  # words per row
         # word offsets [W, BN, 4 (c), 8 (i)] of k-tile w: row n0 + r, word w·32 + 8c + i
         P0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, words_ld)))
@@ -212,11 +216,11 @@ if GLUON:
         r = gl.arange(0, BN, layout=P1)
         c = gl.arange(0, 4, layout=P2)
         i = gl.arange(0, 8, layout=P3)
-        woff = (bw[:, None, None, None] * 32 + ((n0 + r) * kw)[None, :, None, None] + (8 * c)[None, None, :, None]
-                + i[None, None, None, :])
+        woff = (bw[:, None, None, None] * 32 + (_weight_rows(pid, r, N, BN, EPI) * kw)[None, :, None, None]
+                + (8 * c)[None, None, :, None] + i[None, None, None, :])
         # scale/zero words [W, BN] in the accumulator's row layout: half h of k-tile t is group (2t + h) // Q
         sb = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, mma)))
-        rows = (n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma))))[None, :]
+        rows = _weight_rows(pid, gl.arange(0, BN, layout=gl.SliceLayout(0, gl.SliceLayout(2, mma))), N, BN, EPI)[None, :]
         acc = gl.zeros([W, BN, 8], gl.float32, mma)
         zero = gl.zeros([W, BN, 8], gl.float32, mma)
         n_kt = K // 256
@@ -246,56 +250,152 @@ if GLUON:
         Y: gl.constexpr = gl.SliceLayout(0, mma)
         yr = gl.arange(0, BN, layout=gl.SliceLayout(1, Y))
         ym = gl.arange(0, 8, layout=gl.SliceLayout(0, Y))
-        gl.store(y_ptr + ym[None, :] * stride_ym + (n0 + yr)[:, None], y.to(DT), mask=(ym < M)[None, :])
+        m_ok = ym < M
+        if NORM_IN:  # y · rsqrt(mean(h²) + eps) per row of x, from the producer's partial sums
+            rp = gl.arange(0, PB, layout=gl.SliceLayout(1, Y))
+            ss = gl.load(ss_in_ptr + rp[:, None] * M + ym[None, :], mask=(rp[:, None] < P_IN) & m_ok[None, :],
+                         other=0.0)
+            y = y * gl.rsqrt(gl.sum(ss, axis=0) / K + eps)[None, :]
+        if EPI == 1:  # SiLU·mul: rows 0 … BN/2-1 are gate, the rest the same columns of up
+            HALF: gl.constexpr = BN // 2
+            yq = y.to(DT).to(gl.float32)
+            g, u = gl.split(gl.permute(gl.reshape(yq, [2, HALF, 8]), (1, 2, 0)))  # [HALF, 8] each
+            act = g / (1.0 + gl.exp(-g)) * u
+            A: gl.constexpr = act.type.layout
+            cols = pid * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, A))
+            am = gl.arange(0, 8, layout=gl.SliceLayout(0, A))
+            gl.store(y_ptr + am[None, :] * stride_ym + cols[:, None], act.to(DT), mask=(am < M)[None, :])
+        elif EPI == 2:  # h = r + y, hw = h · nw, and this row block's sums of h² per row
+            rn = pid * BN + yr
+            off = ym[None, :] * stride_ym + rn[:, None]
+            mask = m_ok[None, :] & (rn[:, None] < N)
+            res = gl.load(r_ptr + off, mask=mask, other=0.0)
+            h = (res.to(gl.float32) + y.to(DT).to(gl.float32)).to(DT)
+            gl.store(y_ptr + off, h, mask=mask)
+            hf = gl.where(mask, h.to(gl.float32), 0.0)
+            nw = gl.load(nw_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)
+            gl.store(hw_ptr + off, (hf * nw[:, None]).to(DT), mask=mask)
+            gl.store(ss_out_ptr + pid * M + ym, gl.sum(hf * hf, axis=0), mask=m_ok)
+        else:
+            gl.store(y_ptr + ym[None, :] * stride_ym + (pid * BN + yr)[:, None], y.to(DT), mask=m_ok[None, :])
+
+    @gluon.jit
+    def _weight_rows(pid, r, N, BN: gl.constexpr, EPI: gl.constexpr):
+        """Weight rows of program ``pid`` for row indices r (any layout): pid·BN + r, or for SiLU·mul the program's
+        BN/2 rows of gate (r < BN/2) and the same rows of up (N/2 further)."""
+        if EPI == 1:
+            HALF: gl.constexpr = BN // 2
+            return pid * HALF + r % HALF + (r // HALF) * (N // 2)
+        return pid * BN + r
 
 
 def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
-                    prefetch: bool = True, out: Tensor | None = None, pdl: bool | None = None) -> Tensor:
+                    prefetch: bool = True, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
+                    pdl: bool | None = None) -> Tensor:
     """x2 [M <= 8, K] bf16/fp16 with the 4-bit k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype, on an sm_90 GPU. ``bn`` rows per program (16 or 32), ``warps`` k-tiles per step (one per
-    warp), ``prefetch``: the next step's loads issued before this step's arithmetic. ``out``: as ``batch1_gemm``'s.
-    ``pdl``: programmatic dependent launch (default ``overlap.PDL_ENABLED``; ``overlap.pdl_ok``)."""
-    who = "batch1_mma_gemm"
+    warp), ``prefetch``: the next step's loads issued before this step's arithmetic. ``out``, ``norm``: as
+    ``wq_batch1.batch1_gemm``'s. ``pdl``: programmatic dependent launch (default ``overlap.PDL_ENABLED``;
+    ``overlap.pdl_ok``)."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_gemm", norm)
+    y = result_tensor(x2, n, out, "batch1_mma_gemm")
+    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 0, pdl)
+    return y
+
+
+def batch1_mma_silu_mul(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
+                        prefetch: bool = True, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
+                        pdl: bool | None = None) -> Tensor:
+    """silu(x2 · Ŵ_gateᵀ) · (x2 · Ŵ_upᵀ) -> [M, N / 2] for a merged [gate; up] weight, as
+    ``wq_batch1.batch1_silu_mul`` (each program: BN/2 rows of gate and the same rows of up)."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_silu_mul", norm, halves=True)
+    y = result_tensor(x2, n // 2, out, "batch1_mma_silu_mul")
+    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 1, pdl)
+    return y
+
+
+def batch1_mma_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, residual: Tensor,
+                            norm_weight: Tensor, bn: int = 16, warps: int = 4, prefetch: bool = True,
+                            pdl: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, hw, ss) as ``wq_batch1.batch1_add_residual``: h = residual + x2 · Ŵᵀ, hw = h · norm_weight, ss [N / bn, M]
+    fp32 sums of h² per row block and row."""
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_add_residual")
+    if residual.shape != (m, n) or residual.dtype != x2.dtype or not residual.is_contiguous():
+        raise ValueError(f"batch1_mma_add_residual: residual {residual.dtype} {tuple(residual.shape)}: expected a "
+                         f"contiguous {x2.dtype} [{m}, {n}] tensor")
+    if norm_weight.shape != (n,) or not norm_weight.is_contiguous() or norm_weight.device != x2.device:
+        raise ValueError(f"batch1_mma_add_residual: norm_weight {tuple(norm_weight.shape)} on {norm_weight.device}: "
+                         f"expected a contiguous [{n}] tensor on {x2.device}")
+    h, hw = torch.empty_like(residual), torch.empty_like(residual)
+    ss = torch.empty(n // bn, m, device=x2.device, dtype=torch.float32)
+    _launch(x2, words, sz, h, None, (residual, norm_weight, hw, ss), n // bn, group, bn, warps, prefetch, 2, pdl)
+    return h, hw, ss
+
+
+def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False) -> tuple[int, int, int]:
+    """(M, K, N) after every check of the operands and tile, each error naming ``who`` and the alternative."""
     if x2.dim() != 2:
         raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
     m, k = x2.shape
-    n = words.shape[0] if words.dim() == 2 else -1
     if bits != BITS or group % 128:
         raise ValueError(f"{who} runs 4-bit weights with a group that is a multiple of 128, got bits={bits}, "
-                         f"group={group}; use wq_batch1.batch1_gemm")
+                         f"group={group}; use wq_batch1")
     if not 1 <= m <= MAX_M:
-        raise ValueError(f"{who} takes 1 to {MAX_M} rows of x, got {m}; use wq_batch1.batch1_gemm or ktiled_gemm")
+        raise ValueError(f"{who} takes 1 to {MAX_M} rows of x, got {m}; use wq_batch1 or ktiled_gemm")
     if bn not in (16, 32, 64) or warps not in (1, 2, 4, 8):
         raise ValueError(f"{who}: bn={bn}, warps={warps}: expected bn in (16, 32, 64) and warps in (1, 2, 4, 8)")
     if x2.dtype not in (torch.bfloat16, torch.float16) or not x2.is_contiguous():
         raise ValueError(f"{who}: x must be contiguous bf16/fp16, got {x2.dtype}")
     _check_operands(x2, words, sz, bits, group)
-    if n % bn or k % (TILE * warps):
-        raise ValueError(f"{who}: N={n} must be a multiple of bn={bn} and K={k} of {TILE}·warps={TILE * warps}")
+    n = words.shape[0]
+    rows = n // 2 if halves else n
+    step = bn // 2 if halves else bn
+    if rows % step or k % (TILE * warps) or (halves and n % 2):
+        raise ValueError(f"{who}: N={n} must be a multiple of bn={bn}{' (per half)' if halves else ''} and K={k} of "
+                         f"{TILE}·warps={TILE * warps}")
+    if norm is not None:
+        eps, ss = norm
+        if not eps > 0:
+            raise ValueError(f"{who}: norm eps={eps}: expected > 0")
+        if ss.dim() != 2 or ss.shape[1] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
+            raise ValueError(f"{who}: norm sums of squares {ss.dtype} {tuple(ss.shape)}: expected contiguous float32 "
+                             f"[slots, {m}] (an add_residual's third result)")
     if not mma_ok(x2.device, bits, group, m, n, k, bn, warps):
-        raise ValueError(f"{who} needs an sm_90 GPU with Gluon, got {x2.device}; use wq_batch1.batch1_gemm")
-    y = result_tensor(x2, n, out, who)
+        raise ValueError(f"{who} needs an sm_90 GPU with Gluon, got {x2.device}; use wq_batch1")
+    return m, k, n
+
+
+def _launch(x2, words, sz, y, norm, residual, programs, group, bn, warps, prefetch, epi, pdl):
+    m, k = x2.shape
     pdl = pdl_ok(x2.device, pdl)
-    launch_kernel(_batch1_mma_kernel, (n // bn,), (x2, words, sz, y, m, n, k, x2.stride(0), y.stride(0)),
+    eps, ss_in = norm if norm is not None else (1.0, y)
+    r, nw, hw, ss_out = residual if residual is not None else (y, y, y, y)
+    launch_kernel(_batch1_mma_kernel, (programs,),
+                  (x2, words, sz, y, r, nw, hw, ss_in, ss_out, float(eps), ss_in.shape[0] if norm is not None else 1,
+                   m, words.shape[0], k, x2.stride(0), y.stride(0)),
                   GROUP=group, BN=bn, W=warps, IS_BF16=x2.dtype == torch.bfloat16, PREFETCH=prefetch, PDL=pdl,
+                  EPI=epi, NORM_IN=norm is not None,
+                  PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
                   num_warps=warps, **({"launch_pdl": True} if pdl else {}))
-    return y
 
 
 def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype: torch.dtype = torch.bfloat16,
-                     group: int = 128, pdl: bool = False):
+                     group: int = 128, pdl: bool = False, epi: int = 0, norm_slots: int = 0):
     """Compile the kernel for an H100 (sm_90a) on any machine (no GPU needed; ``launch.ptxas_usage`` reads its
     registers). The layout conversions' ``assert_trivial`` checks run here: a build is the proof that the words reach
-    the MMA operand without moving between threads."""
-    import triton
+    the MMA operand without moving between threads. ``epi``: 1 SiLU·mul, 2 add-residual; ``norm_slots`` > 0: the
+    input norm with that many partial sums per row."""
     from triton.backends.compiler import GPUTarget
 
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    sig = {"x_ptr": ptr, "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_ym": "i32"}
-    const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16, "PREFETCH": prefetch, "PDL": pdl}
+    sig = {"x_ptr": ptr, "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "r_ptr": ptr, "nw_ptr": ptr, "hw_ptr": ptr,
+           "ss_in_ptr": "*fp32" if norm_slots else ptr, "ss_out_ptr": "*fp32" if epi == 2 else ptr, "eps": "fp32",
+           "P_IN": "i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+    const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16, "PREFETCH": prefetch,
+             "PDL": pdl, "EPI": epi, "NORM_IN": norm_slots > 0,
+             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1}
     names = list(sig)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a != "M"}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in ("M", "eps", "P_IN")}
     sig.update({name: "constexpr" for name in const})
     src = gluon._runtime.GluonASTSource(fn=_batch1_mma_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
