@@ -3,7 +3,7 @@
     python3 benchmarks/pdl_step.py && python3 benchmarks/e2e_pdl.py   # -> $OUT/e2e.json
 
 Reads ``$OUT/pdl_step.json`` (or ``$PDL_STEP_JSON``: a committed run); takes the variant (``KNOBS``: PDL, attention
-target, persistent tiles, release points, merge in split, whole slices) with the lowest median W4 step at batch 1,
+target, persistent tiles, release points, merge in split, whole slices, ``wq_batch1_mma`` offered) with the lowest median W4 step at batch 1,
 if its replays repeated bit for bit (and equal the first variant's where only PDL and the release point differ);
 sets the modules' knobs to it (the attention target at batch 1 only) and runs ``e2e.run(modes=E2E_PDL_MODES,
 pdl=...)`` (default both W4 modes, ``w4g128-fused`` and ``w4g128-fused+head``). ``pdl=True`` turns on
@@ -25,11 +25,11 @@ from qwenquant.runtime import fused
 
 # a variant's fields in pdl_step.json, with the value a file written before the field existed means
 KNOBS = {"pdl": False, "target": 264, "persist": False, "release": False, "merge": False, "attn_release": False,
-         "whole": 0}
+         "whole": 0, "mma": False}
 # the knobs that change the arithmetic (tile sums, softmax order); the others change only how kernels launch, so a
 # variant differing from the first only in those must reproduce its logits bit for bit (a new knob that changes the
 # arithmetic must be listed here, or its variants are held to bit equality and excluded)
-ARITHMETIC = ("target", "persist", "merge", "whole")
+ARITHMETIC = ("target", "persist", "merge", "whole", "mma")
 # knobs a pdl_step.json may hold that no longer exist (session 25 timed them, they lost and went): such variants are
 # skipped, so a committed file still picks among what this code can run
 RETIRED = ("maxnreg", "zero_after")
@@ -66,6 +66,7 @@ def apply(choice: dict) -> None:
     """Set the modules' knobs to a variant (the attention target for batch 1 only; above it TARGET_PROGRAMS stays)."""
     decode_attention.BATCH1_TARGET_PROGRAMS = choice["target"]
     fused.OFFER_BATCH1_PERSISTENT = choice["persist"]
+    fused.OFFER_BATCH1_MMA = choice["mma"]
     overlap.RELEASE_AT_START = choice["release"]
     overlap.ATTENTION_RELEASE_AT_START = choice["attn_release"]
     decode_attention.MERGE_IN_SPLIT = choice["merge"]

@@ -26,7 +26,9 @@ right after their wait instead of at exit; session 21's run had it off), ``PDL_A
 ``overlap.ATTENTION_RELEASE_AT_START``: the attention kernels only; session 22), ``PDL_MERGE=1`` (each PDL variant again
 with ``decode_attention.MERGE_IN_SPLIT``: the last split program merges, no merge launch), ``PDL_WHOLE=1`` (each PDL
 variant again with ``decode_attention.WHOLE_SLICE_MAX = 64``: slices of at most 64 positions loaded at once, ahead of
-the wait; session 23), ``PDL_PERSIST=0`` (no persistent-tile variants). Session 25 timed two batch-1 levers here and
+the wait; session 23), ``PDL_PERSIST=0`` (no persistent-tile variants), ``PDL_MMA=1`` (each W4 PDL variant again with
+``kernels/wq_batch1_mma.py`` offered to the tuner beside ``wq_batch1``: ``fused.OFFER_BATCH1_MMA``, a tuner state of
+its own; session 26 — every other variant runs with it off). Session 25 timed two batch-1 levers here and
 removed them (a register cap of 128, the zero point after the MMA: +0.31-0.37 and +0.75-0.82 ms per step;
 ``results/pdl_step_s25_levers_h100.json``, benchmarks/NOTES.md).
 
@@ -57,24 +59,27 @@ ATTN_RELEASE = os.environ.get("PDL_ATTN_RELEASE", "0") == "1"  # ... with overla
 MERGE = os.environ.get("PDL_MERGE", "0") == "1"  # each PDL variant also with decode_attention.MERGE_IN_SPLIT
 WHOLE = 64 if os.environ.get("PDL_WHOLE", "0") == "1" else 0  # ... also with decode_attention.WHOLE_SLICE_MAX
 PERSIST = os.environ.get("PDL_PERSIST", "1") == "1"  # the W4 variants with persistent batch-1 tiles too
+MMA = os.environ.get("PDL_MMA", "0") == "1"  # each PDL variant also with wq_batch1_mma offered (session 26)
 REPLAYS = 20
 _first: dict[tuple[str, int], torch.Tensor] = {}  # (mode, batch) -> the first variant's logits
 
 
-_tuned: dict[bool, dict] = {}  # OFFER_BATCH1_PERSISTENT -> the tuner's choices made under it
+_tuned: dict[tuple[bool, bool], dict] = {}  # (OFFER_BATCH1_PERSISTENT, OFFER_BATCH1_MMA) -> the tuner's choices
 
 
-def use_persistent(on: bool) -> None:
-    """Offer the persistent batch-1 tiles or not, with the tuner choices made under that setting."""
-    if fused.OFFER_BATCH1_PERSISTENT == on:
+def use_persistent(on: bool, mma: bool = False) -> None:
+    """Offer the persistent batch-1 tiles or not (and ``wq_batch1_mma``'s configs or not), with the tuner choices made
+    under that setting."""
+    now = (fused.OFFER_BATCH1_PERSISTENT, fused.OFFER_BATCH1_MMA)
+    if now == (on, mma):
         return
-    _tuned[fused.OFFER_BATCH1_PERSISTENT] = fused.TUNER.choices
-    fused.OFFER_BATCH1_PERSISTENT = on
-    fused.TUNER.choices = _tuned.get(on, {})
+    _tuned[now] = fused.TUNER.choices
+    fused.OFFER_BATCH1_PERSISTENT, fused.OFFER_BATCH1_MMA = on, mma
+    fused.TUNER.choices = _tuned.get((on, mma), {})
 
 
 def _setup(pdl: bool, target: int, persist: bool, release: bool = False, merge: bool = False,
-           attn_release: bool = False, whole: int = 0):
+           attn_release: bool = False, whole: int = 0, mma: bool = False):
     def setup() -> dict:
         overlap.PDL_ENABLED = pdl
         overlap.RELEASE_AT_START = release
@@ -82,7 +87,7 @@ def _setup(pdl: bool, target: int, persist: bool, release: bool = False, merge: 
         decode_attention.MERGE_IN_SPLIT = merge
         decode_attention.WHOLE_SLICE_MAX = whole
         decode_attention.TARGET_PROGRAMS = decode_attention.BATCH1_TARGET_PROGRAMS = target
-        use_persistent(persist)
+        use_persistent(persist, mma)
         return {"attend": "prep-in-split", "epilogues": True}
     return setup
 
@@ -99,8 +104,10 @@ def variants_for(mode: str) -> list:
     # (pdl, target, persist, release, attention release) -> + merge
     asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0]] if MERGE else [])
     asked = [(*a, 0) for a in asked] + ([(*a, WHOLE) for a in asked if a[0]] if WHOLE else [])
-    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "attn_release": ar, "merge": m, "whole": w},
-             _setup(pdl, t, p, r, m, ar, w)) for pdl, t, p, r, ar, m, w in asked]
+    w4 = mode != "bf16"
+    asked = [(*a, False) for a in asked] + ([(*a, True) for a in asked if a[0] and w4] if MMA else [])
+    return [({"pdl": pdl, "target": t, "persist": p, "release": r, "attn_release": ar, "merge": m, "whole": w,
+              "mma": mm}, _setup(pdl, t, p, r, m, ar, w, mm)) for pdl, t, p, r, ar, m, w, mm in asked]
 
 
 def check_replays(mode: str, batch: int, fields: dict, dec) -> dict:

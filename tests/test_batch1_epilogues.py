@@ -166,7 +166,7 @@ def test_epilogues_on_the_gpu_qwen3_8b_shapes():
     persistent ones too), bf16."""
     from qwenquant.runtime import fused
 
-    tiles = list(fused._EPILOGUE_TILES.values())  # (bn, kb, warps, stages, programs per SM or 0)
+    tiles = [c for kind, c in fused._EPILOGUE_TILES.values() if kind == "batch1"]  # (bn, kb, warps, stages, per SM)
     worst = check_epilogues(24576, 4096, 4096, 4, 128, (1, 2, 5, 8), tiles, torch.bfloat16, "cuda")  # chain too
     assert_close_to_unfused(worst, 5e-3)
     print(worst)

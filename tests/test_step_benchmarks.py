@@ -80,7 +80,7 @@ def test_e2e_pdl_chooses_what_the_committed_ab_measured_fastest(name, merge, mon
     steps = json.loads((BENCH / "results" / name).read_text())["steps"]
     choice, excluded, median = mod.choose(steps)
     assert choice == {"pdl": True, "target": 66, "persist": False, "release": False, "merge": merge,
-                      "attn_release": False, "whole": 0}, (choice, median)
+                      "attn_release": False, "whole": 0, "mma": False}, (choice, median)
     assert excluded == []
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from qwenquant.kernels import wq_batch1 as B1
+from qwenquant.kernels import wq_batch1_mma as Q
 from qwenquant.kernels import wq_ktiled as KT
 from qwenquant.kernels import wq_matmul as K
 from qwenquant.kernels import wq_wgmma as W
@@ -123,6 +124,10 @@ BATCH1_PERSISTENT = [(32, 4, 4, 3, 2), (32, 4, 4, 4, 2), (16, 8, 4, 3, 2), (32, 
 # False: the tuner times only one program per row block (A/B: benchmarks/pdl_step.py). Read when a shape is tuned;
 # choices already made stay (the candidate tables always hold the persistent tiles, so a choice runs either way)
 OFFER_BATCH1_PERSISTENT = True
+# kernels/wq_batch1_mma.py (Gluon: the words loaded straight into the MMA operand registers; 4-bit, groups of
+# 128·q, sm_90): its CONFIGS offered beside the BATCH1 tiles, plain and with the decode step's epilogues, while True.
+# Off until a GPU run shows it winning (benchmarks/batch1_mma_probe.py, pdl_step.py PDL_MMA=1)
+OFFER_BATCH1_MMA = os.environ.get("QWENQUANT_BATCH1_MMA", "0") == "1"
 BATCH1_MAX_M = 8  # offered up to this M bucket: one MMA column block (N = 8) holds every row of x
 KTILED_SPLIT_MAX_M = 256  # largest M bucket offered split-K / stream-K tiles (workspace memory)
 # stream-K schedule (``wq_ktiled._ktiled_streamk_kernel``; 4-bit, weight as A, scale after), programs per SM last:
@@ -253,6 +258,8 @@ def _ktiled_configs(m: int, bits: int = 4, wgmma: bool = False) -> dict[str, tup
         if m <= BATCH1_MAX_M and bits in B1.BITS_OK:  # the tuner times them against the k-tiled tiles
             out.update({batch1_name(cfg): ("batch1", cfg) for cfg in BATCH1})
             out.update({batch1_persistent_name(cfg): ("batch1p", cfg) for cfg in BATCH1_PERSISTENT})
+        if m <= Q.MAX_M and bits == Q.BITS and wgmma and OFFER_BATCH1_MMA:  # a shape it cannot run raises: skipped
+            out.update({batch1_mma_name(cfg): ("batch1mma", cfg) for cfg in Q.CONFIGS})
         return out
     # large tiles: 2-bit's 512-column x tile leaves room for one stage less (shared memory). Split-K and stream-K
     # only up to M = 256: their fp32 workspace is M·N floats and is kept at its largest size
@@ -278,6 +285,12 @@ def batch1_name(cfg: tuple) -> str:
     """The tuner's name of a ``BATCH1`` entry."""
     bn, kb, w, st, sk = cfg
     return f"batch1 bn{bn} kb{kb} w{w} s{st}" + (f" sk{sk}" if sk > 1 else "")
+
+
+def batch1_mma_name(cfg: tuple) -> str:
+    """The tuner's name of a ``wq_batch1_mma.CONFIGS`` entry."""
+    bn, w, prefetch = cfg
+    return f"batch1mma bn{bn} w{w}" + ("" if prefetch else " noprefetch")
 
 
 def _offered(persistent: bool) -> bool:
@@ -341,6 +354,8 @@ def _run(kind: str, cfg: tuple, x2: Tensor, qw: Tensor, s: Tensor, z: Tensor, bi
         return B1.batch1_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "batch1p":
         return B1.batch1_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg[:4], persist=cfg[4])
+    if kind == "batch1mma":
+        return Q.batch1_mma_gemm(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "ktiled_gemv":
         return KT.ktiled_gemv(x2, ops.ktiled.words, ops.ktiled.sz, bits, group, *cfg)
     if kind == "gemv2":
@@ -417,8 +432,9 @@ def epilogue_ok(layer, m: int) -> bool:
 
 
 def _batch1_call(layer, x: Tensor, kind: str, run) -> object:
-    """The tuned tile of the batch-1 kernel variant ``kind`` for x [..., K]; ``run(x2, words, sz, bits, group, cfg)``
-    launches one tile."""
+    """The tuned tile of the batch-1 kernel variant ``kind`` for x [..., K]; ``run(x2, words, sz, bits, group, tile)``
+    launches one tile, ``tile`` = (kernel, config) of ``_EPILOGUE_TILES``: ("batch1", (bn, kb, warps, stages,
+    programs per SM or 0)) for ``wq_batch1``, ("batch1mma", (bn, warps, prefetch)) for ``wq_batch1_mma``."""
     rows = x.numel() // max(1, x.shape[-1])
     if not epilogue_ok(layer, rows):
         raise ValueError(f"{kind}: this layer / input does not take the batch-1 kernel's epilogues (fused.epilogue_ok):"
@@ -429,15 +445,35 @@ def _batch1_call(layer, x: Tensor, kind: str, run) -> object:
     words, sz = ops.ktiled.words, ops.ktiled.sz
     key = (bits, group, layer.out_features, layer.in_features, m_bucket(x2.shape[0]), x2.dtype, kind)
     hit = TUNER.choices.get(key)
-    name = hit[0] if hit else TUNER.pick(key, {n: (lambda c=c: run(x2, words, sz, bits, group, c))
-                                               for n, c in _EPILOGUE_TILES.items() if _offered(persistent=c[4] > 0)})
+    mma = OFFER_BATCH1_MMA and W.runs_on(x2.device)
+    name = hit[0] if hit else TUNER.pick(key, {n: (lambda t=t: run(x2, words, sz, bits, group, t))
+                                               for n, t in _EPILOGUE_TILES.items()
+                                               if (t[0] == "batch1mma" and mma)
+                                               or (t[0] == "batch1" and _offered(persistent=t[1][4] > 0))})
     return run(x2, words, sz, bits, group, _EPILOGUE_TILES[name])
 
 
-# the batch-1 tiles the epilogue variants are tuned over, as (bn, kb, warps, stages, programs per SM or 0): no split-K
-# (the epilogue needs each output's whole sum); the persistent ones too
-_EPILOGUE_TILES = {**{batch1_name(cfg): (*cfg[:4], 0) for cfg in BATCH1 if cfg[4] == 1},
-                   **{batch1_persistent_name(cfg): cfg for cfg in BATCH1_PERSISTENT}}
+# the tiles the epilogue variants are tuned over, name -> (kernel, config): ``wq_batch1``'s as (bn, kb, warps, stages,
+# programs per SM or 0) — no split-K (the epilogue needs each output's whole sum), the persistent ones too — and
+# ``wq_batch1_mma``'s CONFIGS (a shape one cannot run raises in the tuner and is skipped)
+_EPILOGUE_TILES = {**{batch1_name(cfg): ("batch1", (*cfg[:4], 0)) for cfg in BATCH1 if cfg[4] == 1},
+                   **{batch1_persistent_name(cfg): ("batch1", cfg) for cfg in BATCH1_PERSISTENT},
+                   **{batch1_mma_name(cfg): ("batch1mma", cfg) for cfg in Q.CONFIGS}}
+
+
+def _tile_kw(tile: tuple) -> dict:
+    """Keywords of one ``_EPILOGUE_TILES`` entry for its kernel's functions."""
+    kind, c = tile
+    if kind == "batch1mma":
+        return dict(bn=c[0], warps=c[1], prefetch=c[2])
+    return dict(bn=c[0], kb=c[1], num_warps=c[2], num_stages=c[3], persist=c[4])
+
+
+def _tile_lib(tile: tuple):
+    """The module whose batch1 functions run a ``_EPILOGUE_TILES`` entry: (gemm, silu_mul, add_residual)."""
+    if tile[0] == "batch1mma":
+        return Q.batch1_mma_gemm, Q.batch1_mma_silu_mul, Q.batch1_mma_add_residual
+    return B1.batch1_gemm, B1.batch1_silu_mul, B1.batch1_add_residual
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
@@ -453,16 +489,15 @@ def _add_residual(layer, x: Tensor, residual: Tensor, norm_weight: Tensor) -> tu
     in place of the normalized input. Raises where ``epilogue_ok`` is false."""
     r2 = _rows(residual, layer.out_features)
     h, hw, ss = _batch1_call(layer, x, "add_residual",
-                             lambda x2, w, s, b, g, c: B1.batch1_add_residual(x2, w, s, b, g, r2, norm_weight, *c[:4],
-                                                                              persist=c[4]))
+                             lambda x2, w, s, b, g, t: _tile_lib(t)[2](x2, w, s, b, g, r2, norm_weight, **_tile_kw(t)))
     return h.reshape(residual.shape), hw.reshape(residual.shape), ss
 
 
 def _linear_normed(layer, hw: Tensor, ss: Tensor, eps: float) -> Tensor:
     """layer(RMSNorm(h) · weight) from :func:`add_residual`'s (hw, ss): the division by the root mean square happens
     on the projection's sums, inside its kernel. Raises where ``epilogue_ok`` is false."""
-    y = _batch1_call(layer, hw, "normed", lambda x2, w, s, b, g, c: B1.batch1_gemm(x2, w, s, b, g, *c[:4],
-                                                                                   norm=(eps, ss), persist=c[4]))
+    y = _batch1_call(layer, hw, "normed", lambda x2, w, s, b, g, t: _tile_lib(t)[0](x2, w, s, b, g, norm=(eps, ss),
+                                                                                    **_tile_kw(t)))
     return y.reshape(*hw.shape[:-1], layer.out_features)
 
 
@@ -471,7 +506,7 @@ def _silu_mul(layer, x: Tensor, norm: tuple[float, Tensor] | None = None) -> Ten
     [..., N / 2], one launch (``wq_batch1.batch1_silu_mul``); ``norm`` = (eps, ss): x is :func:`add_residual`'s hw
     and the input norm finishes inside too (as in :func:`linear_normed`). Raises where ``epilogue_ok`` is false."""
     y = _batch1_call(layer, x, "silu_mul" if norm is None else "silu_mul normed",
-                     lambda x2, w, s, b, g, c: B1.batch1_silu_mul(x2, w, s, b, g, *c[:4], norm=norm, persist=c[4]))
+                     lambda x2, w, s, b, g, t: _tile_lib(t)[1](x2, w, s, b, g, norm=norm, **_tile_kw(t)))
     return y.reshape(*x.shape[:-1], layer.out_features // 2)
 
 
