@@ -44,7 +44,7 @@ def main():
         rec = {"n": n, "k": k, "errors": {}, "us": {}}
         good = []
         for cfg in Q.CONFIGS:
-            name = "mma bn%d w%d pf%d" % (cfg[0], cfg[1], cfg[2])
+            name = "mma bn%d w%d pf%d pairs%d" % cfg
             errs = {}
             try:
                 for m, dt in ((1, torch.bfloat16), (3, torch.bfloat16), (8, torch.bfloat16), (1, torch.float16)):

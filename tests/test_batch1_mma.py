@@ -101,14 +101,16 @@ def test_unpack_asm_gives_code_minus_zero(dtype):
 
 
 @gluon
-@pytest.mark.parametrize("bn,warps,dtype", [(16, 4, torch.bfloat16), (16, 4, torch.float16), (32, 4, torch.bfloat16)])
-def test_builds_for_an_h100_with_free_conversions(bn, warps, dtype):
+@pytest.mark.parametrize("bn,warps,dtype,pairs", [(16, 4, torch.bfloat16, False), (16, 4, torch.float16, False),
+                                                  (32, 4, torch.bfloat16, False), (16, 4, torch.bfloat16, True),
+                                                  (16, 4, torch.float16, True)])
+def test_builds_for_an_h100_with_free_conversions(bn, warps, dtype, pairs):
     """No GPU needed: the build runs every ``assert_trivial`` conversion (words and fields into the MMA operand with
     no data moving between threads); no spills; the default tile holds ≤ 128 registers (four 4-warp programs per SM,
     where ``wq_batch1``'s tiles hold three)."""
     from qwenquant.kernels.launch import ptxas_usage
 
-    use = ptxas_usage(Q.compile_for_sm90(bn, warps, True, dtype))
+    use = ptxas_usage(Q.compile_for_sm90(bn, warps, True, dtype, pairs=pairs))
     assert use["spill_bytes"] == 0, use["report"][-500:]
     if (bn, dtype) == (16, torch.bfloat16):
         assert use["registers"] <= 128, use["registers"]
@@ -136,10 +138,10 @@ def test_batch1_mma_matches_reference(group):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = x.double() @ wref.T
                 cublas = rel_err(torch.nn.functional.linear(x, wref.to(dtype)), ref)
-                for bn, warps, prefetch in Q.CONFIGS:
+                for cfg in Q.CONFIGS:
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                    y = Q.batch1_mma_gemm(x, kt.words, kt.sz, 4, group, bn, warps, prefetch, out=out)
-                    assert rel_err(y, ref) < 2 * cublas + 1e-4, (k, m, dtype, bn, warps, prefetch, rel_err(y, ref))
+                    y = Q.batch1_mma_gemm(x, kt.words, kt.sz, 4, group, *cfg, out=out)
+                    assert rel_err(y, ref) < 2 * cublas + 1e-4, (k, m, dtype, cfg, rel_err(y, ref))
 
 
 @pytest.mark.gpu
@@ -147,7 +149,7 @@ def test_batch1_mma_matches_reference(group):
 def test_batch1_mma_epilogues_on_the_gpu_qwen3_8b_shapes():
     """``tests/test_batch1_epilogues.check_epilogues`` on this kernel: SiLU·mul, the residual add and the in-kernel
     norm against the unfused math and fp64, gate_up (N = 24576) and o (N = 4096) of Qwen3-8B, M = 1-8, the two first
-    configs (each config × epilogue × M = 1 or not is a compile of its own: all six took minutes)."""
+    config of each scheme (each config × epilogue × M = 1 or not is a compile of its own)."""
     import types
 
     from tests.test_batch1_epilogues import assert_close_to_unfused, check_epilogues
@@ -156,6 +158,7 @@ def test_batch1_mma_epilogues_on_the_gpu_qwen3_8b_shapes():
         pytest.skip("needs an sm_90 GPU")
     kernels = types.SimpleNamespace(batch1_gemm=Q.batch1_mma_gemm, batch1_silu_mul=Q.batch1_mma_silu_mul,
                                     batch1_add_residual=Q.batch1_mma_add_residual)
-    worst = check_epilogues(24576, 4096, 4096, 4, 128, (1, 2, 5, 8), Q.CONFIGS[:2], torch.bfloat16, "cuda", kernels,
-                            lambda bn, warps, prefetch: dict(bn=bn, warps=warps, prefetch=prefetch))
+    worst = check_epilogues(24576, 4096, 4096, 4, 128, (1, 2, 5, 8), (Q.CONFIGS[0], Q.CONFIGS[4]), torch.bfloat16, "cuda",
+                            kernels, lambda bn, warps, prefetch, pairs: dict(bn=bn, warps=warps, prefetch=prefetch,
+                                                                             pairs=pairs))
     assert_close_to_unfused(worst, 5e-3)

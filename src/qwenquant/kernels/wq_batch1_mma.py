@@ -60,8 +60,10 @@ except ImportError:  # pragma: no cover
 MAX_M = 8  # rows of x: the MMA's N
 BITS = 4
 TILE = 256  # columns per k-tile (4-bit)
-# (bn, warps, prefetch) offered for timing; the first is the default
-CONFIGS = ((16, 4, True), (32, 4, True), (16, 8, True), (16, 4, False), (32, 2, True), (16, 2, True))
+# (bn, warps, prefetch, pairs) offered for timing; the first is the default. pairs: the k_width-2 scheme
+# (``_unpack_half_pairs``: a register pair is one field of two adjacent words, x loaded as it sits)
+CONFIGS = ((16, 4, True, False), (32, 4, True, False), (16, 8, True, False), (16, 4, False, False),
+           (16, 4, True, True), (32, 4, True, True), (16, 8, True, True), (32, 2, True, True))
 
 
 def mma_ok(device: torch.device | str, bits: int, group: int, m: int, n: int, k: int, bn: int = 16,
@@ -77,15 +79,15 @@ def mma_ok(device: torch.device | str, bits: int, group: int, m: int, n: int, k:
 if GLUON:
 
     @gluon.constexpr_function
-    def _layouts(W, BN):
+    def _layouts(W, BN, PAIRS=False):
         """The kernel's register layouts, as linear layouts (bases: which tensor index each register / lane / warp
         bit adds). mma: the [W, BN, 8] accumulator (warps over the k-tile batch); a / b: its operands, k_width 4;
         words_ld: [W, BN, 4 (c), 8 (i)] words as loaded (8 consecutive words per thread and row); words: [W, BN, 32]
         with l = c + 4 i, the registers in the order the A operand wants them; unpack: [W, BN, 32, 4 (e)] words ×
         fields; x_ld: [W, 4 (e), 4 (c), 8 (i), 8 (n)] x as loaded (8 consecutive columns per thread)."""
         mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
-        a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-        b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4)
+        a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2 if PAIRS else 4)
+        b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2 if PAIRS else 4)
         row_bits = BN.bit_length() - 4  # row 8, 16, 32 … in registers (rows 1, 2, 4 are lanes)
         warps3 = [[1 << q, 0, 0] for q in range(W.bit_length() - 1)]
         words_ld = gl.DistributedLinearLayout(
@@ -171,15 +173,90 @@ if GLUON:
         xv = gl.permute(xv, (0, 3, 2, 1, 4))  # [W, i, c, e, n]: logical K = 16 i + 4 c + e
         return gl.convert_layout(gl.reshape(xv, [W, 128, 8]), b_l)
 
+    @gluon.constexpr_function
+    def _pair_asm(T, IS_BF16):
+        """PTX for one pair: field T of two words ($1, $2; already shifted by 4 for odd T) -> (code - zero) of both in
+        one 16-bit pair: PRMT (byte T // 2 of each word into the two halves), LOP3 (low nibble | magic), one add of
+        the row's -(magic + zero) pair ($3)."""
+        b = T // 2
+        sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+        magic, add = (0x43004300, "add.rn.bf16x2") if IS_BF16 else (0x64006400, "add.rn.f16x2")
+        return (f"{{ .reg .b32 p; prmt.b32 p, $1, $2, {sel}; lop3.b32 p, p, {0x000F000F}, {magic}, 0xEA; "
+                f"{add} $0, p, $3; }}")
+
+    @gluon.jit
+    def _unpack_half_pairs(words, zneg, H: gl.constexpr, a_l: gl.constexpr, IS_BF16: gl.constexpr):
+        """The k_width-2 scheme: words [W, BN, 4 (c), 8] as loaded -> the A operand [W, BN, 128] of half H, logical
+        K = b + 2c + 8d + 16t + 32u <-> column (4H + 2t + d)·32 + 8c + 2u + b: a register pair is one field of two
+        adjacent words, so x's pairs are adjacent columns (loaded as they sit, no repack)."""
+        W: gl.constexpr = words.shape[0]
+        BN: gl.constexpr = words.shape[1]
+        w5 = gl.reshape(words, [W, BN, 4, 4, 2])  # [W, BN, c, u, b]: word 8c + 2u + b
+        hi = w5 >> 4
+        L5: gl.constexpr = w5.type.layout
+        z5 = gl.convert_layout(zneg, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5))))
+        z5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(z5, 2), 3), 4)
+        w5, z5 = gl.broadcast(w5, z5)
+        hi, z5 = gl.broadcast(hi, z5)
+        v0 = gl.inline_asm_elementwise(_pair_asm(4 * H, IS_BF16), "=r,r,r,r", [w5, z5], dtype=z5.dtype,
+                                       is_pure=True, pack=2)
+        v1 = gl.inline_asm_elementwise(_pair_asm(4 * H + 1, IS_BF16), "=r,r,r,r", [hi, z5], dtype=z5.dtype,
+                                       is_pure=True, pack=2)
+        v2 = gl.inline_asm_elementwise(_pair_asm(4 * H + 2, IS_BF16), "=r,r,r,r", [w5, z5], dtype=z5.dtype,
+                                       is_pure=True, pack=2)
+        v3 = gl.inline_asm_elementwise(_pair_asm(4 * H + 3, IS_BF16), "=r,r,r,r", [hi, z5], dtype=z5.dtype,
+                                       is_pure=True, pack=2)
+        # [W, BN, c, u, b, d, t] -> [W, BN, u, t, d, c, b]
+        v = gl.join(gl.join(v0, v1), gl.join(v2, v3))
+        v = gl.permute(v, (0, 1, 3, 6, 5, 2, 4))
+        return gl.convert_layout(gl.reshape(v, [W, BN, 128]), a_l)
+
+    @gluon.jit
+    def _load_x_pairs(x_ptr, M, stride_xm, kt, H: gl.constexpr, W: gl.constexpr, x_ld: gl.constexpr,
+                      b_l: gl.constexpr):
+        """x for ``_unpack_half_pairs``: [W, 128, 8], logical K = b + 2c + 8d + 16t + 32u <-> column
+        (4H + 2t + d)·32 + 8c + 2u + b; loaded as [W, t, d, c, (u b)] with 8 consecutive columns per thread."""
+        L0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
+        L1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
+        L2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
+        L3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, x_ld))))
+        L4: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, x_ld))))
+        bw = gl.arange(0, W, layout=L0)
+        f = gl.arange(0, 4, layout=L1)  # field within the half: 2t + d
+        c = gl.arange(0, 4, layout=L2)
+        ub = gl.arange(0, 8, layout=L3)  # 2u + b
+        n = gl.arange(0, 8, layout=L4)
+        off = (((kt + bw) * 256)[:, None, None, None, None] + ((4 * H + f) * 32)[None, :, None, None, None]
+               + (8 * c)[None, None, :, None, None] + ub[None, None, None, :, None]
+               + (n * stride_xm)[None, None, None, None, :])
+        xv = gl.load(x_ptr + off, mask=(n < M)[None, None, None, None, :], other=0.0)  # [W, f, c, ub, n]
+        xv = gl.reshape(xv, [W, 2, 2, 4, 4, 2, 8])  # [W, t, d, c, u, b, n]
+        xv = gl.permute(xv, (0, 4, 1, 2, 3, 5, 6))  # [W, u, t, d, c, b, n]
+        return gl.convert_layout(gl.reshape(xv, [W, 128, 8]), b_l)
+
+    @gluon.jit
+    def _load_x_any(x_ptr, M, stride_xm, kt, H: gl.constexpr, W: gl.constexpr, x_ld: gl.constexpr, b_l: gl.constexpr,
+                    PAIRS: gl.constexpr):
+        if PAIRS:
+            return _load_x_pairs(x_ptr, M, stride_xm, kt, H, W, x_ld, b_l)
+        return _load_x(x_ptr, M, stride_xm, kt, H, W, x_ld, b_l)
+
     @gluon.jit
     def _half(acc, zero, words, sz, b, H: gl.constexpr, MAGIC: gl.constexpr, DT: gl.constexpr,
-              words_l: gl.constexpr, unpack: gl.constexpr, a_l: gl.constexpr, IS_BF16: gl.constexpr):
+              words_l: gl.constexpr, unpack: gl.constexpr, a_l: gl.constexpr, IS_BF16: gl.constexpr,
+              PAIRS: gl.constexpr = False):
         """acc + scale · Σ (code - zero)·x over half H of each warp's k-tile (one scale group)."""
         s = (sz >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
         zf = (sz & 0xFFFF).to(gl.float32)
-        zneg = gl.convert_layout((-(zf + MAGIC)).to(DT), gl.SliceLayout(2, words_l))
-        zneg16 = gl.convert_layout((-(zf + MAGIC / 16)).to(DT), gl.SliceLayout(2, words_l))
-        a = _unpack_half(words, zneg, zneg16, H, unpack, a_l, IS_BF16)
+        if PAIRS:
+            a = _unpack_half_pairs(words, (-(zf + MAGIC)).to(DT), H, a_l, IS_BF16)
+        else:
+            zneg = gl.convert_layout((-(zf + MAGIC)).to(DT), gl.SliceLayout(2, words_l))
+            zneg16 = gl.convert_layout((-(zf + MAGIC / 16)).to(DT), gl.SliceLayout(2, words_l))
+            W: gl.constexpr = words.shape[0]
+            BN: gl.constexpr = words.shape[1]
+            w3 = gl.convert_layout(gl.reshape(gl.permute(words, (0, 1, 3, 2)), [W, BN, 32]), words_l)
+            a = _unpack_half(w3, zneg, zneg16, H, unpack, a_l, IS_BF16)
         part = mma_v2(a, b, zero)
         return acc + part * s[:, :, None]
 
@@ -187,7 +264,8 @@ if GLUON:
     def _batch1_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, r_ptr, nw_ptr, hw_ptr, ss_in_ptr, ss_out_ptr, eps, P_IN,
                            M, N, K, stride_xm, stride_ym, GROUP: gl.constexpr, BN: gl.constexpr, W: gl.constexpr,
                            IS_BF16: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False,
-                           EPI: gl.constexpr = 0, NORM_IN: gl.constexpr = False, PB: gl.constexpr = 1):
+                           EPI: gl.constexpr = 0, NORM_IN: gl.constexpr = False, PB: gl.constexpr = 1,
+                           PAIRS: gl.constexpr = False):
         """y[:M, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ, one row block per program, all of K (see the module docstring).
         ``PDL``: launched with programmatic dependent launch — ``griddepcontrol.wait`` before the first load (the
         first step's words ahead of it, which no kernel writes, made ptxas spill 72 bytes in the loop at 128
@@ -195,13 +273,13 @@ if GLUON:
         next kernel is released when the programs exit. ``EPI`` / ``NORM_IN`` / ``PB`` and the pointers beside them:
         ``wq_batch1._batch1_kernel``'s epilogues and input norm, the same math (``wq_batch1.SILU_MUL``: the program's
         rows are BN/2 of gate and the same rows of up, N/2 apart)."""
-        mma: gl.constexpr = _layouts(W, BN)[0]
-        a_l: gl.constexpr = _layouts(W, BN)[1]
-        b_l: gl.constexpr = _layouts(W, BN)[2]
-        words_ld: gl.constexpr = _layouts(W, BN)[3]
-        words_l: gl.constexpr = _layouts(W, BN)[4]
-        unpack: gl.constexpr = _layouts(W, BN)[5]
-        x_ld: gl.constexpr = _layouts(W, BN)[6]
+        mma: gl.constexpr = _layouts(W, BN, PAIRS)[0]
+        a_l: gl.constexpr = _layouts(W, BN, PAIRS)[1]
+        b_l: gl.constexpr = _layouts(W, BN, PAIRS)[2]
+        words_ld: gl.constexpr = _layouts(W, BN, PAIRS)[3]
+        words_l: gl.constexpr = _layouts(W, BN, PAIRS)[4]
+        unpack: gl.constexpr = _layouts(W, BN, PAIRS)[5]
+        x_ld: gl.constexpr = _layouts(W, BN, PAIRS)[6]
         MAGIC: gl.constexpr = 128.0 if IS_BF16 else 1024.0
         DT: gl.constexpr = gl.bfloat16 if IS_BF16 else gl.float16
         Q: gl.constexpr = GROUP // 128  # k-tile halves per scale group
@@ -229,21 +307,20 @@ if GLUON:
         words = gl.load(w_ptr + woff)
         sz0 = gl.load(sz_ptr + ((2 * sb) // Q)[:, None] * N + rows)
         sz1 = gl.load(sz_ptr + ((2 * sb + 1) // Q)[:, None] * N + rows)
-        x0 = _load_x(x_ptr, M, stride_xm, 0, 0, W, x_ld, b_l)
-        x1 = _load_x(x_ptr, M, stride_xm, 0, 1, W, x_ld, b_l)
+        x0 = _load_x_any(x_ptr, M, stride_xm, 0, 0, W, x_ld, b_l, PAIRS)
+        x1 = _load_x_any(x_ptr, M, stride_xm, 0, 1, W, x_ld, b_l, PAIRS)
         for kt in range(0, n_kt, W):
             # the next step's operands (the last step reloads its own: no masks in the loop) before this step's math
             nk = gl.minimum(kt + W, n_kt - W) if PREFETCH else kt
             words_n = gl.load(w_ptr + woff + nk * 32)
-            x0n = _load_x(x_ptr, M, stride_xm, nk, 0, W, x_ld, b_l)
-            x1n = _load_x(x_ptr, M, stride_xm, nk, 1, W, x_ld, b_l)
+            x0n = _load_x_any(x_ptr, M, stride_xm, nk, 0, W, x_ld, b_l, PAIRS)
+            x1n = _load_x_any(x_ptr, M, stride_xm, nk, 1, W, x_ld, b_l, PAIRS)
             sz0n = gl.load(sz_ptr + ((2 * (nk + sb)) // Q)[:, None] * N + rows)
             sz1n = gl.load(sz_ptr + ((2 * (nk + sb) + 1) // Q)[:, None] * N + rows)
             if not PREFETCH:
                 words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
-            w3 = gl.convert_layout(gl.reshape(gl.permute(words, (0, 1, 3, 2)), [W, BN, 32]), words_l)
-            acc = _half(acc, zero, w3, sz0, x0, 0, MAGIC, DT, words_l, unpack, a_l, IS_BF16)
-            acc = _half(acc, zero, w3, sz1, x1, 1, MAGIC, DT, words_l, unpack, a_l, IS_BF16)
+            acc = _half(acc, zero, words, sz0, x0, 0, MAGIC, DT, words_l, unpack, a_l, IS_BF16, PAIRS)
+            acc = _half(acc, zero, words, sz1, x1, 1, MAGIC, DT, words_l, unpack, a_l, IS_BF16, PAIRS)
             if PREFETCH:
                 words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
         y = gl.sum(acc, axis=0)  # [BN, 8]: the W warps' partial sums meet
@@ -290,7 +367,7 @@ if GLUON:
 
 
 def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
-                    prefetch: bool = True, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
+                    prefetch: bool = True, pairs: bool = False, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
                     pdl: bool | None = None) -> Tensor:
     """x2 [M <= 8, K] bf16/fp16 with the 4-bit k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype, on an sm_90 GPU. ``bn`` rows per program (16 or 32), ``warps`` k-tiles per step (one per
@@ -299,24 +376,24 @@ def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int
     ``overlap.pdl_ok``)."""
     m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_gemm", norm)
     y = result_tensor(x2, n, out, "batch1_mma_gemm")
-    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 0, pdl)
+    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 0, pdl, pairs)
     return y
 
 
 def batch1_mma_silu_mul(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
-                        prefetch: bool = True, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
+                        prefetch: bool = True, pairs: bool = False, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
                         pdl: bool | None = None) -> Tensor:
     """silu(x2 · Ŵ_gateᵀ) · (x2 · Ŵ_upᵀ) -> [M, N / 2] for a merged [gate; up] weight, as
     ``wq_batch1.batch1_silu_mul`` (each program: BN/2 rows of gate and the same rows of up)."""
     m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_silu_mul", norm, halves=True)
     y = result_tensor(x2, n // 2, out, "batch1_mma_silu_mul")
-    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 1, pdl)
+    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 1, pdl, pairs)
     return y
 
 
 def batch1_mma_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, residual: Tensor,
                             norm_weight: Tensor, bn: int = 16, warps: int = 4, prefetch: bool = True,
-                            pdl: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                            pairs: bool = False, pdl: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(h, hw, ss) as ``wq_batch1.batch1_add_residual``: h = residual + x2 · Ŵᵀ, hw = h · norm_weight, ss [N / bn, M]
     fp32 sums of h² per row block and row."""
     m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_add_residual")
@@ -328,7 +405,8 @@ def batch1_mma_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, gr
                          f"expected a contiguous [{n}] tensor on {x2.device}")
     h, hw = torch.empty_like(residual), torch.empty_like(residual)
     ss = torch.empty(n // bn, m, device=x2.device, dtype=torch.float32)
-    _launch(x2, words, sz, h, None, (residual, norm_weight, hw, ss), n // bn, group, bn, warps, prefetch, 2, pdl)
+    _launch(x2, words, sz, h, None, (residual, norm_weight, hw, ss), n // bn, group, bn, warps, prefetch, 2, pdl,
+            pairs)
     return h, hw, ss
 
 
@@ -365,7 +443,7 @@ def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False) 
     return m, k, n
 
 
-def _launch(x2, words, sz, y, norm, residual, programs, group, bn, warps, prefetch, epi, pdl):
+def _launch(x2, words, sz, y, norm, residual, programs, group, bn, warps, prefetch, epi, pdl, pairs=False):
     m, k = x2.shape
     pdl = pdl_ok(x2.device, pdl)
     eps, ss_in = norm if norm is not None else (1.0, y)
@@ -374,13 +452,13 @@ def _launch(x2, words, sz, y, norm, residual, programs, group, bn, warps, prefet
                   (x2, words, sz, y, r, nw, hw, ss_in, ss_out, float(eps), ss_in.shape[0] if norm is not None else 1,
                    m, words.shape[0], k, x2.stride(0), y.stride(0)),
                   GROUP=group, BN=bn, W=warps, IS_BF16=x2.dtype == torch.bfloat16, PREFETCH=prefetch, PDL=pdl,
-                  EPI=epi, NORM_IN=norm is not None,
+                  EPI=epi, NORM_IN=norm is not None, PAIRS=pairs,
                   PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
                   num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
 
 def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype: torch.dtype = torch.bfloat16,
-                     group: int = 128, pdl: bool = False, epi: int = 0, norm_slots: int = 0):
+                     group: int = 128, pdl: bool = False, epi: int = 0, norm_slots: int = 0, pairs: bool = False):
     """Compile the kernel for an H100 (sm_90a) on any machine (no GPU needed; ``launch.ptxas_usage`` reads its
     registers). The layout conversions' ``assert_trivial`` checks run here: a build is the proof that the words reach
     the MMA operand without moving between threads. ``epi``: 1 SiLU·mul, 2 add-residual; ``norm_slots`` > 0: the
@@ -393,7 +471,7 @@ def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype:
            "P_IN": "i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
     const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16, "PREFETCH": prefetch,
              "PDL": pdl, "EPI": epi, "NORM_IN": norm_slots > 0,
-             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1}
+             "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1, "PAIRS": pairs}
     names = list(sig)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a not in ("M", "eps", "P_IN")}
     sig.update({name: "constexpr" for name in const})

@@ -289,8 +289,8 @@ def batch1_name(cfg: tuple) -> str:
 
 def batch1_mma_name(cfg: tuple) -> str:
     """The tuner's name of a ``wq_batch1_mma.CONFIGS`` entry."""
-    bn, w, prefetch = cfg
-    return f"batch1mma bn{bn} w{w}" + ("" if prefetch else " noprefetch")
+    bn, w, prefetch, pairs = cfg
+    return f"batch1mma bn{bn} w{w}" + ("" if prefetch else " noprefetch") + (" pairs" if pairs else "")
 
 
 def _offered(persistent: bool) -> bool:
@@ -465,7 +465,7 @@ def _tile_kw(tile: tuple) -> dict:
     """Keywords of one ``_EPILOGUE_TILES`` entry for its kernel's functions."""
     kind, c = tile
     if kind == "batch1mma":
-        return dict(bn=c[0], warps=c[1], prefetch=c[2])
+        return dict(bn=c[0], warps=c[1], prefetch=c[2], pairs=c[3])
     return dict(bn=c[0], kb=c[1], num_warps=c[2], num_stages=c[3], persist=c[4])
 
 
