@@ -48,9 +48,9 @@ def _halves(word: int, dtype: torch.dtype) -> list[float]:
     return torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype).float().tolist()
 
 
-def _run_asm(asm: str, regs: dict[int, int], dtype: torch.dtype) -> list[float]:
+def _run_asm(asm: str, regs: dict[int, int], dtype: torch.dtype, outputs: int = 2) -> list[float]:
     """A model of the three instructions the asm uses, run statement by statement (prmt, lop3 with LUT 0xEA = (a & b)
-    | c, add / fma on 16-bit pairs): the values of $0 and $1, low half first."""
+    | c, add / fma on 16-bit pairs): the values of $0 (and $1), low half first."""
     env = {f"${i}": v for i, v in regs.items()}
     val = lambda t: env[t] if t in env else int(t, 0)  # noqa: E731
     for stmt in asm.strip("{} ").split(";"):
@@ -71,7 +71,7 @@ def _run_asm(asm: str, regs: dict[int, int], dtype: torch.dtype) -> list[float]:
             else:
                 x = [p + r for p, r in zip(x, _halves(val(args[2]), dtype))]
             env[args[0]] = x
-    return env["$0"] + env["$1"]
+    return sum((env[f"${i}"] for i in range(outputs)), [])
 
 
 def _pair(lo: float, hi: float, dtype: torch.dtype) -> int:
@@ -162,3 +162,20 @@ def test_batch1_mma_epilogues_on_the_gpu_qwen3_8b_shapes():
                             kernels, lambda bn, warps, prefetch, pairs: dict(bn=bn, warps=warps, prefetch=prefetch,
                                                                              pairs=pairs))
     assert_close_to_unfused(worst, 5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pair_asm_gives_one_field_of_two_words(dtype):
+    """The k_width-2 scheme's PTX (``_pair_asm``): field T of words a and b (shifted by 4 for odd T, as the kernel
+    passes them) minus the zero, a's in the low half."""
+    if not Q.GLUON:
+        pytest.skip("needs Triton's Gluon")
+    rng = np.random.default_rng(1)
+    magic = 128 if dtype == torch.bfloat16 else 1024
+    for _ in range(32):
+        a, b, z = int(rng.integers(0, 2**32)), int(rng.integers(0, 2**32)), int(rng.integers(0, 16))
+        for t in range(8):
+            sh = 4 if t % 2 else 0
+            regs = {1: a >> sh, 2: b >> sh, 3: _pair(-(magic + z), -(magic + z), dtype)}
+            got = _run_asm(Q._pair_asm.fn(t, dtype == torch.bfloat16), regs, dtype, outputs=1)
+            assert got == [((a >> 4 * t) & 0xF) - z, ((b >> 4 * t) & 0xF) - z], (hex(a), hex(b), z, t)
