@@ -174,65 +174,112 @@ if GLUON:
         return gl.convert_layout(gl.reshape(xv, [W, 128, 8]), b_l)
 
     @gluon.constexpr_function
-    def _pair_asm(T, IS_BF16):
-        """PTX for one pair: field T of two words ($1, $2; already shifted by 4 for odd T) -> (code - zero) of both in
-        one 16-bit pair: PRMT (byte T // 2 of each word into the two halves), LOP3 (low nibble | magic), one add of
-        the row's -(magic + zero) pair ($3)."""
-        b = T // 2
-        sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12)
+    def _pair_asm(IS_BF16):
+        """PTX for one pair: one field of two words ($1, $2; shifted by 4 for an odd field) -> (code - zero) of both
+        in one 16-bit pair: PRMT with the field's selector ($3: byte field // 2 of each word into the two halves),
+        LOP3 (low nibble | magic), one add of the row's -(magic + zero) pair ($5, built once per row as a 32-bit
+        word: passed as two 16-bit values it was re-packed by a PRMT per pair)."""
         magic, add = (0x43004300, "add.rn.bf16x2") if IS_BF16 else (0x64006400, "add.rn.f16x2")
-        return (f"{{ .reg .b32 p; prmt.b32 p, $1, $2, {sel}; lop3.b32 p, p, {0x000F000F}, {magic}, 0xEA; "
-                f"{add} $0, p, $3; }}")
+        return (f"{{ .reg .b32 p; prmt.b32 p, $1, $2, $3; lop3.b32 p, p, {0x000F000F}, {magic}, 0xEA; "
+                f"{add} $0, p, $5; }}")
+
+    @gluon.constexpr_function
+    def _pairs_layout(W, BN):
+        """[W, BN, u (4), t (2), d (2), c (4), b (2)]: the A operand (k_width 2) of one k-tile half before its
+        reshape to [W, BN, 128] (K = b + 2c + 8d + 16t + 32u), basis for basis."""
+        z = [0] * 7
+
+        def at(dim, v):
+            e = list(z)
+            e[dim] = v
+            return e
+        rows = [at(1, 16 << r) for r in range(BN.bit_length() - 5)]
+        return gl.DistributedLinearLayout(
+            reg_bases=[at(6, 1), at(1, 8), at(4, 1), at(3, 1), at(2, 1), at(2, 2)] + rows,
+            lane_bases=[at(5, 1), at(5, 2), at(1, 1), at(1, 2), at(1, 4)],
+            warp_bases=[at(0, 1 << q) for q in range(W.bit_length() - 1)], block_bases=[], shape=[W, BN, 4, 2, 2, 4, 2])
 
     @gluon.jit
     def _unpack_half_pairs(words, zneg, H: gl.constexpr, a_l: gl.constexpr, IS_BF16: gl.constexpr):
         """The k_width-2 scheme: words [W, BN, 4 (c), 8] as loaded -> the A operand [W, BN, 128] of half H, logical
         K = b + 2c + 8d + 16t + 32u <-> column (4H + 2t + d)·32 + 8c + 2u + b: a register pair is one field of two
-        adjacent words, so x's pairs are adjacent columns (loaded as they sit, no repack)."""
+        adjacent words, so x's pairs are adjacent columns (loaded as they sit, no repack). The fields' selectors and
+        shifts vary only along t and d, so they fold to constants per register."""
         W: gl.constexpr = words.shape[0]
         BN: gl.constexpr = words.shape[1]
-        w5 = gl.reshape(words, [W, BN, 4, 4, 2])  # [W, BN, c, u, b]: word 8c + 2u + b
-        hi = w5 >> 4
-        L5: gl.constexpr = w5.type.layout
-        z5 = gl.convert_layout(zneg, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, L5))))
-        z5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(z5, 2), 3), 4)
-        w5, z5 = gl.broadcast(w5, z5)
-        hi, z5 = gl.broadcast(hi, z5)
-        v0 = gl.inline_asm_elementwise(_pair_asm(4 * H, IS_BF16), "=r,r,r,r", [w5, z5], dtype=z5.dtype,
-                                       is_pure=True, pack=2)
-        v1 = gl.inline_asm_elementwise(_pair_asm(4 * H + 1, IS_BF16), "=r,r,r,r", [hi, z5], dtype=z5.dtype,
-                                       is_pure=True, pack=2)
-        v2 = gl.inline_asm_elementwise(_pair_asm(4 * H + 2, IS_BF16), "=r,r,r,r", [w5, z5], dtype=z5.dtype,
-                                       is_pure=True, pack=2)
-        v3 = gl.inline_asm_elementwise(_pair_asm(4 * H + 3, IS_BF16), "=r,r,r,r", [hi, z5], dtype=z5.dtype,
-                                       is_pure=True, pack=2)
-        # [W, BN, c, u, b, d, t] -> [W, BN, u, t, d, c, b]
-        v = gl.join(gl.join(v0, v1), gl.join(v2, v3))
-        v = gl.permute(v, (0, 1, 3, 6, 5, 2, 4))
-        return gl.convert_layout(gl.reshape(v, [W, BN, 128]), a_l)
+        L7: gl.constexpr = _pairs_layout(W, BN)
+        S5: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L7))  # [W, BN, u, c, b]
+        w5 = gl.permute(gl.reshape(words, [W, BN, 4, 4, 2]), (0, 1, 3, 2, 4))  # word 8c + 2u + b
+        w5 = gl.convert_layout(w5, S5)
+        w7 = gl.expand_dims(gl.expand_dims(w5, 3), 4)  # [W, BN, u, 1, 1, c, b]
+        shape: gl.constexpr = [W, BN, 4, 2, 2, 4, 2]
+        Ld: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(
+            5, gl.SliceLayout(6, L7))))))
+        Lt: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, gl.SliceLayout(
+            5, gl.SliceLayout(6, L7))))))
+        d = gl.arange(0, 2, layout=Ld)[None, None, None, None, :, None, None]
+        t = gl.arange(0, 2, layout=Lt)[None, None, None, :, None, None, None]
+        src = gl.where(d == 1, w7 >> 4, w7)  # an odd field: its nibble is the byte's high one
+        byte = 2 * H + t
+        sel = (byte | (byte << 4) | ((4 + byte) << 8) | ((4 + byte) << 12)) + gl.zeros(shape, gl.int32, L7)
+        Z: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, gl.SliceLayout(5, gl.SliceLayout(
+            6, L7)))))
+        zbits = zneg.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        z7 = gl.convert_layout(zbits * 0x10001, Z)[:, :, None, None, None, None, None]  # (z, z) as one word
+        src, z7 = gl.broadcast(src, z7)
+        out = gl.inline_asm_elementwise(_pair_asm(IS_BF16), "=r,r,r,r,r,r,r", [src, sel, z7], dtype=zneg.dtype,
+                                        is_pure=True, pack=2)
+        return gl.convert_layout(gl.reshape(out, [W, BN, 128]), a_l, assert_trivial=True)
+
+    @gluon.constexpr_function
+    def _x_pairs_layout(W, LOAD=False):
+        """[W, f (4), c (4), u (4), n (8), b (2)]: x of one k-tile half for the k_width-2 scheme, column
+        (4H + f)·32 + 8c + 2u + b of row n; b first in the registers (a 32-bit pair), then f and u in the B
+        operand's order — or, ``LOAD``, u first (16-byte loads along u)."""
+        z = [0] * 6
+
+        def at(dim, v):
+            e = list(z)
+            e[dim] = v
+            return e
+        regs = [at(3, 1), at(3, 2), at(1, 1), at(1, 2)] if LOAD else [at(1, 1), at(1, 2), at(3, 1), at(3, 2)]
+        return gl.DistributedLinearLayout(
+            reg_bases=[at(5, 1)] + regs,
+            lane_bases=[at(2, 1), at(2, 2), at(4, 1), at(4, 2), at(4, 4)],
+            warp_bases=[at(0, 1 << q) for q in range(W.bit_length() - 1)], block_bases=[], shape=[W, 4, 4, 4, 8, 2])
 
     @gluon.jit
     def _load_x_pairs(x_ptr, M, stride_xm, kt, H: gl.constexpr, W: gl.constexpr, x_ld: gl.constexpr,
                       b_l: gl.constexpr):
         """x for ``_unpack_half_pairs``: [W, 128, 8], logical K = b + 2c + 8d + 16t + 32u <-> column
-        (4H + 2t + d)·32 + 8c + 2u + b; loaded as [W, t, d, c, (u b)] with 8 consecutive columns per thread."""
-        L0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
-        L1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
-        L2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, x_ld))))
-        L3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, x_ld))))
-        L4: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, x_ld))))
+        (4H + 2t + d)·32 + 8c + 2u + b. Loaded as 32-bit words (a pair of columns each; 16-byte loads along u) and
+        split into the pairs by a register move, so no 16-bit element is ever repacked."""
+        L6: gl.constexpr = _x_pairs_layout(W)
+        S: gl.constexpr = gl.SliceLayout(5, _x_pairs_layout(W, True))
+        L0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, S))))
+        L1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, S))))
+        L2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, S))))
+        L3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, S))))
+        L4: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, S))))
         bw = gl.arange(0, W, layout=L0)
-        f = gl.arange(0, 4, layout=L1)  # field within the half: 2t + d
+        f = gl.arange(0, 4, layout=L1)
         c = gl.arange(0, 4, layout=L2)
-        ub = gl.arange(0, 8, layout=L3)  # 2u + b
+        u = gl.arange(0, 4, layout=L3)
         n = gl.arange(0, 8, layout=L4)
-        off = (((kt + bw) * 256)[:, None, None, None, None] + ((4 * H + f) * 32)[None, :, None, None, None]
-               + (8 * c)[None, None, :, None, None] + ub[None, None, None, :, None]
-               + (n * stride_xm)[None, None, None, None, :])
-        xv = gl.load(x_ptr + off, mask=(n < M)[None, None, None, None, :], other=0.0)  # [W, f, c, ub, n]
-        xv = gl.reshape(xv, [W, 2, 2, 4, 4, 2, 8])  # [W, t, d, c, u, b, n]
-        xv = gl.permute(xv, (0, 4, 1, 2, 3, 5, 6))  # [W, u, t, d, c, b, n]
-        return gl.convert_layout(gl.reshape(xv, [W, 128, 8]), b_l)
+        # in 32-bit words: column / 2
+        off = (((kt + bw) * 128)[:, None, None, None, None] + ((4 * H + f) * 16)[None, :, None, None, None]
+               + (4 * c)[None, None, :, None, None] + u[None, None, None, :, None]
+               + (n * (stride_xm // 2))[None, None, None, None, :])
+        I32P: gl.constexpr = gl.pointer_type(gl.int32)
+        xw = gl.load(x_ptr.to(I32P, bitcast=True) + off, mask=(n < M)[None, None, None, None, :],
+                     other=0)  # [W, f, c, u, n] int32
+        # 32-bit registers renamed into the B operand's order (free), then one pair per register
+        xw = gl.expand_dims(gl.convert_layout(xw, gl.SliceLayout(5, L6)), 5) + gl.zeros([W, 4, 4, 4, 8, 2], gl.int32, L6)
+        xv = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [xw], dtype=x_ptr.dtype.element_ty, is_pure=True,
+                                       pack=2)
+        xv = gl.reshape(xv, [W, 2, 2, 4, 4, 8, 2])  # [W, t, d, c, u, n, b]
+        xv = gl.permute(xv, (0, 4, 1, 2, 3, 6, 5))  # [W, u, t, d, c, b, n]
+        return gl.convert_layout(gl.reshape(xv, [W, 128, 8]), b_l, assert_trivial=True)
 
     @gluon.jit
     def _load_x_any(x_ptr, M, stride_xm, kt, H: gl.constexpr, W: gl.constexpr, x_ld: gl.constexpr, b_l: gl.constexpr,
