@@ -166,8 +166,8 @@ def test_batch1_mma_epilogues_on_the_gpu_qwen3_8b_shapes():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pair_asm_gives_one_field_of_two_words(dtype):
-    """The k_width-2 scheme's PTX (``_pair_asm``): field T of words a and b (shifted by 4 for odd T, as the kernel
-    passes them) minus the zero, a's in the low half."""
+    """The k_width-2 scheme's PTX (``_pair_asm``): field T of words a and b (shifted by 4 for odd T, with the
+    selector of byte T // 2, as the kernel passes them) minus the zero, a's in the low half."""
     if not Q.GLUON:
         pytest.skip("needs Triton's Gluon")
     rng = np.random.default_rng(1)
@@ -175,7 +175,8 @@ def test_pair_asm_gives_one_field_of_two_words(dtype):
     for _ in range(32):
         a, b, z = int(rng.integers(0, 2**32)), int(rng.integers(0, 2**32)), int(rng.integers(0, 16))
         for t in range(8):
-            sh = 4 if t % 2 else 0
-            regs = {1: a >> sh, 2: b >> sh, 3: _pair(-(magic + z), -(magic + z), dtype)}
-            got = _run_asm(Q._pair_asm.fn(t, dtype == torch.bfloat16), regs, dtype, outputs=1)
+            sh, byte = 4 if t % 2 else 0, t // 2
+            sel = byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12
+            regs = {1: a >> sh, 2: b >> sh, 3: sel, 4: sel, 5: _pair(-(magic + z), -(magic + z), dtype)}
+            got = _run_asm(Q._pair_asm.fn(dtype == torch.bfloat16), regs, dtype, outputs=1)
             assert got == [((a >> 4 * t) & 0xF) - z, ((b >> 4 * t) & 0xF) - z], (hex(a), hex(b), z, t)
