@@ -62,8 +62,7 @@ BITS = 4
 TILE = 256  # columns per k-tile (4-bit)
 # (bn, warps, prefetch, pairs) offered for timing; the first is the default. pairs: the k_width-2 scheme
 # (``_unpack_half_pairs``: a register pair is one field of two adjacent words, x loaded as it sits)
-CONFIGS = ((16, 4, True, False), (32, 4, True, False), (16, 8, True, False), (16, 4, False, False),
-           (16, 4, True, True), (32, 4, True, True), (16, 8, True, True), (32, 2, True, True))
+CONFIGS = ((16, 4, True, False), (32, 4, True, False), (16, 4, True, True), (32, 4, True, True), (16, 8, True, True))
 
 
 def mma_ok(device: torch.device | str, bits: int, group: int, m: int, n: int, k: int, bn: int = 16,
