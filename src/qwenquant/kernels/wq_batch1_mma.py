@@ -22,6 +22,12 @@ with the same permutation (16-byte loads along i, then a register repack into pa
 written out as linear layouts and every conversion between them is checked to move no data (``assert_trivial``) at
 compile time.
 
+A second scheme (``pairs``, ``k_width = 2``): logical K = b + 2c + 8d + 16t + 32u <-> column (4H + 2t + d)·32 + 8c +
+2u + b, so a register pair is one field of two adjacent words (PRMT of the two words) and x's pairs are adjacent
+columns, loaded as 32-bit words. Offline both land near the same count: the half-word PRMTs left in either (≈ 40-70
+per step at BN 16) are the mma_v2 lowering packing the B operand, not data movement of the schemes (SASS read in
+session 26). Columns of x past M read row M - 1 (their results are never stored): no masks in the loop.
+
 Unpacking (exact small integers, as ``wq_batch1``; the scale is applied after the MMA, per group and row):
 bf16 — PRMT puts byte b of w and of w >> 4 in the two halves, LOP3 keeps each low nibble | the exponent of 128, one
 bf16x2 add of -(128 + zero): 3 instructions per two weights plus one shift per word. fp16 — no shift: PRMT puts byte
@@ -31,8 +37,9 @@ mantissa bits hold both, bf16's 7 do not), one f16x2 FMA by (1, 1/16) plus (-(10
 Program: BN weight rows (16 per MMA row tile) × W warps; warp w takes k-tiles w, w + W, … (the mma layout's batch
 dimension is the k-tile, so each warp runs its own MMA chain), the next step's words, x and scales loaded before
 this step's arithmetic (``prefetch``), and the W partial sums meet once at the end (a cross-warp reduction through
-shared memory). Offline sm_90a (``compile_for_sm90``): BN 16 × 4 warps holds 128 registers (four programs, 16 warps
-per SM), ≈ 3.1 SASS per weight in its loop; BN 32 × 4 warps 175 registers, ≈ 2.7.
+shared memory). Offline sm_90a (``compile_for_sm90``, bf16): BN 16 × 4 warps holds 127-128 registers (four programs,
+16 warps per SM), 400-403 SASS per step of 128 weights per thread = 3.1 per weight; BN 32 × 4 warps 168 registers,
+703-712 per 256 = 2.8 (``wq_batch1``'s bn32 kb4 tile: 3.84, 166 registers, three programs).
 
 Requirements: an sm_90 GPU with Gluon; 4-bit k-tiled words, group a multiple of 128; x bf16/fp16 with 1 to 8 rows;
 N a multiple of BN; K a multiple of 256·W. Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors.
