@@ -2,6 +2,7 @@
 ``wq_batch1`` (Triton) on the merged Qwen3-8B shapes at M = 1, bf16 in the same run.
 
     QWENQUANT_COMMIT=<sha> PYTHONPATH=src python3 -u benchmarks/batch1_mma_probe.py   # -> $OUT/batch1_mma_probe.json
+    PROBE_QUICK=1 ...                                                                   # fewer checks, 3 trials
 
 Phase 1 checks every config against the fp64 product (x @ dequantized weight) on each shape at M = 1, 3 and 8 in
 bf16 and M = 1 in fp16, into an output filled with NaN; a config that fails is not timed. Phase 2 times, per shape,
@@ -28,7 +29,13 @@ from qwenquant.runtime import fused
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from wgmma_session import SHAPES, make  # noqa: E402
 
-OLD = [cfg for cfg in fused.BATCH1] + [(32, 4, 4, 4, 2), (16, 4, 2, 3, 2), (32, 4, 4, 4, 3)]
+# PROBE_QUICK=1 (a call with little device time left): M = 1 and 3 in bf16 checked, the tuner's own BATCH1 tiles only,
+# 3 trials, the shapes biggest first (each shape's record is written as soon as it is done)
+QUICK = os.environ.get("PROBE_QUICK", "0") == "1"
+OLD = [cfg for cfg in fused.BATCH1] + ([] if QUICK else [(32, 4, 4, 4, 2), (16, 4, 2, 3, 2), (32, 4, 4, 4, 3)])
+CASES = (((1, torch.bfloat16), (3, torch.bfloat16)) if QUICK else
+         ((1, torch.bfloat16), (3, torch.bfloat16), (8, torch.bfloat16), (1, torch.float16)))
+ORDER = ("gate_up", "down", "qkv", "o") if QUICK else tuple(SHAPES)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -39,7 +46,8 @@ def main():
     doc = {"kind": "batch1_mma_probe", "env": environment(), "commit": os.environ.get("QWENQUANT_COMMIT", "?"),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shapes": {}}
     out_dir = os.environ.get("OUT", ".")
-    for proj, (n, k) in SHAPES.items():
+    for proj in ORDER:
+        n, k = SHAPES[proj]
         kt, wref = make(n, k, 4, 128, False, seed=1)
         rec = {"n": n, "k": k, "errors": {}, "us": {}}
         good = []
@@ -47,7 +55,7 @@ def main():
             name = "mma bn%d w%d pf%d pairs%d" % cfg
             errs = {}
             try:
-                for m, dt in ((1, torch.bfloat16), (3, torch.bfloat16), (8, torch.bfloat16), (1, torch.float16)):
+                for m, dt in CASES:
                     x = torch.randn(m, k, device="cuda", dtype=dt)
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dt)
                     y = Q.batch1_mma_gemm(x, kt.words, kt.sz, 4, 128, *cfg, out=out)
@@ -84,7 +92,7 @@ def main():
             except Exception as ex:  # noqa: BLE001
                 rec["errors"].setdefault(name, {})["exception"] = f"{type(ex).__name__}: {str(ex)[:300]}"
         warm["bf16"] = lambda: [torch.nn.functional.linear(x, w) for w in wb]
-        for name, ms in time_interleaved(warm, min_ms=5.0, trials=5).items():
+        for name, ms in time_interleaved(warm, min_ms=5.0, trials=3 if QUICK else 5).items():
             rec["us"][name] = ms * 1e3 / (len(wb) if name == "bf16" else reps)
         ranked = sorted((v, c) for c, v in rec["us"].items() if c != "bf16")
         rec["best_mma"] = min(((v, c) for v, c in ranked if c.startswith("mma")), default=None)
