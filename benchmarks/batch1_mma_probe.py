@@ -36,6 +36,10 @@ OLD = [cfg for cfg in fused.BATCH1] + ([] if QUICK else [(32, 4, 4, 4, 2), (16, 
 CASES = (((1, torch.bfloat16), (3, torch.bfloat16)) if QUICK else
          ((1, torch.bfloat16), (3, torch.bfloat16), (8, torch.bfloat16), (1, torch.float16)))
 ORDER = ("gate_up", "down", "qkv", "o") if QUICK else tuple(SHAPES)
+# PROBE_SHAPES=gate_up,down and PROBE_CONFIGS=0,2 (indices into wq_batch1_mma.CONFIGS): fewer still
+if os.environ.get("PROBE_SHAPES"):
+    ORDER = tuple(os.environ["PROBE_SHAPES"].split(","))
+MMA_CONFIGS = [Q.CONFIGS[int(i)] for i in os.environ.get("PROBE_CONFIGS", "").split(",") if i] or list(Q.CONFIGS)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,7 +55,7 @@ def main():
         kt, wref = make(n, k, 4, 128, False, seed=1)
         rec = {"n": n, "k": k, "errors": {}, "us": {}}
         good = []
-        for cfg in Q.CONFIGS:
+        for cfg in MMA_CONFIGS:
             name = "mma bn%d w%d pf%d pairs%d" % cfg
             errs = {}
             try:
