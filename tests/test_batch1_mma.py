@@ -16,7 +16,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 gluon = pytest.mark.skipif(not Q.GLUON, reason="needs Triton's Gluon")
 
 
-def _operands(n=64, k=1024, group=128):
+def _operands(n=64, k=2048, group=128):
     return torch.zeros(n, k // 8, dtype=torch.int32), torch.zeros(k // group, n, dtype=torch.int32)
 
 
@@ -28,14 +28,15 @@ def _operands(n=64, k=1024, group=128):
     (dict(warps=3), "warps=3"),
     (dict(dtype=torch.float32), "torch.float32"),
     (dict(n=72), "N=72 must be a multiple of bn=16"),
-    (dict(warps=8), "K=1024 .* 256·warps=2048"),
+    (dict(warps=16), "warps=16"),
+    (dict(k=1024, warps=8), "K=1024 .* 256·warps=2048"),
     (dict(), "needs an sm_90 GPU"),  # every value right, but this is a CPU
 ])
 def test_bad_input_names_the_value(bad, match):
-    a = dict(m=1, n=64, bits=4, group=128, bn=16, warps=4, dtype=torch.bfloat16) | bad
-    words, sz = _operands(n=a["n"], group=a["group"])
+    a = dict(m=1, n=64, k=2048, bits=4, group=128, bn=16, warps=4, dtype=torch.bfloat16) | bad
+    words, sz = _operands(n=a["n"], k=a["k"], group=a["group"])
     with pytest.raises(ValueError, match=match):
-        Q.batch1_mma_gemm(torch.randn(a["m"], 1024).to(a["dtype"]), words, sz, a["bits"], a["group"], bn=a["bn"],
+        Q.batch1_mma_gemm(torch.randn(a["m"], a["k"]).to(a["dtype"]), words, sz, a["bits"], a["group"], bn=a["bn"],
                           warps=a["warps"])
 
 
@@ -120,16 +121,16 @@ def test_builds_for_an_h100_with_free_conversions(bn, warps, dtype, pairs):
 @cuda
 @pytest.mark.parametrize("group", [128, 256])
 def test_batch1_mma_matches_reference(group):
-    """N = 96, K = 2048 (8 k-tiles: one step at 8 warps, four at 2) and K = 4096: every offered config, M = 1 / 3 / 8,
+    """N = 96, K = 4096 (16 k-tiles: one loop iteration of two steps at 8 warps) and 8192: every offered config, M = 1 / 3 / 8,
     bf16 and fp16, fresh x, results written into NaN-filled tensors, against the fp64 product beside cuBLAS on the
     same Ŵ."""
     from qwenquant.kernels import wq_matmul as K
     from tests.test_kernels import make_layer, rel_err
 
-    if not Q.mma_ok("cuda", 4, group, 1, 96, 2048):
+    if not Q.mma_ok("cuda", 4, group, 1, 96, 4096):
         pytest.skip("needs an sm_90 GPU")
     n = 96
-    for k in (2048, 4096):
+    for k in (4096, 8192):
         layer = make_layer(n, k, 4, group, False, seed=k + group, device="cuda")
         kt = KT.KTiledWeight.from_checkpoint(layer.qweight, layer.scale, layer.zero, 4, k)
         wref = K.reference_dequantize(layer.qweight, layer.scale, layer.zero, 4, k).double()

@@ -24,9 +24,10 @@ compile time.
 
 A second scheme (``pairs``, ``k_width = 2``): logical K = b + 2c + 8d + 16t + 32u <-> column (4H + 2t + d)·32 + 8c +
 2u + b, so a register pair is one field of two adjacent words (PRMT of the two words) and x's pairs are adjacent
-columns, loaded as 32-bit words. Offline both land near the same count: the half-word PRMTs left in either (≈ 40-70
-per step at BN 16) are the mma_v2 lowering packing the B operand, not data movement of the schemes (SASS read in
-session 26). Columns of x past M read row M - 1 (their results are never stored): no masks in the loop.
+columns, loaded as 32-bit words and turned into the B operand only in the step that uses them (carried across the
+loop as 16-bit values they were re-packed by ≈ 40 half-word PRMTs per step). The k_width-4 scheme keeps ≈ 66 such
+PRMTs per step: its x pairs are two columns 32 apart. Columns of x past M read row M - 1 (their results are never
+stored): no masks in the loop.
 
 Unpacking (exact small integers, as ``wq_batch1``; the scale is applied after the MMA, per group and row):
 bf16 — PRMT puts byte b of w and of w >> 4 in the two halves, LOP3 keeps each low nibble | the exponent of 128, one
@@ -37,9 +38,10 @@ mantissa bits hold both, bf16's 7 do not), one f16x2 FMA by (1, 1/16) plus (-(10
 Program: BN weight rows (16 per MMA row tile) × W warps; warp w takes k-tiles w, w + W, … (the mma layout's batch
 dimension is the k-tile, so each warp runs its own MMA chain), the next step's words, x and scales loaded before
 this step's arithmetic (``prefetch``), and the W partial sums meet once at the end (a cross-warp reduction through
-shared memory). Offline sm_90a (``compile_for_sm90``, bf16): BN 16 × 4 warps holds 127-128 registers (four programs,
-16 warps per SM), 400-403 SASS per step of 128 weights per thread = 3.1 per weight; BN 32 × 4 warps 168 registers,
-703-712 per 256 = 2.8 (``wq_batch1``'s bn32 kb4 tile: 3.84, 166 registers, three programs).
+shared memory). Offline sm_90a (``compile_for_sm90``, bf16, the K loop per step and thread): BN 16 × 4 warps holds 128
+registers (four programs, 16 warps per SM), pairs 369 SASS per 128 weights = 2.88 per weight (k_width 4: 403, 3.15);
+BN 32 × 4 warps 167-168 registers, pairs 672 per 256 = 2.63 (k_width 4: 712, 2.78). ``wq_batch1``'s bn32 kb4 tile:
+3.84, 166 registers, three programs.
 
 Requirements: an sm_90 GPU with Gluon; 4-bit k-tiled words, group a multiple of 128; x bf16/fp16 with 1 to 8 rows;
 N a multiple of BN; K a multiple of 256·W. Reference: ``wq_matmul.reference_matmul`` on the checkpoint tensors.
@@ -69,17 +71,22 @@ BITS = 4
 TILE = 256  # columns per k-tile (4-bit)
 # (bn, warps, prefetch, pairs) offered for timing; the first is the default. pairs: the k_width-2 scheme
 # (``_unpack_half_pairs``: a register pair is one field of two adjacent words, x loaded as it sits)
-CONFIGS = ((16, 4, True, False), (32, 4, True, False), (16, 4, True, True), (32, 4, True, True), (16, 8, True, True))
+CONFIGS = ((16, 4, True, True), (32, 4, True, True), (16, 4, True, False), (32, 4, True, False), (16, 8, True, True))
 
 
 def mma_ok(device: torch.device | str, bits: int, group: int, m: int, n: int, k: int, bn: int = 16,
-           warps: int = 4) -> bool:
+           warps: int = 4, prefetch: bool = True) -> bool:
     """Whether ``batch1_mma_gemm`` can run this problem on ``device`` with this tile."""
     device = torch.device(device)
     if not GLUON or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return False
     return (bits == BITS and group % 128 == 0 and k % group == 0 and 1 <= m <= MAX_M and n % bn == 0
-            and k % (TILE * warps) == 0)
+            and k % _k_step(warps, prefetch) == 0)
+
+
+def _k_step(warps: int, prefetch: bool) -> int:
+    """Columns of K one loop step covers: a k-tile per warp (``prefetch`` does not change it)."""
+    return TILE * warps
 
 
 if GLUON:
@@ -264,10 +271,9 @@ if GLUON:
     @gluon.jit
     def _load_x_pairs(x_ptr, M, stride_xm, kt, H: gl.constexpr, W: gl.constexpr, x_ld: gl.constexpr,
                       b_l: gl.constexpr):
-        """x for ``_unpack_half_pairs``: [W, 128, 8], logical K = b + 2c + 8d + 16t + 32u <-> column
-        (4H + 2t + d)·32 + 8c + 2u + b. Loaded as 32-bit words (a pair of columns each; 16-byte loads along u) and
-        split into the pairs by a register move, so no 16-bit element is ever repacked."""
-        L6: gl.constexpr = _x_pairs_layout(W)
+        """x for ``_unpack_half_pairs`` as 32-bit words [W, f, c, u, n] (a pair of columns each; 16-byte loads along
+        u); ``_x_pairs_operand`` makes the B operand of them: logical K = b + 2c + 8d + 16t + 32u <-> column
+        (4H + 2t + d)·32 + 8c + 2u + b, f = 2t + d."""
         S: gl.constexpr = gl.SliceLayout(5, _x_pairs_layout(W, True))
         L0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, S))))
         L1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, S))))
@@ -284,21 +290,42 @@ if GLUON:
                + (4 * c)[None, None, :, None, None] + u[None, None, None, :, None]
                + (n * (stride_xm // 2))[None, None, None, None, :])
         I32P: gl.constexpr = gl.pointer_type(gl.int32)
-        xw = gl.load(x_ptr.to(I32P, bitcast=True) + off)  # [W, f, c, u, n] int32; rows n >= M read row M - 1
+        return gl.load(x_ptr.to(I32P, bitcast=True) + off)  # [W, f, c, u, n] int32; rows n >= M read row M - 1
+
+    @gluon.jit
+    def _x_pairs_operand(xw, like, b_l: gl.constexpr):
+        """``_load_x_pairs``' 32-bit words -> the B operand [W, 128, 8] in ``like``'s dtype. Done inside the loop body: carried
+        across the loop as 16-bit values, the prefetched operand was re-packed by half-word PRMTs every step."""
+        W: gl.constexpr = xw.shape[0]
+        L6: gl.constexpr = _x_pairs_layout(W)
         # 32-bit registers renamed into the B operand's order (free), then one pair per register
         xw = gl.expand_dims(gl.convert_layout(xw, gl.SliceLayout(5, L6)), 5) + gl.zeros([W, 4, 4, 4, 8, 2], gl.int32, L6)
-        xv = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [xw], dtype=x_ptr.dtype.element_ty, is_pure=True,
-                                       pack=2)
+        xv = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [xw], dtype=like.dtype, is_pure=True, pack=2)
         xv = gl.reshape(xv, [W, 2, 2, 4, 4, 8, 2])  # [W, t, d, c, u, n, b]
         xv = gl.permute(xv, (0, 4, 1, 2, 3, 6, 5))  # [W, u, t, d, c, b, n]
         return gl.convert_layout(gl.reshape(xv, [W, 128, 8]), b_l, assert_trivial=True)
 
+    @gluon.constexpr_function
+    def _b_layout(a_l):
+        """The B operand layout matching an A operand layout (same mma parent and k_width)."""
+        return gl.DotOperandLayout(operand_index=1, parent=a_l.parent, k_width=a_l.k_width)
+
     @gluon.jit
-    def _load_x_any(x_ptr, M, stride_xm, kt, H: gl.constexpr, W: gl.constexpr, x_ld: gl.constexpr, b_l: gl.constexpr,
-                    PAIRS: gl.constexpr):
-        if PAIRS:
-            return _load_x_pairs(x_ptr, M, stride_xm, kt, H, W, x_ld, b_l)
-        return _load_x(x_ptr, M, stride_xm, kt, H, W, x_ld, b_l)
+    def _step_loads(x_ptr, w_ptr, sz_ptr, woff, sb, rows, M, N, stride_xm, kt, Q: gl.constexpr, W: gl.constexpr,
+                    x_ld: gl.constexpr, b_l: gl.constexpr, PAIRS: gl.constexpr):
+        """One step's operands, k-tiles kt … kt + W - 1 (one per warp): words [W, BN, 4, 8], x of both halves (the B
+        operand, or its 32-bit words for ``PAIRS``) and both halves' scale/zero words (half h of k-tile t is group
+        (2t + h) // Q)."""
+        words = gl.load(w_ptr + woff + kt * 32)
+        if PAIRS:  # x stays 32-bit words until the step that uses it (``_x_pairs_operand``)
+            x0 = _load_x_pairs(x_ptr, M, stride_xm, kt, 0, W, x_ld, b_l)
+            x1 = _load_x_pairs(x_ptr, M, stride_xm, kt, 1, W, x_ld, b_l)
+        else:
+            x0 = _load_x(x_ptr, M, stride_xm, kt, 0, W, x_ld, b_l)
+            x1 = _load_x(x_ptr, M, stride_xm, kt, 1, W, x_ld, b_l)
+        sz0 = gl.load(sz_ptr + ((2 * (kt + sb)) // Q)[:, None] * N + rows)
+        sz1 = gl.load(sz_ptr + ((2 * (kt + sb) + 1) // Q)[:, None] * N + rows)
+        return words, x0, x1, sz0, sz1
 
     @gluon.jit
     def _half(acc, zero, words, sz, b, H: gl.constexpr, MAGIC: gl.constexpr, DT: gl.constexpr,
@@ -309,6 +336,7 @@ if GLUON:
         zf = (sz & 0xFFFF).to(gl.float32)
         if PAIRS:
             a = _unpack_half_pairs(words, (-(zf + MAGIC)).to(DT), H, a_l, IS_BF16)
+            b = _x_pairs_operand(b, a, _b_layout(a_l))
         else:
             zneg = gl.convert_layout((-(zf + MAGIC)).to(DT), gl.SliceLayout(2, words_l))
             zneg16 = gl.convert_layout((-(zf + MAGIC / 16)).to(DT), gl.SliceLayout(2, words_l))
@@ -363,19 +391,15 @@ if GLUON:
         n_kt = K // 256
         if PDL:
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        words = gl.load(w_ptr + woff)
-        sz0 = gl.load(sz_ptr + ((2 * sb) // Q)[:, None] * N + rows)
-        sz1 = gl.load(sz_ptr + ((2 * sb + 1) // Q)[:, None] * N + rows)
-        x0 = _load_x_any(x_ptr, M, stride_xm, 0, 0, W, x_ld, b_l, PAIRS)
-        x1 = _load_x_any(x_ptr, M, stride_xm, 0, 1, W, x_ld, b_l, PAIRS)
+        words, x0, x1, sz0, sz1 = _step_loads(x_ptr, w_ptr, sz_ptr, woff, sb, rows, M, N, stride_xm, 0, Q, W, x_ld,
+                                              b_l, PAIRS)
         for kt in range(0, n_kt, W):
-            # the next step's operands (the last step reloads its own: no masks in the loop) before this step's math
+            # the next step's operands before this step's math (the last step reloads its own: no masks in the loop).
+            # Unrolled by two (each step loading into the registers the loop carries, no copies at the back edge) it
+            # issued 3 % fewer instructions per step but held 142 registers: three programs per SM instead of four
             nk = gl.minimum(kt + W, n_kt - W) if PREFETCH else kt
-            words_n = gl.load(w_ptr + woff + nk * 32)
-            x0n = _load_x_any(x_ptr, M, stride_xm, nk, 0, W, x_ld, b_l, PAIRS)
-            x1n = _load_x_any(x_ptr, M, stride_xm, nk, 1, W, x_ld, b_l, PAIRS)
-            sz0n = gl.load(sz_ptr + ((2 * (nk + sb)) // Q)[:, None] * N + rows)
-            sz1n = gl.load(sz_ptr + ((2 * (nk + sb) + 1) // Q)[:, None] * N + rows)
+            words_n, x0n, x1n, sz0n, sz1n = _step_loads(x_ptr, w_ptr, sz_ptr, woff, sb, rows, M, N, stride_xm, nk, Q,
+                                                        W, x_ld, b_l, PAIRS)
             if not PREFETCH:
                 words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
             acc = _half(acc, zero, words, sz0, x0, 0, MAGIC, DT, words_l, unpack, a_l, IS_BF16, PAIRS)
@@ -433,7 +457,7 @@ def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int
     warp), ``prefetch``: the next step's loads issued before this step's arithmetic. ``out``, ``norm``: as
     ``wq_batch1.batch1_gemm``'s. ``pdl``: programmatic dependent launch (default ``overlap.PDL_ENABLED``;
     ``overlap.pdl_ok``)."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_gemm", norm)
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_gemm", norm, prefetch=prefetch)
     y = result_tensor(x2, n, out, "batch1_mma_gemm")
     _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 0, pdl, pairs)
     return y
@@ -444,7 +468,8 @@ def batch1_mma_silu_mul(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group:
                         pdl: bool | None = None) -> Tensor:
     """silu(x2 · Ŵ_gateᵀ) · (x2 · Ŵ_upᵀ) -> [M, N / 2] for a merged [gate; up] weight, as
     ``wq_batch1.batch1_silu_mul`` (each program: BN/2 rows of gate and the same rows of up)."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_silu_mul", norm, halves=True)
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_silu_mul", norm, halves=True,
+                     prefetch=prefetch)
     y = result_tensor(x2, n // 2, out, "batch1_mma_silu_mul")
     _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 1, pdl, pairs)
     return y
@@ -455,7 +480,7 @@ def batch1_mma_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, gr
                             pairs: bool = False, pdl: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(h, hw, ss) as ``wq_batch1.batch1_add_residual``: h = residual + x2 · Ŵᵀ, hw = h · norm_weight, ss [N / bn, M]
     fp32 sums of h² per row block and row."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_add_residual")
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_add_residual", prefetch=prefetch)
     if residual.shape != (m, n) or residual.dtype != x2.dtype or not residual.is_contiguous():
         raise ValueError(f"batch1_mma_add_residual: residual {residual.dtype} {tuple(residual.shape)}: expected a "
                          f"contiguous {x2.dtype} [{m}, {n}] tensor")
@@ -469,7 +494,7 @@ def batch1_mma_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, gr
     return h, hw, ss
 
 
-def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False) -> tuple[int, int, int]:
+def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False, prefetch=True) -> tuple[int, int, int]:
     """(M, K, N) after every check of the operands and tile, each error naming ``who`` and the alternative."""
     if x2.dim() != 2:
         raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
@@ -487,9 +512,9 @@ def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False) 
     n = words.shape[0]
     rows = n // 2 if halves else n
     step = bn // 2 if halves else bn
-    if rows % step or k % (TILE * warps) or (halves and n % 2):
+    if rows % step or k % _k_step(warps, prefetch) or (halves and n % 2):
         raise ValueError(f"{who}: N={n} must be a multiple of bn={bn}{' (per half)' if halves else ''} and K={k} of "
-                         f"{TILE}·warps={TILE * warps}")
+                         f"{TILE}·warps={_k_step(warps, prefetch)}")
     if norm is not None:
         eps, ss = norm
         if not eps > 0:
@@ -497,7 +522,7 @@ def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False) 
         if ss.dim() != 2 or ss.shape[1] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
             raise ValueError(f"{who}: norm sums of squares {ss.dtype} {tuple(ss.shape)}: expected contiguous float32 "
                              f"[slots, {m}] (an add_residual's third result)")
-    if not mma_ok(x2.device, bits, group, m, n, k, bn, warps):
+    if not mma_ok(x2.device, bits, group, m, n, k, bn, warps, prefetch):
         raise ValueError(f"{who} needs an sm_90 GPU with Gluon, got {x2.device}; use wq_batch1")
     return m, k, n
 
