@@ -56,7 +56,7 @@ def main():
         rec = {"n": n, "k": k, "errors": {}, "us": {}}
         good = []
         for cfg in MMA_CONFIGS:
-            name = "mma bn%d w%d pf%d pairs%d" % cfg
+            name = "mma bn%d w%d pairs%d" % cfg
             errs = {}
             try:
                 for m, dt in CASES:

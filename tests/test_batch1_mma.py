@@ -111,7 +111,7 @@ def test_builds_for_an_h100_with_free_conversions(bn, warps, dtype, pairs):
     where ``wq_batch1``'s tiles hold three)."""
     from qwenquant.kernels.launch import ptxas_usage
 
-    use = ptxas_usage(Q.compile_for_sm90(bn, warps, True, dtype, pairs=pairs))
+    use = ptxas_usage(Q.compile_for_sm90(bn, warps, dtype, pairs=pairs))
     assert use["spill_bytes"] == 0, use["report"][-500:]
     if (bn, dtype) == (16, torch.bfloat16):
         assert use["registers"] <= 128, use["registers"]
@@ -160,8 +160,7 @@ def test_batch1_mma_epilogues_on_the_gpu_qwen3_8b_shapes():
     kernels = types.SimpleNamespace(batch1_gemm=Q.batch1_mma_gemm, batch1_silu_mul=Q.batch1_mma_silu_mul,
                                     batch1_add_residual=Q.batch1_mma_add_residual)
     worst = check_epilogues(24576, 4096, 4096, 4, 128, (1, 2, 5, 8), (Q.CONFIGS[0], Q.CONFIGS[2]), torch.bfloat16, "cuda",
-                            kernels, lambda bn, warps, prefetch, pairs: dict(bn=bn, warps=warps, prefetch=prefetch,
-                                                                             pairs=pairs))
+                            kernels, lambda bn, warps, pairs: dict(bn=bn, warps=warps, pairs=pairs))
     assert_close_to_unfused(worst, 5e-3)
 
 

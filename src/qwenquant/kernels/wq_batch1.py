@@ -338,14 +338,21 @@ def _check(x2, words, sz, bits, group, bn, kb, split_k, who, norm=None, persist=
         raise ValueError(f"{who}: x must be contiguous bf16/fp16, got {x2.dtype}"
                          f"{'' if x2.is_contiguous() else ' (not contiguous)'}")
     _check_operands(x2, words, sz, bits, group)
-    if norm is not None:
-        eps, ss = norm
-        if not eps > 0:
-            raise ValueError(f"{who}: norm eps={eps}: expected > 0")
-        if ss.dim() != 2 or ss.shape[1] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
-            raise ValueError(f"{who}: norm sums of squares {ss.dtype} {tuple(ss.shape)}: expected contiguous float32 "
-                             f"[slots, {m}] (batch1_add_residual's third result)")
+    check_norm(norm, m, who)
     return m, k, words.shape[0]
+
+
+def check_norm(norm: tuple[float, Tensor] | None, m: int, who: str) -> None:
+    """A ``norm=(eps, ss)`` argument for x of ``m`` rows: eps > 0, ss the producer's contiguous float32 [slots, m]
+    partial sums of squares (an add-residual epilogue's third result); errors name ``who``."""
+    if norm is None:
+        return
+    eps, ss = norm
+    if not eps > 0:
+        raise ValueError(f"{who}: norm eps={eps}: expected > 0")
+    if ss.dim() != 2 or ss.shape[1] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
+        raise ValueError(f"{who}: norm sums of squares {ss.dtype} {tuple(ss.shape)}: expected contiguous float32 "
+                         f"[slots, {m}] (batch1_add_residual's third result)")
 
 
 def _launch(x2, words, sz, y, ws, cnt, norm, residual, grid, per, bits, group, bn, kb, splits, num_warps, num_stages,

@@ -37,7 +37,7 @@ mantissa bits hold both, bf16's 7 do not), one f16x2 FMA by (1, 1/16) plus (-(10
 
 Program: BN weight rows (16 per MMA row tile) × W warps; warp w takes k-tiles w, w + W, … (the mma layout's batch
 dimension is the k-tile, so each warp runs its own MMA chain), the next step's words, x and scales loaded before
-this step's arithmetic (``prefetch``), and the W partial sums meet once at the end (a cross-warp reduction through
+this step's arithmetic, and the W partial sums meet once at the end (a cross-warp reduction through
 shared memory). Offline sm_90a (``compile_for_sm90``, bf16, the K loop per step and thread): BN 16 × 4 warps holds 128
 registers (four programs, 16 warps per SM), pairs 369 SASS per 128 weights = 2.88 per weight (k_width 4: 403, 3.15);
 BN 32 × 4 warps 167-168 registers, pairs 672 per 256 = 2.63 (k_width 4: 712, 2.78). ``wq_batch1``'s bn32 kb4 tile:
@@ -56,6 +56,7 @@ from torch import Tensor
 from qwenquant.kernels.launch import launch_kernel
 from qwenquant.kernels.overlap import pdl_ok
 from qwenquant.kernels.tiles import result_tensor
+from qwenquant.kernels.wq_batch1 import check_norm
 from qwenquant.kernels.wq_ktiled import _check_operands
 
 try:  # Gluon ships with Triton >= 3.5
@@ -69,24 +70,19 @@ except ImportError:  # pragma: no cover
 MAX_M = 8  # rows of x: the MMA's N
 BITS = 4
 TILE = 256  # columns per k-tile (4-bit)
-# (bn, warps, prefetch, pairs) offered for timing; the first is the default. pairs: the k_width-2 scheme
+# (bn, warps, pairs) offered for timing; the first is the default. pairs: the k_width-2 scheme
 # (``_unpack_half_pairs``: a register pair is one field of two adjacent words, x loaded as it sits)
-CONFIGS = ((16, 4, True, True), (32, 4, True, True), (16, 4, True, False), (32, 4, True, False), (16, 8, True, True))
+CONFIGS = ((16, 4, True), (32, 4, True), (16, 4, False), (32, 4, False), (16, 8, True))
 
 
 def mma_ok(device: torch.device | str, bits: int, group: int, m: int, n: int, k: int, bn: int = 16,
-           warps: int = 4, prefetch: bool = True) -> bool:
+           warps: int = 4) -> bool:
     """Whether ``batch1_mma_gemm`` can run this problem on ``device`` with this tile."""
     device = torch.device(device)
     if not GLUON or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return False
     return (bits == BITS and group % 128 == 0 and k % group == 0 and 1 <= m <= MAX_M and n % bn == 0
-            and k % _k_step(warps, prefetch) == 0)
-
-
-def _k_step(warps: int, prefetch: bool) -> int:
-    """Columns of K one loop step covers: a k-tile per warp (``prefetch`` does not change it)."""
-    return TILE * warps
+            and k % (TILE * warps) == 0)
 
 
 if GLUON:
@@ -350,7 +346,7 @@ if GLUON:
     @gluon.jit
     def _batch1_mma_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, r_ptr, nw_ptr, hw_ptr, ss_in_ptr, ss_out_ptr, eps, P_IN,
                            M, N, K, stride_xm, stride_ym, GROUP: gl.constexpr, BN: gl.constexpr, W: gl.constexpr,
-                           IS_BF16: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr = False,
+                           IS_BF16: gl.constexpr, PDL: gl.constexpr = False,
                            EPI: gl.constexpr = 0, NORM_IN: gl.constexpr = False, PB: gl.constexpr = 1,
                            PAIRS: gl.constexpr = False):
         """y[:M, n0:n0+BN] = x · Ŵ[n0:n0+BN]ᵀ, one row block per program, all of K (see the module docstring).
@@ -397,15 +393,12 @@ if GLUON:
             # the next step's operands before this step's math (the last step reloads its own: no masks in the loop).
             # Unrolled by two (each step loading into the registers the loop carries, no copies at the back edge) it
             # issued 3 % fewer instructions per step but held 142 registers: three programs per SM instead of four
-            nk = gl.minimum(kt + W, n_kt - W) if PREFETCH else kt
+            nk = gl.minimum(kt + W, n_kt - W)
             words_n, x0n, x1n, sz0n, sz1n = _step_loads(x_ptr, w_ptr, sz_ptr, woff, sb, rows, M, N, stride_xm, nk, Q,
                                                         W, x_ld, b_l, PAIRS)
-            if not PREFETCH:
-                words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
             acc = _half(acc, zero, words, sz0, x0, 0, MAGIC, DT, words_l, unpack, a_l, IS_BF16, PAIRS)
             acc = _half(acc, zero, words, sz1, x1, 1, MAGIC, DT, words_l, unpack, a_l, IS_BF16, PAIRS)
-            if PREFETCH:
-                words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
+            words, x0, x1, sz0, sz1 = words_n, x0n, x1n, sz0n, sz1n
         y = gl.sum(acc, axis=0)  # [BN, 8]: the W warps' partial sums meet
         Y: gl.constexpr = gl.SliceLayout(0, mma)
         yr = gl.arange(0, BN, layout=gl.SliceLayout(1, Y))
@@ -450,37 +443,37 @@ if GLUON:
 
 
 def batch1_mma_gemm(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
-                    prefetch: bool = True, pairs: bool = False, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
+                    pairs: bool = True, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
                     pdl: bool | None = None) -> Tensor:
     """x2 [M <= 8, K] bf16/fp16 with the 4-bit k-tiled weight (``pack_ktiled`` words, ``pack_ktiled_scales`` sz) ->
     y [M, N] in x's dtype, on an sm_90 GPU. ``bn`` rows per program (16 or 32), ``warps`` k-tiles per step (one per
-    warp), ``prefetch``: the next step's loads issued before this step's arithmetic. ``out``, ``norm``: as
+    warp; the next step's operands are loaded before this step's arithmetic), ``pairs``: the k_width-2 scheme (the
+    default; False: k_width 4 — module docstring). ``out``, ``norm``: as
     ``wq_batch1.batch1_gemm``'s. ``pdl``: programmatic dependent launch (default ``overlap.PDL_ENABLED``;
     ``overlap.pdl_ok``)."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_gemm", norm, prefetch=prefetch)
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_gemm", norm)
     y = result_tensor(x2, n, out, "batch1_mma_gemm")
-    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 0, pdl, pairs)
+    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, 0, pdl, pairs)
     return y
 
 
 def batch1_mma_silu_mul(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, bn: int = 16, warps: int = 4,
-                        prefetch: bool = True, pairs: bool = False, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
+                        pairs: bool = True, out: Tensor | None = None, norm: tuple[float, Tensor] | None = None,
                         pdl: bool | None = None) -> Tensor:
     """silu(x2 · Ŵ_gateᵀ) · (x2 · Ŵ_upᵀ) -> [M, N / 2] for a merged [gate; up] weight, as
     ``wq_batch1.batch1_silu_mul`` (each program: BN/2 rows of gate and the same rows of up)."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_silu_mul", norm, halves=True,
-                     prefetch=prefetch)
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_silu_mul", norm, halves=True)
     y = result_tensor(x2, n // 2, out, "batch1_mma_silu_mul")
-    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, prefetch, 1, pdl, pairs)
+    _launch(x2, words, sz, y, norm, None, n // bn, group, bn, warps, 1, pdl, pairs)
     return y
 
 
 def batch1_mma_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, group: int, residual: Tensor,
-                            norm_weight: Tensor, bn: int = 16, warps: int = 4, prefetch: bool = True,
-                            pairs: bool = False, pdl: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                            norm_weight: Tensor, bn: int = 16, warps: int = 4,
+                            pairs: bool = True, pdl: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(h, hw, ss) as ``wq_batch1.batch1_add_residual``: h = residual + x2 · Ŵᵀ, hw = h · norm_weight, ss [N / bn, M]
     fp32 sums of h² per row block and row."""
-    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_add_residual", prefetch=prefetch)
+    m, k, n = _check(x2, words, sz, bits, group, bn, warps, "batch1_mma_add_residual")
     if residual.shape != (m, n) or residual.dtype != x2.dtype or not residual.is_contiguous():
         raise ValueError(f"batch1_mma_add_residual: residual {residual.dtype} {tuple(residual.shape)}: expected a "
                          f"contiguous {x2.dtype} [{m}, {n}] tensor")
@@ -489,12 +482,11 @@ def batch1_mma_add_residual(x2: Tensor, words: Tensor, sz: Tensor, bits: int, gr
                          f"expected a contiguous [{n}] tensor on {x2.device}")
     h, hw = torch.empty_like(residual), torch.empty_like(residual)
     ss = torch.empty(n // bn, m, device=x2.device, dtype=torch.float32)
-    _launch(x2, words, sz, h, None, (residual, norm_weight, hw, ss), n // bn, group, bn, warps, prefetch, 2, pdl,
-            pairs)
+    _launch(x2, words, sz, h, None, (residual, norm_weight, hw, ss), n // bn, group, bn, warps, 2, pdl, pairs)
     return h, hw, ss
 
 
-def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False, prefetch=True) -> tuple[int, int, int]:
+def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False) -> tuple[int, int, int]:
     """(M, K, N) after every check of the operands and tile, each error naming ``who`` and the alternative."""
     if x2.dim() != 2:
         raise ValueError(f"{who} takes x as [M, K], got {tuple(x2.shape)}")
@@ -512,22 +504,16 @@ def _check(x2, words, sz, bits, group, bn, warps, who, norm=None, halves=False, 
     n = words.shape[0]
     rows = n // 2 if halves else n
     step = bn // 2 if halves else bn
-    if rows % step or k % _k_step(warps, prefetch) or (halves and n % 2):
+    if rows % step or k % (TILE * warps) or (halves and n % 2):
         raise ValueError(f"{who}: N={n} must be a multiple of bn={bn}{' (per half)' if halves else ''} and K={k} of "
-                         f"{TILE}·warps={_k_step(warps, prefetch)}")
-    if norm is not None:
-        eps, ss = norm
-        if not eps > 0:
-            raise ValueError(f"{who}: norm eps={eps}: expected > 0")
-        if ss.dim() != 2 or ss.shape[1] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
-            raise ValueError(f"{who}: norm sums of squares {ss.dtype} {tuple(ss.shape)}: expected contiguous float32 "
-                             f"[slots, {m}] (an add_residual's third result)")
-    if not mma_ok(x2.device, bits, group, m, n, k, bn, warps, prefetch):
+                         f"{TILE}·warps={TILE * warps}")
+    check_norm(norm, m, who)
+    if not mma_ok(x2.device, bits, group, m, n, k, bn, warps):
         raise ValueError(f"{who} needs an sm_90 GPU with Gluon, got {x2.device}; use wq_batch1")
     return m, k, n
 
 
-def _launch(x2, words, sz, y, norm, residual, programs, group, bn, warps, prefetch, epi, pdl, pairs=False):
+def _launch(x2, words, sz, y, norm, residual, programs, group, bn, warps, epi, pdl, pairs):
     m, k = x2.shape
     pdl = pdl_ok(x2.device, pdl)
     eps, ss_in = norm if norm is not None else (1.0, y)
@@ -535,13 +521,13 @@ def _launch(x2, words, sz, y, norm, residual, programs, group, bn, warps, prefet
     launch_kernel(_batch1_mma_kernel, (programs,),
                   (x2, words, sz, y, r, nw, hw, ss_in, ss_out, float(eps), ss_in.shape[0] if norm is not None else 1,
                    m, words.shape[0], k, x2.stride(0), y.stride(0)),
-                  GROUP=group, BN=bn, W=warps, IS_BF16=x2.dtype == torch.bfloat16, PREFETCH=prefetch, PDL=pdl,
+                  GROUP=group, BN=bn, W=warps, IS_BF16=x2.dtype == torch.bfloat16, PDL=pdl,
                   EPI=epi, NORM_IN=norm is not None, PAIRS=pairs,
                   PB=triton.next_power_of_2(ss_in.shape[0]) if norm is not None else 1,
                   num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
 
-def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype: torch.dtype = torch.bfloat16,
+def compile_for_sm90(bn: int = 16, warps: int = 4, dtype: torch.dtype = torch.bfloat16,
                      group: int = 128, pdl: bool = False, epi: int = 0, norm_slots: int = 0, pairs: bool = False):
     """Compile the kernel for an H100 (sm_90a) on any machine (no GPU needed; ``launch.ptxas_usage`` reads its
     registers). The layout conversions' ``assert_trivial`` checks run here: a build is the proof that the words reach
@@ -553,7 +539,7 @@ def compile_for_sm90(bn: int = 16, warps: int = 4, prefetch: bool = True, dtype:
     sig = {"x_ptr": ptr, "w_ptr": "*i32", "sz_ptr": "*i32", "y_ptr": ptr, "r_ptr": ptr, "nw_ptr": ptr, "hw_ptr": ptr,
            "ss_in_ptr": "*fp32" if norm_slots else ptr, "ss_out_ptr": "*fp32" if epi == 2 else ptr, "eps": "fp32",
            "P_IN": "i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
-    const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16, "PREFETCH": prefetch,
+    const = {"GROUP": group, "BN": bn, "W": warps, "IS_BF16": dtype == torch.bfloat16,
              "PDL": pdl, "EPI": epi, "NORM_IN": norm_slots > 0,
              "PB": triton.next_power_of_2(norm_slots) if norm_slots else 1, "PAIRS": pairs}
     names = list(sig)

@@ -289,8 +289,8 @@ def batch1_name(cfg: tuple) -> str:
 
 def batch1_mma_name(cfg: tuple) -> str:
     """The tuner's name of a ``wq_batch1_mma.CONFIGS`` entry."""
-    bn, w, prefetch, pairs = cfg
-    return f"batch1mma bn{bn} w{w}" + ("" if prefetch else " noprefetch") + (" pairs" if pairs else "")
+    bn, w, pairs = cfg
+    return f"batch1mma bn{bn} w{w}" + (" pairs" if pairs else "")
 
 
 def _offered(persistent: bool) -> bool:
@@ -434,7 +434,7 @@ def epilogue_ok(layer, m: int) -> bool:
 def _batch1_call(layer, x: Tensor, kind: str, run) -> object:
     """The tuned tile of the batch-1 kernel variant ``kind`` for x [..., K]; ``run(x2, words, sz, bits, group, tile)``
     launches one tile, ``tile`` = (kernel, config) of ``_EPILOGUE_TILES``: ("batch1", (bn, kb, warps, stages,
-    programs per SM or 0)) for ``wq_batch1``, ("batch1mma", (bn, warps, prefetch)) for ``wq_batch1_mma``."""
+    programs per SM or 0)) for ``wq_batch1``, ("batch1mma", (bn, warps, pairs)) for ``wq_batch1_mma``."""
     rows = x.numel() // max(1, x.shape[-1])
     if not epilogue_ok(layer, rows):
         raise ValueError(f"{kind}: this layer / input does not take the batch-1 kernel's epilogues (fused.epilogue_ok):"
@@ -465,7 +465,7 @@ def _tile_kw(tile: tuple) -> dict:
     """Keywords of one ``_EPILOGUE_TILES`` entry for its kernel's functions."""
     kind, c = tile
     if kind == "batch1mma":
-        return dict(bn=c[0], warps=c[1], prefetch=c[2], pairs=c[3])
+        return dict(bn=c[0], warps=c[1], pairs=c[2])
     return dict(bn=c[0], kb=c[1], num_warps=c[2], num_stages=c[3], persist=c[4])
 
 
